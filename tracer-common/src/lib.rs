@@ -1,0 +1,267 @@
+//! Types shared by the kernel programs (`tracer-ebpf`) and the daemon (`tracer`).
+//!
+//! Everything here is `#[repr(C)]` and plain data: the kernel writes these bytes into the ring
+//! buffer and the daemon reads them back, so both sides must agree on one definition.
+#![no_std]
+
+/// Kernel TCP states, numbered as in include/net/tcp_states.h.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// What a kernel event is. Classification by transition happens in the kernel program, because
+/// the kernel program is the only place that knows whether the task was inside a close call.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// The owner began the teardown (close/shutdown/exit) and the socket changed state.
+    Close = 1,
+    /// The peer's FIN moved the socket on (ESTABLISHED->CLOSE_WAIT, FIN_WAIT1->CLOSING).
+    FinReceived = 2,
+    /// tcp:tcp_send_reset fired for this socket (or for no socket at all).
+    RstSent = 3,
+    /// tcp:tcp_receive_reset fired.
+    RstReceived = 4,
+    /// Any other transition the filter lets through.
+    State = 5,
+}
+
+impl EventKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Close,
+            2 => Self::FinReceived,
+            3 => Self::RstSent,
+            4 => Self::RstReceived,
+            5 => Self::State,
+            _ => return None,
+        })
+    }
+}
+
+/// Which call, if any, the owning task was inside when the event fired.
+pub mod syscall {
+    pub const NONE: u8 = 0;
+    pub const CLOSE: u8 = 1;
+    pub const SHUTDOWN: u8 = 2;
+    pub const EXIT: u8 = 3;
+}
+
+/// How the owner in an event was found.
+pub mod owner_source {
+    /// No owner known: the socket was never seen in process context since the tracer started.
+    pub const UNKNOWN: u8 = 0;
+    /// The task that ran the hook is inside a call on this socket (close, shutdown, connect).
+    pub const CURRENT: u8 = 1;
+    /// The owner recorded earlier for this socket, while in process context.
+    pub const CACHED: u8 = 2;
+    /// Seeded at start-up from /proc for connections opened before the tracer.
+    pub const SEEDED: u8 = 3;
+    /// Inherited from the listening socket that accepted the connection.
+    pub const LISTENER: u8 = 4;
+    /// A RST sent for a packet that matched no socket: no process owns it.
+    pub const NO_SOCKET: u8 = 5;
+}
+
+/// One kernel event, as written to the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SockEvent {
+    /// bpf_ktime_get_ns(): CLOCK_MONOTONIC.
+    pub ts_ns: u64,
+    /// Opaque per-socket id drawn in the kernel; never a kernel address.
+    pub conn_id: u64,
+    /// When the socket entered `old_state` (0 when unknown).
+    pub state_since_ns: u64,
+    /// Ties a close to the RST it produced: the owner's call start time (0 when none).
+    pub call_id: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: [u8; 16],
+    pub fd: i32,
+    /// sk_rst_reason value, or -1 when the kernel gives none.
+    pub reason: i32,
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+    pub lport: u16,
+    pub rport: u16,
+    pub family: u16,
+    pub kind: u8,
+    pub old_state: u8,
+    pub new_state: u8,
+    pub syscall: u8,
+    pub owner_source: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Where the fields of one tracepoint's record are, read from its tracefs format file by the
+/// daemon and handed to the kernel program. `NONE` marks a field this kernel does not have.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TupleLayout {
+    pub skaddr: u16,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub protocol: u16,
+    pub _pad: u16,
+}
+
+/// Layout of tcp:tcp_send_reset, whose addresses are sockaddr_in/sockaddr_in6 blobs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetLayout {
+    pub skaddr: u16,
+    pub state: u16,
+    /// NONE on kernels before 6.10, which have no `reason` field.
+    pub reason: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub _pad: [u16; 3],
+}
+
+/// Offset meaning "this kernel has no such field".
+pub const NONE: u16 = u16::MAX;
+
+/// The daemon's settings for the kernel programs, written into a read-only global at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    pub set_state: TupleLayout,
+    pub receive_reset: TupleLayout,
+    pub destroy_sock: TupleLayout,
+    pub send_reset: ResetLayout,
+    /// Offsets of `fd` in syscalls:sys_enter_close and sys_enter_shutdown, `how` in the latter.
+    pub close_fd: u16,
+    pub shutdown_fd: u16,
+    pub shutdown_how: u16,
+    /// Offsets of `sk` and `protocol` in sock:sock_send_length and sock:sock_recv_length (the
+    /// two share one layout; the daemon checks that before attaching).
+    pub io_skaddr: u16,
+    pub io_protocol: u16,
+    /// 1 when `--pid` was given: only sockets whose owner is in the PIDS map pass.
+    pub filter_pids: u8,
+    /// 1 when `--port` was given: only tuples with a port in the PORTS map pass.
+    pub filter_ports: u8,
+    /// 1 with `--all-states`: handshake transitions are emitted too.
+    pub all_states: u8,
+    /// 1 for the floor benchmark: the programs return at once, doing nothing.
+    pub noop: u8,
+    /// 1 when tcp:tcp_send_reset also fires for active resets (kernels with the `reason`
+    /// field): the tcp_send_active_reset kprobe then stays quiet to avoid duplicates.
+    pub reset_tp_covers_active: u8,
+    pub _pad: [u8; 5],
+}
+
+impl Config {
+    pub const fn zeroed() -> Self {
+        const T: TupleLayout = TupleLayout {
+            skaddr: NONE,
+            family: NONE,
+            sport: NONE,
+            dport: NONE,
+            saddr: NONE,
+            daddr: NONE,
+            saddr_v6: NONE,
+            daddr_v6: NONE,
+            oldstate: NONE,
+            newstate: NONE,
+            protocol: NONE,
+            _pad: 0,
+        };
+        Self {
+            set_state: T,
+            receive_reset: T,
+            destroy_sock: T,
+            send_reset: ResetLayout {
+                skaddr: NONE,
+                state: NONE,
+                reason: NONE,
+                saddr: NONE,
+                daddr: NONE,
+                _pad: [0; 3],
+            },
+            close_fd: NONE,
+            shutdown_fd: NONE,
+            shutdown_how: NONE,
+            io_skaddr: NONE,
+            io_protocol: NONE,
+            filter_pids: 0,
+            filter_ports: 0,
+            all_states: 0,
+            noop: 0,
+            reset_tp_covers_active: 0,
+            _pad: [0; 5],
+        }
+    }
+}
+
+/// A socket's owner as seeded by the daemon for connections that existed before it started:
+/// key of the SEED map (family, addresses and ports as the socket sees them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+    pub lport: u16,
+    pub rport: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// Value of the SEED map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SeedOwner {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: [u8; 16],
+}
+
+/// Indexes of the per-CPU COUNTERS array.
+pub mod counter {
+    /// A ring-buffer reservation failed: an event was lost.
+    pub const RINGBUF_LOST: u32 = 0;
+    /// The per-socket owner table was full: attribution for that socket may be missing.
+    pub const OWNER_TABLE_FULL: u32 = 1;
+    /// Events dropped by the --pid/--port filter in the kernel (never reached userspace).
+    pub const FILTERED: u32 = 2;
+    /// Events written to the ring buffer.
+    pub const EMITTED: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Ring buffer size used unless the daemon overrides it (bytes, power of two).
+pub const DEFAULT_RINGBUF_BYTES: u32 = 4 << 20;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C) plain data with no padding that could hold uninitialised
+    // bytes in a way aya cares about; any bit pattern is valid.
+    unsafe impl aya::Pod for SockEvent {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for SeedOwner {}
+}

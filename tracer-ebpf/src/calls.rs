@@ -1,0 +1,143 @@
+//! Which call the current task is in: close(2), shutdown(2) or process exit.
+//!
+//! On loopback, a close() runs the peer's softirq processing in the closer's own task, so "the
+//! current task is in close()" does not mean "this socket is being closed". A call claims the
+//! first socket whose state it changes (tcp_close and tcp_shutdown change the state before they
+//! send anything), or exactly the socket that the tcp_close kprobe names when kprobes exist.
+//! Process exit closes every file of the task, so an exit claims each socket the exiting
+//! process owns.
+
+use aya_ebpf::{
+    helpers::generated::bpf_ktime_get_ns,
+    macros::{kprobe, map, tracepoint},
+    maps::LruHashMap,
+    programs::{ProbeContext, TracePointContext},
+};
+use tracer_common::syscall;
+
+use crate::{
+    emit::{config, field},
+    owners::current,
+};
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingCall {
+    pub started_ns: u64,
+    /// The socket this call acts on, once known (0 until then).
+    pub claimed_sk: u64,
+    pub fd: i32,
+    pub kind: u8,
+    pub _pad: [u8; 3],
+}
+
+#[map]
+static CALLS: LruHashMap<u32, PendingCall> = LruHashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+fn begin(kind: u8, fd: i32) {
+    let call = PendingCall {
+        // SAFETY: plain helper call.
+        started_ns: unsafe { bpf_ktime_get_ns() },
+        claimed_sk: 0,
+        fd,
+        kind,
+        _pad: [0; 3],
+    };
+    let _ = CALLS.insert(current().tid, call, 0); // LRU: insertion evicts, never fails for space.
+}
+
+#[inline(always)]
+fn end() {
+    let tid = current().tid;
+    // SAFETY: plain data read.
+    if let Some(call) = unsafe { CALLS.get(tid) } {
+        if call.kind != syscall::EXIT {
+            let _ = CALLS.remove(tid);
+        }
+    }
+}
+
+/// The call of the current task that acts on `sk`, claiming `sk` for the call when the call has
+/// not acted on any socket yet.
+#[inline(always)]
+pub fn call_acting_on(sk: u64) -> Option<PendingCall> {
+    let entry = CALLS.get_ptr_mut(current().tid)?;
+    // SAFETY: this task's own entry; only this task writes it.
+    let call = unsafe { &mut *entry };
+    if call.kind == syscall::EXIT || call.claimed_sk == sk {
+        return Some(*call);
+    }
+    if call.claimed_sk == 0 {
+        call.claimed_sk = sk;
+        return Some(*call);
+    }
+    None
+}
+
+#[tracepoint]
+pub fn enter_close(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if cfg.noop != 0 {
+        return 0;
+    }
+    let fd = field::<u64>(&ctx, cfg.close_fd).unwrap_or(u64::MAX) as i32;
+    begin(syscall::CLOSE, fd);
+    0
+}
+
+#[tracepoint]
+pub fn enter_shutdown(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if cfg.noop != 0 {
+        return 0;
+    }
+    let fd = field::<u64>(&ctx, cfg.shutdown_fd).unwrap_or(u64::MAX) as i32;
+    begin(syscall::SHUTDOWN, fd);
+    0
+}
+
+/// sys_exit_close and sys_exit_shutdown.
+#[tracepoint]
+pub fn exit_call(_ctx: TracePointContext) -> u32 {
+    if config().noop != 0 {
+        return 0;
+    }
+    end();
+    0
+}
+
+/// sched:sched_process_exit fires in the exiting thread before its files are closed.
+#[tracepoint]
+pub fn process_exit(_ctx: TracePointContext) -> u32 {
+    if config().noop != 0 {
+        return 0;
+    }
+    begin(syscall::EXIT, -1);
+    0
+}
+
+/// kprobe tcp_close(struct sock *sk, long timeout): names the socket exactly.
+#[kprobe]
+pub fn tcp_close(ctx: ProbeContext) -> u32 {
+    if config().noop != 0 {
+        return 0;
+    }
+    let Some(sk) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let tid = current().tid;
+    match CALLS.get_ptr_mut(tid) {
+        // SAFETY: this task's own entry.
+        Some(call) => unsafe { (*call).claimed_sk = sk },
+        None => {
+            // close_range(), io_uring, or a dup'd fd's last close: a close with no known call.
+            begin(syscall::NONE, -1);
+            if let Some(call) = CALLS.get_ptr_mut(tid) {
+                // SAFETY: as above.
+                unsafe { (*call).claimed_sk = sk };
+            }
+        }
+    }
+    0
+}

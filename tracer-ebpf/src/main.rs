@@ -1,0 +1,28 @@
+//! The tracer's kernel programs.
+//!
+//! - `state`: sock:inet_sock_set_state, the backbone: every TCP state change, classified and
+//!   attributed to the socket's owner.
+//! - `resets`: tcp:tcp_send_reset, tcp:tcp_receive_reset, and the kprobe on
+//!   tcp_send_active_reset for kernels whose tracepoint misses active resets.
+//! - `calls`: close/shutdown syscalls and process exit, which tell a close by the owner from a
+//!   transition that merely happened while its task was on the CPU.
+//! - `owners`: the per-socket owner table, filled in process context and read everywhere else.
+//! - `emit`: the ring buffer, the filters and the loss counters.
+#![no_std]
+#![no_main]
+
+mod calls;
+mod emit;
+mod owners;
+mod resets;
+mod state;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,182 @@
+//! Who owns a socket. The owner is recorded while a task of the owning process is provably
+//! acting on the socket (connect, listen, close, send, recv) and read back in softirq context,
+//! where the current task is whoever happened to be on the CPU.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_get_prandom_u32},
+    macros::{map, tracepoint},
+    maps::HashMap,
+    programs::TracePointContext,
+};
+use tracer_common::{SeedOwner, SockEvent, TupleKey, counter, owner_source};
+
+use crate::emit::{config, count, field};
+
+/// What the kernel side knows about one live socket, keyed by its address (which never leaves
+/// the kernel: userspace only sees `conn_id`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SockInfo {
+    pub conn_id: u64,
+    /// When the socket entered its current state (0 when unknown).
+    pub state_since_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: [u8; 16],
+    pub owner_source: u8,
+    /// tcp_receive_reset fired: the coming move to CLOSE is the peer's reset.
+    pub rst_received: u8,
+    /// Kept so that events which only know the socket (the kprobe path) still pass --port.
+    pub lport: u16,
+    pub rport: u16,
+    pub _pad: [u8; 2],
+}
+
+#[map]
+pub static SOCKS: HashMap<u64, SockInfo> = HashMap::with_max_entries(65536, 0);
+
+/// Owner of each listening socket by (family << 16 | port): accepted children inherit it until
+/// the accepting process touches them.
+#[map]
+pub static LISTENERS: HashMap<u32, SeedOwner> = HashMap::with_max_entries(4096, 0);
+
+/// Owners of connections that existed before the tracer started, seeded from /proc.
+#[map]
+pub static SEED: HashMap<TupleKey, SeedOwner> = HashMap::with_max_entries(16384, 0);
+
+pub struct Current {
+    pub pid: u32,
+    pub tid: u32,
+}
+
+#[inline(always)]
+pub fn current() -> Current {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    Current {
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+    }
+}
+
+#[inline(always)]
+pub fn new_conn_id() -> u64 {
+    // SAFETY: plain helper calls.
+    unsafe { ((bpf_get_prandom_u32() as u64) << 32) | bpf_get_prandom_u32() as u64 }
+}
+
+#[inline(always)]
+pub fn listener_key(family: u16, lport: u16) -> u32 {
+    ((family as u32) << 16) | lport as u32
+}
+
+/// Looks the socket up, creating its entry (with an owner from the listener or the seed table
+/// when one is known) on first sight.
+#[inline(always)]
+pub fn lookup_or_create(skaddr: u64, ev: &SockEvent) -> Option<*mut SockInfo> {
+    if let Some(info) = SOCKS.get_ptr_mut(skaddr) {
+        return Some(info);
+    }
+    let mut info = SockInfo {
+        conn_id: new_conn_id(),
+        state_since_ns: 0,
+        pid: 0,
+        tid: 0,
+        comm: [0; 16],
+        owner_source: owner_source::UNKNOWN,
+        rst_received: 0,
+        lport: ev.lport,
+        rport: ev.rport,
+        _pad: [0; 2],
+    };
+    let key = TupleKey {
+        laddr: ev.laddr,
+        raddr: ev.raddr,
+        lport: ev.lport,
+        rport: ev.rport,
+        family: ev.family,
+        _pad: 0,
+    };
+    // SAFETY: values are plain data copied out immediately.
+    let inherited = unsafe {
+        SEED.get(&key)
+            .map(|o| (*o, owner_source::SEEDED))
+            .or_else(|| {
+                LISTENERS
+                    .get(listener_key(ev.family, ev.lport))
+                    .map(|o| (*o, owner_source::LISTENER))
+            })
+    };
+    if let Some((owner, source)) = inherited {
+        info.pid = owner.pid;
+        info.tid = owner.tid;
+        info.comm = owner.comm;
+        info.owner_source = source;
+    }
+    if SOCKS.insert(skaddr, info, 0).is_err() {
+        count(counter::OWNER_TABLE_FULL);
+        return None;
+    }
+    SOCKS.get_ptr_mut(skaddr)
+}
+
+/// Records the current task as the socket's owner.
+#[inline(always)]
+pub fn claim(info: &mut SockInfo, cur: &Current) {
+    if info.pid != cur.pid || info.tid != cur.tid || info.owner_source != owner_source::CURRENT {
+        info.pid = cur.pid;
+        info.tid = cur.tid;
+        info.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        info.owner_source = owner_source::CURRENT;
+    }
+}
+
+/// Copies the owner into an event.
+#[inline(always)]
+pub fn fill_owner(ev: &mut SockEvent, info: &SockInfo) {
+    ev.conn_id = info.conn_id;
+    ev.pid = info.pid;
+    ev.tid = info.tid;
+    ev.comm = info.comm;
+    ev.owner_source = info.owner_source;
+    ev.lport = info.lport;
+    ev.rport = info.rport;
+}
+
+/// sock:sock_send_length / sock:sock_recv_length run in the calling task: the cheapest
+/// process-context sighting of an accepted socket. Only sockets already in the table are
+/// updated, so unrelated traffic costs one lookup.
+#[tracepoint]
+pub fn sock_io(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if cfg.noop != 0 {
+        return 0;
+    }
+    let Some(sk) = field::<u64>(&ctx, cfg.io_skaddr) else {
+        return 0;
+    };
+    let Some(protocol) = field::<u16>(&ctx, cfg.io_protocol) else {
+        return 0;
+    };
+    if protocol != tracer_common::IPPROTO_TCP {
+        return 0;
+    }
+    if let Some(info) = SOCKS.get_ptr_mut(sk) {
+        let cur = current();
+        // SAFETY: entry pointer from the map; races only with the same socket's events.
+        unsafe { claim(&mut *info, &cur) };
+    }
+    0
+}
+
+/// tcp:tcp_destroy_sock: the socket is gone; its address may be reused.
+#[tracepoint]
+pub fn destroy_sock(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if cfg.noop != 0 {
+        return 0;
+    }
+    if let Some(sk) = field::<u64>(&ctx, cfg.destroy_sock.skaddr) {
+        let _ = SOCKS.remove(sk); // absent is fine: not every socket was seen.
+    }
+    0
+}

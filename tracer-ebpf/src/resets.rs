@@ -1,0 +1,147 @@
+//! Resets: the ones this host sends (tcp:tcp_send_reset, or the tcp_send_active_reset kprobe on
+//! kernels whose tracepoint misses active resets) and the ones it receives.
+
+use aya_ebpf::{
+    helpers::generated::bpf_ktime_get_ns,
+    macros::{kprobe, tracepoint},
+    programs::{ProbeContext, TracePointContext},
+};
+use tracer_common::{AF_INET, AF_INET6, EventKind, NONE, SockEvent, owner_source, tcp_state};
+
+use crate::{
+    calls::call_acting_on,
+    emit::{config, empty_event, field, submit},
+    owners::{SOCKS, fill_owner, lookup_or_create},
+    state::read_tuple,
+};
+
+/// Reads a `struct sockaddr_in`/`sockaddr_in6` as stored by the tracepoint (28 bytes).
+#[inline(always)]
+fn read_sockaddr(ctx: &TracePointContext, offset: u16) -> Option<(u16, u16, [u8; 16])> {
+    if offset == NONE {
+        return None;
+    }
+    let family: u16 = field(ctx, offset)?;
+    let port = u16::from_be(field::<u16>(ctx, offset + 2)?);
+    let mut addr = [0u8; 16];
+    if family == AF_INET {
+        let v4: [u8; 4] = field(ctx, offset + 4)?;
+        addr[..4].copy_from_slice(&v4);
+    } else if family == AF_INET6 {
+        addr = field(ctx, offset + 8)?;
+    } else {
+        return None;
+    }
+    Some((family, port, addr))
+}
+
+#[tracepoint]
+pub fn send_reset(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if cfg.noop != 0 {
+        return 0;
+    }
+    let layout = &cfg.send_reset;
+    let mut ev = empty_event();
+    // SAFETY: plain helper call.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.kind = EventKind::RstSent as u8;
+    let Some((family, lport, laddr)) = read_sockaddr(&ctx, layout.saddr) else {
+        return 0;
+    };
+    let Some((_, rport, raddr)) = read_sockaddr(&ctx, layout.daddr) else {
+        return 0;
+    };
+    ev.family = family;
+    ev.lport = lport;
+    ev.rport = rport;
+    ev.laddr = laddr;
+    ev.raddr = raddr;
+    let state = field::<i32>(&ctx, layout.state).unwrap_or(0) as u8;
+    ev.old_state = state;
+    ev.new_state = state;
+    ev.reason = field::<u32>(&ctx, layout.reason).map(|r| r as i32).unwrap_or(-1);
+    let sk = field::<u64>(&ctx, layout.skaddr).unwrap_or(0);
+    attribute_reset(sk, state, &mut ev);
+    submit(&cfg, &ev);
+    0
+}
+
+/// Fills owner, conn and the close call (if this reset is part of one) for a sent reset.
+#[inline(always)]
+fn attribute_reset(sk: u64, state: u8, ev: &mut SockEvent) {
+    if sk == 0 {
+        // A reply to a segment that matched no socket: nobody owns it.
+        ev.owner_source = owner_source::NO_SOCKET;
+        return;
+    }
+    // Time-wait and request sockets never reach tcp_destroy_sock: do not make entries for them.
+    let full_socket = state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV;
+    let info = if full_socket {
+        lookup_or_create(sk, ev)
+    } else {
+        SOCKS.get_ptr_mut(sk)
+    };
+    if let Some(info) = info {
+        // SAFETY: entry pointer from the map.
+        fill_owner(ev, unsafe { &*info });
+    }
+    if let Some(call) = call_acting_on(sk) {
+        ev.call_id = call.started_ns;
+        ev.syscall = call.kind;
+        ev.fd = call.fd;
+    }
+}
+
+#[tracepoint]
+pub fn receive_reset(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if cfg.noop != 0 {
+        return 0;
+    }
+    let Some(sk) = field::<u64>(&ctx, cfg.receive_reset.skaddr) else {
+        return 0;
+    };
+    let mut ev = empty_event();
+    if read_tuple(&ctx, &cfg.receive_reset, &mut ev).is_none() {
+        return 0;
+    }
+    // The event itself is emitted by the move to CLOSE that tcp_reset() makes next, which also
+    // knows the state the reset hit.
+    if let Some(info) = lookup_or_create(sk, &ev) {
+        // SAFETY: entry pointer from the map.
+        unsafe { (*info).rst_received = 1 };
+    }
+    0
+}
+
+/// kprobe tcp_send_active_reset(struct sock *sk, gfp_t priority, ...): on kernels before 6.10
+/// the tcp_send_reset tracepoint does not fire for resets sent by close() and friends. The
+/// daemon fills the addresses from the socket's earlier events (same conn_id).
+#[kprobe]
+pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
+    let cfg = config();
+    if cfg.noop != 0 || cfg.reset_tp_covers_active != 0 {
+        return 0;
+    }
+    let Some(sk) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let mut ev = empty_event();
+    // SAFETY: plain helper call.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.kind = EventKind::RstSent as u8;
+    if let Some(info) = SOCKS.get_ptr_mut(sk) {
+        // SAFETY: entry pointer from the map.
+        fill_owner(&mut ev, unsafe { &*info });
+    } else {
+        return 0; // without the socket's earlier events its addresses are unknown here
+    }
+    if let Some(call) = call_acting_on(sk) {
+        ev.call_id = call.started_ns;
+        ev.syscall = call.kind;
+        ev.fd = call.fd;
+    }
+    submit(&cfg, &ev);
+    0
+}

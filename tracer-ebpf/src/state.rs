@@ -1,0 +1,172 @@
+//! sock:inet_sock_set_state: every TCP state change, classified in the kernel because only here
+//! is it known whether the owner was inside a close call.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, generated::bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use tracer_common::{
+    AF_INET, AF_INET6, Config, EventKind, IPPROTO_TCP, SeedOwner, SockEvent, TupleLayout,
+    owner_source, syscall, tcp_state::*,
+};
+
+use crate::{
+    calls::call_acting_on,
+    emit::{config, empty_event, field, passes_filters, submit},
+    owners::{Current, LISTENERS, SockInfo, claim, current, fill_owner, listener_key, lookup_or_create},
+};
+
+#[tracepoint]
+pub fn set_state(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if cfg.noop != 0 {
+        return 0;
+    }
+    let _ = handle(&ctx, &cfg);
+    0
+}
+
+/// Reads family, ports and addresses with the layout found in the format file.
+#[inline(always)]
+pub fn read_tuple(ctx: &TracePointContext, layout: &TupleLayout, ev: &mut SockEvent) -> Option<()> {
+    ev.family = field::<u16>(ctx, layout.family)?;
+    ev.lport = field::<u16>(ctx, layout.sport)?;
+    ev.rport = field::<u16>(ctx, layout.dport)?;
+    if ev.family == AF_INET {
+        let l: [u8; 4] = field(ctx, layout.saddr)?;
+        let r: [u8; 4] = field(ctx, layout.daddr)?;
+        ev.laddr[..4].copy_from_slice(&l);
+        ev.raddr[..4].copy_from_slice(&r);
+    } else if ev.family == AF_INET6 {
+        ev.laddr = field(ctx, layout.saddr_v6)?;
+        ev.raddr = field(ctx, layout.daddr_v6)?;
+    } else {
+        return None;
+    }
+    Some(())
+}
+
+fn is_handshake(new: u8) -> bool {
+    matches!(new, SYN_SENT | SYN_RECV | ESTABLISHED | LISTEN | NEW_SYN_RECV)
+}
+
+/// Transitions that only tcp_close()/tcp_shutdown() make, always in the owner's task.
+fn is_local_close(old: u8, new: u8) -> bool {
+    matches!(
+        (old, new),
+        (ESTABLISHED, FIN_WAIT1) | (SYN_RECV, FIN_WAIT1) | (CLOSE_WAIT, LAST_ACK)
+    )
+}
+
+/// Transitions caused by the peer's FIN arriving.
+fn is_fin_received(old: u8, new: u8) -> bool {
+    matches!((old, new), (ESTABLISHED, CLOSE_WAIT) | (FIN_WAIT1, CLOSING))
+}
+
+#[inline(always)]
+fn handle(ctx: &TracePointContext, cfg: &Config) -> Option<()> {
+    let layout = &cfg.set_state;
+    if let Some(protocol) = field::<u16>(ctx, layout.protocol) {
+        if protocol != IPPROTO_TCP {
+            return None;
+        }
+    }
+    let sk: u64 = field(ctx, layout.skaddr)?;
+    let old = field::<i32>(ctx, layout.oldstate)? as u8;
+    let new = field::<i32>(ctx, layout.newstate)? as u8;
+    let mut ev = empty_event();
+    read_tuple(ctx, layout, &mut ev)?;
+    if cfg.filter_ports != 0 && !passes_filters(&Config { filter_pids: 0, ..*cfg }, 0, ev.lport, ev.rport) {
+        return None; // cheapest exit for unrelated ports: no table work at all
+    }
+    // SAFETY: plain helper call.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.old_state = old;
+    ev.new_state = new;
+    let cur = current();
+
+    if is_handshake(new) {
+        remember_process_context_owner(sk, old, new, &ev, &cur);
+        if cfg.all_states == 0 {
+            return None;
+        }
+    }
+    if old == LISTEN && new == CLOSE {
+        let _ = LISTENERS.remove(listener_key(ev.family, ev.lport));
+    }
+
+    let info_ptr = lookup_or_create(sk, &ev)?;
+    // SAFETY: entry pointer from the map; only events of this socket write it.
+    let info = unsafe { &mut *info_ptr };
+    ev.state_since_ns = info.state_since_ns;
+    info.state_since_ns = ev.ts_ns;
+
+    let kind = classify(sk, old, new, info, &cur, &mut ev)?;
+    ev.kind = kind as u8;
+    fill_owner(&mut ev, info);
+    submit(cfg, &ev);
+    Some(())
+}
+
+/// Decides what the transition means, claiming the socket for the current task when the task
+/// is provably the one closing it.
+#[inline(always)]
+fn classify(
+    sk: u64,
+    old: u8,
+    new: u8,
+    info: &mut SockInfo,
+    cur: &Current,
+    ev: &mut SockEvent,
+) -> Option<EventKind> {
+    if new == CLOSE && info.rst_received != 0 {
+        return Some(EventKind::RstReceived);
+    }
+    let local = is_local_close(old, new);
+    if local || new == CLOSE || old == new {
+        if let Some(call) = call_acting_on(sk) {
+            let same_process = info.owner_source == owner_source::UNKNOWN || info.pid == cur.pid;
+            if call.kind != syscall::EXIT || same_process {
+                ev.syscall = call.kind;
+                ev.fd = call.fd;
+                ev.call_id = call.started_ns;
+                claim(info, cur);
+                return Some(EventKind::Close);
+            }
+        }
+        if local {
+            // A close with no visible call (io_uring, close_range, a deferred fput).
+            claim(info, cur);
+            return Some(EventKind::Close);
+        }
+        if old == new {
+            return None; // a redundant store of the same state outside any close
+        }
+    }
+    if is_fin_received(old, new) {
+        return Some(EventKind::FinReceived);
+    }
+    Some(EventKind::State)
+}
+
+/// connect() and listen() run in the owner's task: record it before any softirq transition.
+#[inline(always)]
+fn remember_process_context_owner(sk: u64, old: u8, new: u8, ev: &SockEvent, cur: &Current) {
+    if old != CLOSE {
+        return;
+    }
+    if new == SYN_SENT {
+        if let Some(info) = lookup_or_create(sk, ev) {
+            // SAFETY: entry pointer from the map.
+            unsafe { claim(&mut *info, cur) };
+        }
+    } else if new == LISTEN {
+        let owner = SeedOwner {
+            pid: cur.pid,
+            tid: cur.tid,
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        };
+        let _ = LISTENERS.insert(listener_key(ev.family, ev.lport), owner, 0);
+    }
+}
