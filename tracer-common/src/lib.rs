@@ -66,10 +66,9 @@ pub mod syscall {
 pub mod owner_source {
     /// No owner known: the socket was never seen in process context since the tracer started.
     pub const UNKNOWN: u8 = 0;
-    /// The task that ran the hook is inside a call on this socket (close, shutdown, connect).
+    /// Recorded from a task of the owning process acting on this socket (connect, listen,
+    /// close, shutdown, send, recv); read back for events that run in softirq context.
     pub const CURRENT: u8 = 1;
-    /// The owner recorded earlier for this socket, while in process context.
-    pub const CACHED: u8 = 2;
     /// Seeded at start-up from /proc for connections opened before the tracer.
     pub const SEEDED: u8 = 3;
     /// Inherited from the listening socket that accepted the connection.
@@ -128,17 +127,20 @@ pub struct TupleLayout {
     pub _pad: u16,
 }
 
-/// Layout of tcp:tcp_send_reset, whose addresses are sockaddr_in/sockaddr_in6 blobs.
+/// Layout of tcp:tcp_send_reset. Since 6.10 its addresses are `struct sockaddr_in6`-sized
+/// blobs (`sockaddr_saddr`/`sockaddr_daddr`); before, it had the same port and address fields as
+/// the other TCP tracepoints (`tuple`). Exactly one of the two is set.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResetLayout {
     pub skaddr: u16,
     pub state: u16,
     /// NONE on kernels before 6.10, which have no `reason` field.
     pub reason: u16,
-    pub saddr: u16,
-    pub daddr: u16,
+    pub sockaddr_saddr: u16,
+    pub sockaddr_daddr: u16,
     pub _pad: [u16; 3],
+    pub tuple: TupleLayout,
 }
 
 /// Offset meaning "this kernel has no such field".
@@ -176,20 +178,7 @@ pub struct Config {
 
 impl Config {
     pub const fn zeroed() -> Self {
-        const T: TupleLayout = TupleLayout {
-            skaddr: NONE,
-            family: NONE,
-            sport: NONE,
-            dport: NONE,
-            saddr: NONE,
-            daddr: NONE,
-            saddr_v6: NONE,
-            daddr_v6: NONE,
-            oldstate: NONE,
-            newstate: NONE,
-            protocol: NONE,
-            _pad: 0,
-        };
+        const T: TupleLayout = TupleLayout::NONE;
         Self {
             set_state: T,
             receive_reset: T,
@@ -198,9 +187,10 @@ impl Config {
                 skaddr: NONE,
                 state: NONE,
                 reason: NONE,
-                saddr: NONE,
-                daddr: NONE,
+                sockaddr_saddr: NONE,
+                sockaddr_daddr: NONE,
                 _pad: [0; 3],
+                tuple: T,
             },
             close_fd: NONE,
             shutdown_fd: NONE,
@@ -215,6 +205,24 @@ impl Config {
             _pad: [0; 5],
         }
     }
+}
+
+impl TupleLayout {
+    /// Every field absent.
+    pub const NONE: Self = Self {
+        skaddr: NONE,
+        family: NONE,
+        sport: NONE,
+        dport: NONE,
+        saddr: NONE,
+        daddr: NONE,
+        saddr_v6: NONE,
+        daddr_v6: NONE,
+        oldstate: NONE,
+        newstate: NONE,
+        protocol: NONE,
+        _pad: 0,
+    };
 }
 
 /// A socket's owner as seeded by the daemon for connections that existed before it started:

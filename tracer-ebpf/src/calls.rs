@@ -16,7 +16,8 @@ use aya_ebpf::{
 use tracer_common::syscall;
 
 use crate::{
-    emit::{config, field},
+    emit::{field, noop},
+    setting,
     owners::current,
 };
 
@@ -77,22 +78,20 @@ pub fn call_acting_on(sk: u64) -> Option<PendingCall> {
 
 #[tracepoint]
 pub fn enter_close(ctx: TracePointContext) -> u32 {
-    let cfg = config();
-    if cfg.noop != 0 {
+    if noop() {
         return 0;
     }
-    let fd = field::<u64>(&ctx, cfg.close_fd).unwrap_or(u64::MAX) as i32;
+    let fd = field::<u64>(&ctx, setting!(close_fd)).unwrap_or(u64::MAX) as i32;
     begin(syscall::CLOSE, fd);
     0
 }
 
 #[tracepoint]
 pub fn enter_shutdown(ctx: TracePointContext) -> u32 {
-    let cfg = config();
-    if cfg.noop != 0 {
+    if noop() {
         return 0;
     }
-    let fd = field::<u64>(&ctx, cfg.shutdown_fd).unwrap_or(u64::MAX) as i32;
+    let fd = field::<u64>(&ctx, setting!(shutdown_fd)).unwrap_or(u64::MAX) as i32;
     begin(syscall::SHUTDOWN, fd);
     0
 }
@@ -100,7 +99,7 @@ pub fn enter_shutdown(ctx: TracePointContext) -> u32 {
 /// sys_exit_close and sys_exit_shutdown.
 #[tracepoint]
 pub fn exit_call(_ctx: TracePointContext) -> u32 {
-    if config().noop != 0 {
+    if noop() {
         return 0;
     }
     end();
@@ -110,7 +109,7 @@ pub fn exit_call(_ctx: TracePointContext) -> u32 {
 /// sched:sched_process_exit fires in the exiting thread before its files are closed.
 #[tracepoint]
 pub fn process_exit(_ctx: TracePointContext) -> u32 {
-    if config().noop != 0 {
+    if noop() {
         return 0;
     }
     begin(syscall::EXIT, -1);
@@ -120,7 +119,7 @@ pub fn process_exit(_ctx: TracePointContext) -> u32 {
 /// kprobe tcp_close(struct sock *sk, long timeout): names the socket exactly.
 #[kprobe]
 pub fn tcp_close(ctx: ProbeContext) -> u32 {
-    if config().noop != 0 {
+    if noop() {
         return 0;
     }
     let Some(sk) = ctx.arg::<u64>(0) else {

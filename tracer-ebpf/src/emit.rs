@@ -9,7 +9,7 @@ use tracer_common::{Config, DEFAULT_RINGBUF_BYTES, NONE, SockEvent, counter};
 
 /// Written by the loader (EbpfLoader::override_global) before the programs load.
 #[unsafe(no_mangle)]
-static CONFIG: Config = Config::zeroed();
+pub static CONFIG: Config = Config::zeroed();
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RINGBUF_BYTES, 0);
@@ -25,11 +25,21 @@ static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 #[map]
 static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 
+/// Reads one field of CONFIG. The volatile read keeps the compiler from folding the zeroed
+/// initialiser into the code (the loader overrides the value), and reading field by field
+/// keeps the whole struct off the 512-byte BPF stack.
+#[macro_export]
+macro_rules! setting {
+    ($($field:tt)+) => {
+        // SAFETY: CONFIG is a plain-data global written only by the loader.
+        unsafe { core::ptr::read_volatile(&raw const $crate::emit::CONFIG.$($field)+) }
+    };
+}
+
+/// The floor benchmark loads the programs with `noop` set: they return at once.
 #[inline(always)]
-pub fn config() -> Config {
-    // SAFETY: CONFIG is a read-only global; the volatile read keeps the compiler from folding
-    // the zeroed initialiser into the code before the loader overrides it.
-    unsafe { core::ptr::read_volatile(&CONFIG) }
+pub fn noop() -> bool {
+    setting!(noop) != 0
 }
 
 #[inline(always)]
@@ -40,30 +50,31 @@ pub fn count(index: u32) {
     }
 }
 
-/// Whether an event with this owner and these ports passes `--pid` / `--port`.
+/// Whether a connection with these ports passes `--port`.
 #[inline(always)]
-pub fn passes_filters(cfg: &Config, pid: u32, lport: u16, rport: u16) -> bool {
-    if cfg.filter_ports != 0 {
-        // SAFETY: the value is a plain u8 we only test for presence.
-        let hit = unsafe { PORTS.get(lport).is_some() || PORTS.get(rport).is_some() };
-        if !hit {
-            return false;
-        }
+pub fn ports_pass(lport: u16, rport: u16) -> bool {
+    if setting!(filter_ports) == 0 {
+        return true;
     }
-    if cfg.filter_pids != 0 {
-        // SAFETY: as above.
-        if pid == 0 || unsafe { PIDS.get(pid).is_none() } {
-            return false;
-        }
+    // SAFETY: the value is a plain u8 we only test for presence.
+    unsafe { PORTS.get(lport).is_some() || PORTS.get(rport).is_some() }
+}
+
+/// Whether a socket owned by this process passes `--pid` (an unknown owner, 0, does not).
+#[inline(always)]
+pub fn pid_passes(pid: u32) -> bool {
+    if setting!(filter_pids) == 0 {
+        return true;
     }
-    true
+    // SAFETY: as above.
+    pid != 0 && unsafe { PIDS.get(pid).is_some() }
 }
 
 /// Filters, then writes the event into the ring buffer; a full ring buffer is counted, never
 /// silent.
 #[inline(always)]
-pub fn submit(cfg: &Config, event: &SockEvent) {
-    if !passes_filters(cfg, event.pid, event.lport, event.rport) {
+pub fn submit(event: &SockEvent) {
+    if !ports_pass(event.lport, event.rport) || !pid_passes(event.pid) {
         count(counter::FILTERED);
         return;
     }

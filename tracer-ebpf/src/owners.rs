@@ -10,7 +10,10 @@ use aya_ebpf::{
 };
 use tracer_common::{SeedOwner, SockEvent, TupleKey, counter, owner_source};
 
-use crate::emit::{config, count, field};
+use crate::{
+    emit::{count, field, noop},
+    setting,
+};
 
 /// What the kernel side knows about one live socket, keyed by its address (which never leaves
 /// the kernel: userspace only sees `conn_id`).
@@ -147,14 +150,13 @@ pub fn fill_owner(ev: &mut SockEvent, info: &SockInfo) {
 /// updated, so unrelated traffic costs one lookup.
 #[tracepoint]
 pub fn sock_io(ctx: TracePointContext) -> u32 {
-    let cfg = config();
-    if cfg.noop != 0 {
+    if noop() {
         return 0;
     }
-    let Some(sk) = field::<u64>(&ctx, cfg.io_skaddr) else {
+    let Some(sk) = field::<u64>(&ctx, setting!(io_skaddr)) else {
         return 0;
     };
-    let Some(protocol) = field::<u16>(&ctx, cfg.io_protocol) else {
+    let Some(protocol) = field::<u16>(&ctx, setting!(io_protocol)) else {
         return 0;
     };
     if protocol != tracer_common::IPPROTO_TCP {
@@ -171,11 +173,10 @@ pub fn sock_io(ctx: TracePointContext) -> u32 {
 /// tcp:tcp_destroy_sock: the socket is gone; its address may be reused.
 #[tracepoint]
 pub fn destroy_sock(ctx: TracePointContext) -> u32 {
-    let cfg = config();
-    if cfg.noop != 0 {
+    if noop() {
         return 0;
     }
-    if let Some(sk) = field::<u64>(&ctx, cfg.destroy_sock.skaddr) {
+    if let Some(sk) = field::<u64>(&ctx, setting!(destroy_sock.skaddr)) {
         let _ = SOCKS.remove(sk); // absent is fine: not every socket was seen.
     }
     0

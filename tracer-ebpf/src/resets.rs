@@ -6,11 +6,15 @@ use aya_ebpf::{
     macros::{kprobe, tracepoint},
     programs::{ProbeContext, TracePointContext},
 };
-use tracer_common::{AF_INET, AF_INET6, EventKind, NONE, SockEvent, owner_source, tcp_state};
+use tracer_common::{
+    AF_INET, AF_INET6, EventKind, NONE, ResetLayout, SockEvent, TupleLayout, owner_source,
+    tcp_state,
+};
 
 use crate::{
     calls::call_acting_on,
-    emit::{config, empty_event, field, submit},
+    setting,
+    emit::{empty_event, field, noop, submit},
     owners::{SOCKS, fill_owner, lookup_or_create},
     state::read_tuple,
 };
@@ -35,35 +39,42 @@ fn read_sockaddr(ctx: &TracePointContext, offset: u16) -> Option<(u16, u16, [u8;
     Some((family, port, addr))
 }
 
-#[tracepoint]
-pub fn send_reset(ctx: TracePointContext) -> u32 {
-    let cfg = config();
-    if cfg.noop != 0 {
-        return 0;
+/// Addresses of a sent reset, in whichever of the two layouts this kernel uses.
+#[inline(always)]
+fn read_reset_tuple(ctx: &TracePointContext, layout: &ResetLayout, ev: &mut SockEvent) -> Option<()> {
+    if layout.sockaddr_saddr == NONE {
+        return read_tuple(ctx, &layout.tuple, ev);
     }
-    let layout = &cfg.send_reset;
-    let mut ev = empty_event();
-    // SAFETY: plain helper call.
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    ev.kind = EventKind::RstSent as u8;
-    let Some((family, lport, laddr)) = read_sockaddr(&ctx, layout.saddr) else {
-        return 0;
-    };
-    let Some((_, rport, raddr)) = read_sockaddr(&ctx, layout.daddr) else {
-        return 0;
-    };
+    let (family, lport, laddr) = read_sockaddr(ctx, layout.sockaddr_saddr)?;
+    let (_, rport, raddr) = read_sockaddr(ctx, layout.sockaddr_daddr)?;
     ev.family = family;
     ev.lport = lport;
     ev.rport = rport;
     ev.laddr = laddr;
     ev.raddr = raddr;
+    Some(())
+}
+
+#[tracepoint]
+pub fn send_reset(ctx: TracePointContext) -> u32 {
+    if noop() {
+        return 0;
+    }
+    let layout: ResetLayout = setting!(send_reset);
+    let mut ev = empty_event();
+    // SAFETY: plain helper call.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.kind = EventKind::RstSent as u8;
+    if read_reset_tuple(&ctx, &layout, &mut ev).is_none() {
+        return 0;
+    }
     let state = field::<i32>(&ctx, layout.state).unwrap_or(0) as u8;
     ev.old_state = state;
     ev.new_state = state;
     ev.reason = field::<u32>(&ctx, layout.reason).map(|r| r as i32).unwrap_or(-1);
     let sk = field::<u64>(&ctx, layout.skaddr).unwrap_or(0);
     attribute_reset(sk, state, &mut ev);
-    submit(&cfg, &ev);
+    submit(&ev);
     0
 }
 
@@ -95,15 +106,15 @@ fn attribute_reset(sk: u64, state: u8, ev: &mut SockEvent) {
 
 #[tracepoint]
 pub fn receive_reset(ctx: TracePointContext) -> u32 {
-    let cfg = config();
-    if cfg.noop != 0 {
+    if noop() {
         return 0;
     }
-    let Some(sk) = field::<u64>(&ctx, cfg.receive_reset.skaddr) else {
+    let layout: TupleLayout = setting!(receive_reset);
+    let Some(sk) = field::<u64>(&ctx, layout.skaddr) else {
         return 0;
     };
     let mut ev = empty_event();
-    if read_tuple(&ctx, &cfg.receive_reset, &mut ev).is_none() {
+    if read_tuple(&ctx, &layout, &mut ev).is_none() {
         return 0;
     }
     // The event itself is emitted by the move to CLOSE that tcp_reset() makes next, which also
@@ -120,8 +131,7 @@ pub fn receive_reset(ctx: TracePointContext) -> u32 {
 /// daemon fills the addresses from the socket's earlier events (same conn_id).
 #[kprobe]
 pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
-    let cfg = config();
-    if cfg.noop != 0 || cfg.reset_tp_covers_active != 0 {
+    if noop() || setting!(reset_tp_covers_active) != 0 {
         return 0;
     }
     let Some(sk) = ctx.arg::<u64>(0) else {
@@ -142,6 +152,6 @@ pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
         ev.syscall = call.kind;
         ev.fd = call.fd;
     }
-    submit(&cfg, &ev);
+    submit(&ev);
     0
 }

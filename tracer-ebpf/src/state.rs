@@ -7,23 +7,23 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    AF_INET, AF_INET6, Config, EventKind, IPPROTO_TCP, SeedOwner, SockEvent, TupleLayout,
+    AF_INET, AF_INET6, EventKind, IPPROTO_TCP, SeedOwner, SockEvent, TupleLayout,
     owner_source, syscall, tcp_state::*,
 };
 
 use crate::{
     calls::call_acting_on,
-    emit::{config, empty_event, field, passes_filters, submit},
+    emit::{empty_event, field, noop, ports_pass, submit},
+    setting,
     owners::{Current, LISTENERS, SockInfo, claim, current, fill_owner, listener_key, lookup_or_create},
 };
 
 #[tracepoint]
 pub fn set_state(ctx: TracePointContext) -> u32 {
-    let cfg = config();
-    if cfg.noop != 0 {
+    if noop() {
         return 0;
     }
-    let _ = handle(&ctx, &cfg);
+    let _ = handle(&ctx);
     0
 }
 
@@ -65,8 +65,9 @@ fn is_fin_received(old: u8, new: u8) -> bool {
 }
 
 #[inline(always)]
-fn handle(ctx: &TracePointContext, cfg: &Config) -> Option<()> {
-    let layout = &cfg.set_state;
+fn handle(ctx: &TracePointContext) -> Option<()> {
+    let layout: TupleLayout = setting!(set_state);
+    let layout = &layout;
     if let Some(protocol) = field::<u16>(ctx, layout.protocol) {
         if protocol != IPPROTO_TCP {
             return None;
@@ -77,7 +78,7 @@ fn handle(ctx: &TracePointContext, cfg: &Config) -> Option<()> {
     let new = field::<i32>(ctx, layout.newstate)? as u8;
     let mut ev = empty_event();
     read_tuple(ctx, layout, &mut ev)?;
-    if cfg.filter_ports != 0 && !passes_filters(&Config { filter_pids: 0, ..*cfg }, 0, ev.lport, ev.rport) {
+    if !ports_pass(ev.lport, ev.rport) {
         return None; // cheapest exit for unrelated ports: no table work at all
     }
     // SAFETY: plain helper call.
@@ -88,7 +89,7 @@ fn handle(ctx: &TracePointContext, cfg: &Config) -> Option<()> {
 
     if is_handshake(new) {
         remember_process_context_owner(sk, old, new, &ev, &cur);
-        if cfg.all_states == 0 {
+        if setting!(all_states) == 0 {
             return None;
         }
     }
@@ -105,7 +106,7 @@ fn handle(ctx: &TracePointContext, cfg: &Config) -> Option<()> {
     let kind = classify(sk, old, new, info, &cur, &mut ev)?;
     ev.kind = kind as u8;
     fill_owner(&mut ev, info);
-    submit(cfg, &ev);
+    submit(&ev);
     Some(())
 }
 

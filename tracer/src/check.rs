@@ -1,0 +1,168 @@
+//! `tracer check`: what this kernel and these privileges support, and which probes `tracer`
+//! would attach. Exit 0 when tracing can work, 1 when it cannot.
+
+use std::process::ExitCode;
+
+use aya::{maps::MapType, sys::is_map_supported};
+use serde::Serialize;
+
+use crate::{
+    capture, privileges,
+    probes::{self, Hook, KernelSupport, ProbeMode, TRACEPOINT_HOOKS},
+    tracefs,
+};
+
+#[derive(Serialize)]
+struct Report {
+    kernel: String,
+    btf: bool,
+    /// "mounted at PATH", "mounted now at PATH", or why not.
+    tracefs: String,
+    kprobes: bool,
+    ringbuf: Option<bool>,
+    privileges: Privileges,
+    tracepoints: Vec<TracepointReport>,
+    rst_reasons: bool,
+    probe_mode: ProbeMode,
+    /// The probes `tracer` would attach with this mode.
+    would_attach: Option<Vec<String>>,
+    /// Why it cannot trace, when it cannot.
+    problem: Option<String>,
+    capture_interfaces: Vec<String>,
+    can_trace: bool,
+}
+
+#[derive(Serialize)]
+struct Privileges {
+    euid: u32,
+    missing: Vec<&'static str>,
+}
+
+#[derive(Serialize)]
+struct TracepointReport {
+    name: String,
+    present: bool,
+    /// What the tracer loses without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    without: Option<&'static str>,
+}
+
+pub fn run(json: bool, mode: ProbeMode) -> anyhow::Result<ExitCode> {
+    let report = build(mode);
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_human(&report);
+    }
+    Ok(if report.can_trace {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn build(mode: ProbeMode) -> Report {
+    let (tracefs_root, tracefs_text) = match tracefs::find() {
+        Some(root) => (Some(root.clone()), format!("mounted at {}", root.display())),
+        None => match tracefs::ensure_mounted() {
+            Ok(root) => (Some(root.clone()), format!("mounted now at {}", root.display())),
+            Err(e) => (None, format!("{e:#}")),
+        },
+    };
+    let support = KernelSupport::detect(tracefs_root.as_deref()).unwrap_or_else(|_| {
+        KernelSupport::detect(None).expect("detection without tracefs reads no files")
+    });
+    let missing_caps = privileges::effective()
+        .map(|eff| privileges::missing_for_tracing(eff, true))
+        .unwrap_or_default();
+    let plan = plan(&support, mode);
+    let ringbuf = is_map_supported(MapType::RingBuf).ok();
+    let config = support.formats.config().map(|_| ()).map_err(|e| e.to_string());
+    let problem = [
+        plan.as_ref().err().cloned(),
+        config.err(),
+        tracefs_root.is_none().then(|| "tracefs is not available".to_string()),
+        (!missing_caps.is_empty()).then(|| format!("missing {}", missing_caps.join(", "))),
+        (ringbuf == Some(false)).then(|| "no BPF ring buffer (needs Linux 5.8)".to_string()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>();
+    let can_trace = problem.is_empty();
+    Report {
+        kernel: support.release.clone(),
+        btf: support.btf,
+        tracefs: tracefs_text,
+        kprobes: support.kprobes,
+        ringbuf,
+        privileges: Privileges {
+            // SAFETY: geteuid cannot fail.
+            euid: unsafe { libc::geteuid() },
+            missing: missing_caps,
+        },
+        tracepoints: TRACEPOINT_HOOKS
+            .iter()
+            .map(|h| TracepointReport {
+                name: h.name(),
+                present: support.has(h),
+                without: (!support.has(h)).then_some(h.without),
+            })
+            .collect(),
+        rst_reasons: !support.formats.reset_reasons().is_empty(),
+        probe_mode: mode,
+        would_attach: plan.ok(),
+        problem: (!problem.is_empty()).then(|| problem.join("; ")),
+        capture_interfaces: capture::interface_names(),
+        can_trace,
+    }
+}
+
+fn plan(support: &KernelSupport, mode: ProbeMode) -> Result<Vec<String>, String> {
+    let set = probes::choose(mode, support.kprobes).map_err(|e| e.to_string())?;
+    let (hooks, _) = support.plan(set).map_err(|e| e.to_string())?;
+    Ok(hooks.iter().map(Hook::name).collect())
+}
+
+fn print_human(r: &Report) {
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    println!("kernel        {}", r.kernel);
+    println!("BTF           {}", yes(r.btf));
+    println!("tracefs       {}", r.tracefs);
+    println!("kprobes       {}", yes(r.kprobes));
+    println!(
+        "ring buffer   {}",
+        r.ringbuf.map_or("unknown (needs privileges to probe)", yes)
+    );
+    println!("RST reasons   {}", yes(r.rst_reasons));
+    println!(
+        "privileges    euid {}{}",
+        r.privileges.euid,
+        if r.privileges.missing.is_empty() {
+            String::new()
+        } else {
+            format!(", missing {}", r.privileges.missing.join(", "))
+        }
+    );
+    println!("tracepoints");
+    for tp in &r.tracepoints {
+        match tp.without {
+            None => println!("  ok       {}", tp.name),
+            Some(why) => println!("  MISSING  {} ({why})", tp.name),
+        }
+    }
+    if let Some(names) = &r.would_attach {
+        println!("with --probes {:?}, tracer would attach: {}", r.probe_mode, names.join(", "));
+    }
+    if let Some(problem) = &r.problem {
+        println!("problem: {problem}");
+    }
+    println!("capture interfaces: {}", r.capture_interfaces.join(", "));
+    println!(
+        "{}",
+        if r.can_trace {
+            "tracing can work here"
+        } else {
+            "tracing cannot work here"
+        }
+    );
+}

@@ -1,0 +1,231 @@
+//! The command line (see CONTRACT.md), parsed into low-level arguments and then checked and
+//! turned into one `Settings` that the rest of the program reads.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+use crate::{output::Destination, probes::ProbeMode};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tracer",
+    version,
+    about = "Explains how TCP connections end: every close(), shutdown(), FIN and RST, joined \
+             with the packet that went on the wire. JSON lines on stdout.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Report what this kernel and these privileges support, and which probes `tracer` would
+    /// attach; exit 0 when tracing can work, 1 when it cannot.
+    Check {
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Report for this probe choice.
+        #[arg(long, value_enum, default_value = "auto")]
+        probes: ProbeMode,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TraceArgs {
+    /// Only sockets owned by these processes (all their threads); repeatable.
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Only connections whose local or remote port is PORT; repeatable.
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+    /// Capture interface for wire packets.
+    #[arg(short, long, value_name = "NAME", default_value = "any")]
+    pub interface: String,
+    /// Kernel events only, no packet capture.
+    #[arg(long)]
+    pub no_capture: bool,
+    /// How long a kernel event waits for its wire packet (500ms, 2s).
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
+    pub join_window: Duration,
+    /// Stop after this long, flush, print the summary.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Append JSON lines to PATH instead of stdout (created 0600; reopened on SIGHUP).
+    #[arg(short, long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+    /// Which kernel hooks to use.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub probes: ProbeMode,
+    /// Also emit handshake transitions (SYN_SENT, SYN_RECV, ESTABLISHED).
+    #[arg(long)]
+    pub all_states: bool,
+    /// Ring buffer size in KiB (a power of two, at least 4). Bigger absorbs longer bursts.
+    #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ringbuf_kib)]
+    pub ringbuf_kib: u32,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("malformed duration {text:?} ({e}); write it like 500ms, 2s or 1m"))?;
+    if duration.is_zero() {
+        return Err(format!("duration {text:?} must be longer than zero"));
+    }
+    Ok(duration)
+}
+
+fn parse_ringbuf_kib(text: &str) -> Result<u32, String> {
+    let kib: u32 = text
+        .parse()
+        .map_err(|_| format!("--ringbuf-kib {text:?} is not a number of KiB"))?;
+    if kib < 4 || !kib.is_power_of_two() || kib > 1 << 20 {
+        return Err(format!(
+            "--ringbuf-kib {kib}: use a power of two between 4 and 1048576"
+        ));
+    }
+    Ok(kib)
+}
+
+/// Bad input from the user: exit status 2, with a message that says what to do.
+#[derive(Debug)]
+pub struct BadInput(pub String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+/// Everything a trace run needs, checked.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub pids: Vec<u32>,
+    pub ports: Vec<u16>,
+    /// None with --no-capture.
+    pub capture_iface: Option<String>,
+    pub join_window: Duration,
+    pub duration: Option<Duration>,
+    pub destination: Destination,
+    pub probes: ProbeMode,
+    pub all_states: bool,
+    pub ringbuf_bytes: u32,
+}
+
+impl TraceArgs {
+    /// Checks what can be checked before touching the kernel.
+    pub fn into_settings(self) -> Result<Settings, BadInput> {
+        let mut pids = self.pids;
+        pids.sort_unstable();
+        pids.dedup();
+        if let Some(pid) = pids.iter().find(|&&pid| !process_exists(pid)) {
+            return Err(BadInput(format!(
+                "no process with PID {pid}: check the PID (ps -p {pid}) and try again"
+            )));
+        }
+        let mut ports = self.ports;
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.contains(&0) {
+            return Err(BadInput("--port 0 matches nothing: give a port between 1 and 65535".into()));
+        }
+        Ok(Settings {
+            pids,
+            ports,
+            capture_iface: (!self.no_capture).then_some(self.interface),
+            join_window: self.join_window,
+            duration: self.duration,
+            destination: self
+                .output
+                .map_or(Destination::Stdout, Destination::File),
+            probes: self.probes,
+            all_states: self.all_states,
+            ringbuf_bytes: self.ringbuf_kib * 1024,
+        })
+    }
+}
+
+/// Whether /proc/PID exists and is not a zombie.
+pub fn process_exists(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised comm, which may itself contain ") ".
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tracer").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let cli = parse(&[]).unwrap();
+        let settings = cli.trace.into_settings().unwrap();
+        assert_eq!(settings.capture_iface.as_deref(), Some("any"));
+        assert_eq!(settings.join_window, Duration::from_millis(500));
+        assert!(settings.duration.is_none());
+        assert_eq!(settings.probes, ProbeMode::Auto);
+        assert!(!settings.all_states);
+        assert!(matches!(settings.destination, Destination::Stdout));
+    }
+
+    #[test]
+    fn repeatable_filters_and_durations() {
+        let me = std::process::id().to_string();
+        let cli = parse(&[
+            "-p", &me, "--pid", &me, "--port", "80", "--port", "443", "--join-window", "2s",
+            "--duration", "1m", "--no-capture", "--probes", "tracepoint",
+        ])
+        .unwrap();
+        let settings = cli.trace.into_settings().unwrap();
+        assert_eq!(settings.pids, vec![std::process::id()]);
+        assert_eq!(settings.ports, vec![80, 443]);
+        assert_eq!(settings.join_window, Duration::from_secs(2));
+        assert_eq!(settings.duration, Some(Duration::from_secs(60)));
+        assert!(settings.capture_iface.is_none());
+        assert_eq!(settings.probes, ProbeMode::Tracepoint);
+    }
+
+    #[test]
+    fn malformed_duration_is_a_usage_error() {
+        let err = parse(&["--duration", "5 parsecs"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("malformed duration"), "{err}");
+    }
+
+    #[test]
+    fn unknown_pid_is_bad_input() {
+        let err = parse(&["--pid", "999999999"])
+            .unwrap()
+            .trace
+            .into_settings()
+            .unwrap_err();
+        assert!(err.0.contains("no process with PID 999999999"), "{err}");
+    }
+
+    #[test]
+    fn check_subcommand() {
+        let cli = parse(&["check", "--json"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Check { json: true, .. })));
+    }
+
+    #[test]
+    fn ringbuf_size_must_be_a_power_of_two() {
+        assert!(parse(&["--ringbuf-kib", "100"]).is_err());
+        assert_eq!(parse(&["--ringbuf-kib", "64"]).unwrap().trace.ringbuf_kib, 64);
+    }
+}

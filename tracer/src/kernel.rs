@@ -1,0 +1,263 @@
+//! Kernel events as the daemon sees them: the raw `SockEvent` bytes from the ring buffer turned
+//! into typed values, with names for states, calls, owners and reset reasons.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use tracer_common::{AF_INET, AF_INET6, EventKind, SockEvent, owner_source, syscall, tcp_state};
+
+/// A decoded kernel event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelEvent {
+    pub kind: EventKind,
+    pub mono_ns: u64,
+    pub conn_id: u64,
+    pub state_since_ns: u64,
+    pub call_id: u64,
+    pub owner: Owner,
+    pub family: Family,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub old_state: u8,
+    pub new_state: u8,
+    pub syscall: u8,
+    pub fd: Option<i32>,
+    pub reason: Option<i32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// The process that owns the socket, or why none is known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Owner {
+    Known {
+        pid: u32,
+        tid: u32,
+        comm: String,
+        /// How it was found: `task` (seen acting on the socket), `seeded`, `listener`.
+        how: &'static str,
+    },
+    Unknown(&'static str),
+}
+
+impl KernelEvent {
+    /// Decodes ring-buffer bytes; None for a record of the wrong size or an unknown kind.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < size_of::<SockEvent>() {
+            return None;
+        }
+        // SAFETY: the buffer holds at least one SockEvent written by the kernel program; the
+        // unaligned read copes with any alignment of the ring-buffer slice.
+        let raw: SockEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        Self::from_raw(&raw)
+    }
+
+    pub fn from_raw(raw: &SockEvent) -> Option<Self> {
+        let kind = EventKind::from_u8(raw.kind)?;
+        let family = match raw.family {
+            AF_INET => Family::Ipv4,
+            AF_INET6 => Family::Ipv6,
+            // The kprobe path knows only the socket; the daemon fills addresses from its table.
+            _ => Family::Ipv4,
+        };
+        Some(Self {
+            kind,
+            mono_ns: raw.ts_ns,
+            conn_id: raw.conn_id,
+            state_since_ns: raw.state_since_ns,
+            call_id: raw.call_id,
+            owner: owner_of(raw),
+            family,
+            local: SocketAddr::new(ip(family, &raw.laddr), raw.lport),
+            remote: SocketAddr::new(ip(family, &raw.raddr), raw.rport),
+            old_state: raw.old_state,
+            new_state: raw.new_state,
+            syscall: raw.syscall,
+            fd: (raw.fd >= 0).then_some(raw.fd),
+            reason: (raw.reason >= 0).then_some(raw.reason),
+        })
+    }
+
+    /// Time spent in `old_state`, when the tracer saw the socket enter it.
+    pub fn duration_in_old_state(&self) -> Option<u64> {
+        (self.state_since_ns != 0 && self.mono_ns >= self.state_since_ns)
+            .then(|| self.mono_ns - self.state_since_ns)
+    }
+
+    /// The name of the call that began the teardown, as the contract spells it.
+    pub fn syscall_name(&self) -> Option<&'static str> {
+        match self.syscall {
+            syscall::CLOSE => Some("close"),
+            syscall::SHUTDOWN => Some("shutdown"),
+            syscall::EXIT => Some("exit"),
+            _ => None,
+        }
+    }
+}
+
+fn ip(family: Family, bytes: &[u8; 16]) -> IpAddr {
+    match family {
+        Family::Ipv4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+        Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(*bytes)),
+    }
+}
+
+fn owner_of(raw: &SockEvent) -> Owner {
+    let how = match raw.owner_source {
+        owner_source::CURRENT => "task",
+        owner_source::SEEDED => "seeded",
+        owner_source::LISTENER => "listener",
+        owner_source::NO_SOCKET => {
+            return Owner::Unknown("no socket: a reset for a segment that matched no socket");
+        }
+        _ => {
+            return Owner::Unknown(
+                "unknown: the socket was not seen in its owner's context since the tracer started",
+            );
+        }
+    };
+    Owner::Known {
+        pid: raw.pid,
+        tid: raw.tid,
+        comm: comm(&raw.comm),
+        how,
+    }
+}
+
+fn comm(bytes: &[u8; 16]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// Kernel TCP state names without the `TCP_` prefix.
+pub fn state_name(state: u8) -> &'static str {
+    match state {
+        tcp_state::ESTABLISHED => "ESTABLISHED",
+        tcp_state::SYN_SENT => "SYN_SENT",
+        tcp_state::SYN_RECV => "SYN_RECV",
+        tcp_state::FIN_WAIT1 => "FIN_WAIT1",
+        tcp_state::FIN_WAIT2 => "FIN_WAIT2",
+        tcp_state::TIME_WAIT => "TIME_WAIT",
+        tcp_state::CLOSE => "CLOSE",
+        tcp_state::CLOSE_WAIT => "CLOSE_WAIT",
+        tcp_state::LAST_ACK => "LAST_ACK",
+        tcp_state::LISTEN => "LISTEN",
+        tcp_state::CLOSING => "CLOSING",
+        tcp_state::NEW_SYN_RECV => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Names of `enum sk_rst_reason` values, read from this kernel's tcp_send_reset format file.
+#[derive(Clone, Debug, Default)]
+pub struct ResetReasons(BTreeMap<i64, String>);
+
+impl ResetReasons {
+    pub fn new(names: BTreeMap<i64, String>) -> Self {
+        Self(names)
+    }
+
+    pub fn name(&self, value: i32) -> String {
+        self.0
+            .get(&(value as i64))
+            .cloned()
+            .unwrap_or_else(|| format!("UNKNOWN_{value}"))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> SockEvent {
+        SockEvent {
+            ts_ns: 2_000,
+            conn_id: 0xabcdef,
+            state_since_ns: 500,
+            call_id: 1_900,
+            pid: 42,
+            tid: 43,
+            comm: *b"server\0\0\0\0\0\0\0\0\0\0",
+            fd: 7,
+            reason: 11,
+            laddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            raddr: [127, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            lport: 8080,
+            rport: 40000,
+            family: AF_INET,
+            kind: EventKind::Close as u8,
+            old_state: tcp_state::ESTABLISHED,
+            new_state: tcp_state::CLOSE,
+            syscall: syscall::CLOSE,
+            owner_source: owner_source::CURRENT,
+            _pad: [0; 5],
+        }
+    }
+
+    #[test]
+    fn decodes_a_close() {
+        let raw = raw();
+        // SAFETY: viewing a plain repr(C) value as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw as *const SockEvent).cast::<u8>(), size_of::<SockEvent>())
+        };
+        let ev = KernelEvent::decode(bytes).unwrap();
+        assert_eq!(ev.kind, EventKind::Close);
+        assert_eq!(ev.local, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(ev.remote, "127.0.0.2:40000".parse().unwrap());
+        assert_eq!(ev.fd, Some(7));
+        assert_eq!(ev.reason, Some(11));
+        assert_eq!(ev.syscall_name(), Some("close"));
+        assert_eq!(ev.duration_in_old_state(), Some(1_500));
+        assert_eq!(
+            ev.owner,
+            Owner::Known { pid: 42, tid: 43, comm: "server".into(), how: "task" }
+        );
+        assert!(KernelEvent::decode(&bytes[..10]).is_none());
+    }
+
+    #[test]
+    fn ipv6_and_unknown_owner() {
+        let mut raw = raw();
+        raw.family = AF_INET6;
+        raw.laddr = Ipv6Addr::LOCALHOST.octets();
+        raw.owner_source = owner_source::UNKNOWN;
+        raw.fd = -1;
+        raw.reason = -1;
+        raw.state_since_ns = 0;
+        let ev = KernelEvent::from_raw(&raw).unwrap();
+        assert_eq!(ev.local.ip(), IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert!(matches!(ev.owner, Owner::Unknown(_)));
+        assert_eq!(ev.fd, None);
+        assert_eq!(ev.reason, None);
+        assert_eq!(ev.duration_in_old_state(), None);
+    }
+
+    #[test]
+    fn state_and_reason_names() {
+        assert_eq!(state_name(tcp_state::FIN_WAIT2), "FIN_WAIT2");
+        assert_eq!(state_name(99), "UNKNOWN");
+        let reasons = ResetReasons::new([(11, "TCP_ABORT_ON_CLOSE".to_string())].into());
+        assert_eq!(reasons.name(11), "TCP_ABORT_ON_CLOSE");
+        assert_eq!(reasons.name(3), "UNKNOWN_3");
+    }
+}

@@ -1,0 +1,270 @@
+//! JSON lines out: a writer thread behind a bounded queue, so a stalled consumer never stops the
+//! ring buffer or the capture from being drained. What does not fit is counted and reported as a
+//! `lost` line with `source: "output"` once the consumer reads again. Lines are written whole
+//! and flushed at least every 100 ms.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, BufWriter, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use crate::clock::{Clock, rfc3339_nanos};
+
+/// Lines that may wait for a slow consumer before new ones are dropped (and counted).
+pub const QUEUE_LINES: usize = 65536;
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// Where lines go.
+#[derive(Clone, Debug)]
+pub enum Destination {
+    Stdout,
+    /// Appended to; created with mode 0600; reopened on SIGHUP (log rotation).
+    File(PathBuf),
+}
+
+/// Shared between the producer and the writer thread.
+#[derive(Default)]
+pub struct OutputState {
+    /// Lines dropped because the queue was full.
+    pub dropped: AtomicU64,
+    /// Of those, already reported in a `lost` line.
+    pub reported: AtomicU64,
+    /// The consumer closed its end (EPIPE): the run should end quietly.
+    pub consumer_gone: AtomicBool,
+    /// Set by SIGHUP: reopen the output file before the next write.
+    pub reopen: AtomicBool,
+}
+
+enum Message {
+    Line(String),
+    Stop,
+}
+
+/// The producer's handle.
+pub struct Output {
+    tx: SyncSender<Message>,
+    pub state: Arc<OutputState>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+/// Opens an output file the way log-writing daemons do: append, create 0600.
+pub fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+}
+
+impl Output {
+    pub fn start(dest: Destination) -> io::Result<Self> {
+        let sink = Sink::open(&dest)?;
+        let (tx, rx) = sync_channel(QUEUE_LINES);
+        let state = Arc::new(OutputState::default());
+        let thread_state = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("tracer-output".into())
+            .spawn(move || write_loop(rx, sink, dest, thread_state))?;
+        Ok(Self {
+            tx,
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a line; when the queue is full the line is dropped and counted. Returns whether
+    /// the line was queued.
+    pub fn try_line(&self, line: String) -> bool {
+        match self.tx.try_send(Message::Line(line)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.state.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Queues a line that must not be lost (`ready`, `summary`), waiting for room.
+    pub fn line(&self, line: String) {
+        let _ = self.tx.send(Message::Line(line)); // only fails when the writer died (EPIPE)
+    }
+
+    /// Writes everything queued, then stops the writer.
+    pub fn finish(mut self) -> io::Result<()> {
+        let _ = self.tx.send(Message::Stop);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(io::Error::other("output thread panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The open destination.
+struct Sink {
+    out: BufWriter<Box<dyn Write + Send>>,
+}
+
+impl Sink {
+    fn open(dest: &Destination) -> io::Result<Self> {
+        let inner: Box<dyn Write + Send> = match dest {
+            Destination::Stdout => Box::new(io::stdout()),
+            Destination::File(path) => Box::new(open_append(path)?),
+        };
+        Ok(Self {
+            out: BufWriter::with_capacity(256 * 1024, inner),
+        })
+    }
+}
+
+fn write_loop(
+    rx: Receiver<Message>,
+    mut sink: Sink,
+    dest: Destination,
+    state: Arc<OutputState>,
+) -> io::Result<()> {
+    let clock = Clock::sample();
+    loop {
+        let (batch, stop) = next_batch(&rx);
+        let result = write_batch(&mut sink, &batch)
+            .and_then(|_| report_drops(&mut sink, &state, &clock))
+            .and_then(|_| sink.out.flush())
+            .and_then(|_| {
+                if state.reopen.swap(false, Ordering::Relaxed) {
+                    sink = Sink::open(&dest)?;
+                }
+                Ok(())
+            });
+        if result.is_err() || stop {
+            return ignore_broken_pipe(result, &state);
+        }
+    }
+}
+
+/// Waits up to 100 ms for a line, then takes whatever else is already queued (up to 100 ms
+/// worth of writing), so a busy stream is written in large chunks and a quiet one at once.
+fn next_batch(rx: &Receiver<Message>) -> (Vec<String>, bool) {
+    let mut batch = Vec::new();
+    match rx.recv_timeout(FLUSH_EVERY) {
+        Ok(Message::Line(line)) => batch.push(line),
+        Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => return (batch, true),
+        Err(RecvTimeoutError::Timeout) => return (batch, false),
+    }
+    let started = Instant::now();
+    while started.elapsed() < FLUSH_EVERY {
+        match rx.try_recv() {
+            Ok(Message::Line(line)) => batch.push(line),
+            Ok(Message::Stop) => return (batch, true),
+            Err(_) => break,
+        }
+    }
+    (batch, false)
+}
+
+fn write_batch(sink: &mut Sink, batch: &[String]) -> io::Result<()> {
+    batch.iter().try_for_each(|line| write_line(sink, line))
+}
+
+fn write_line(sink: &mut Sink, line: &str) -> io::Result<()> {
+    sink.out.write_all(line.as_bytes())?;
+    sink.out.write_all(b"\n")
+}
+
+/// A `lost` line for output drops not yet reported: written by the writer itself, because it
+/// is the one that knows the consumer is reading again.
+fn report_drops(sink: &mut Sink, state: &OutputState, clock: &Clock) -> io::Result<()> {
+    let dropped = state.dropped.load(Ordering::Relaxed);
+    let reported = state.reported.load(Ordering::Relaxed);
+    if dropped == reported {
+        return Ok(());
+    }
+    let mono_ns = crate::clock::now_mono_ns();
+    let line = serde_json::to_string(&LostLine {
+        event: "lost",
+        time: rfc3339_nanos(clock.mono_to_wall_ns(mono_ns)),
+        mono_ns,
+        source: "output",
+        count: dropped - reported,
+    })
+    .map_err(io::Error::other)?;
+    write_line(sink, &line)?;
+    state.reported.store(dropped, Ordering::Relaxed);
+    Ok(())
+}
+
+/// A closed stdout (`tracer | head -3`) is a normal way to end: no error, no message.
+fn ignore_broken_pipe(result: io::Result<()>, state: &OutputState) -> io::Result<()> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+            state.consumer_gone.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+#[derive(Serialize)]
+pub struct LostLine {
+    pub event: &'static str,
+    pub time: String,
+    pub mono_ns: u64,
+    pub source: &'static str,
+    pub count: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_output_appends_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tracer-output-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out.jsonl");
+        let _ = std::fs::remove_file(&path);
+        for text in ["first", "second"] {
+            let out = Output::start(Destination::File(path.clone())).unwrap();
+            out.line(format!("{{\"x\":\"{text}\"}}"));
+            out.finish().unwrap();
+        }
+        let content = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(content, "{\"x\":\"first\"}\n{\"x\":\"second\"}\n");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn drops_are_counted_and_reported_as_one_lost_line() {
+        let dir = std::env::temp_dir().join(format!("tracer-output-drop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out.jsonl");
+        let out = Output::start(Destination::File(path.clone())).unwrap();
+        out.state.dropped.store(7, Ordering::Relaxed);
+        out.line("{}".into());
+        out.finish().unwrap();
+        let content = std::fs::read_to_string(&path).unwrap();
+        let lost: Vec<serde_json::Value> = content
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &serde_json::Value| v["event"] == "lost")
+            .collect();
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0]["source"], "output");
+        assert_eq!(lost[0]["count"], 7);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

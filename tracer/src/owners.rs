@@ -1,0 +1,267 @@
+//! Owners of connections that existed before the tracer started. Users attach to long-running
+//! services, whose sockets were never seen in process context by the kernel programs: read
+//! each process's socket inodes from /proc/PID/fd and the connections of its network namespace
+//! from /proc/PID/net/tcp{,6}, and seed the kernel's SEED (established) and LISTENERS (listening)
+//! tables so that their teardown is attributed from the first event.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use anyhow::Context as _;
+use aya::{Ebpf, maps::HashMap as BpfHashMap};
+use tracer_common::{AF_INET, AF_INET6, SeedOwner, TupleKey, tcp_state};
+
+/// One TCP socket from /proc/PID/net/tcp{,6}.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcSocket {
+    pub local: (IpAddr, u16),
+    pub remote: (IpAddr, u16),
+    pub state: u8,
+    pub inode: u64,
+}
+
+/// What seeding found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeedReport {
+    pub connections: usize,
+    pub listeners: usize,
+}
+
+/// Seeds the kernel tables for `pids`, or for every process when `pids` is empty.
+pub fn seed(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<SeedReport> {
+    let pids = if pids.is_empty() { all_pids() } else { pids.to_vec() };
+    let mut by_netns: HashMap<u64, HashMap<u64, ProcSocket>> = HashMap::new();
+    let mut conns = Vec::new();
+    let mut listeners = Vec::new();
+    for pid in pids {
+        let Some(owner) = process_owner(pid) else {
+            continue; // exited meanwhile
+        };
+        let inodes = socket_inodes(pid);
+        if inodes.is_empty() {
+            continue;
+        }
+        let netns = netns_inode(pid).unwrap_or(0);
+        let table = by_netns
+            .entry(netns)
+            .or_insert_with(|| tcp_table(pid).into_iter().map(|s| (s.inode, s)).collect());
+        for sock in inodes.iter().filter_map(|i| table.get(i)) {
+            if sock.state == tcp_state::LISTEN {
+                listeners.push((sock.clone(), owner));
+            } else {
+                conns.push((sock.clone(), owner));
+            }
+        }
+    }
+    write_seed(ebpf, &conns, &listeners)?;
+    Ok(SeedReport {
+        connections: conns.len(),
+        listeners: listeners.len(),
+    })
+}
+
+fn write_seed(
+    ebpf: &mut Ebpf,
+    conns: &[(ProcSocket, SeedOwner)],
+    listeners: &[(ProcSocket, SeedOwner)],
+) -> anyhow::Result<()> {
+    let mut seed: BpfHashMap<_, TupleKey, SeedOwner> =
+        BpfHashMap::try_from(ebpf.map_mut("SEED").context("SEED map missing")?)?;
+    for (sock, owner) in conns {
+        // A full table only loses attribution for the rest; say nothing per entry.
+        let _ = seed.insert(tuple_key(sock), *owner, 0);
+    }
+    let mut table: BpfHashMap<_, u32, SeedOwner> =
+        BpfHashMap::try_from(ebpf.map_mut("LISTENERS").context("LISTENERS map missing")?)?;
+    for (sock, owner) in listeners {
+        let family = if sock.local.0.is_ipv4() { AF_INET } else { AF_INET6 };
+        let _ = table.insert(((family as u32) << 16) | sock.local.1 as u32, *owner, 0);
+    }
+    Ok(())
+}
+
+/// The key the kernel program builds for a socket from its tracepoint fields.
+pub fn tuple_key(sock: &ProcSocket) -> TupleKey {
+    let (family, laddr, raddr) = match (sock.local.0, sock.remote.0) {
+        (IpAddr::V4(l), IpAddr::V4(r)) => (AF_INET, pad4(l), pad4(r)),
+        (l, r) => (AF_INET6, v6(l).octets(), v6(r).octets()),
+    };
+    TupleKey {
+        laddr,
+        raddr,
+        lport: sock.local.1,
+        rport: sock.remote.1,
+        family,
+        _pad: 0,
+    }
+}
+
+fn pad4(ip: Ipv4Addr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..4].copy_from_slice(&ip.octets());
+    out
+}
+
+fn v6(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+fn all_pids() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn process_owner(pid: u32) -> Option<SeedOwner> {
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    let mut bytes = [0u8; 16];
+    let name = comm.trim_end().as_bytes();
+    let len = name.len().min(15);
+    bytes[..len].copy_from_slice(&name[..len]);
+    Some(SeedOwner {
+        pid,
+        tid: pid,
+        comm: bytes,
+    })
+}
+
+/// Inodes of the sockets in a process's fd table (`socket:[12345]`).
+pub fn socket_inodes(pid: u32) -> HashSet<u64> {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return HashSet::new();
+    };
+    dir.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| parse_socket_link(target.to_str()?))
+        .collect()
+}
+
+fn parse_socket_link(target: &str) -> Option<u64> {
+    target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+fn netns_inode(pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(format!("/proc/{pid}/ns/net")).ok().map(|m| m.ino())
+}
+
+/// The TCP sockets of the network namespace `pid` lives in.
+pub fn tcp_table(pid: u32) -> Vec<ProcSocket> {
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|f| fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("net").join(f)).ok())
+        .flat_map(|text| parse_proc_net_tcp(&text))
+        .collect()
+}
+
+/// Parses /proc/net/tcp or /proc/net/tcp6.
+pub fn parse_proc_net_tcp(text: &str) -> Vec<ProcSocket> {
+    text.lines().skip(1).filter_map(parse_proc_net_line).collect()
+}
+
+fn parse_proc_net_line(line: &str) -> Option<ProcSocket> {
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    if cols.len() < 10 {
+        return None;
+    }
+    Some(ProcSocket {
+        local: parse_endpoint(cols[1])?,
+        remote: parse_endpoint(cols[2])?,
+        state: u8::from_str_radix(cols[3], 16).ok()?,
+        inode: cols[9].parse().ok()?,
+    })
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits (IPv6), each 32-bit word in host byte order.
+fn parse_endpoint(text: &str) -> Option<(IpAddr, u16)> {
+    let (addr, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Option<Vec<u32>> = (0..addr.len() / 8)
+        .map(|i| u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16).ok())
+        .collect();
+    let words = words?;
+    let ip = match words.as_slice() {
+        [w] => IpAddr::V4(Ipv4Addr::from(w.to_ne_bytes())),
+        [a, b, c, d] => {
+            let mut bytes = [0u8; 16];
+            for (i, w) in [a, b, c, d].iter().enumerate() {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 23456 1 0000000000000000 20 4 30 10 -1
+";
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:1F90 00000000000000000000000001000000:D431 01 00000000:00000000 00:00000000 00000000     0        0 34567 1 0000000000000000 20 4 0 10 -1
+";
+
+    #[test]
+    fn parses_ipv4_rows() {
+        let socks = parse_proc_net_tcp(TCP);
+        assert_eq!(socks.len(), 2);
+        assert_eq!(socks[0].local, ("127.0.0.1".parse().unwrap(), 8080));
+        assert_eq!(socks[0].state, tcp_state::LISTEN);
+        assert_eq!(socks[1].remote, ("127.0.0.1".parse().unwrap(), 50000));
+        assert_eq!(socks[1].state, tcp_state::ESTABLISHED);
+        assert_eq!(socks[1].inode, 23456);
+    }
+
+    #[test]
+    fn parses_ipv6_rows() {
+        let socks = parse_proc_net_tcp(TCP6);
+        assert_eq!(socks[0].local, ("::1".parse().unwrap(), 8080));
+        assert_eq!(socks[0].remote.1, 0xD431);
+        assert_eq!(socks[0].inode, 34567);
+    }
+
+    #[test]
+    fn keys_match_what_the_kernel_program_builds() {
+        let sock = &parse_proc_net_tcp(TCP)[1];
+        let key = tuple_key(sock);
+        assert_eq!(key.family, AF_INET);
+        assert_eq!(&key.laddr[..4], &[127, 0, 0, 1]);
+        assert_eq!(&key.laddr[4..], &[0; 12]);
+        assert_eq!((key.lport, key.rport), (8080, 50000));
+    }
+
+    #[test]
+    fn socket_links() {
+        assert_eq!(parse_socket_link("socket:[4242]"), Some(4242));
+        assert_eq!(parse_socket_link("pipe:[4242]"), None);
+        assert_eq!(parse_socket_link("/dev/null"), None);
+    }
+
+    #[test]
+    fn finds_this_process_own_socket() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let pid = std::process::id();
+        let inodes = socket_inodes(pid);
+        let table = tcp_table(pid);
+        let mine = table
+            .iter()
+            .find(|s| s.local.1 == port && s.state == tcp_state::LISTEN)
+            .expect("listener in /proc/self/net/tcp");
+        assert!(inodes.contains(&mine.inode));
+    }
+}

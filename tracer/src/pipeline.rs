@@ -1,0 +1,548 @@
+//! The heart of a run: decoded kernel events and captured packets in, JSON lines out.
+//!
+//! Kernel events become lines; the ones that put a packet on the wire (or were caused by one)
+//! wait in the joiner for it. A close that moved the socket straight to CLOSE is staged for a
+//! moment, because the RST it sends (with the kernel's reason) is the next kernel event.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+};
+
+use serde::Serialize;
+use tracer_common::{EventKind, tcp_state};
+
+use crate::{
+    capture::{Dir, WirePacket, tcp_flags},
+    clock::{Clock, rfc3339_nanos},
+    join::{Joined, Joiner, Want, WantFlag, WireMatch},
+    kernel::{Family, KernelEvent, Owner, ResetReasons, state_name},
+    output::Output,
+    stats::Stats,
+};
+
+/// How long an abortive close waits for its RST event before going out without one.
+const STAGE_NS: u64 = 5_000_000;
+/// Connections remembered after their last event, to name the owner of late packets (the
+/// peer's FIN reaching a TIME_WAIT socket, retransmissions): a TIME_WAIT lasts 60 s.
+const CONN_MEMORY_NS: u64 = 120_000_000_000;
+const MAX_CONNS: usize = 262_144;
+/// Bound on events plus packets waiting in the joiner.
+pub const MAX_PENDING: usize = 262_144;
+
+/// A line waiting for its wire packet.
+pub struct PendingLine {
+    event: &'static str,
+    ev: KernelEvent,
+    outcome: Option<&'static str>,
+    reason: Option<String>,
+    wants_wire: bool,
+    /// Synthesised from the wire rather than from a kernel event (peer FIN into TIME_WAIT).
+    derived_from_wire: bool,
+}
+
+/// What the daemon remembers about a connection it has seen events for.
+#[derive(Clone, Debug)]
+struct ConnInfo {
+    local: SocketAddr,
+    remote: SocketAddr,
+    family: Family,
+    owner: Owner,
+    last_event_ns: u64,
+    /// The full socket went from FIN_WAIT2 to CLOSE (into TIME_WAIT / FIN_WAIT2 mini socket)
+    /// at this time: the peer's FIN, when it comes, is seen only on the wire.
+    timewait_since: Option<u64>,
+    fw2_since: Option<u64>,
+    fin_received: bool,
+}
+
+/// Connections by conn id and by address pair.
+#[derive(Default)]
+struct ConnTable {
+    by_id: HashMap<u64, ConnInfo>,
+    by_tuple: HashMap<(SocketAddr, SocketAddr), u64>,
+    order: VecDeque<(u64, u64)>,
+}
+
+impl ConnTable {
+    fn observe(&mut self, ev: &KernelEvent) {
+        if ev.conn_id == 0 {
+            return;
+        }
+        let info = self.by_id.entry(ev.conn_id).or_insert_with(|| ConnInfo {
+            local: ev.local,
+            remote: ev.remote,
+            family: ev.family,
+            owner: ev.owner.clone(),
+            last_event_ns: ev.mono_ns,
+            timewait_since: None,
+            fw2_since: None,
+            fin_received: false,
+        });
+        if ev.local.port() != 0 {
+            info.local = ev.local;
+            info.remote = ev.remote;
+            info.family = ev.family;
+        }
+        if matches!(ev.owner, Owner::Known { .. }) {
+            info.owner = ev.owner.clone();
+        }
+        info.last_event_ns = ev.mono_ns;
+        if ev.new_state == tcp_state::FIN_WAIT2 {
+            info.fw2_since = Some(ev.mono_ns);
+        }
+        if ev.old_state == tcp_state::FIN_WAIT2 && ev.new_state == tcp_state::CLOSE {
+            info.timewait_since = Some(ev.mono_ns);
+        }
+        if ev.kind == EventKind::FinReceived {
+            info.fin_received = true;
+        }
+        let key = (info.local, info.remote);
+        if self.by_tuple.insert(key, ev.conn_id) != Some(ev.conn_id) {
+            self.order.push_back((ev.conn_id, ev.mono_ns));
+        }
+    }
+
+    /// Fills addresses the kernel side could not (kprobe events know only the socket).
+    fn complete(&self, ev: &mut KernelEvent) {
+        if ev.local.port() == 0 {
+            if let Some(info) = self.by_id.get(&ev.conn_id) {
+                ev.local = info.local;
+                ev.remote = info.remote;
+                ev.family = info.family;
+            }
+        }
+    }
+
+    /// The connection a packet belongs to, and whether this host's socket received it.
+    fn for_packet(&self, pkt: &WirePacket) -> Option<(u64, Dir)> {
+        let received = self.by_tuple.get(&(pkt.dst, pkt.src)).map(|&id| (id, Dir::In));
+        received.or_else(|| self.by_tuple.get(&(pkt.src, pkt.dst)).map(|&id| (id, Dir::Out)))
+    }
+
+    fn expire(&mut self, now_ns: u64) {
+        while let Some(&(id, seen)) = self.order.front() {
+            let stale = now_ns.saturating_sub(seen) > CONN_MEMORY_NS;
+            if !stale && self.order.len() <= MAX_CONNS {
+                break;
+            }
+            self.order.pop_front();
+            let Some(info) = self.by_id.get(&id) else {
+                continue;
+            };
+            if !stale || now_ns.saturating_sub(info.last_event_ns) > CONN_MEMORY_NS {
+                let key = (info.local, info.remote);
+                if self.by_tuple.get(&key) == Some(&id) {
+                    self.by_tuple.remove(&key);
+                }
+                self.by_id.remove(&id);
+            } else {
+                self.order.push_back((id, info.last_event_ns));
+            }
+        }
+    }
+}
+
+/// An abortive close waiting for the RST event of the same call.
+struct Staged {
+    line: PendingLine,
+    staged_at: u64,
+}
+
+/// Kernel events and packets in, lines out.
+pub struct Pipeline {
+    joiner: Joiner<PendingLine>,
+    staged: HashMap<u64, Staged>,
+    conns: ConnTable,
+    reasons: ResetReasons,
+    filter_pids: bool,
+    pub clock: Clock,
+    pub stats: Stats,
+}
+
+impl Pipeline {
+    pub fn new(
+        join_window: std::time::Duration,
+        reasons: ResetReasons,
+        filter_pids: bool,
+    ) -> Self {
+        Self {
+            joiner: Joiner::new(join_window, MAX_PENDING),
+            staged: HashMap::new(),
+            conns: ConnTable::default(),
+            reasons,
+            filter_pids,
+            clock: Clock::sample(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Takes one decoded kernel event.
+    pub fn kernel_event(&mut self, mut ev: KernelEvent) {
+        self.stats.received += 1;
+        self.conns.complete(&mut ev);
+        self.conns.observe(&ev);
+        match ev.kind {
+            EventKind::Close => self.close(ev),
+            EventKind::RstSent => self.rst_sent(ev),
+            EventKind::FinReceived => self.push(line("fin_received", ev, true)),
+            EventKind::RstReceived => self.push(line("rst_received", ev, true)),
+            EventKind::State => self.push(line("state", ev, false)),
+        }
+    }
+
+    fn close(&mut self, ev: KernelEvent) {
+        let aborted = ev.new_state == tcp_state::CLOSE && ev.old_state != tcp_state::CLOSE;
+        if aborted {
+            let staged_at = ev.mono_ns;
+            let conn = ev.conn_id;
+            let line = line("close", ev, false);
+            if let Some(previous) = self.staged.insert(conn, Staged { line, staged_at }) {
+                self.push(previous.line);
+            }
+            return;
+        }
+        let sends_fin = matches!(ev.new_state, tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK);
+        let mut pending = line("close", ev, sends_fin);
+        pending.outcome = sends_fin.then_some("fin");
+        self.push(pending);
+    }
+
+    fn rst_sent(&mut self, ev: KernelEvent) {
+        let reason = ev.reason.map(|r| self.reasons.name(r));
+        let same_call = self
+            .staged
+            .get(&ev.conn_id)
+            .is_some_and(|s| ev.call_id != 0 && s.line.ev.call_id == ev.call_id);
+        if same_call {
+            let mut close = self.staged.remove(&ev.conn_id).expect("checked").line;
+            close.outcome = Some("rst");
+            close.reason = reason;
+            close.wants_wire = true;
+            self.push(close);
+            return;
+        }
+        let mut pending = line("rst_sent", ev, true);
+        pending.reason = reason;
+        self.push(pending);
+    }
+
+    fn push(&mut self, pending: PendingLine) {
+        let want = pending.want();
+        let (conn, mono) = (pending.ev.conn_id, pending.ev.mono_ns);
+        self.joiner.push_event(conn, mono, want, pending);
+    }
+
+    pub fn packet(&mut self, pkt: WirePacket) {
+        self.joiner.push_packet(pkt);
+    }
+
+    /// Releases what is ready: staged closes whose RST never came, joined or expired events,
+    /// unclaimed packets.
+    pub fn poll(&mut self, now_ns: u64, out: &Output) {
+        let overdue: Vec<u64> = self
+            .staged
+            .iter()
+            .filter(|(_, s)| now_ns.saturating_sub(s.staged_at) >= STAGE_NS)
+            .map(|(&conn, _)| conn)
+            .collect();
+        for conn in overdue {
+            if let Some(staged) = self.staged.remove(&conn) {
+                self.push(staged.line);
+            }
+        }
+        let ready = self.joiner.poll(now_ns);
+        self.emit_all(ready, out);
+        self.conns.expire(now_ns);
+    }
+
+    /// Releases everything (at exit).
+    pub fn flush(&mut self, out: &Output) {
+        let staged: Vec<Staged> = self.staged.drain().map(|(_, s)| s).collect();
+        for s in staged {
+            self.push(s.line);
+        }
+        let rest = self.joiner.flush();
+        self.emit_all(rest, out);
+    }
+
+    /// Events still waiting for a packet (the stop sequence waits for them, up to the window).
+    pub fn pending(&self) -> usize {
+        self.joiner.pending() + self.staged.len()
+    }
+
+    pub fn joiner_dropped(&self) -> u64 {
+        self.joiner.overflow_dropped()
+    }
+
+    fn emit_all(&mut self, ready: Vec<Joined<PendingLine>>, out: &Output) {
+        for item in ready {
+            match item {
+                Joined::Event { item, wire } => self.emit_event(item, wire, out),
+                Joined::Packet { packet, retransmit } => self.emit_packet(packet, retransmit, out),
+            }
+        }
+    }
+
+    fn emit_event(&mut self, pending: PendingLine, wire: Option<WireMatch>, out: &Output) {
+        if pending.wants_wire {
+            if wire.is_some() {
+                self.stats.joined += 1;
+            } else {
+                self.stats.unjoined += 1;
+            }
+        }
+        if let (Some(w), "close") = (&wire, pending.event) {
+            self.stats.close_to_wire.record(w.delay_ns.max(0) as u64);
+        }
+        let json = self.socket_line_json(&pending, wire.as_ref());
+        if out.try_line(json) {
+            self.stats.count_line(pending.event);
+        }
+    }
+
+    fn emit_packet(&mut self, packet: WirePacket, retransmit: bool, out: &Output) {
+        let conn = self.conns.for_packet(&packet);
+        if let Some(line) = self.timewait_fin(&packet, conn) {
+            let wire = WireMatch {
+                dir: Dir::In,
+                delay_ns: 0,
+                retransmits: 0,
+                packet,
+            };
+            self.emit_event(line, Some(wire), out);
+            return;
+        }
+        if self.filter_pids && conn.is_none() {
+            return; // --pid: only packets of the traced processes' connections
+        }
+        let json = packet_line_json(&packet, retransmit, conn.map(|c| c.0));
+        if out.try_line(json) {
+            self.stats.count_line("packet");
+        }
+    }
+
+    /// The peer's FIN reaching a socket that already left for TIME_WAIT: no kernel event shows
+    /// it (the mini socket has no tracepoint), so the wire is the witness.
+    fn timewait_fin(&mut self, pkt: &WirePacket, conn: Option<(u64, Dir)>) -> Option<PendingLine> {
+        let (id, Dir::In) = conn? else {
+            return None;
+        };
+        if pkt.flags & tcp_flags::FIN == 0 {
+            return None;
+        }
+        let info = self.conns.by_id.get_mut(&id)?;
+        let since = info.timewait_since?;
+        if info.fin_received {
+            return None;
+        }
+        info.fin_received = true;
+        let ev = KernelEvent {
+            kind: EventKind::FinReceived,
+            mono_ns: pkt.mono_ns,
+            conn_id: id,
+            state_since_ns: info.fw2_since.unwrap_or(since),
+            call_id: 0,
+            owner: info.owner.clone(),
+            family: info.family,
+            local: info.local,
+            remote: info.remote,
+            old_state: tcp_state::FIN_WAIT2,
+            new_state: tcp_state::TIME_WAIT,
+            syscall: 0,
+            fd: None,
+            reason: None,
+        };
+        let mut line = line("fin_received", ev, false);
+        line.derived_from_wire = true;
+        Some(line)
+    }
+
+    fn socket_line_json(&self, p: &PendingLine, wire: Option<&WireMatch>) -> String {
+        let ev = &p.ev;
+        let (pid, tid, comm, owner) = match &ev.owner {
+            Owner::Known { pid, tid, comm, how } => (Some(*pid), Some(*tid), Some(comm.as_str()), *how),
+            Owner::Unknown(why) => (None, None, None, *why),
+        };
+        let is = |names: &[&str]| names.contains(&p.event);
+        let line = SocketLine {
+            event: p.event,
+            time: rfc3339_nanos(self.clock.mono_to_wall_ns(ev.mono_ns)),
+            mono_ns: ev.mono_ns,
+            pid,
+            tid,
+            comm,
+            owner,
+            conn: (ev.conn_id != 0).then(|| format!("{:016x}", ev.conn_id)),
+            family: ev.family.as_str(),
+            laddr: ev.local.ip().to_string(),
+            lport: ev.local.port(),
+            raddr: ev.remote.ip().to_string(),
+            rport: ev.remote.port(),
+            old_state: state_name(ev.old_state),
+            new_state: state_name(ev.new_state),
+            syscall: is(&["close"]).then(|| ev.syscall_name()),
+            fd: is(&["close"]).then_some(ev.fd),
+            outcome: is(&["close"]).then_some(p.outcome),
+            reason: is(&["close", "rst_sent"]).then(|| p.reason.clone()),
+            duration_ns: is(&["close", "fin_received", "state"]).then(|| ev.duration_in_old_state()),
+            wire: (p.event != "state").then(|| wire.map(|w| self.wire_json(w))),
+            derived: p.derived_from_wire.then_some("wire"),
+        };
+        serde_json::to_string(&line).expect("plain data serialises")
+    }
+
+    fn wire_json(&self, w: &WireMatch) -> WireJson {
+        WireJson {
+            time: rfc3339_nanos(w.packet.wall_ns),
+            mono_ns: w.packet.mono_ns,
+            delay_ns: w.delay_ns,
+            flags: flag_names(w.packet.flags),
+            dir: w.dir.as_str(),
+            iface: w.packet.iface.to_string(),
+            seq: w.packet.seq,
+            ack: w.packet.ack,
+            retransmits: w.retransmits,
+        }
+    }
+}
+
+impl PendingLine {
+    /// The packet this line waits for, decided from the event itself.
+    fn want(&self) -> Option<Want> {
+        if !self.wants_wire {
+            return None;
+        }
+        let (flag, dir) = match (self.event, self.outcome) {
+            ("close", Some("fin")) => (WantFlag::Fin, Dir::Out),
+            ("close", Some("rst")) | ("rst_sent", _) => (WantFlag::Rst, Dir::Out),
+            ("fin_received", _) => (WantFlag::Fin, Dir::In),
+            ("rst_received", _) => (WantFlag::Rst, Dir::In),
+            _ => return None,
+        };
+        want_for(&self.ev, flag, dir)
+    }
+}
+
+fn line(event: &'static str, ev: KernelEvent, wants_wire: bool) -> PendingLine {
+    PendingLine {
+        event,
+        ev,
+        outcome: None,
+        reason: None,
+        wants_wire,
+        derived_from_wire: false,
+    }
+}
+
+fn want_for(ev: &KernelEvent, flag: WantFlag, dir: Dir) -> Option<Want> {
+    Some(Want {
+        local: ev.local,
+        remote: ev.remote,
+        flag,
+        dir,
+    })
+}
+
+fn flag_names(flags: u8) -> Vec<&'static str> {
+    [
+        (tcp_flags::FIN, "FIN"),
+        (tcp_flags::SYN, "SYN"),
+        (tcp_flags::RST, "RST"),
+        (tcp_flags::PSH, "PSH"),
+        (tcp_flags::ACK, "ACK"),
+        (tcp_flags::URG, "URG"),
+        (tcp_flags::ECE, "ECE"),
+        (tcp_flags::CWR, "CWR"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
+}
+
+fn packet_line_json(p: &WirePacket, retransmit: bool, conn: Option<u64>) -> String {
+    let line = PacketLine {
+        event: "packet",
+        time: rfc3339_nanos(p.wall_ns),
+        mono_ns: p.mono_ns,
+        saddr: p.src.ip().to_string(),
+        sport: p.src.port(),
+        daddr: p.dst.ip().to_string(),
+        dport: p.dst.port(),
+        flags: flag_names(p.flags),
+        iface: p.iface.to_string(),
+        dir: p.dir.as_str(),
+        seq: p.seq,
+        ack: p.ack,
+        conn: conn.map(|c| format!("{c:016x}")),
+        retransmit,
+    };
+    serde_json::to_string(&line).expect("plain data serialises")
+}
+
+/// Serialisation note: an outer `None` leaves the field out (it does not belong to this event
+/// kind); `Some(None)` writes `null` (it belongs, but is unknown).
+#[derive(Serialize)]
+struct SocketLine<'a> {
+    event: &'static str,
+    time: String,
+    mono_ns: u64,
+    pid: Option<u32>,
+    tid: Option<u32>,
+    comm: Option<&'a str>,
+    owner: &'static str,
+    conn: Option<String>,
+    family: &'static str,
+    laddr: String,
+    lport: u16,
+    raddr: String,
+    rport: u16,
+    old_state: &'static str,
+    new_state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    syscall: Option<Option<&'static str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fd: Option<Option<i32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<Option<&'static str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_ns: Option<Option<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wire: Option<Option<WireJson>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    derived: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct WireJson {
+    time: String,
+    mono_ns: u64,
+    delay_ns: i64,
+    flags: Vec<&'static str>,
+    dir: &'static str,
+    iface: String,
+    seq: u32,
+    ack: u32,
+    retransmits: u32,
+}
+
+#[derive(Serialize)]
+struct PacketLine {
+    event: &'static str,
+    time: String,
+    mono_ns: u64,
+    saddr: String,
+    sport: u16,
+    daddr: String,
+    dport: u16,
+    flags: Vec<&'static str>,
+    iface: String,
+    dir: &'static str,
+    seq: u32,
+    ack: u32,
+    conn: Option<String>,
+    retransmit: bool,
+}

@@ -1,0 +1,446 @@
+//! Which kernel hooks exist here, which ones to attach, and loading them with the run-time
+//! configuration (tracepoint field offsets, filters) written into the programs' globals.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::HashMap as BpfHashMap,
+    programs::{KProbe, TracePoint},
+};
+use tracer_common::{Config, NONE};
+
+use crate::{
+    kernel::ResetReasons,
+    tracefs::{self, Format},
+};
+
+/// `--probes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeMode {
+    /// kprobes where the kernel has them, else tracepoints.
+    Auto,
+    /// Tracepoints only.
+    Tracepoint,
+    /// Tracepoints plus the tcp_close and tcp_send_active_reset kprobes.
+    Kprobe,
+}
+
+/// The probe set actually used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeSet {
+    Tracepoints,
+    TracepointsAndKprobes,
+}
+
+/// Picks the probe set for a mode on a kernel with or without kprobes.
+pub fn choose(mode: ProbeMode, kprobes_available: bool) -> anyhow::Result<ProbeSet> {
+    match (mode, kprobes_available) {
+        (ProbeMode::Tracepoint, _) | (ProbeMode::Auto, false) => Ok(ProbeSet::Tracepoints),
+        (ProbeMode::Kprobe, true) | (ProbeMode::Auto, true) => Ok(ProbeSet::TracepointsAndKprobes),
+        (ProbeMode::Kprobe, false) => bail!(
+            "--probes kprobe: this kernel has no kprobes (no /sys/bus/event_source/devices/kprobe, \
+             or tcp_close is not in /proc/kallsyms); use --probes tracepoint or auto"
+        ),
+    }
+}
+
+/// Where a program attaches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attach {
+    Tracepoint { group: &'static str, name: &'static str },
+    Kprobe { function: &'static str },
+}
+
+/// One hook: a program of the eBPF object and where it goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hook {
+    pub program: &'static str,
+    pub attach: Attach,
+    /// Without a required hook the tracer cannot work at all.
+    pub required: bool,
+    /// What is lost without it, said when it is missing.
+    pub without: &'static str,
+}
+
+impl Hook {
+    pub fn name(&self) -> String {
+        match &self.attach {
+            Attach::Tracepoint { group, name } => format!("tracepoint:{group}:{name}"),
+            Attach::Kprobe { function } => format!("kprobe:{function}"),
+        }
+    }
+}
+
+const fn tp(
+    program: &'static str,
+    group: &'static str,
+    name: &'static str,
+    required: bool,
+    without: &'static str,
+) -> Hook {
+    Hook {
+        program,
+        attach: Attach::Tracepoint { group, name },
+        required,
+        without,
+    }
+}
+
+/// Every tracepoint hook, in attach order.
+pub const TRACEPOINT_HOOKS: &[Hook] = &[
+    tp("set_state", "sock", "inet_sock_set_state", true, "no TCP state changes"),
+    tp("send_reset", "tcp", "tcp_send_reset", false, "no rst_sent events and no RST reasons"),
+    tp("receive_reset", "tcp", "tcp_receive_reset", false, "a peer's RST shows as a plain state change"),
+    tp("destroy_sock", "tcp", "tcp_destroy_sock", false, "the owner table is cleaned only by eviction"),
+    tp("enter_close", "syscalls", "sys_enter_close", false, "`syscall` is null for close(2)"),
+    tp("exit_call", "syscalls", "sys_exit_close", false, "`syscall` may be wrong after close(2)"),
+    tp("enter_shutdown", "syscalls", "sys_enter_shutdown", false, "`syscall` is null for shutdown(2)"),
+    tp("exit_call", "syscalls", "sys_exit_shutdown", false, "`syscall` may be wrong after shutdown(2)"),
+    tp("process_exit", "sched", "sched_process_exit", false, "closes at process exit show `syscall: null`"),
+    tp("sock_io", "sock", "sock_send_length", false, "accepted sockets are attributed to the listener's owner until closed"),
+    tp("sock_io", "sock", "sock_recv_length", false, "accepted sockets are attributed to the listener's owner until closed"),
+];
+
+/// The kprobes, used on kernels that have them.
+pub const KPROBE_HOOKS: &[Hook] = &[
+    Hook {
+        program: "tcp_close",
+        attach: Attach::Kprobe { function: "tcp_close" },
+        required: false,
+        without: "the closed socket is inferred from the first state change in the call",
+    },
+    Hook {
+        program: "tcp_send_active_reset",
+        attach: Attach::Kprobe { function: "tcp_send_active_reset" },
+        required: false,
+        without: "on kernels before 6.10, RSTs sent by close() are not seen",
+    },
+];
+
+/// What this kernel offers.
+#[derive(Clone, Debug)]
+pub struct KernelSupport {
+    pub release: String,
+    pub tracefs: Option<PathBuf>,
+    pub btf: bool,
+    pub kprobes: bool,
+    pub formats: Formats,
+}
+
+/// The format files of the tracepoints the programs read.
+#[derive(Clone, Debug, Default)]
+pub struct Formats {
+    pub set_state: Option<Format>,
+    pub send_reset: Option<Format>,
+    pub receive_reset: Option<Format>,
+    pub destroy_sock: Option<Format>,
+    pub enter_close: Option<Format>,
+    pub enter_shutdown: Option<Format>,
+    pub send_length: Option<Format>,
+    pub recv_length: Option<Format>,
+    /// Tracepoints that exist, by "group:name", for the hooks whose fields are not read.
+    pub present: Vec<String>,
+}
+
+impl KernelSupport {
+    /// Looks at the running kernel; `tracefs` is where tracefs is mounted, if it is.
+    pub fn detect(tracefs: Option<&Path>) -> anyhow::Result<Self> {
+        let formats = match tracefs {
+            Some(root) => Formats::read(root)?,
+            None => Formats::default(),
+        };
+        Ok(Self {
+            release: fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            tracefs: tracefs.map(Path::to_path_buf),
+            btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
+            kprobes: kprobes_available(),
+            formats,
+        })
+    }
+
+    /// Whether a hook can be attached on this kernel.
+    pub fn has(&self, hook: &Hook) -> bool {
+        match &hook.attach {
+            Attach::Tracepoint { group, name } => {
+                self.formats.present.iter().any(|p| *p == format!("{group}:{name}"))
+            }
+            Attach::Kprobe { function } => self.kprobes && kernel_has_symbol(function),
+        }
+    }
+
+    /// The hooks to attach for a probe set, and the ones this kernel lacks.
+    pub fn plan(&self, set: ProbeSet) -> anyhow::Result<(Vec<Hook>, Vec<Hook>)> {
+        let mut wanted: Vec<Hook> = TRACEPOINT_HOOKS.to_vec();
+        if set == ProbeSet::TracepointsAndKprobes {
+            wanted.extend_from_slice(KPROBE_HOOKS);
+        }
+        let (present, missing): (Vec<Hook>, Vec<Hook>) =
+            wanted.into_iter().partition(|h| self.has(h));
+        if let Some(required) = missing.iter().find(|h| h.required) {
+            bail!(
+                "this kernel has no {}: the tracer cannot work here (it needs Linux 4.16 or later \
+                 with CONFIG_TRACEPOINTS)",
+                required.name()
+            );
+        }
+        Ok((present, missing))
+    }
+}
+
+impl Formats {
+    fn read(root: &Path) -> anyhow::Result<Self> {
+        let read = |group: &str, name: &str| tracefs::read_format(root, group, name);
+        let mut formats = Self {
+            set_state: read("sock", "inet_sock_set_state")?,
+            send_reset: read("tcp", "tcp_send_reset")?,
+            receive_reset: read("tcp", "tcp_receive_reset")?,
+            destroy_sock: read("tcp", "tcp_destroy_sock")?,
+            enter_close: read("syscalls", "sys_enter_close")?,
+            enter_shutdown: read("syscalls", "sys_enter_shutdown")?,
+            send_length: read("sock", "sock_send_length")?,
+            recv_length: read("sock", "sock_recv_length")?,
+            present: Vec::new(),
+        };
+        for hook in TRACEPOINT_HOOKS {
+            if let Attach::Tracepoint { group, name } = hook.attach {
+                if root.join("events").join(group).join(name).join("format").exists() {
+                    formats.present.push(format!("{group}:{name}"));
+                }
+            }
+        }
+        Ok(formats)
+    }
+
+    /// The kernel programs' configuration: every offset comes from these format files.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let mut cfg = Config::zeroed();
+        let set_state = self
+            .set_state
+            .as_ref()
+            .context("this kernel has no sock:inet_sock_set_state tracepoint")?;
+        tracefs::require_fields(
+            set_state,
+            "sock:inet_sock_set_state",
+            &["skaddr", "oldstate", "newstate", "sport", "dport", "family", "saddr", "daddr"],
+        )?;
+        cfg.set_state = tracefs::tuple_layout(set_state);
+        if let Some(f) = &self.receive_reset {
+            cfg.receive_reset = tracefs::tuple_layout(f);
+        }
+        if let Some(f) = &self.destroy_sock {
+            cfg.destroy_sock = tracefs::tuple_layout(f);
+        }
+        if let Some(f) = &self.send_reset {
+            cfg.send_reset = tracefs::reset_layout(f);
+            cfg.reset_tp_covers_active = u8::from(cfg.send_reset.reason != NONE);
+        }
+        if let Some(f) = &self.enter_close {
+            cfg.close_fd = f.offset("fd");
+        }
+        if let Some(f) = &self.enter_shutdown {
+            cfg.shutdown_fd = f.offset("fd");
+            cfg.shutdown_how = f.offset("how");
+        }
+        if let (Some(send), Some(recv)) = (&self.send_length, &self.recv_length) {
+            let same = send.offset("sk") == recv.offset("sk")
+                && send.offset("protocol") == recv.offset("protocol");
+            if same {
+                cfg.io_skaddr = send.offset("sk");
+                cfg.io_protocol = send.offset("protocol");
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Names of the kernel's RST reasons (empty before 6.10).
+    pub fn reset_reasons(&self) -> ResetReasons {
+        ResetReasons::new(
+            self.send_reset
+                .as_ref()
+                .map(|f| f.symbolic_names("reason"))
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// The perf kprobe PMU is what aya attaches kprobes through.
+fn kprobes_available() -> bool {
+    Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
+        && kernel_has_symbol("tcp_close")
+}
+
+fn kernel_has_symbol(name: &str) -> bool {
+    fs::read_to_string("/proc/kallsyms").is_ok_and(|text| {
+        text.lines()
+            .any(|line| line.split_whitespace().nth(2) == Some(name))
+    })
+}
+
+/// Runtime knobs for loading.
+pub struct LoadOptions<'a> {
+    pub config: Config,
+    pub ringbuf_bytes: u32,
+    pub pids: &'a [u32],
+    pub ports: &'a [u16],
+}
+
+/// The loaded object and what was attached.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub attached: Vec<String>,
+}
+
+/// The eBPF object built by build.rs, embedded in the binary.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+/// Loads the programs with their configuration, fills the filter maps, attaches the hooks.
+pub fn load(opts: &LoadOptions<'_>, hooks: &[Hook]) -> anyhow::Result<Loaded> {
+    let mut ebpf = EbpfLoader::new()
+        .override_global("CONFIG", &opts.config, true)
+        .map_max_entries("EVENTS", opts.ringbuf_bytes)
+        .load(EBPF_OBJECT)
+        .map_err(explain_load_error)?;
+    fill_filter::<u32>(&mut ebpf, "PIDS", opts.pids)?;
+    fill_filter::<u16>(&mut ebpf, "PORTS", opts.ports)?;
+    let mut attached = Vec::new();
+    for hook in hooks {
+        attach(&mut ebpf, hook).with_context(|| format!("attaching {}", hook.name()))?;
+        attached.push(hook.name());
+    }
+    Ok(Loaded { ebpf, attached })
+}
+
+fn fill_filter<K: aya::Pod>(ebpf: &mut Ebpf, map: &str, keys: &[K]) -> anyhow::Result<()> {
+    let mut table: BpfHashMap<_, K, u8> = BpfHashMap::try_from(
+        ebpf.map_mut(map)
+            .with_context(|| format!("map {map} missing from the eBPF object"))?,
+    )?;
+    for key in keys {
+        table.insert(key, 1, 0)?;
+    }
+    Ok(())
+}
+
+fn attach(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<()> {
+    let program = ebpf
+        .program_mut(hook.program)
+        .with_context(|| format!("program {} missing from the eBPF object", hook.program))?;
+    match hook.attach {
+        Attach::Tracepoint { group, name } => {
+            let tp: &mut TracePoint = program.try_into()?;
+            if tp.fd().is_err() {
+                tp.load().map_err(|e| anyhow::anyhow!(explain_verifier(e)))?;
+            }
+            tp.attach(group, name)?;
+        }
+        Attach::Kprobe { function } => {
+            let kp: &mut KProbe = program.try_into()?;
+            if kp.fd().is_err() {
+                kp.load().map_err(|e| anyhow::anyhow!(explain_verifier(e)))?;
+            }
+            kp.attach(function, 0)?;
+        }
+    }
+    Ok(())
+}
+
+fn explain_verifier(e: aya::programs::ProgramError) -> String {
+    let text = format!("{e:#}");
+    if text.contains("EPERM") || text.contains("Operation not permitted") {
+        return format!("{text}: the kernel refused to load BPF programs; {PRIVILEGE_HINT}");
+    }
+    text
+}
+
+fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("EPERM") || text.contains("Operation not permitted") {
+        anyhow::anyhow!("loading the eBPF object failed ({text}); {PRIVILEGE_HINT}")
+    } else {
+        anyhow::anyhow!("loading the eBPF object failed: {text}")
+    }
+}
+
+pub const PRIVILEGE_HINT: &str = "run as root (sudo), or grant CAP_BPF, CAP_PERFMON, CAP_NET_RAW, \
+                                  CAP_NET_ADMIN and CAP_SYS_ADMIN";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_picks_tracepoints_without_kprobes() {
+        assert_eq!(choose(ProbeMode::Auto, false).unwrap(), ProbeSet::Tracepoints);
+    }
+
+    #[test]
+    fn auto_picks_kprobes_when_the_kernel_has_them() {
+        assert_eq!(
+            choose(ProbeMode::Auto, true).unwrap(),
+            ProbeSet::TracepointsAndKprobes
+        );
+    }
+
+    #[test]
+    fn explicit_modes() {
+        assert_eq!(choose(ProbeMode::Tracepoint, true).unwrap(), ProbeSet::Tracepoints);
+        assert_eq!(
+            choose(ProbeMode::Kprobe, true).unwrap(),
+            ProbeSet::TracepointsAndKprobes
+        );
+        let err = choose(ProbeMode::Kprobe, false).unwrap_err().to_string();
+        assert!(err.contains("no kprobes"), "{err}");
+    }
+
+    fn support_with(present: &[&str]) -> KernelSupport {
+        KernelSupport {
+            release: "test".into(),
+            tracefs: None,
+            btf: true,
+            kprobes: false,
+            formats: Formats {
+                present: present.iter().map(|s| s.to_string()).collect(),
+                ..Formats::default()
+            },
+        }
+    }
+
+    #[test]
+    fn plan_reports_missing_optional_hooks_and_refuses_without_set_state() {
+        let support = support_with(&["sock:inet_sock_set_state", "tcp:tcp_send_reset"]);
+        let (present, missing) = support.plan(ProbeSet::Tracepoints).unwrap();
+        let names: Vec<String> = present.iter().map(Hook::name).collect();
+        assert_eq!(
+            names,
+            ["tracepoint:sock:inet_sock_set_state", "tracepoint:tcp:tcp_send_reset"]
+        );
+        assert!(missing.iter().any(|h| h.name() == "tracepoint:tcp:tcp_receive_reset"));
+        assert!(support_with(&["tcp:tcp_send_reset"]).plan(ProbeSet::Tracepoints).is_err());
+    }
+
+    #[test]
+    fn config_offsets_come_from_format_files() {
+        let read = |p: &str| Some(tracefs::parse_format(p).unwrap());
+        let formats = Formats {
+            set_state: read(include_str!("../tests/fixtures/6.18/inet_sock_set_state.format")),
+            send_reset: read(include_str!("../tests/fixtures/6.1/tcp_send_reset.format")),
+            enter_close: read(include_str!("../tests/fixtures/6.18/sys_enter_close.format")),
+            ..Formats::default()
+        };
+        let cfg = formats.config().unwrap();
+        assert_eq!(cfg.set_state.newstate, 20);
+        assert_eq!(cfg.close_fd, 16);
+        assert_eq!(cfg.send_reset.reason, NONE);
+        assert_eq!(cfg.reset_tp_covers_active, 0, "6.1 needs the active-reset kprobe");
+        assert_eq!(cfg.io_skaddr, NONE);
+        assert!(formats.reset_reasons().is_empty());
+    }
+}

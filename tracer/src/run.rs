@@ -1,0 +1,408 @@
+//! One trace run: load and attach, seed owners, open the capture, print `ready`, then drain the
+//! ring buffer and the capture into the pipeline until a signal, --duration, or the exit of
+//! every traced process; then flush pending joins and print the summary.
+
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use serde::Serialize;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracer_common::counter;
+
+use crate::{
+    capture::{self, CaptureConfig, CaptureHandle, WirePacket},
+    cli::{BadInput, Settings},
+    clock::{SharedClock, now_mono_ns, rfc3339_nanos},
+    kernel::KernelEvent,
+    output::Output,
+    owners,
+    pipeline::Pipeline,
+    privileges,
+    probes::{self, Hook, KernelSupport, LoadOptions},
+    stats::{KernelCounts, Lost, Percentiles},
+    tracefs,
+};
+
+const TICK: Duration = Duration::from_millis(20);
+const CLOCK_REFRESH: Duration = Duration::from_secs(1);
+const PID_CHECK: Duration = Duration::from_millis(200);
+
+/// Why the run ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    Signal,
+    Duration,
+    TracedProcessesExited,
+    ConsumerGone,
+}
+
+pub fn trace(settings: Settings) -> anyhow::Result<()> {
+    privileges::require_for_tracing(settings.capture_iface.is_some())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(trace_async(settings))
+}
+
+async fn trace_async(settings: Settings) -> anyhow::Result<()> {
+    let tracefs = tracefs::ensure_mounted()?;
+    let support = KernelSupport::detect(Some(&tracefs))?;
+    let set = probes::choose(settings.probes, support.kprobes)?;
+    let (hooks, missing) = support.plan(set)?;
+    let mut config = support.formats.config()?;
+    config.filter_pids = u8::from(!settings.pids.is_empty());
+    config.filter_ports = u8::from(!settings.ports.is_empty());
+    config.all_states = u8::from(settings.all_states);
+    for hook in &missing {
+        eprintln!("tracer: {} is not available on this kernel: {}", hook.name(), hook.without);
+    }
+
+    let output = Output::start(settings.destination.clone()).map_err(|e| {
+        BadInput(format!("cannot write the output ({e}): choose a writable path for -o"))
+    })?;
+    let capture = open_capture(&settings)?;
+    let mut loaded = probes::load(
+        &LoadOptions {
+            config,
+            ringbuf_bytes: settings.ringbuf_bytes,
+            pids: &settings.pids,
+            ports: &settings.ports,
+        },
+        &hooks,
+    )?;
+    let seeded = owners::seed(&mut loaded.ebpf, &settings.pids)
+        .context("seeding owners of existing connections from /proc")?;
+    let ring = RingBuf::try_from(loaded.ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(loaded.ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
+    privileges::drop_all().context("dropping capabilities after attaching")?;
+
+    let mut pipeline = Pipeline::new(
+        settings.join_window,
+        support.formats.reset_reasons(),
+        !settings.pids.is_empty(),
+    );
+    output.line(ready_line(&pipeline, &loaded.attached, &missing, &capture, &settings, seeded));
+    let stop = event_loop(&settings, &mut pipeline, &output, ring, &counters, capture).await?;
+    let _ = stop;
+    output.line(summary_line(&pipeline, &output));
+    output.finish().context("writing output")?;
+    drop(loaded);
+    Ok(())
+}
+
+fn open_capture(settings: &Settings) -> anyhow::Result<Option<CaptureHandle>> {
+    let Some(iface) = &settings.capture_iface else {
+        return Ok(None);
+    };
+    let names = capture::interface_names();
+    if iface != "any" && !names.iter().any(|n| n == iface) {
+        return Err(BadInput(format!(
+            "unknown interface {iface:?}: use one of {} (or --no-capture)",
+            names.join(", ")
+        ))
+        .into());
+    }
+    let cfg = CaptureConfig {
+        iface: iface.clone(),
+        ports: settings.ports.clone(),
+    };
+    capture::open(&cfg, SharedClock::new())
+        .with_context(|| format!("opening the packet capture on {iface}"))
+        .map(Some)
+}
+
+/// Drains kernel events and packets until a stop condition, then flushes.
+async fn event_loop(
+    settings: &Settings,
+    pipeline: &mut Pipeline,
+    output: &Output,
+    ring: RingBuf<MapData>,
+    counters: &PerCpuArray<MapData, u64>,
+    capture: Option<CaptureHandle>,
+) -> anyhow::Result<Stop> {
+    let mut ring = AsyncFd::new(ring).context("polling the ring buffer")?;
+    let (mut packets, capture_stats, shared_clock) = match capture {
+        Some(handle) => {
+            let CaptureHandle { rx, stats, clock, .. } = handle.into_parts();
+            (Some(rx), Some(stats), Some(clock))
+        }
+        None => (None, None, None),
+    };
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(TICK);
+    let deadline = settings.duration.map(|d| Instant::now() + d);
+    let mut last_clock = Instant::now();
+    let mut last_pid_check = Instant::now();
+    let mut reporter = LossReporter::default();
+
+    let stop = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain_ring(guard.get_inner_mut(), pipeline);
+                guard.clear_ready();
+            }
+            Some(pkt) = recv_packet(&mut packets) => {
+                pipeline.packet(pkt);
+                drain_packets(&mut packets, pipeline);
+            }
+            _ = tick.tick() => {
+                drain_packets(&mut packets, pipeline);
+                pipeline.poll(now_mono_ns(), output);
+                reporter.report(pipeline, output, counters, capture_stats.as_deref());
+                if last_clock.elapsed() >= CLOCK_REFRESH {
+                    last_clock = Instant::now();
+                    pipeline.clock = crate::clock::Clock::sample();
+                    if let Some(clock) = &shared_clock {
+                        clock.refresh();
+                    }
+                }
+                if output.state.consumer_gone.load(Ordering::Relaxed) {
+                    break Stop::ConsumerGone;
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break Stop::Duration;
+                }
+                if last_pid_check.elapsed() >= PID_CHECK {
+                    last_pid_check = Instant::now();
+                    if !settings.pids.is_empty()
+                        && settings.pids.iter().all(|&p| !crate::cli::process_exists(p))
+                    {
+                        break Stop::TracedProcessesExited;
+                    }
+                }
+            }
+            _ = sigint.recv() => break Stop::Signal,
+            _ = sigterm.recv() => break Stop::Signal,
+            _ = sighup.recv() => output.state.reopen.store(true, Ordering::Relaxed),
+        }
+    };
+    if stop != Stop::ConsumerGone {
+        finish_joins(settings, pipeline, output, ring.get_mut(), &mut packets).await;
+    }
+    pipeline.flush(output);
+    reporter.report(pipeline, output, counters, capture_stats.as_deref());
+    Ok(stop)
+}
+
+async fn recv_packet(rx: &mut Option<mpsc::Receiver<WirePacket>>) -> Option<WirePacket> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn drain_packets(rx: &mut Option<mpsc::Receiver<WirePacket>>, pipeline: &mut Pipeline) {
+    if let Some(rx) = rx {
+        while let Ok(pkt) = rx.try_recv() {
+            pipeline.packet(pkt);
+        }
+    }
+}
+
+fn drain_ring(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
+    while let Some(item) = ring.next() {
+        if let Some(ev) = KernelEvent::decode(&item) {
+            pipeline.kernel_event(ev);
+        }
+    }
+}
+
+/// After the stop: read what the kernel already produced, and give events that still wait for
+/// their packet up to one join window to get it.
+async fn finish_joins(
+    settings: &Settings,
+    pipeline: &mut Pipeline,
+    output: &Output,
+    ring: &mut RingBuf<MapData>,
+    packets: &mut Option<mpsc::Receiver<WirePacket>>,
+) {
+    drain_ring(ring, pipeline);
+    let until = Instant::now() + settings.join_window;
+    while pipeline.pending() > 0 && Instant::now() < until {
+        tokio::time::sleep(TICK).await;
+        drain_ring(ring, pipeline);
+        drain_packets(packets, pipeline);
+        pipeline.poll(now_mono_ns(), output);
+    }
+}
+
+/// Turns counter increases into `lost` lines (output losses are reported by the writer).
+#[derive(Default)]
+struct LossReporter {
+    reported: Lost,
+}
+
+impl LossReporter {
+    fn report(
+        &mut self,
+        pipeline: &mut Pipeline,
+        output: &Output,
+        counters: &PerCpuArray<MapData, u64>,
+        capture: Option<&capture::CaptureStats>,
+    ) {
+        let kernel = read_counters(counters);
+        pipeline.stats.kernel = kernel;
+        let capture_lost = capture.map_or(0, |c| {
+            c.channel_dropped.load(Ordering::Relaxed) + c.pcap_dropped.load(Ordering::Relaxed)
+        }) + pipeline.joiner_dropped();
+        let now = Lost {
+            ringbuf: kernel_lost(counters),
+            capture: capture_lost,
+            output: output.state.dropped.load(Ordering::Relaxed),
+        };
+        for (source, total, seen) in [
+            ("ringbuf", now.ringbuf, self.reported.ringbuf),
+            ("capture", now.capture, self.reported.capture),
+        ] {
+            if total > seen {
+                output.line(lost_line(pipeline, source, total - seen));
+            }
+        }
+        self.reported = now;
+        pipeline.stats.lost = now;
+    }
+}
+
+fn sum_counter(counters: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    counters
+        .get(&index, 0)
+        .map(|values| values.iter().sum())
+        .unwrap_or(0)
+}
+
+fn kernel_lost(counters: &PerCpuArray<MapData, u64>) -> u64 {
+    sum_counter(counters, counter::RINGBUF_LOST)
+}
+
+fn read_counters(counters: &PerCpuArray<MapData, u64>) -> KernelCounts {
+    KernelCounts {
+        emitted: sum_counter(counters, counter::EMITTED),
+        filtered: sum_counter(counters, counter::FILTERED),
+        owner_table_full: sum_counter(counters, counter::OWNER_TABLE_FULL),
+    }
+}
+
+fn now_fields(pipeline: &Pipeline) -> (String, u64) {
+    let mono = now_mono_ns();
+    (rfc3339_nanos(pipeline.clock.mono_to_wall_ns(mono)), mono)
+}
+
+fn lost_line(pipeline: &Pipeline, source: &'static str, count: u64) -> String {
+    let (time, mono_ns) = now_fields(pipeline);
+    serde_json::to_string(&crate::output::LostLine {
+        event: "lost",
+        time,
+        mono_ns,
+        source,
+        count,
+    })
+    .expect("plain data serialises")
+}
+
+#[derive(Serialize)]
+struct ReadyLine<'a> {
+    event: &'static str,
+    time: String,
+    mono_ns: u64,
+    probes: &'a [String],
+    capture: Option<&'a str>,
+    pids: Option<&'a [u32]>,
+    version: &'static str,
+    kernel: String,
+    /// Hooks this kernel lacks, and what that costs.
+    degraded: Vec<Degraded>,
+    /// Connections and listeners that existed before the start, attributed from /proc.
+    seeded: SeededCounts,
+}
+
+#[derive(Serialize)]
+struct Degraded {
+    probe: String,
+    effect: &'static str,
+}
+
+#[derive(Serialize)]
+struct SeededCounts {
+    connections: usize,
+    listeners: usize,
+}
+
+fn ready_line(
+    pipeline: &Pipeline,
+    attached: &[String],
+    missing: &[Hook],
+    capture: &Option<CaptureHandle>,
+    settings: &Settings,
+    seeded: owners::SeedReport,
+) -> String {
+    let (time, mono_ns) = now_fields(pipeline);
+    serde_json::to_string(&ReadyLine {
+        event: "ready",
+        time,
+        mono_ns,
+        probes: attached,
+        capture: capture.as_ref().map(|c| c.iface.as_str()),
+        pids: (!settings.pids.is_empty()).then_some(settings.pids.as_slice()),
+        version: env!("CARGO_PKG_VERSION"),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        degraded: missing
+            .iter()
+            .map(|h| Degraded {
+                probe: h.name(),
+                effect: h.without,
+            })
+            .collect(),
+        seeded: SeededCounts {
+            connections: seeded.connections,
+            listeners: seeded.listeners,
+        },
+    })
+    .expect("plain data serialises")
+}
+
+#[derive(Serialize)]
+struct SummaryLine<'a> {
+    event: &'static str,
+    time: String,
+    mono_ns: u64,
+    counts: &'a std::collections::BTreeMap<&'static str, u64>,
+    joined: u64,
+    unjoined: u64,
+    lost: Lost,
+    close_to_wire_ns: Percentiles,
+    kernel: KernelCounts,
+}
+
+fn summary_line(pipeline: &Pipeline, output: &Output) -> String {
+    let (time, mono_ns) = now_fields(pipeline);
+    let stats = &pipeline.stats;
+    let mut lost = stats.lost;
+    lost.output = output.state.dropped.load(Ordering::Relaxed);
+    serde_json::to_string(&SummaryLine {
+        event: "summary",
+        time,
+        mono_ns,
+        counts: &stats.lines,
+        joined: stats.joined,
+        unjoined: stats.unjoined,
+        lost,
+        close_to_wire_ns: stats.percentiles(),
+        kernel: stats.kernel,
+    })
+    .expect("plain data serialises")
+}

@@ -1,0 +1,174 @@
+//! Counts for the `summary` line: lines per event kind, joins, losses per source, and the
+//! close-to-wire latency distribution (a log-linear histogram: bounded memory, ~1.6% error).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// Sub-buckets per power of two: 64 gives a relative error under 1/64.
+const SUB_BUCKET_BITS: u32 = 6;
+const SUB_BUCKETS: u64 = 1 << SUB_BUCKET_BITS;
+
+/// A histogram of non-negative nanosecond values.
+#[derive(Clone, Debug, Default)]
+pub struct Histogram {
+    buckets: BTreeMap<u32, u64>,
+    count: u64,
+    max: u64,
+}
+
+impl Histogram {
+    pub fn record(&mut self, value: u64) {
+        *self.buckets.entry(bucket_of(value)).or_default() += 1;
+        self.count += 1;
+        self.max = self.max.max(value);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn max(&self) -> Option<u64> {
+        (self.count > 0).then_some(self.max)
+    }
+
+    /// The value at quantile `q` (0..=1), as the lower bound of its bucket (never above max).
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        for (&bucket, &n) in &self.buckets {
+            seen += n;
+            if seen >= rank {
+                return Some(lower_bound(bucket).min(self.max));
+            }
+        }
+        Some(self.max)
+    }
+}
+
+fn bucket_of(value: u64) -> u32 {
+    if value < SUB_BUCKETS {
+        return value as u32;
+    }
+    let magnitude = 63 - value.leading_zeros(); // >= SUB_BUCKET_BITS
+    let shift = magnitude - SUB_BUCKET_BITS;
+    let sub = (value >> shift) & (SUB_BUCKETS - 1);
+    ((shift + 1) << SUB_BUCKET_BITS) | sub as u32
+}
+
+fn lower_bound(bucket: u32) -> u64 {
+    let group = bucket >> SUB_BUCKET_BITS;
+    let sub = (bucket as u64) & (SUB_BUCKETS - 1);
+    if group == 0 {
+        return sub;
+    }
+    let shift = group - 1;
+    (SUB_BUCKETS | sub) << shift
+}
+
+/// Losses by where they happened.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Lost {
+    pub ringbuf: u64,
+    pub capture: u64,
+    pub output: u64,
+}
+
+#[derive(Serialize)]
+pub struct Percentiles {
+    pub p50: Option<u64>,
+    pub p99: Option<u64>,
+    pub max: Option<u64>,
+}
+
+/// What the kernel programs counted (from the per-CPU COUNTERS map).
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct KernelCounts {
+    /// Events written to the ring buffer.
+    pub emitted: u64,
+    /// Events dropped in the kernel by --pid/--port (they never reached userspace).
+    pub filtered: u64,
+    /// Sockets whose owner could not be recorded because the owner table was full.
+    pub owner_table_full: u64,
+}
+
+/// Running totals for the summary.
+#[derive(Default)]
+pub struct Stats {
+    pub lines: BTreeMap<&'static str, u64>,
+    /// Events that wanted a wire packet and got one / did not.
+    pub joined: u64,
+    pub unjoined: u64,
+    pub lost: Lost,
+    pub close_to_wire: Histogram,
+    pub kernel: KernelCounts,
+    /// Events read from the ring buffer.
+    pub received: u64,
+}
+
+impl Stats {
+    pub fn count_line(&mut self, event: &'static str) {
+        *self.lines.entry(event).or_default() += 1;
+    }
+
+    pub fn percentiles(&self) -> Percentiles {
+        Percentiles {
+            p50: self.close_to_wire.quantile(0.50),
+            p99: self.close_to_wire.quantile(0.99),
+            max: self.close_to_wire.max(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_values_are_exact() {
+        for v in 0..SUB_BUCKETS {
+            assert_eq!(lower_bound(bucket_of(v)), v);
+        }
+    }
+
+    #[test]
+    fn buckets_are_monotonic_and_tight() {
+        let mut last = 0;
+        for v in (1..10_000_000u64).step_by(997) {
+            let b = bucket_of(v);
+            assert!(b >= last, "bucket order at {v}");
+            last = b;
+            let low = lower_bound(b);
+            assert!(low <= v, "{low} <= {v}");
+            assert!((v - low) as f64 <= v as f64 / 64.0 + 1.0, "error at {v}: {low}");
+        }
+        assert!(lower_bound(bucket_of(u64::MAX)) <= u64::MAX);
+    }
+
+    #[test]
+    fn quantiles() {
+        let mut h = Histogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        for v in 1..=1000u64 {
+            h.record(v * 1000);
+        }
+        let p50 = h.quantile(0.5).unwrap();
+        assert!((490_000..=500_000).contains(&p50), "{p50}");
+        let p99 = h.quantile(0.99).unwrap();
+        assert!((975_000..=990_000).contains(&p99), "{p99}");
+        assert_eq!(h.max(), Some(1_000_000));
+        assert_eq!(h.count(), 1000);
+    }
+
+    #[test]
+    fn one_value() {
+        let mut h = Histogram::default();
+        h.record(14_000);
+        assert_eq!(h.max(), Some(14_000));
+        let p = h.quantile(0.99).unwrap();
+        assert!(p <= 14_000 && p >= 13_700, "{p}");
+    }
+}
