@@ -23,6 +23,10 @@ pub struct SockInfo {
     pub conn_id: u64,
     /// When the socket entered its current state (0 when unknown).
     pub state_since_ns: u64,
+    /// The call (its start time) that already produced this socket's `close` event: later
+    /// transitions inside the same call (the peer's ACK processed in the closer's task on
+    /// loopback) are consequences, not closes.
+    pub closed_by_call: u64,
     pub pid: u32,
     pub tid: u32,
     pub comm: [u8; 16],
@@ -82,6 +86,7 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent) -> Option<*mut SockInfo> {
     let mut info = SockInfo {
         conn_id: new_conn_id(),
         state_since_ns: 0,
+        closed_by_call: 0,
         pid: 0,
         tid: 0,
         comm: [0; 16],
@@ -141,8 +146,13 @@ pub fn fill_owner(ev: &mut SockEvent, info: &SockInfo) {
     ev.tid = info.tid;
     ev.comm = info.comm;
     ev.owner_source = info.owner_source;
-    ev.lport = info.lport;
-    ev.rport = info.rport;
+}
+
+/// Keeps the ports current (a connecting socket has no local port until connect() binds it).
+#[inline(always)]
+pub fn note_ports(info: &mut SockInfo, ev: &SockEvent) {
+    info.lport = ev.lport;
+    info.rport = ev.rport;
 }
 
 /// sock:sock_send_length / sock:sock_recv_length run in the calling task: the cheapest

@@ -143,7 +143,10 @@ pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
     ev.kind = EventKind::RstSent as u8;
     if let Some(info) = SOCKS.get_ptr_mut(sk) {
         // SAFETY: entry pointer from the map.
-        fill_owner(&mut ev, unsafe { &*info });
+        let info = unsafe { &*info };
+        fill_owner(&mut ev, info);
+        ev.lport = info.lport;
+        ev.rport = info.rport;
     } else {
         return 0; // without the socket's earlier events its addresses are unknown here
     }

@@ -15,7 +15,10 @@ use crate::{
     calls::call_acting_on,
     emit::{empty_event, field, noop, ports_pass, submit},
     setting,
-    owners::{Current, LISTENERS, SockInfo, claim, current, fill_owner, listener_key, lookup_or_create},
+    owners::{
+        Current, LISTENERS, SockInfo, claim, current, fill_owner, listener_key, lookup_or_create,
+        note_ports,
+    },
 };
 
 #[tracepoint]
@@ -102,6 +105,7 @@ fn handle(ctx: &TracePointContext) -> Option<()> {
     let info = unsafe { &mut *info_ptr };
     ev.state_since_ns = info.state_since_ns;
     info.state_since_ns = ev.ts_ns;
+    note_ports(info, &ev);
 
     let kind = classify(sk, old, new, info, &cur, &mut ev)?;
     ev.kind = kind as u8;
@@ -128,7 +132,9 @@ fn classify(
     if local || new == CLOSE || old == new {
         if let Some(call) = call_acting_on(sk) {
             let same_process = info.owner_source == owner_source::UNKNOWN || info.pid == cur.pid;
-            if call.kind != syscall::EXIT || same_process {
+            let first_in_call = info.closed_by_call != call.started_ns;
+            if first_in_call && (call.kind != syscall::EXIT || same_process) {
+                info.closed_by_call = call.started_ns;
                 ev.syscall = call.kind;
                 ev.fd = call.fd;
                 ev.call_id = call.started_ns;
