@@ -11,7 +11,7 @@ use aya_ebpf::{
 use tracer_common::{SeedOwner, SockEvent, TupleKey, counter, owner_source};
 
 use crate::{
-    emit::{count, field, noop},
+    emit::{count, field, noop, pid_passes},
     setting,
 };
 
@@ -76,10 +76,19 @@ pub fn listener_key(family: u16, lport: u16) -> u32 {
     ((family as u32) << 16) | lport as u32
 }
 
-/// Looks the socket up, creating its entry (with an owner from the listener or the seed table
-/// when one is known) on first sight.
+/// Whether a socket nobody is known to own is worth a table entry: always without `--pid`;
+/// with it, only when the current task belongs to a traced process (it may claim the socket).
+/// This keeps tracing one quiet service on a busy host nearly free.
 #[inline(always)]
-pub fn lookup_or_create(skaddr: u64, ev: &SockEvent) -> Option<*mut SockInfo> {
+pub fn keep_unowned(cur: &Current) -> bool {
+    pid_passes(cur.pid)
+}
+
+/// Looks the socket up, creating its entry (with an owner from the listener or the seed table
+/// when one is known) on first sight. With `--pid`, a socket that no traced process owns gets
+/// no entry unless `keep` says so.
+#[inline(always)]
+pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut SockInfo> {
     if let Some(info) = SOCKS.get_ptr_mut(skaddr) {
         return Some(info);
     }
@@ -114,6 +123,10 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent) -> Option<*mut SockInfo> {
                     .map(|o| (*o, owner_source::LISTENER))
             })
     };
+    let traced_owner = inherited.is_some_and(|(owner, _)| pid_passes(owner.pid));
+    if !keep && !traced_owner {
+        return None; // the caller counts the event as filtered
+    }
     if let Some((owner, source)) = inherited {
         info.pid = owner.pid;
         info.tid = owner.tid;

@@ -15,7 +15,7 @@ use crate::{
     calls::call_acting_on,
     setting,
     emit::{empty_event, field, noop, submit},
-    owners::{SOCKS, fill_owner, lookup_or_create},
+    owners::{SOCKS, current, fill_owner, keep_unowned, lookup_or_create},
     state::read_tuple,
 };
 
@@ -89,7 +89,7 @@ fn attribute_reset(sk: u64, state: u8, ev: &mut SockEvent) {
     // Time-wait and request sockets never reach tcp_destroy_sock: do not make entries for them.
     let full_socket = state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV;
     let info = if full_socket {
-        lookup_or_create(sk, ev)
+        lookup_or_create(sk, ev, keep_unowned(&current()))
     } else {
         SOCKS.get_ptr_mut(sk)
     };
@@ -119,7 +119,7 @@ pub fn receive_reset(ctx: TracePointContext) -> u32 {
     }
     // The event itself is emitted by the move to CLOSE that tcp_reset() makes next, which also
     // knows the state the reset hit.
-    if let Some(info) = lookup_or_create(sk, &ev) {
+    if let Some(info) = lookup_or_create(sk, &ev, keep_unowned(&current())) {
         // SAFETY: entry pointer from the map.
         unsafe { (*info).rst_received = 1 };
     }

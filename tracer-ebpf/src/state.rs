@@ -7,17 +7,17 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    AF_INET, AF_INET6, EventKind, IPPROTO_TCP, SeedOwner, SockEvent, TupleLayout,
+    AF_INET, AF_INET6, EventKind, counter, IPPROTO_TCP, SeedOwner, SockEvent, TupleLayout,
     owner_source, syscall, tcp_state::*,
 };
 
 use crate::{
     calls::call_acting_on,
-    emit::{empty_event, field, noop, ports_pass, submit},
+    emit::{count, empty_event, field, noop, ports_pass, submit},
     setting,
     owners::{
-        Current, LISTENERS, SockInfo, claim, current, fill_owner, listener_key, lookup_or_create,
-        note_ports,
+        Current, LISTENERS, SockInfo, claim, current, fill_owner, keep_unowned, listener_key,
+        lookup_or_create, note_ports,
     },
 };
 
@@ -100,7 +100,12 @@ fn handle(ctx: &TracePointContext) -> Option<()> {
         let _ = LISTENERS.remove(listener_key(ev.family, ev.lport));
     }
 
-    let info_ptr = lookup_or_create(sk, &ev)?;
+    let Some(info_ptr) = lookup_or_create(sk, &ev, keep_unowned(&cur)) else {
+        if setting!(filter_pids) != 0 {
+            count(counter::FILTERED);
+        }
+        return None;
+    };
     // SAFETY: entry pointer from the map; only events of this socket write it.
     let info = unsafe { &mut *info_ptr };
     ev.state_since_ns = info.state_since_ns;
@@ -160,11 +165,11 @@ fn classify(
 /// connect() and listen() run in the owner's task: record it before any softirq transition.
 #[inline(always)]
 fn remember_process_context_owner(sk: u64, old: u8, new: u8, ev: &SockEvent, cur: &Current) {
-    if old != CLOSE {
-        return;
+    if old != CLOSE || !keep_unowned(cur) {
+        return; // with --pid, connects and listens of other processes need no bookkeeping
     }
     if new == SYN_SENT {
-        if let Some(info) = lookup_or_create(sk, ev) {
+        if let Some(info) = lookup_or_create(sk, ev, true) {
             // SAFETY: entry pointer from the map.
             unsafe { claim(&mut *info, cur) };
         }

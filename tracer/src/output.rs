@@ -135,6 +135,9 @@ fn write_loop(
     dest: Destination,
     state: Arc<OutputState>,
 ) -> io::Result<()> {
+    // Writing needs no privilege: give this thread's capabilities up at once (they are per
+    // thread; the main thread drops its own once the probes are attached).
+    crate::privileges::drop_all()?;
     let clock = Clock::sample();
     loop {
         let (batch, stop) = next_batch(&rx);

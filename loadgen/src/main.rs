@@ -1,0 +1,169 @@
+//! Connection churn over loopback for the benchmark: each worker thread connects to a local
+//! listener, the acceptor reads nothing, the client writes one byte, and the connection is
+//! closed the way the mode says. Prints one JSON object with the counts when done.
+
+use std::{
+    io::Write,
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    /// Graceful: the client closes after the server has read its byte; FINs both ways.
+    Fin,
+    /// The server closes with the client's byte unread: RST with TCP_ABORT_ON_CLOSE.
+    Rst,
+    /// Alternate fin and rst.
+    Mix,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "Loopback connection churn for benchmarking the tracer")]
+struct Args {
+    #[arg(long, value_enum, default_value = "rst")]
+    mode: Mode,
+    /// Client threads (each with its own acceptor thread).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Listen address (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+}
+
+#[derive(Serialize)]
+struct Report {
+    mode: Mode,
+    threads: usize,
+    secs: f64,
+    connections: u64,
+    rst_closes: u64,
+    fin_closes: u64,
+    errors: u64,
+    rate: f64,
+    pid: u32,
+    port: u16,
+}
+
+#[derive(Default)]
+struct Counts {
+    connections: AtomicU64,
+    rst: AtomicU64,
+    fin: AtomicU64,
+    errors: AtomicU64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let counts = Arc::new(Counts::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    let mut port = 0;
+    for index in 0..args.threads {
+        let listener = TcpListener::bind(args.listen).context("binding the listener")?;
+        let addr = listener.local_addr()?;
+        port = addr.port();
+        let (counts, stop) = (counts.clone(), stop.clone());
+        let mode = args.mode;
+        workers.push(thread::spawn(move || churn(index, mode, listener, addr, &counts, &stop)));
+    }
+    let started = Instant::now();
+    thread::sleep(args.duration);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let connections = counts.connections.load(Ordering::Relaxed);
+    let report = Report {
+        mode: args.mode,
+        threads: args.threads,
+        secs,
+        connections,
+        rst_closes: counts.rst.load(Ordering::Relaxed),
+        fin_closes: counts.fin.load(Ordering::Relaxed),
+        errors: counts.errors.load(Ordering::Relaxed),
+        rate: connections as f64 / secs,
+        pid: std::process::id(),
+        port,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// One worker: connect, accept, write a byte, close; until told to stop.
+fn churn(
+    index: usize,
+    mode: Mode,
+    listener: TcpListener,
+    addr: SocketAddr,
+    counts: &Counts,
+    stop: &AtomicBool,
+) {
+    let mut n: u64 = index as u64;
+    while !stop.load(Ordering::Relaxed) {
+        let rst = match mode {
+            Mode::Fin => false,
+            Mode::Rst => true,
+            Mode::Mix => n % 2 == 0,
+        };
+        n += 1;
+        match one_connection(&listener, addr, rst) {
+            Ok(()) => {
+                counts.connections.fetch_add(1, Ordering::Relaxed);
+                if rst {
+                    counts.rst.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    counts.fin.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                counts.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn one_connection(listener: &TcpListener, addr: SocketAddr, rst: bool) -> std::io::Result<()> {
+    let mut client = TcpStream::connect(addr)?;
+    let (server, _) = listener.accept()?;
+    client.write_all(b"x")?;
+    if rst {
+        // The byte is unread: close() answers with a RST (TCP_ABORT_ON_CLOSE), and no
+        // TIME_WAIT is left behind, so the rate is not bounded by ephemeral ports.
+        wait_readable(&server);
+        drop(server);
+        drop(client);
+    } else {
+        let mut byte = [0u8; 1];
+        std::io::Read::read_exact(&mut &server, &mut byte)?;
+        client.shutdown(Shutdown::Write)?;
+        drop(client);
+        drop(server);
+    }
+    Ok(())
+}
+
+/// Waits until the byte has arrived, so that the close really has unread data.
+fn wait_readable(stream: &TcpStream) {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, 1000) };
+}
