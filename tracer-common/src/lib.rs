@@ -173,7 +173,10 @@ pub struct Config {
     /// 1 when tcp:tcp_send_reset also fires for active resets (kernels with the `reason`
     /// field): the tcp_send_active_reset kprobe then stays quiet to avoid duplicates.
     pub reset_tp_covers_active: u8,
-    pub _pad: [u8; 5],
+    pub _pad: [u8; 1],
+    /// Wake the reader only once this many bytes wait in the ring buffer; below that the
+    /// daemon drains on its own timer. One wakeup per event costs more than the event.
+    pub wakeup_bytes: u32,
 }
 
 impl Config {
@@ -202,7 +205,8 @@ impl Config {
             all_states: 0,
             noop: 0,
             reset_tp_covers_active: 0,
-            _pad: [0; 5],
+            _pad: [0; 1],
+            wakeup_bytes: 0,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The ring buffer, the run-time configuration, the in-kernel filters and the counters.
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
@@ -81,7 +82,13 @@ pub fn submit(event: &SockEvent) {
     match EVENTS.reserve::<SockEvent>(0) {
         Some(mut slot) => {
             slot.write(*event);
-            slot.submit(0);
+            let waiting = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+            let flags = if waiting >= setting!(wakeup_bytes) as u64 {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            slot.submit(flags as u64);
             count(counter::EMITTED);
         }
         None => count(counter::RINGBUF_LOST),

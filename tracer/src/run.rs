@@ -62,6 +62,8 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     config.filter_pids = u8::from(!settings.pids.is_empty());
     config.filter_ports = u8::from(!settings.ports.is_empty());
     config.all_states = u8::from(settings.all_states);
+    // Wake the reader when a quarter of the ring is used; below that it drains every tick.
+    config.wakeup_bytes = settings.ringbuf_bytes / 4;
     for hook in &missing {
         eprintln!("tracer: {} is not available on this kernel: {}", hook.name(), hook.without);
     }
@@ -130,7 +132,10 @@ async fn event_loop(
     counters: &PerCpuArray<MapData, u64>,
     capture: Option<CaptureHandle>,
 ) -> anyhow::Result<Stop> {
-    let mut ring = AsyncFd::new(ring).context("polling the ring buffer")?;
+    // SAFETY: the RingBuf owns its fd and keeps it open and unchanged until it is dropped,
+    // which happens only with the AsyncFd that owns it.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
     let (mut packets, capture_stats, shared_clock) = match capture {
         Some(handle) => {
             let CaptureHandle { rx, stats, clock, .. } = handle.into_parts();
@@ -159,6 +164,7 @@ async fn event_loop(
                 drain_packets(&mut packets, pipeline);
             }
             _ = tick.tick() => {
+                drain_ring(ring.get_mut(), pipeline);
                 drain_packets(&mut packets, pipeline);
                 pipeline.poll(now_mono_ns(), output);
                 reporter.report(pipeline, output, counters, capture_stats.as_deref());

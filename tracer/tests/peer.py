@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""A scripted TCP peer in its own process, so that tests can check that each end of a
+connection is attributed to its own PID.
+
+    peer.py server HOST PORT BEHAVIOUR   listen, accept one connection, then BEHAVIOUR
+    peer.py client HOST PORT BEHAVIOUR   connect, then BEHAVIOUR
+
+It prints one line of JSON {"pid", "laddr", "lport", "raddr", "rport"} once connected (PORT 0
+lets a server pick a port; it then prints {"listening": port} first), then follows BEHAVIOUR:
+
+    wait-eof-close   read until the other end's FIN, then close (graceful)
+    read-close       read one byte, then close
+    unread-close     wait until one byte has arrived, close without reading it (RST)
+    linger0-close    set SO_LINGER {1, 0} and close (RST)
+    send-wait        send one byte, then wait for stdin to close, then close
+    hold             keep the socket open until stdin closes, then close
+    exit             send one byte and exit without closing (the kernel closes at exit)
+"""
+import json
+import select
+import socket
+import struct
+import sys
+import os
+
+
+def report(sock):
+    l = sock.getsockname()
+    r = sock.getpeername()
+    print(json.dumps({"pid": os.getpid(), "laddr": l[0], "lport": l[1], "raddr": r[0], "rport": r[1]}), flush=True)
+
+
+def wait_stdin_closed():
+    while sys.stdin.read(1):
+        pass
+
+
+def behave(sock, behaviour):
+    if behaviour == "wait-eof-close":
+        while sock.recv(4096):
+            pass
+        sock.close()
+    elif behaviour == "read-close":
+        sock.recv(1)
+        sock.close()
+    elif behaviour == "unread-close":
+        select.select([sock], [], [], 5)
+        sock.close()
+    elif behaviour == "linger0-close":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    elif behaviour == "send-wait":
+        sock.send(b"x")
+        wait_stdin_closed()
+        sock.close()
+    elif behaviour == "hold":
+        wait_stdin_closed()
+        sock.close()
+    elif behaviour == "exit":
+        sock.send(b"x")
+        os._exit(0)
+    else:
+        sys.exit(f"unknown behaviour {behaviour}")
+
+
+def main():
+    role, host, port, behaviour = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if role == "server":
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(1)
+        print(json.dumps({"listening": listener.getsockname()[1]}), flush=True)
+        sock, _ = listener.accept()
+        listener.close()
+    else:
+        sock = socket.create_connection((host, port))
+    report(sock)
+    behave(sock, behaviour)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+//! Kernel events (issue: every TCP teardown, attributed to the process that owns the socket),
+//! checked field by field against real sockets on the live kernel. Each end of a connection
+//! lives in its own process: this test process on one side, `peer.py` on the other.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A `peer.py` process holding the other end of a connection.
+struct Peer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    pid: u32,
+}
+
+impl Peer {
+    fn spawn(role: &str, host: &str, port: u16, behaviour: &str) -> Self {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peer.py");
+        let mut child = Command::new("python3")
+            .args([script, role, host, &port.to_string(), behaviour])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs tests/peer.py");
+        let pid = child.id();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let stdin = child.stdin.take();
+        Self {
+            child,
+            stdin,
+            stdout,
+            pid,
+        }
+    }
+
+    /// The next JSON line the peer prints.
+    fn line(&mut self) -> Value {
+        let mut text = String::new();
+        self.stdout.read_line(&mut text).expect("peer output");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("peer said {text:?}: {e}"))
+    }
+
+    /// Lets a `hold`/`send-wait` peer go on to close.
+    fn release(&mut self) {
+        self.stdin.take();
+    }
+
+    fn wait(mut self) {
+        self.release();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "peer failed: {status}");
+    }
+}
+
+fn listener() -> (TcpListener, u16) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
+fn tracer_for(port: u16) -> common::Tracer {
+    let mut tracer = common::Tracer::start(&["--no-capture", "--port", &port.to_string()]);
+    tracer.wait_ready(WAIT);
+    tracer
+}
+
+fn is(v: &Value, event: &str, lport: u16, rport: u16) -> bool {
+    v["event"] == event && v["lport"] == lport && v["rport"] == rport
+}
+
+fn me() -> u32 {
+    std::process::id()
+}
+
+#[test]
+fn graceful_close_is_attributed_on_both_ends() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let mut tracer = tracer_for(port);
+    let mut peer = Peer::spawn("client", "127.0.0.1", port, "wait-eof-close");
+    let (server, _) = l.accept().unwrap();
+    let info = peer.line();
+    let peer_port = info["lport"].as_u64().unwrap() as u16;
+    let fd = server.as_raw_fd();
+    drop(server); // this process closes first: FIN out
+
+    let close = tracer.wait_for(|v| is(v, "close", port, peer_port), WAIT);
+    assert_eq!(close["pid"], me());
+    assert_eq!(close["comm"].as_str().unwrap().is_empty(), false);
+    assert_eq!(close["syscall"], "close");
+    assert_eq!(close["fd"], fd);
+    assert_eq!(close["outcome"], "fin");
+    assert_eq!(close["reason"], Value::Null);
+    assert_eq!(close["old_state"], "ESTABLISHED");
+    assert_eq!(close["new_state"], "FIN_WAIT1");
+    assert_eq!(close["family"], "ipv4");
+    assert_eq!(close["laddr"], "127.0.0.1");
+    let conn = close["conn"].as_str().unwrap().to_string();
+
+    let peer_fin = tracer.wait_for(|v| is(v, "fin_received", peer_port, port), WAIT);
+    assert_eq!(peer_fin["pid"], peer.pid, "the peer's FIN_RECEIVED belongs to the peer");
+    assert_eq!(peer_fin["old_state"], "ESTABLISHED");
+    assert_eq!(peer_fin["new_state"], "CLOSE_WAIT");
+
+    // Softirq transitions of our socket keep our pid and conn.
+    let fw2 = tracer.wait_for(
+        |v| is(v, "state", port, peer_port) && v["new_state"] == "FIN_WAIT2",
+        WAIT,
+    );
+    assert_eq!(fw2["pid"], me());
+    assert_eq!(fw2["conn"], conn.as_str());
+    assert!(fw2["duration_ns"].as_u64().is_some());
+
+    let peer_close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
+    assert_eq!(peer_close["pid"], peer.pid);
+    assert_eq!(peer_close["old_state"], "CLOSE_WAIT");
+    assert_eq!(peer_close["new_state"], "LAST_ACK");
+    assert_eq!(peer_close["outcome"], "fin");
+    let last = tracer.wait_for(
+        |v| is(v, "state", port, peer_port) && v["old_state"] == "FIN_WAIT2",
+        WAIT,
+    );
+    assert_eq!(last["pid"], me());
+    assert_eq!(last["conn"], conn.as_str());
+    peer.wait();
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+}
+
+#[test]
+fn close_with_unread_data_is_a_reset_with_the_kernel_reason() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let mut tracer = tracer_for(port);
+    let mut peer = Peer::spawn("client", "127.0.0.1", port, "send-wait");
+    let (server, _) = l.accept().unwrap();
+    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    wait_readable(&server);
+    drop(server); // one byte unread: RST
+
+    let close = tracer.wait_for(|v| is(v, "close", port, peer_port), WAIT);
+    assert_eq!(close["pid"], me());
+    assert_eq!(close["syscall"], "close");
+    assert_eq!(close["outcome"], "rst");
+    assert_eq!(close["reason"], "TCP_ABORT_ON_CLOSE");
+    assert_eq!(close["old_state"], "ESTABLISHED");
+    assert_eq!(close["new_state"], "CLOSE");
+    let reset = tracer.wait_for(|v| is(v, "rst_received", peer_port, port), WAIT);
+    assert_eq!(reset["pid"], peer.pid);
+    peer.wait();
+    let out = tracer.stop();
+    assert!(
+        !out.lines.iter().any(|v| is(v, "rst_sent", port, peer_port)),
+        "the RST is reported once, folded into the close"
+    );
+}
+
+#[test]
+fn linger_zero_close_is_a_reset() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let mut tracer = tracer_for(port);
+    let mut peer = Peer::spawn("client", "127.0.0.1", port, "linger0-close");
+    let (mut server, _) = l.accept().unwrap();
+    let info = peer.line();
+    let peer_port = info["lport"].as_u64().unwrap() as u16;
+    let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
+    assert_eq!(close["pid"], peer.pid);
+    assert_eq!(close["outcome"], "rst");
+    assert_eq!(close["reason"], "TCP_STATE", "SO_LINGER {{1,0}} resets through tcp_disconnect");
+    assert_eq!(close["new_state"], "CLOSE");
+    let reset = tracer.wait_for(|v| is(v, "rst_received", port, peer_port), WAIT);
+    assert_eq!(reset["pid"], me(), "the peer's RST is attributed to this process, not a softirq");
+    assert_eq!(reset["old_state"], "ESTABLISHED");
+    let mut buf = [0u8; 1];
+    assert!(server.read(&mut buf).is_err(), "the socket was reset");
+    peer.wait();
+    tracer.stop();
+}
+
+#[test]
+fn shutdown_write_is_reported_as_shutdown() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let mut tracer = tracer_for(port);
+    let mut peer = Peer::spawn("client", "127.0.0.1", port, "wait-eof-close");
+    let (server, _) = l.accept().unwrap();
+    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    server.shutdown(Shutdown::Write).unwrap();
+    let close = tracer.wait_for(|v| is(v, "close", port, peer_port), WAIT);
+    assert_eq!(close["syscall"], "shutdown");
+    assert_eq!(close["fd"], server.as_raw_fd());
+    assert_eq!(close["outcome"], "fin");
+    assert_eq!(close["new_state"], "FIN_WAIT1");
+    assert_eq!(close["pid"], me());
+    peer.wait();
+    drop(server);
+    tracer.stop();
+}
+
+#[test]
+fn a_peer_reset_is_rst_received_on_the_right_pid() {
+    if !common::require_root() {
+        return;
+    }
+    let mut peer = Peer::spawn("server", "127.0.0.1", 0, "linger0-close");
+    let port = peer.line()["listening"].as_u64().unwrap() as u16;
+    let mut tracer = tracer_for(port);
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let my_port = client.local_addr().unwrap().port();
+    peer.line();
+    let reset = tracer.wait_for(|v| is(v, "rst_received", my_port, port), WAIT);
+    assert_eq!(reset["pid"], me());
+    assert_eq!(reset["owner"], "task");
+    let sent = tracer.wait_for(|v| is(v, "close", port, my_port), WAIT);
+    assert_eq!(sent["pid"], peer.pid);
+    peer.wait();
+    drop(client);
+    tracer.stop();
+}
+
+#[test]
+fn process_exit_closes_are_attributed_to_the_exiting_process() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let mut tracer = tracer_for(port);
+    let mut peer = Peer::spawn("client", "127.0.0.1", port, "exit");
+    let (server, _) = l.accept().unwrap();
+    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
+    assert_eq!(close["pid"], peer.pid);
+    assert_eq!(close["syscall"], "exit");
+    assert_eq!(close["fd"], Value::Null);
+    let fin = tracer.wait_for(|v| is(v, "fin_received", port, peer_port), WAIT);
+    assert_eq!(fin["pid"], me());
+    peer.wait();
+    drop(server);
+    tracer.stop();
+}
+
+#[test]
+fn a_connection_opened_before_the_tracer_is_attributed() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let mut peer = Peer::spawn("client", "127.0.0.1", port, "hold");
+    let (server, _) = l.accept().unwrap();
+    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    // Started after the connection exists: only the /proc seed can know the peer owns it.
+    let mut tracer = tracer_for(port);
+    drop(server);
+    let fin = tracer.wait_for(|v| is(v, "fin_received", peer_port, port), WAIT);
+    assert_eq!(fin["pid"], peer.pid, "seeded from /proc/{}/fd", peer.pid);
+    assert_eq!(fin["owner"], "seeded");
+    peer.release();
+    let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
+    assert_eq!(close["pid"], peer.pid);
+    peer.wait();
+    tracer.stop();
+}
+
+#[test]
+fn pid_filter_runs_in_the_kernel() {
+    if !common::require_root() {
+        return;
+    }
+    // B: a process that churns connections; A (the traced one) does one graceful close.
+    let (l, port) = listener();
+    let mut a = Peer::spawn("client", "127.0.0.1", port, "hold");
+    let (a_server, _) = l.accept().unwrap();
+    let a_port = a.line()["lport"].as_u64().unwrap() as u16;
+    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &a.pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    let churned = churn(&l, port, 200);
+    a.release();
+    let close = tracer.wait_for(|v| is(v, "close", a_port, port), WAIT);
+    assert_eq!(close["pid"], a.pid);
+    a.wait();
+    drop(a_server);
+    let out = tracer.stop();
+    let foreign: Vec<&Value> = out
+        .lines
+        .iter()
+        .filter(|v| v["pid"].as_u64().is_some_and(|p| p != a.pid as u64))
+        .collect();
+    assert!(foreign.is_empty(), "events of other processes: {foreign:?}");
+    let summary = out.lines.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    let emitted = summary["kernel"]["emitted"].as_u64().unwrap();
+    let filtered = summary["kernel"]["filtered"].as_u64().unwrap();
+    assert!(
+        emitted < 10,
+        "{churned} churned connections must not reach the ring buffer (emitted {emitted})"
+    );
+    assert!(filtered >= churned as u64, "filtered {filtered} < {churned}");
+}
+
+#[test]
+fn an_overfilled_ring_buffer_reports_lost_events() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    // 4 KiB holds about 30 events; a burst of resets outruns the reader.
+    let mut tracer = common::Tracer::start(&[
+        "--no-capture",
+        "--port",
+        &port.to_string(),
+        "--ringbuf-kib",
+        "4",
+    ]);
+    tracer.wait_ready(WAIT);
+    let burst = reset_burst(&l, port, 400);
+    let out = tracer.stop();
+    let lost: u64 = out
+        .lines
+        .iter()
+        .filter(|v| v["event"] == "lost" && v["source"] == "ringbuf")
+        .map(|v| v["count"].as_u64().unwrap())
+        .sum();
+    let summary = out.lines.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert!(lost > 0, "a 4 KiB ring buffer under a burst of {burst} resets must overflow");
+    assert_eq!(summary["lost"]["ringbuf"], lost, "lost lines add up to the summary");
+    // Every connection makes at least two kernel events (the close and the peer's reset):
+    // what was not written was counted.
+    let emitted = summary["kernel"]["emitted"].as_u64().unwrap();
+    assert!(emitted + lost >= 2 * burst as u64, "emitted {emitted} + lost {lost}");
+    for (kind, count) in summary["counts"].as_object().unwrap() {
+        let lines = out.lines.iter().filter(|v| v["event"] == kind.as_str()).count();
+        assert_eq!(count.as_u64().unwrap(), lines as u64, "summary count of {kind}");
+    }
+}
+
+/// Opens `n` connections with a byte unread on each server end, then closes all the server
+/// ends at once: a burst of 2n kernel events in a few milliseconds.
+fn reset_burst(l: &TcpListener, port: u16, n: usize) -> usize {
+    let mut pairs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        c.write_all(b"x").unwrap();
+        pairs.push((c, s));
+    }
+    for (_, s) in &pairs {
+        wait_readable(s);
+    }
+    let (clients, servers): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
+    drop(servers);
+    drop(clients);
+    n
+}
+
+/// Opens and resets `n` connections from this process as fast as it can; returns `n`.
+fn churn(l: &TcpListener, port: u16, n: usize) -> usize {
+    for _ in 0..n {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        c.write_all(b"x").unwrap();
+        wait_readable(&s);
+        drop(s);
+        drop(c);
+    }
+    n
+}
+
+fn wait_readable(s: &TcpStream) {
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, 5000) };
+}
+
