@@ -5,7 +5,11 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
 
-use crate::{output::Destination, probes::ProbeMode};
+use crate::{
+    lines::{Format, FormatArg},
+    output::Destination,
+    probes::ProbeMode,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -65,6 +69,10 @@ pub struct TraceArgs {
     /// Also emit handshake transitions (SYN_SENT, SYN_RECV, ESTABLISHED).
     #[arg(long)]
     pub all_states: bool,
+    /// Output encoding: JSON lines (the contract), or a human timeline (coloured on a terminal;
+    /// NO_COLOR turns colour off).
+    #[arg(long, value_enum, default_value = "json")]
+    pub format: FormatArg,
     /// Ring buffer size in KiB (a power of two, at least 4). Bigger absorbs longer bursts.
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ringbuf_kib)]
     pub ringbuf_kib: u32,
@@ -116,6 +124,7 @@ pub struct Settings {
     pub probes: ProbeMode,
     pub all_states: bool,
     pub ringbuf_bytes: u32,
+    pub format: Format,
 }
 
 impl TraceArgs {
@@ -129,6 +138,12 @@ impl TraceArgs {
                 "no process with PID {pid}: check the PID (ps -p {pid}) and try again"
             )));
         }
+        let format = match self.format {
+            FormatArg::Json => Format::Json,
+            FormatArg::Pretty => Format::Pretty {
+                color: self.output.is_none() && stdout_is_terminal(),
+            },
+        };
         let mut ports = self.ports;
         ports.sort_unstable();
         ports.dedup();
@@ -147,8 +162,14 @@ impl TraceArgs {
             probes: self.probes,
             all_states: self.all_states,
             ringbuf_bytes: self.ringbuf_kib * 1024,
+            format,
         })
     }
+}
+
+fn stdout_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal()
 }
 
 /// Whether /proc/PID exists and is not a zombie.

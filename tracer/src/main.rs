@@ -7,6 +7,7 @@ mod cli;
 mod clock;
 mod join;
 mod kernel;
+mod lines;
 mod output;
 mod owners;
 mod pipeline;

@@ -17,9 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
-
-use crate::clock::{Clock, rfc3339_nanos};
+use crate::{
+    clock::{Clock, rfc3339_nanos},
+    lines::{Format, LostLine},
+};
 
 /// Lines that may wait for a slow consumer before new ones are dropped (and counted).
 pub const QUEUE_LINES: usize = 65536;
@@ -68,14 +69,14 @@ pub fn open_append(path: &Path) -> io::Result<File> {
 }
 
 impl Output {
-    pub fn start(dest: Destination) -> io::Result<Self> {
+    pub fn start(dest: Destination, format: Format) -> io::Result<Self> {
         let sink = Sink::open(&dest)?;
         let (tx, rx) = sync_channel(QUEUE_LINES);
         let state = Arc::new(OutputState::default());
         let thread_state = state.clone();
         let thread = std::thread::Builder::new()
             .name("tracer-output".into())
-            .spawn(move || write_loop(rx, sink, dest, thread_state))?;
+            .spawn(move || write_loop(rx, sink, dest, thread_state, format))?;
         Ok(Self {
             tx,
             state,
@@ -134,6 +135,7 @@ fn write_loop(
     mut sink: Sink,
     dest: Destination,
     state: Arc<OutputState>,
+    format: Format,
 ) -> io::Result<()> {
     // Writing needs no privilege: give this thread's capabilities up at once (they are per
     // thread; the main thread drops its own once the probes are attached).
@@ -142,7 +144,7 @@ fn write_loop(
     loop {
         let (batch, stop) = next_batch(&rx);
         let result = write_batch(&mut sink, &batch)
-            .and_then(|_| report_drops(&mut sink, &state, &clock))
+            .and_then(|_| report_drops(&mut sink, &state, &clock, format))
             .and_then(|_| sink.out.flush())
             .and_then(|_| {
                 if state.reopen.swap(false, Ordering::Relaxed) {
@@ -187,21 +189,25 @@ fn write_line(sink: &mut Sink, line: &str) -> io::Result<()> {
 
 /// A `lost` line for output drops not yet reported: written by the writer itself, because it
 /// is the one that knows the consumer is reading again.
-fn report_drops(sink: &mut Sink, state: &OutputState, clock: &Clock) -> io::Result<()> {
+fn report_drops(
+    sink: &mut Sink,
+    state: &OutputState,
+    clock: &Clock,
+    format: Format,
+) -> io::Result<()> {
     let dropped = state.dropped.load(Ordering::Relaxed);
     let reported = state.reported.load(Ordering::Relaxed);
     if dropped == reported {
         return Ok(());
     }
     let mono_ns = crate::clock::now_mono_ns();
-    let line = serde_json::to_string(&LostLine {
+    let line = format.lost(&LostLine {
         event: "lost",
         time: rfc3339_nanos(clock.mono_to_wall_ns(mono_ns)),
         mono_ns,
         source: "output",
         count: dropped - reported,
-    })
-    .map_err(io::Error::other)?;
+    });
     write_line(sink, &line)?;
     state.reported.store(dropped, Ordering::Relaxed);
     Ok(())
@@ -218,14 +224,6 @@ fn ignore_broken_pipe(result: io::Result<()>, state: &OutputState) -> io::Result
     }
 }
 
-#[derive(Serialize)]
-pub struct LostLine {
-    pub event: &'static str,
-    pub time: String,
-    pub mono_ns: u64,
-    pub source: &'static str,
-    pub count: u64,
-}
 
 #[cfg(test)]
 mod tests {
@@ -239,7 +237,7 @@ mod tests {
         let path = dir.join("out.jsonl");
         let _ = std::fs::remove_file(&path);
         for text in ["first", "second"] {
-            let out = Output::start(Destination::File(path.clone())).unwrap();
+            let out = Output::start(Destination::File(path.clone()), Format::Json).unwrap();
             out.line(format!("{{\"x\":\"{text}\"}}"));
             out.finish().unwrap();
         }
@@ -255,7 +253,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tracer-output-drop-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("out.jsonl");
-        let out = Output::start(Destination::File(path.clone())).unwrap();
+        let out = Output::start(Destination::File(path.clone()), Format::Json).unwrap();
         out.state.dropped.store(7, Ordering::Relaxed);
         out.line("{}".into());
         out.finish().unwrap();

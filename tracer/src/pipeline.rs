@@ -9,7 +9,6 @@ use std::{
     net::SocketAddr,
 };
 
-use serde::Serialize;
 use tracer_common::{EventKind, tcp_state};
 
 use crate::{
@@ -17,6 +16,7 @@ use crate::{
     clock::{Clock, rfc3339_nanos},
     join::{Joined, Joiner, Want, WantFlag, WireMatch},
     kernel::{Family, KernelEvent, Owner, ResetReasons, state_name},
+    lines::{Format, PacketLine, SocketLine, Wire},
     output::Output,
     stats::Stats,
 };
@@ -156,6 +156,7 @@ pub struct Pipeline {
     conns: ConnTable,
     reasons: ResetReasons,
     filter_pids: bool,
+    format: Format,
     pub clock: Clock,
     pub stats: Stats,
 }
@@ -165,6 +166,7 @@ impl Pipeline {
         join_window: std::time::Duration,
         reasons: ResetReasons,
         filter_pids: bool,
+        format: Format,
     ) -> Self {
         Self {
             joiner: Joiner::new(join_window, MAX_PENDING),
@@ -172,6 +174,7 @@ impl Pipeline {
             conns: ConnTable::default(),
             reasons,
             filter_pids,
+            format,
             clock: Clock::sample(),
             stats: Stats::default(),
         }
@@ -295,7 +298,7 @@ impl Pipeline {
         if let (Some(w), "close") = (&wire, pending.event) {
             self.stats.close_to_wire.record(w.delay_ns.max(0) as u64);
         }
-        let json = self.socket_line_json(&pending, wire.as_ref());
+        let json = self.socket_line(&pending, wire.as_ref());
         if out.try_line(json) {
             self.stats.count_line(pending.event);
         }
@@ -316,7 +319,9 @@ impl Pipeline {
         if self.filter_pids && conn.is_none() {
             return; // --pid: only packets of the traced processes' connections
         }
-        let json = packet_line_json(&packet, retransmit, conn.map(|c| c.0));
+        let json = self
+            .format
+            .packet(&packet_line(&packet, retransmit, conn.map(|c| c.0)));
         if out.try_line(json) {
             self.stats.count_line("packet");
         }
@@ -358,7 +363,7 @@ impl Pipeline {
         Some(line)
     }
 
-    fn socket_line_json(&self, p: &PendingLine, wire: Option<&WireMatch>) -> String {
+    fn socket_line(&self, p: &PendingLine, wire: Option<&WireMatch>) -> String {
         let ev = &p.ev;
         let (pid, tid, comm, owner) = match &ev.owner {
             Owner::Known { pid, tid, comm, how } => (Some(*pid), Some(*tid), Some(comm.as_str()), *how),
@@ -386,14 +391,14 @@ impl Pipeline {
             outcome: is(&["close"]).then_some(p.outcome),
             reason: is(&["close", "rst_sent"]).then(|| p.reason.clone()),
             duration_ns: is(&["close", "fin_received", "state"]).then(|| ev.duration_in_old_state()),
-            wire: (p.event != "state").then(|| wire.map(|w| self.wire_json(w))),
+            wire: (p.event != "state").then(|| wire.map(|w| self.wire(w))),
             derived: p.derived_from_wire.then_some("wire"),
         };
-        serde_json::to_string(&line).expect("plain data serialises")
+        self.format.socket(&line)
     }
 
-    fn wire_json(&self, w: &WireMatch) -> WireJson {
-        WireJson {
+    fn wire(&self, w: &WireMatch) -> Wire {
+        Wire {
             time: rfc3339_nanos(w.packet.wall_ns),
             mono_ns: w.packet.mono_ns,
             delay_ns: w.delay_ns,
@@ -461,8 +466,8 @@ fn flag_names(flags: u8) -> Vec<&'static str> {
     .collect()
 }
 
-fn packet_line_json(p: &WirePacket, retransmit: bool, conn: Option<u64>) -> String {
-    let line = PacketLine {
+fn packet_line(p: &WirePacket, retransmit: bool, conn: Option<u64>) -> PacketLine {
+    PacketLine {
         event: "packet",
         time: rfc3339_nanos(p.wall_ns),
         mono_ns: p.mono_ns,
@@ -477,72 +482,6 @@ fn packet_line_json(p: &WirePacket, retransmit: bool, conn: Option<u64>) -> Stri
         ack: p.ack,
         conn: conn.map(|c| format!("{c:016x}")),
         retransmit,
-    };
-    serde_json::to_string(&line).expect("plain data serialises")
+    }
 }
 
-/// Serialisation note: an outer `None` leaves the field out (it does not belong to this event
-/// kind); `Some(None)` writes `null` (it belongs, but is unknown).
-#[derive(Serialize)]
-struct SocketLine<'a> {
-    event: &'static str,
-    time: String,
-    mono_ns: u64,
-    pid: Option<u32>,
-    tid: Option<u32>,
-    comm: Option<&'a str>,
-    owner: &'static str,
-    conn: Option<String>,
-    family: &'static str,
-    laddr: String,
-    lport: u16,
-    raddr: String,
-    rport: u16,
-    old_state: &'static str,
-    new_state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    syscall: Option<Option<&'static str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    fd: Option<Option<i32>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    outcome: Option<Option<&'static str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<Option<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    duration_ns: Option<Option<u64>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    wire: Option<Option<WireJson>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    derived: Option<&'static str>,
-}
-
-#[derive(Serialize)]
-struct WireJson {
-    time: String,
-    mono_ns: u64,
-    delay_ns: i64,
-    flags: Vec<&'static str>,
-    dir: &'static str,
-    iface: String,
-    seq: u32,
-    ack: u32,
-    retransmits: u32,
-}
-
-#[derive(Serialize)]
-struct PacketLine {
-    event: &'static str,
-    time: String,
-    mono_ns: u64,
-    saddr: String,
-    sport: u16,
-    daddr: String,
-    dport: u16,
-    flags: Vec<&'static str>,
-    iface: String,
-    dir: &'static str,
-    seq: u32,
-    ack: u32,
-    conn: Option<String>,
-    retransmit: bool,
-}

@@ -1,10 +1,7 @@
 //! Which kernel hooks exist here, which ones to attach, and loading them with the run-time
 //! configuration (tracepoint field offsets, filters) written into the programs' globals.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::{fs, path::Path};
 
 use anyhow::{Context as _, bail};
 use aya::{
@@ -127,7 +124,6 @@ pub const KPROBE_HOOKS: &[Hook] = &[
 #[derive(Clone, Debug)]
 pub struct KernelSupport {
     pub release: String,
-    pub tracefs: Option<PathBuf>,
     pub btf: bool,
     pub kprobes: bool,
     pub formats: Formats,
@@ -159,7 +155,6 @@ impl KernelSupport {
             release: fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
-            tracefs: tracefs.map(Path::to_path_buf),
             btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
             kprobes: kprobes_available(),
             formats,
@@ -403,7 +398,6 @@ mod tests {
     fn support_with(present: &[&str]) -> KernelSupport {
         KernelSupport {
             release: "test".into(),
-            tracefs: None,
             btf: true,
             kprobes: false,
             formats: Formats {

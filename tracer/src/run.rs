@@ -27,6 +27,7 @@ use crate::{
     pipeline::Pipeline,
     privileges,
     probes::{self, Hook, KernelSupport, LoadOptions},
+    lines::{Format, LostLine},
     stats::{KernelCounts, Lost, Percentiles},
     tracefs,
 };
@@ -68,7 +69,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         eprintln!("tracer: {} is not available on this kernel: {}", hook.name(), hook.without);
     }
 
-    let output = Output::start(settings.destination.clone()).map_err(|e| {
+    let output = Output::start(settings.destination.clone(), settings.format).map_err(|e| {
         BadInput(format!("cannot write the output ({e}): choose a writable path for -o"))
     })?;
     let capture = open_capture(&settings)?;
@@ -92,11 +93,13 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         settings.join_window,
         support.formats.reset_reasons(),
         !settings.pids.is_empty(),
+        settings.format,
     );
     output.line(ready_line(&pipeline, &loaded.attached, &missing, &capture, &settings, seeded));
+    pipeline.stats.count_line("ready");
     let stop = event_loop(&settings, &mut pipeline, &output, ring, &counters, capture).await?;
     let _ = stop;
-    output.line(summary_line(&pipeline, &output));
+    output.line(summary_line(&pipeline, &output, settings.format));
     output.finish().context("writing output")?;
     drop(loaded);
     Ok(())
@@ -150,7 +153,10 @@ async fn event_loop(
     let deadline = settings.duration.map(|d| Instant::now() + d);
     let mut last_clock = Instant::now();
     let mut last_pid_check = Instant::now();
-    let mut reporter = LossReporter::default();
+    let mut reporter = LossReporter {
+        reported: Lost::default(),
+        format: settings.format,
+    };
 
     let stop = loop {
         tokio::select! {
@@ -246,9 +252,9 @@ async fn finish_joins(
 }
 
 /// Turns counter increases into `lost` lines (output losses are reported by the writer).
-#[derive(Default)]
 struct LossReporter {
     reported: Lost,
+    format: Format,
 }
 
 impl LossReporter {
@@ -274,7 +280,8 @@ impl LossReporter {
             ("capture", now.capture, self.reported.capture),
         ] {
             if total > seen {
-                output.line(lost_line(pipeline, source, total - seen));
+                output.line(lost_line(pipeline, self.format, source, total - seen));
+                pipeline.stats.count_line("lost");
             }
         }
         self.reported = now;
@@ -306,16 +313,15 @@ fn now_fields(pipeline: &Pipeline) -> (String, u64) {
     (rfc3339_nanos(pipeline.clock.mono_to_wall_ns(mono)), mono)
 }
 
-fn lost_line(pipeline: &Pipeline, source: &'static str, count: u64) -> String {
+fn lost_line(pipeline: &Pipeline, format: Format, source: &'static str, count: u64) -> String {
     let (time, mono_ns) = now_fields(pipeline);
-    serde_json::to_string(&crate::output::LostLine {
+    format.lost(&LostLine {
         event: "lost",
         time,
         mono_ns,
         source,
         count,
     })
-    .expect("plain data serialises")
 }
 
 #[derive(Serialize)]
@@ -355,7 +361,7 @@ fn ready_line(
     seeded: owners::SeedReport,
 ) -> String {
     let (time, mono_ns) = now_fields(pipeline);
-    serde_json::to_string(&ReadyLine {
+    settings.format.document(&ReadyLine {
         event: "ready",
         time,
         mono_ns,
@@ -378,7 +384,6 @@ fn ready_line(
             listeners: seeded.listeners,
         },
     })
-    .expect("plain data serialises")
 }
 
 #[derive(Serialize)]
@@ -394,12 +399,12 @@ struct SummaryLine<'a> {
     kernel: KernelCounts,
 }
 
-fn summary_line(pipeline: &Pipeline, output: &Output) -> String {
+fn summary_line(pipeline: &Pipeline, output: &Output, format: Format) -> String {
     let (time, mono_ns) = now_fields(pipeline);
     let stats = &pipeline.stats;
     let mut lost = stats.lost;
     lost.output = output.state.dropped.load(Ordering::Relaxed);
-    serde_json::to_string(&SummaryLine {
+    format.document(&SummaryLine {
         event: "summary",
         time,
         mono_ns,
@@ -410,5 +415,4 @@ fn summary_line(pipeline: &Pipeline, output: &Output) -> String {
         close_to_wire_ns: stats.percentiles(),
         kernel: stats.kernel,
     })
-    .expect("plain data serialises")
 }

@@ -24,10 +24,6 @@ impl Histogram {
         self.max = self.max.max(value);
     }
 
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
     pub fn max(&self) -> Option<u64> {
         (self.count > 0).then_some(self.max)
     }
@@ -160,7 +156,7 @@ mod tests {
         let p99 = h.quantile(0.99).unwrap();
         assert!((975_000..=990_000).contains(&p99), "{p99}");
         assert_eq!(h.max(), Some(1_000_000));
-        assert_eq!(h.count(), 1000);
+        assert_eq!(h.count, 1000);
     }
 
     #[test]

@@ -1,0 +1,339 @@
+//! The lines the tracer writes, as data, and their two encodings: JSON (the contract, the
+//! default) and `--format pretty`, a human timeline (coloured on a terminal).
+
+use serde::Serialize;
+
+/// `--format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    Json,
+    Pretty,
+}
+
+/// How lines are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Pretty { color: bool },
+}
+
+/// A socket event (`close`, `fin_received`, `rst_sent`, `rst_received`, `state`).
+///
+/// Serialisation note: an outer `None` leaves the field out (it does not belong to this event
+/// kind); `Some(None)` writes `null` (it belongs, but is unknown).
+#[derive(Serialize)]
+pub struct SocketLine<'a> {
+    pub event: &'static str,
+    pub time: String,
+    pub mono_ns: u64,
+    pub pid: Option<u32>,
+    pub tid: Option<u32>,
+    pub comm: Option<&'a str>,
+    pub owner: &'static str,
+    pub conn: Option<String>,
+    pub family: &'static str,
+    pub laddr: String,
+    pub lport: u16,
+    pub raddr: String,
+    pub rport: u16,
+    pub old_state: &'static str,
+    pub new_state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syscall: Option<Option<&'static str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fd: Option<Option<i32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Option<&'static str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ns: Option<Option<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire: Option<Option<Wire>>,
+    /// `"wire"` when the event was seen only on the wire (the peer's FIN into TIME_WAIT).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub derived: Option<&'static str>,
+}
+
+/// The packet that carried an event.
+#[derive(Serialize)]
+pub struct Wire {
+    pub time: String,
+    pub mono_ns: u64,
+    pub delay_ns: i64,
+    pub flags: Vec<&'static str>,
+    pub dir: &'static str,
+    pub iface: String,
+    pub seq: u32,
+    pub ack: u32,
+    /// Further copies of the same segment seen within the join window.
+    pub retransmits: u32,
+}
+
+/// A FIN or RST on the wire that no kernel event claimed.
+#[derive(Serialize)]
+pub struct PacketLine {
+    pub event: &'static str,
+    pub time: String,
+    pub mono_ns: u64,
+    pub saddr: String,
+    pub sport: u16,
+    pub daddr: String,
+    pub dport: u16,
+    pub flags: Vec<&'static str>,
+    pub iface: String,
+    pub dir: &'static str,
+    pub seq: u32,
+    pub ack: u32,
+    pub conn: Option<String>,
+    pub retransmit: bool,
+}
+
+#[derive(Serialize)]
+pub struct LostLine {
+    pub event: &'static str,
+    pub time: String,
+    pub mono_ns: u64,
+    pub source: &'static str,
+    pub count: u64,
+}
+
+impl Format {
+    pub fn socket(self, line: &SocketLine<'_>) -> String {
+        match self {
+            Format::Json => json(line),
+            Format::Pretty { color } => pretty_socket(line, color),
+        }
+    }
+
+    pub fn packet(self, line: &PacketLine) -> String {
+        match self {
+            Format::Json => json(line),
+            Format::Pretty { color } => paint(
+                color,
+                BLUE,
+                &format!(
+                    "{}  packet        {}:{} > {}:{}  {} {} on {}{}",
+                    clock_part(&line.time),
+                    line.saddr,
+                    line.sport,
+                    line.daddr,
+                    line.dport,
+                    line.flags.join(","),
+                    line.dir,
+                    line.iface,
+                    if line.retransmit { " (retransmission)" } else { "" }
+                ),
+            ),
+        }
+    }
+
+    pub fn lost(self, line: &LostLine) -> String {
+        match self {
+            Format::Json => json(line),
+            Format::Pretty { color } => paint(
+                color,
+                RED,
+                &format!(
+                    "{}  LOST          {} events lost in {}",
+                    clock_part(&line.time),
+                    line.count,
+                    line.source
+                ),
+            ),
+        }
+    }
+
+    /// `ready` and `summary` are structured; pretty shows them as indented JSON.
+    pub fn document<T: Serialize>(self, value: &T) -> String {
+        match self {
+            Format::Json => json(value),
+            Format::Pretty { .. } => serde_json::to_string_pretty(value).expect("plain data"),
+        }
+    }
+}
+
+pub fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("plain data serialises")
+}
+
+const RED: &str = "31";
+const YELLOW: &str = "33";
+const BLUE: &str = "34";
+const MAGENTA: &str = "35";
+const CYAN: &str = "36";
+const DIM: &str = "2";
+
+fn paint(color: bool, code: &str, text: &str) -> String {
+    if color {
+        format!("\x1b[{code}m{text}\x1b[0m")
+    } else {
+        text.to_string()
+    }
+}
+
+/// `13:51:42.123456789` out of an RFC 3339 time.
+fn clock_part(time: &str) -> &str {
+    time.split_once('T')
+        .map_or(time, |(_, t)| t.trim_end_matches('Z'))
+}
+
+fn pretty_socket(l: &SocketLine<'_>, color: bool) -> String {
+    let who = match (l.comm, l.pid) {
+        (Some(comm), Some(pid)) => format!("{comm}[{pid}]"),
+        _ => "?".to_string(),
+    };
+    let arrow = match l.event {
+        "fin_received" | "rst_received" => "<",
+        _ => ">",
+    };
+    let mut text = format!(
+        "{}  {:<12}  {:<18}  {}:{} {} {}:{}  {}→{}",
+        clock_part(&l.time),
+        l.event,
+        who,
+        l.laddr,
+        l.lport,
+        arrow,
+        l.raddr,
+        l.rport,
+        l.old_state,
+        l.new_state
+    );
+    if let Some(Some(call)) = l.syscall {
+        match l.fd {
+            Some(Some(fd)) => text.push_str(&format!("  {call}(fd {fd})")),
+            _ => text.push_str(&format!("  {call}")),
+        }
+    }
+    if let Some(Some(outcome)) = l.outcome {
+        text.push_str(&format!(" → {}", outcome.to_uppercase()));
+    }
+    if let Some(Some(reason)) = &l.reason {
+        text.push_str(&format!(" ({reason})"));
+    }
+    if let Some(Some(ns)) = l.duration_ns {
+        text.push_str(&format!("  after {} in {}", human_ns(ns as i64), l.old_state));
+    }
+    match &l.wire {
+        Some(Some(w)) => text.push_str(&format!(
+            "  wire: {} {} {:+}",
+            w.flags.join(","),
+            w.dir,
+            HumanDelay(w.delay_ns)
+        )),
+        Some(None) => text.push_str("  wire: none seen"),
+        None => {}
+    }
+    if l.derived.is_some() {
+        text.push_str("  (seen on the wire)");
+    }
+    if l.pid.is_none() {
+        text.push_str(&format!("  owner {}", l.owner));
+    }
+    if let Some(conn) = &l.conn {
+        text.push_str(&format!("  conn {}", &conn[..8.min(conn.len())]));
+    }
+    let code = match (l.event, l.outcome) {
+        ("close", Some(Some("rst"))) | ("rst_sent", _) | ("rst_received", _) => RED,
+        ("close", _) => YELLOW,
+        ("fin_received", _) => CYAN,
+        ("state", _) => DIM,
+        _ => MAGENTA,
+    };
+    paint(color, code, &text)
+}
+
+struct HumanDelay(i64);
+
+impl std::fmt::Display for HumanDelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sign = if self.0 < 0 { "-" } else { "+" };
+        write!(f, "{sign}{}", human_ns(self.0.abs()))
+    }
+}
+
+/// 950ns, 14.2µs, 43.0ms, 1.20s.
+pub fn human_ns(ns: i64) -> String {
+    let v = ns as f64;
+    match ns.abs() {
+        0..1_000 => format!("{ns}ns"),
+        1_000..1_000_000 => format!("{:.1}µs", v / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1}ms", v / 1e6),
+        _ => format!("{:.2}s", v / 1e9),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close_line() -> SocketLine<'static> {
+        SocketLine {
+            event: "close",
+            time: "2026-11-24T13:51:42.123456789Z".into(),
+            mono_ns: 1,
+            pid: Some(1234),
+            tid: Some(1234),
+            comm: Some("server"),
+            owner: "task",
+            conn: Some("00112233445566aa".into()),
+            family: "ipv4",
+            laddr: "10.0.0.1".into(),
+            lport: 8080,
+            raddr: "10.0.0.2".into(),
+            rport: 40000,
+            old_state: "ESTABLISHED",
+            new_state: "CLOSE",
+            syscall: Some(Some("close")),
+            fd: Some(Some(7)),
+            outcome: Some(Some("rst")),
+            reason: Some(Some("TCP_ABORT_ON_CLOSE".into())),
+            duration_ns: Some(None),
+            wire: Some(Some(Wire {
+                time: "2026-11-24T13:51:42.123470789Z".into(),
+                mono_ns: 14_001,
+                delay_ns: 14_000,
+                flags: vec!["RST", "ACK"],
+                dir: "out",
+                iface: "lo".into(),
+                seq: 1,
+                ack: 2,
+                retransmits: 0,
+            })),
+            derived: None,
+        }
+    }
+
+    #[test]
+    fn json_keeps_contract_fields_and_nulls() {
+        let v: serde_json::Value = serde_json::from_str(&Format::Json.socket(&close_line())).unwrap();
+        assert_eq!(v["event"], "close");
+        assert_eq!(v["outcome"], "rst");
+        assert_eq!(v["duration_ns"], serde_json::Value::Null);
+        assert_eq!(v["wire"]["flags"], serde_json::json!(["RST", "ACK"]));
+        assert!(v.get("derived").is_none());
+    }
+
+    #[test]
+    fn pretty_reads_as_a_sentence() {
+        let text = Format::Pretty { color: false }.socket(&close_line());
+        assert_eq!(
+            text,
+            "13:51:42.123456789  close         server[1234]        10.0.0.1:8080 > 10.0.0.2:40000  \
+             ESTABLISHED→CLOSE  close(fd 7) → RST (TCP_ABORT_ON_CLOSE)  wire: RST,ACK out +14.0µs  \
+             conn 00112233"
+        );
+        let colored = Format::Pretty { color: true }.socket(&close_line());
+        assert!(colored.starts_with("\x1b[31m") && colored.ends_with("\x1b[0m"));
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human_ns(950), "950ns");
+        assert_eq!(human_ns(14_200), "14.2µs");
+        assert_eq!(human_ns(43_000_000), "43.0ms");
+        assert_eq!(human_ns(1_200_000_000), "1.20s");
+        assert_eq!(format!("{}", HumanDelay(-2_000)), "-2.0µs");
+    }
+}
