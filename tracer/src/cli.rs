@@ -69,6 +69,9 @@ pub struct TraceArgs {
     /// Also emit handshake transitions (SYN_SENT, SYN_RECV, ESTABLISHED).
     #[arg(long)]
     pub all_states: bool,
+    /// Serve Prometheus metrics on ADDR (for example 127.0.0.1:9464) at /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Output encoding: JSON lines (the contract), or a human timeline (coloured on a terminal;
     /// NO_COLOR turns colour off).
     #[arg(long, value_enum, default_value = "json")]
@@ -125,6 +128,7 @@ pub struct Settings {
     pub all_states: bool,
     pub ringbuf_bytes: u32,
     pub format: Format,
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl TraceArgs {
@@ -163,6 +167,7 @@ impl TraceArgs {
             all_states: self.all_states,
             ringbuf_bytes: self.ringbuf_kib * 1024,
             format,
+            metrics: self.metrics,
         })
     }
 }

@@ -8,6 +8,7 @@ mod clock;
 mod join;
 mod kernel;
 mod lines;
+mod metrics;
 mod output;
 mod owners;
 mod pipeline;

@@ -7,6 +7,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
+    sync::Arc,
 };
 
 use tracer_common::{EventKind, tcp_state};
@@ -17,6 +18,7 @@ use crate::{
     join::{Joined, Joiner, Want, WantFlag, WireMatch},
     kernel::{Family, KernelEvent, Owner, ResetReasons, state_name},
     lines::{Format, PacketLine, SocketLine, Wire},
+    metrics::Metrics,
     output::Output,
     stats::Stats,
 };
@@ -157,6 +159,7 @@ pub struct Pipeline {
     reasons: ResetReasons,
     filter_pids: bool,
     format: Format,
+    metrics: Option<Arc<Metrics>>,
     pub clock: Clock,
     pub stats: Stats,
 }
@@ -167,6 +170,7 @@ impl Pipeline {
         reasons: ResetReasons,
         filter_pids: bool,
         format: Format,
+        metrics: Option<Arc<Metrics>>,
     ) -> Self {
         Self {
             joiner: Joiner::new(join_window, MAX_PENDING),
@@ -175,6 +179,7 @@ impl Pipeline {
             reasons,
             filter_pids,
             format,
+            metrics,
             clock: Clock::sample(),
             stats: Stats::default(),
         }
@@ -269,6 +274,10 @@ impl Pipeline {
         self.emit_all(rest, out);
     }
 
+    pub fn metrics(&self) -> Option<Arc<Metrics>> {
+        self.metrics.clone()
+    }
+
     /// Events still waiting for a packet (the stop sequence waits for them, up to the window).
     pub fn pending(&self) -> usize {
         self.joiner.pending() + self.staged.len()
@@ -295,12 +304,27 @@ impl Pipeline {
                 self.stats.unjoined += 1;
             }
         }
-        if let (Some(w), "close") = (&wire, pending.event) {
-            self.stats.close_to_wire.record(w.delay_ns.max(0) as u64);
-        }
         let json = self.socket_line(&pending, wire.as_ref());
-        if out.try_line(json) {
-            self.stats.count_line(pending.event);
+        if !out.try_line(json) {
+            return; // counted as lost output
+        }
+        self.stats.count_line(pending.event);
+        let close_delay = wire.as_ref().filter(|_| pending.event == "close").map(|w| w.delay_ns);
+        if let Some(delay) = close_delay {
+            self.stats.close_to_wire.record(delay.max(0) as u64);
+        }
+        if let Some(m) = &self.metrics {
+            let comm = match &pending.ev.owner {
+                Owner::Known { comm, .. } => Some(comm.as_str()),
+                Owner::Unknown(_) => None,
+            };
+            m.line(pending.event, comm);
+            if pending.event == "rst_sent" || pending.outcome == Some("rst") {
+                m.reset(pending.reason.as_deref(), comm);
+            }
+            if let Some(delay) = close_delay {
+                m.close_to_wire(delay);
+            }
         }
     }
 
@@ -324,6 +348,9 @@ impl Pipeline {
             .packet(&packet_line(&packet, retransmit, conn.map(|c| c.0)));
         if out.try_line(json) {
             self.stats.count_line("packet");
+            if let Some(m) = &self.metrics {
+                m.line("packet", None);
+            }
         }
     }
 

@@ -28,6 +28,7 @@ use crate::{
     privileges,
     probes::{self, Hook, KernelSupport, LoadOptions},
     lines::{Format, LostLine},
+    metrics::{self, Metrics},
     stats::{KernelCounts, Lost, Percentiles},
     tracefs,
 };
@@ -89,11 +90,23 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         PerCpuArray::try_from(loaded.ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
     privileges::drop_all().context("dropping capabilities after attaching")?;
 
+    let metrics = match settings.metrics {
+        Some(addr) => {
+            let metrics = std::sync::Arc::new(Metrics::new());
+            let bound = metrics::serve(addr, metrics.clone())
+                .await
+                .map_err(|e| BadInput(format!("{e:#}: choose a free address for --metrics")))?;
+            eprintln!("tracer: metrics on http://{bound}/metrics");
+            Some(metrics)
+        }
+        None => None,
+    };
     let mut pipeline = Pipeline::new(
         settings.join_window,
         support.formats.reset_reasons(),
         !settings.pids.is_empty(),
         settings.format,
+        metrics.clone(),
     );
     output.line(ready_line(&pipeline, &loaded.attached, &missing, &capture, &settings, seeded));
     pipeline.stats.count_line("ready");
@@ -156,6 +169,7 @@ async fn event_loop(
     let mut reporter = LossReporter {
         reported: Lost::default(),
         format: settings.format,
+        metrics: pipeline_metrics(pipeline),
     };
 
     let stop = loop {
@@ -209,6 +223,10 @@ async fn event_loop(
     Ok(stop)
 }
 
+fn pipeline_metrics(pipeline: &Pipeline) -> Option<std::sync::Arc<Metrics>> {
+    pipeline.metrics()
+}
+
 async fn recv_packet(rx: &mut Option<mpsc::Receiver<WirePacket>>) -> Option<WirePacket> {
     match rx {
         Some(rx) => rx.recv().await,
@@ -255,6 +273,7 @@ async fn finish_joins(
 struct LossReporter {
     reported: Lost,
     format: Format,
+    metrics: Option<std::sync::Arc<Metrics>>,
 }
 
 impl LossReporter {
@@ -278,8 +297,16 @@ impl LossReporter {
         for (source, total, seen) in [
             ("ringbuf", now.ringbuf, self.reported.ringbuf),
             ("capture", now.capture, self.reported.capture),
+            ("output", now.output, self.reported.output),
         ] {
-            if total > seen {
+            if total <= seen {
+                continue;
+            }
+            if let Some(m) = &self.metrics {
+                m.lost(source, total - seen);
+            }
+            // Output losses get their line from the writer, once the consumer reads again.
+            if source != "output" {
                 output.line(lost_line(pipeline, self.format, source, total - seen));
                 pipeline.stats.count_line("lost");
             }
