@@ -38,6 +38,13 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         probes: ProbeMode,
     },
+    /// Run the classic teardown scenarios (graceful close, unread data, SO_LINGER 0,
+    /// half-close, a peer that never closes) on loopback and show what the tracer saw.
+    Demo {
+        /// One JSON object per scenario instead of the timeline.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]

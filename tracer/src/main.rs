@@ -5,6 +5,7 @@ mod capture;
 mod check;
 mod cli;
 mod clock;
+mod demo;
 mod join;
 mod kernel;
 mod lines;
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse(); // clap exits 2 on bad usage, with its own message
     let result = match cli.command {
         Some(Command::Check { json, probes }) => check::run(json, probes),
+        Some(Command::Demo { json }) => demo::run(json),
         None => cli
             .trace
             .into_settings()
