@@ -296,14 +296,15 @@ fn pid_filter_runs_in_the_kernel() {
     let churned = churn(&l, port, 200);
     a.release();
     let close = tracer.wait_for(|v| is(v, "close", a_port, port), WAIT);
-    assert_eq!(close["pid"], a.pid);
+    let a_pid = a.pid;
+    assert_eq!(close["pid"], a_pid);
     a.wait();
     drop(a_server);
     let out = tracer.stop();
     let foreign: Vec<&Value> = out
         .lines
         .iter()
-        .filter(|v| v["pid"].as_u64().is_some_and(|p| p != a.pid as u64))
+        .filter(|v| v["pid"].as_u64().is_some_and(|p| p != a_pid as u64))
         .collect();
     assert!(foreign.is_empty(), "events of other processes: {foreign:?}");
     let summary = out.lines.last().unwrap();
@@ -323,7 +324,8 @@ fn an_overfilled_ring_buffer_reports_lost_events() {
         return;
     }
     let (l, port) = listener();
-    // 4 KiB holds about 30 events; a burst of resets outruns the reader.
+    // 4 KiB holds about 30 events. The tracer is stopped (SIGSTOP, as a stalled host would
+    // stall it) while a burst of resets happens, so the ring buffer must overflow.
     let mut tracer = common::Tracer::start(&[
         "--no-capture",
         "--port",
@@ -332,7 +334,9 @@ fn an_overfilled_ring_buffer_reports_lost_events() {
         "4",
     ]);
     tracer.wait_ready(WAIT);
+    tracer.signal(libc::SIGSTOP);
     let burst = reset_burst(&l, port, 400);
+    tracer.signal(libc::SIGCONT);
     let out = tracer.stop();
     let lost: u64 = out
         .lines
