@@ -1,1 +1,60 @@
-fn main() {}
+//! `cargo xtask`: the project's single entry point for bootstrapping, building, running and
+//! testing. Every task bootstraps first, so a fresh machine needs nothing installed by hand.
+
+mod bootstrap;
+mod cmd;
+mod run;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Bootstrap, build, run and test tracer")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (Debian packages, rust-src, bpf-linker).
+    Bootstrap {
+        /// Also the tools the tests use (tcpdump, bpftrace, libbpf-tools, iproute2).
+        #[arg(long)]
+        test_tools: bool,
+    },
+    /// Bootstrap, then build the tracer.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Bootstrap, build in release and run the tracer as root: `cargo xtask run -- --pid 1234`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Bootstrap, then the whole suite: fmt, clippy, unit and root-only integration tests.
+    Test {
+        /// Extra arguments for `cargo test` (a test name filter, for example).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Bootstrap { test_tools } => bootstrap::run(test_tools).map(|_| ExitCode::SUCCESS),
+        Task::Build { release } => bootstrap::run(false)
+            .and_then(|_| cmd::cargo_build(release))
+            .map(|_| ExitCode::SUCCESS),
+        Task::Run { args } => run::run(&args),
+        Task::Test { args } => test::run(&args),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("xtask: {e:#}");
+        ExitCode::FAILURE
+    })
+}
