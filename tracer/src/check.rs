@@ -65,7 +65,10 @@ fn build(mode: ProbeMode) -> Report {
     let (tracefs_root, tracefs_text) = match tracefs::find() {
         Some(root) => (Some(root.clone()), format!("mounted at {}", root.display())),
         None => match tracefs::ensure_mounted() {
-            Ok(root) => (Some(root.clone()), format!("mounted now at {}", root.display())),
+            Ok(root) => (
+                Some(root.clone()),
+                format!("mounted now at {}", root.display()),
+            ),
             Err(e) => (None, format!("{e:#}")),
         },
     };
@@ -77,11 +80,17 @@ fn build(mode: ProbeMode) -> Report {
         .unwrap_or_default();
     let plan = plan(&support, mode);
     let ringbuf = is_map_supported(MapType::RingBuf).ok();
-    let config = support.formats.config().map(|_| ()).map_err(|e| e.to_string());
+    let config = support
+        .formats
+        .config()
+        .map(|_| ())
+        .map_err(|e| e.to_string());
     let problem = [
         plan.as_ref().err().cloned(),
         config.err(),
-        tracefs_root.is_none().then(|| "tracefs is not available".to_string()),
+        tracefs_root
+            .is_none()
+            .then(|| "tracefs is not available".to_string()),
         (!missing_caps.is_empty()).then(|| format!("missing {}", missing_caps.join(", "))),
         (ringbuf == Some(false)).then(|| "no BPF ring buffer (needs Linux 5.8)".to_string()),
     ]
@@ -151,7 +160,11 @@ fn print_human(r: &Report) {
         }
     }
     if let Some(names) = &r.would_attach {
-        println!("with --probes {:?}, tracer would attach: {}", r.probe_mode, names.join(", "));
+        println!(
+            "with --probes {:?}, tracer would attach: {}",
+            r.probe_mode,
+            names.join(", ")
+        );
     }
     if let Some(problem) = &r.problem {
         println!("problem: {problem}");

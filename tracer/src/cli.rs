@@ -159,7 +159,9 @@ impl TraceArgs {
         ports.sort_unstable();
         ports.dedup();
         if ports.contains(&0) {
-            return Err(BadInput("--port 0 matches nothing: give a port between 1 and 65535".into()));
+            return Err(BadInput(
+                "--port 0 matches nothing: give a port between 1 and 65535".into(),
+            ));
         }
         Ok(Settings {
             pids,
@@ -167,9 +169,7 @@ impl TraceArgs {
             capture_iface: (!self.no_capture).then_some(self.interface),
             join_window: self.join_window,
             duration: self.duration,
-            destination: self
-                .output
-                .map_or(Destination::Stdout, Destination::File),
+            destination: self.output.map_or(Destination::Stdout, Destination::File),
             probes: self.probes,
             all_states: self.all_states,
             ringbuf_bytes: self.ringbuf_kib * 1024,
@@ -220,8 +220,21 @@ mod tests {
     fn repeatable_filters_and_durations() {
         let me = std::process::id().to_string();
         let cli = parse(&[
-            "-p", &me, "--pid", &me, "--port", "80", "--port", "443", "--join-window", "2s",
-            "--duration", "1m", "--no-capture", "--probes", "tracepoint",
+            "-p",
+            &me,
+            "--pid",
+            &me,
+            "--port",
+            "80",
+            "--port",
+            "443",
+            "--join-window",
+            "2s",
+            "--duration",
+            "1m",
+            "--no-capture",
+            "--probes",
+            "tracepoint",
         ])
         .unwrap();
         let settings = cli.trace.into_settings().unwrap();
@@ -253,12 +266,18 @@ mod tests {
     #[test]
     fn check_subcommand() {
         let cli = parse(&["check", "--json"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Check { json: true, .. })));
+        assert!(matches!(
+            cli.command,
+            Some(Command::Check { json: true, .. })
+        ));
     }
 
     #[test]
     fn ringbuf_size_must_be_a_power_of_two() {
         assert!(parse(&["--ringbuf-kib", "100"]).is_err());
-        assert_eq!(parse(&["--ringbuf-kib", "64"]).unwrap().trace.ringbuf_kib, 64);
+        assert_eq!(
+            parse(&["--ringbuf-kib", "64"]).unwrap().trace.ringbuf_kib,
+            64
+        );
     }
 }

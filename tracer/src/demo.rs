@@ -141,19 +141,24 @@ fn print_scenario(scenario: &Scenario, lines: &[Value], verdict: &Result<(), Str
 
 /// One line of the timeline, from a JSON line.
 fn describe(v: &Value) -> String {
-    let time = v["time"].as_str().unwrap_or("").split('T').nth(1).unwrap_or("");
+    let time = v["time"]
+        .as_str()
+        .unwrap_or("")
+        .split('T')
+        .nth(1)
+        .unwrap_or("");
     let event = v["event"].as_str().unwrap_or("?");
     let who = format!("{}[{}]", v["comm"].as_str().unwrap_or("?"), v["pid"]);
     let mut text = format!(
         "{time} {event:<12} {who} :{} {}→{}",
-        v["lport"], v["old_state"].as_str().unwrap_or(""), v["new_state"].as_str().unwrap_or("")
+        v["lport"],
+        v["old_state"].as_str().unwrap_or(""),
+        v["new_state"].as_str().unwrap_or("")
     );
     if event == "packet" {
         return format!(
             "{time} packet       :{} > :{} {}",
-            v["sport"],
-            v["dport"],
-            v["flags"]
+            v["sport"], v["dport"], v["flags"]
         );
     }
     if let Some(call) = v["syscall"].as_str() {
@@ -166,7 +171,11 @@ fn describe(v: &Value) -> String {
         text.push_str(&format!(" ({reason})"));
     }
     if let Some(ns) = v["duration_ns"].as_i64() {
-        text.push_str(&format!(", after {} in {}", human_ns(ns), v["old_state"].as_str().unwrap_or("")));
+        text.push_str(&format!(
+            ", after {} in {}",
+            human_ns(ns),
+            v["old_state"].as_str().unwrap_or("")
+        ));
     }
     if let Some(wire) = v["wire"].as_object() {
         text.push_str(&format!(
@@ -195,7 +204,10 @@ fn port(s: &TcpStream) -> u16 {
 
 fn graceful(l: &TcpListener) -> anyhow::Result<Ports> {
     let (mut client, mut server) = connect(l)?;
-    let ports = Ports { closer: port(&client), other: port(&server) };
+    let ports = Ports {
+        closer: port(&client),
+        other: port(&server),
+    };
     client.write_all(b"hello")?;
     let mut buf = [0u8; 5];
     server.read_exact(&mut buf)?;
@@ -208,7 +220,10 @@ fn graceful(l: &TcpListener) -> anyhow::Result<Ports> {
 
 fn unread(l: &TcpListener) -> anyhow::Result<Ports> {
     let (mut client, server) = connect(l)?;
-    let ports = Ports { closer: port(&server), other: port(&client) };
+    let ports = Ports {
+        closer: port(&server),
+        other: port(&client),
+    };
     client.write_all(b"request the server never reads")?;
     wait_readable(&server);
     drop(server);
@@ -219,7 +234,10 @@ fn unread(l: &TcpListener) -> anyhow::Result<Ports> {
 
 fn linger0(l: &TcpListener) -> anyhow::Result<Ports> {
     let (client, server) = connect(l)?;
-    let ports = Ports { closer: port(&client), other: port(&server) };
+    let ports = Ports {
+        closer: port(&client),
+        other: port(&server),
+    };
     set_linger_zero(&client)?;
     drop(client);
     thread::sleep(Duration::from_millis(50));
@@ -229,7 +247,10 @@ fn linger0(l: &TcpListener) -> anyhow::Result<Ports> {
 
 fn half_close(l: &TcpListener) -> anyhow::Result<Ports> {
     let (mut client, mut server) = connect(l)?;
-    let ports = Ports { closer: port(&client), other: port(&server) };
+    let ports = Ports {
+        closer: port(&client),
+        other: port(&server),
+    };
     client.shutdown(Shutdown::Write)?;
     let mut rest = Vec::new();
     server.read_to_end(&mut rest)?; // EOF
@@ -244,7 +265,10 @@ fn half_close(l: &TcpListener) -> anyhow::Result<Ports> {
 
 fn lingering_peer(l: &TcpListener) -> anyhow::Result<Ports> {
     let (client, server) = connect(l)?;
-    let ports = Ports { closer: port(&client), other: port(&server) };
+    let ports = Ports {
+        closer: port(&client),
+        other: port(&server),
+    };
     drop(client);
     thread::sleep(LINGER); // the server "forgets" to close: CLOSE_WAIT
     drop(server);
@@ -252,13 +276,20 @@ fn lingering_peer(l: &TcpListener) -> anyhow::Result<Ports> {
 }
 
 fn wait_readable(s: &TcpStream) {
-    let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut pfd, 1, 2000) };
 }
 
 fn set_linger_zero(s: &TcpStream) -> anyhow::Result<()> {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: a valid socket and a correctly sized linger struct.
     let rc = unsafe {
         libc::setsockopt(
@@ -288,7 +319,10 @@ fn expect(v: &Value, field: &str, want: &str) -> Result<(), String> {
     if v[field] == want {
         Ok(())
     } else {
-        Err(format!("{} has {field} {} (expected {want})", v["event"], v[field]))
+        Err(format!(
+            "{} has {field} {} (expected {want})",
+            v["event"], v[field]
+        ))
     }
 }
 
@@ -296,7 +330,11 @@ fn check_graceful(lines: &[Value], p: Ports) -> Result<(), String> {
     let close = find(lines, "close", p.closer)?;
     expect(close, "outcome", "fin")?;
     expect(close, "new_state", "FIN_WAIT1")?;
-    expect(find(lines, "fin_received", p.other)?, "new_state", "CLOSE_WAIT")?;
+    expect(
+        find(lines, "fin_received", p.other)?,
+        "new_state",
+        "CLOSE_WAIT",
+    )?;
     expect(find(lines, "close", p.other)?, "new_state", "LAST_ACK")
 }
 
@@ -326,7 +364,9 @@ fn check_lingering_peer(lines: &[Value], p: Ports) -> Result<(), String> {
     expect(close, "old_state", "CLOSE_WAIT")?;
     let waited = close["duration_ns"].as_u64().unwrap_or(0);
     if waited < LINGER.as_nanos() as u64 / 2 {
-        return Err(format!("CLOSE_WAIT lasted {waited} ns, expected about {LINGER:?}"));
+        return Err(format!(
+            "CLOSE_WAIT lasted {waited} ns, expected about {LINGER:?}"
+        ));
     }
     Ok(())
 }
@@ -342,7 +382,14 @@ impl Tracer {
     fn start(port: u16) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding the tracer binary")?;
         let mut child = Command::new(exe)
-            .args(["--port", &port.to_string(), "-i", "lo", "--join-window", WINDOW])
+            .args([
+                "--port",
+                &port.to_string(),
+                "-i",
+                "lo",
+                "--join-window",
+                WINDOW,
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -376,7 +423,10 @@ impl Tracer {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut lines = Vec::new();
         loop {
-            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
                 Ok(v) => lines.push(v),
                 Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {

@@ -218,7 +218,10 @@ mod tests {
         let raw = raw();
         // SAFETY: viewing a plain repr(C) value as bytes.
         let bytes = unsafe {
-            std::slice::from_raw_parts((&raw as *const SockEvent).cast::<u8>(), size_of::<SockEvent>())
+            std::slice::from_raw_parts(
+                (&raw as *const SockEvent).cast::<u8>(),
+                size_of::<SockEvent>(),
+            )
         };
         let ev = KernelEvent::decode(bytes).unwrap();
         assert_eq!(ev.kind, EventKind::Close);
@@ -230,7 +233,12 @@ mod tests {
         assert_eq!(ev.duration_in_old_state(), Some(1_500));
         assert_eq!(
             ev.owner,
-            Owner::Known { pid: 42, tid: 43, comm: "server".into(), how: "task" }
+            Owner::Known {
+                pid: 42,
+                tid: 43,
+                comm: "server".into(),
+                how: "task"
+            }
         );
         assert!(KernelEvent::decode(&bytes[..10]).is_none());
     }

@@ -122,7 +122,11 @@ impl Format {
                     line.flags.join(","),
                     line.dir,
                     line.iface,
-                    if line.retransmit { " (retransmission)" } else { "" }
+                    if line.retransmit {
+                        " (retransmission)"
+                    } else {
+                        ""
+                    }
                 ),
             ),
         }
@@ -213,7 +217,11 @@ fn pretty_socket(l: &SocketLine<'_>, color: bool) -> String {
         text.push_str(&format!(" ({reason})"));
     }
     if let Some(Some(ns)) = l.duration_ns {
-        text.push_str(&format!("  after {} in {}", human_ns(ns as i64), l.old_state));
+        text.push_str(&format!(
+            "  after {} in {}",
+            human_ns(ns as i64),
+            l.old_state
+        ));
     }
     match &l.wire {
         Some(Some(w)) => text.push_str(&format!(
@@ -307,7 +315,8 @@ mod tests {
 
     #[test]
     fn json_keeps_contract_fields_and_nulls() {
-        let v: serde_json::Value = serde_json::from_str(&Format::Json.socket(&close_line())).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&Format::Json.socket(&close_line())).unwrap();
         assert_eq!(v["event"], "close");
         assert_eq!(v["outcome"], "rst");
         assert_eq!(v["duration_ns"], serde_json::Value::Null);

@@ -54,16 +54,24 @@ impl Metrics {
         let lost = Family::<LostLabels, Counter>::default();
         // 1 µs to ~4 s in factors of 4: a loopback RST is tens of µs, a FIN stuck behind
         // unsent data is seconds.
-        let close_to_wire = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-            1e-6, 4.0, 12,
-        ));
-        registry.register("events", "Lines written, by event kind and process name", events.clone());
+        let close_to_wire = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(1e-6, 4.0, 12),
+        );
+        registry.register(
+            "events",
+            "Lines written, by event kind and process name",
+            events.clone(),
+        );
         registry.register(
             "resets",
             "RSTs sent (close with outcome rst, or rst_sent), by kernel reason and process name",
             resets.clone(),
         );
-        registry.register("lost_events", "Events lost, by where they were lost", lost.clone());
+        registry.register(
+            "lost_events",
+            "Events lost, by where they were lost",
+            lost.clone(),
+        );
         registry.register(
             "close_to_wire_seconds",
             "Delay from a close() to its FIN or RST on the wire",
@@ -169,23 +177,46 @@ mod tests {
         m.lost("ringbuf", 3);
         m.close_to_wire(14_000);
         let text = m.render();
-        assert!(text.contains("tracer_events_total{event=\"close\",comm=\"nginx\"} 2"), "{text}");
-        assert!(text.contains("tracer_resets_total{reason=\"TCP_ABORT_ON_CLOSE\",comm=\"nginx\"} 1"), "{text}");
-        assert!(text.contains("tracer_lost_events_total{source=\"ringbuf\"} 3"), "{text}");
-        assert!(text.contains("tracer_close_to_wire_seconds_count 1"), "{text}");
-        assert!(text.contains("# TYPE tracer_close_to_wire_seconds histogram"), "{text}");
+        assert!(
+            text.contains("tracer_events_total{event=\"close\",comm=\"nginx\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tracer_resets_total{reason=\"TCP_ABORT_ON_CLOSE\",comm=\"nginx\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tracer_lost_events_total{source=\"ringbuf\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tracer_close_to_wire_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE tracer_close_to_wire_seconds histogram"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
     async fn serves_metrics_over_http() {
         let metrics = Arc::new(Metrics::new());
         metrics.line("state", Some("x"));
-        let addr = serve("127.0.0.1:0".parse().unwrap(), metrics).await.unwrap();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), metrics)
+            .await
+            .unwrap();
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).await.unwrap();
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-        assert!(response.contains("tracer_events_total{event=\"state\",comm=\"x\"} 1"), "{response}");
+        assert!(
+            response.contains("tracer_events_total{event=\"state\",comm=\"x\"} 1"),
+            "{response}"
+        );
     }
 }

@@ -224,7 +224,6 @@ fn ignore_broken_pipe(result: io::Result<()>, state: &OutputState) -> io::Result
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,11 @@ pub struct SeedReport {
 
 /// Seeds the kernel tables for `pids`, or for every process when `pids` is empty.
 pub fn seed(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<SeedReport> {
-    let pids = if pids.is_empty() { all_pids() } else { pids.to_vec() };
+    let pids = if pids.is_empty() {
+        all_pids()
+    } else {
+        pids.to_vec()
+    };
     let mut by_netns: HashMap<u64, HashMap<u64, ProcSocket>> = HashMap::new();
     let mut conns = Vec::new();
     let mut listeners = Vec::new();
@@ -78,7 +82,11 @@ fn write_seed(
     let mut table: BpfHashMap<_, u32, SeedOwner> =
         BpfHashMap::try_from(ebpf.map_mut("LISTENERS").context("LISTENERS map missing")?)?;
     for (sock, owner) in listeners {
-        let family = if sock.local.0.is_ipv4() { AF_INET } else { AF_INET6 };
+        let family = if sock.local.0.is_ipv4() {
+            AF_INET
+        } else {
+            AF_INET6
+        };
         let _ = table.insert(((family as u32) << 16) | sock.local.1 as u32, *owner, 0);
     }
     Ok(())
@@ -146,26 +154,37 @@ pub fn socket_inodes(pid: u32) -> HashSet<u64> {
 }
 
 fn parse_socket_link(target: &str) -> Option<u64> {
-    target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 fn netns_inode(pid: u32) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
-    fs::metadata(format!("/proc/{pid}/ns/net")).ok().map(|m| m.ino())
+    fs::metadata(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|m| m.ino())
 }
 
 /// The TCP sockets of the network namespace `pid` lives in.
 pub fn tcp_table(pid: u32) -> Vec<ProcSocket> {
     ["tcp", "tcp6"]
         .iter()
-        .filter_map(|f| fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("net").join(f)).ok())
+        .filter_map(|f| {
+            fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("net").join(f)).ok()
+        })
         .flat_map(|text| parse_proc_net_tcp(&text))
         .collect()
 }
 
 /// Parses /proc/net/tcp or /proc/net/tcp6.
 pub fn parse_proc_net_tcp(text: &str) -> Vec<ProcSocket> {
-    text.lines().skip(1).filter_map(parse_proc_net_line).collect()
+    text.lines()
+        .skip(1)
+        .filter_map(parse_proc_net_line)
+        .collect()
 }
 
 fn parse_proc_net_line(line: &str) -> Option<ProcSocket> {

@@ -118,8 +118,15 @@ impl ConnTable {
 
     /// The connection a packet belongs to, and whether this host's socket received it.
     fn for_packet(&self, pkt: &WirePacket) -> Option<(u64, Dir)> {
-        let received = self.by_tuple.get(&(pkt.dst, pkt.src)).map(|&id| (id, Dir::In));
-        received.or_else(|| self.by_tuple.get(&(pkt.src, pkt.dst)).map(|&id| (id, Dir::Out)))
+        let received = self
+            .by_tuple
+            .get(&(pkt.dst, pkt.src))
+            .map(|&id| (id, Dir::In));
+        received.or_else(|| {
+            self.by_tuple
+                .get(&(pkt.src, pkt.dst))
+                .map(|&id| (id, Dir::Out))
+        })
     }
 
     fn expire(&mut self, now_ns: u64) {
@@ -309,7 +316,10 @@ impl Pipeline {
             return; // counted as lost output
         }
         self.stats.count_line(pending.event);
-        let close_delay = wire.as_ref().filter(|_| pending.event == "close").map(|w| w.delay_ns);
+        let close_delay = wire
+            .as_ref()
+            .filter(|_| pending.event == "close")
+            .map(|w| w.delay_ns);
         if let Some(delay) = close_delay {
             self.stats.close_to_wire.record(delay.max(0) as u64);
         }
@@ -393,7 +403,12 @@ impl Pipeline {
     fn socket_line(&self, p: &PendingLine, wire: Option<&WireMatch>) -> String {
         let ev = &p.ev;
         let (pid, tid, comm, owner) = match &ev.owner {
-            Owner::Known { pid, tid, comm, how } => (Some(*pid), Some(*tid), Some(comm.as_str()), *how),
+            Owner::Known {
+                pid,
+                tid,
+                comm,
+                how,
+            } => (Some(*pid), Some(*tid), Some(comm.as_str()), *how),
             Owner::Unknown(why) => (None, None, None, *why),
         };
         let is = |names: &[&str]| names.contains(&p.event);
@@ -417,7 +432,8 @@ impl Pipeline {
             fd: is(&["close"]).then_some(ev.fd),
             outcome: is(&["close"]).then_some(p.outcome),
             reason: is(&["close", "rst_sent"]).then(|| p.reason.clone()),
-            duration_ns: is(&["close", "fin_received", "state"]).then(|| ev.duration_in_old_state()),
+            duration_ns: is(&["close", "fin_received", "state"])
+                .then(|| ev.duration_in_old_state()),
             wire: (p.event != "state").then(|| wire.map(|w| self.wire(w))),
             derived: p.derived_from_wire.then_some("wire"),
         };
@@ -511,4 +527,3 @@ fn packet_line(p: &WirePacket, retransmit: bool, conn: Option<u64>) -> PacketLin
         retransmit,
     }
 }
-

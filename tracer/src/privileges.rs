@@ -85,7 +85,13 @@ pub fn drop_all() -> std::io::Result<()> {
     };
     let data = [CapData::default(); 2];
     // SAFETY: capset with a v3 header and two zeroed data words, as the ABI requires.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr()) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -105,7 +111,10 @@ mod tests {
 
     #[test]
     fn names_what_is_missing() {
-        assert_eq!(missing_for_tracing(0, true), ["CAP_BPF", "CAP_PERFMON", "CAP_NET_RAW"]);
+        assert_eq!(
+            missing_for_tracing(0, true),
+            ["CAP_BPF", "CAP_PERFMON", "CAP_NET_RAW"]
+        );
         assert_eq!(missing_for_tracing(0, false), ["CAP_BPF", "CAP_PERFMON"]);
         let root = u64::MAX;
         assert!(missing_for_tracing(root, true).is_empty());

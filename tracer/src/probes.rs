@@ -50,8 +50,13 @@ pub fn choose(mode: ProbeMode, kprobes_available: bool) -> anyhow::Result<ProbeS
 /// Where a program attaches.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attach {
-    Tracepoint { group: &'static str, name: &'static str },
-    Kprobe { function: &'static str },
+    Tracepoint {
+        group: &'static str,
+        name: &'static str,
+    },
+    Kprobe {
+        function: &'static str,
+    },
 }
 
 /// One hook: a program of the eBPF object and where it goes.
@@ -91,30 +96,100 @@ const fn tp(
 
 /// Every tracepoint hook, in attach order.
 pub const TRACEPOINT_HOOKS: &[Hook] = &[
-    tp("set_state", "sock", "inet_sock_set_state", true, "no TCP state changes"),
-    tp("send_reset", "tcp", "tcp_send_reset", false, "no rst_sent events and no RST reasons"),
-    tp("receive_reset", "tcp", "tcp_receive_reset", false, "a peer's RST shows as a plain state change"),
-    tp("destroy_sock", "tcp", "tcp_destroy_sock", false, "the owner table is cleaned only by eviction"),
-    tp("enter_close", "syscalls", "sys_enter_close", false, "`syscall` is null for close(2)"),
-    tp("exit_call", "syscalls", "sys_exit_close", false, "`syscall` may be wrong after close(2)"),
-    tp("enter_shutdown", "syscalls", "sys_enter_shutdown", false, "`syscall` is null for shutdown(2)"),
-    tp("exit_call", "syscalls", "sys_exit_shutdown", false, "`syscall` may be wrong after shutdown(2)"),
-    tp("process_exit", "sched", "sched_process_exit", false, "closes at process exit show `syscall: null`"),
-    tp("sock_io", "sock", "sock_send_length", false, "accepted sockets are attributed to the listener's owner until closed"),
-    tp("sock_io", "sock", "sock_recv_length", false, "accepted sockets are attributed to the listener's owner until closed"),
+    tp(
+        "set_state",
+        "sock",
+        "inet_sock_set_state",
+        true,
+        "no TCP state changes",
+    ),
+    tp(
+        "send_reset",
+        "tcp",
+        "tcp_send_reset",
+        false,
+        "no rst_sent events and no RST reasons",
+    ),
+    tp(
+        "receive_reset",
+        "tcp",
+        "tcp_receive_reset",
+        false,
+        "a peer's RST shows as a plain state change",
+    ),
+    tp(
+        "destroy_sock",
+        "tcp",
+        "tcp_destroy_sock",
+        false,
+        "the owner table is cleaned only by eviction",
+    ),
+    tp(
+        "enter_close",
+        "syscalls",
+        "sys_enter_close",
+        false,
+        "`syscall` is null for close(2)",
+    ),
+    tp(
+        "exit_call",
+        "syscalls",
+        "sys_exit_close",
+        false,
+        "`syscall` may be wrong after close(2)",
+    ),
+    tp(
+        "enter_shutdown",
+        "syscalls",
+        "sys_enter_shutdown",
+        false,
+        "`syscall` is null for shutdown(2)",
+    ),
+    tp(
+        "exit_call",
+        "syscalls",
+        "sys_exit_shutdown",
+        false,
+        "`syscall` may be wrong after shutdown(2)",
+    ),
+    tp(
+        "process_exit",
+        "sched",
+        "sched_process_exit",
+        false,
+        "closes at process exit show `syscall: null`",
+    ),
+    tp(
+        "sock_io",
+        "sock",
+        "sock_send_length",
+        false,
+        "accepted sockets are attributed to the listener's owner until closed",
+    ),
+    tp(
+        "sock_io",
+        "sock",
+        "sock_recv_length",
+        false,
+        "accepted sockets are attributed to the listener's owner until closed",
+    ),
 ];
 
 /// The kprobes, used on kernels that have them.
 pub const KPROBE_HOOKS: &[Hook] = &[
     Hook {
         program: "tcp_close",
-        attach: Attach::Kprobe { function: "tcp_close" },
+        attach: Attach::Kprobe {
+            function: "tcp_close",
+        },
         required: false,
         without: "the closed socket is inferred from the first state change in the call",
     },
     Hook {
         program: "tcp_send_active_reset",
-        attach: Attach::Kprobe { function: "tcp_send_active_reset" },
+        attach: Attach::Kprobe {
+            function: "tcp_send_active_reset",
+        },
         required: false,
         without: "on kernels before 6.10, RSTs sent by close() are not seen",
     },
@@ -164,9 +239,11 @@ impl KernelSupport {
     /// Whether a hook can be attached on this kernel.
     pub fn has(&self, hook: &Hook) -> bool {
         match &hook.attach {
-            Attach::Tracepoint { group, name } => {
-                self.formats.present.iter().any(|p| *p == format!("{group}:{name}"))
-            }
+            Attach::Tracepoint { group, name } => self
+                .formats
+                .present
+                .iter()
+                .any(|p| *p == format!("{group}:{name}")),
             Attach::Kprobe { function } => self.kprobes && kernel_has_symbol(function),
         }
     }
@@ -206,7 +283,13 @@ impl Formats {
         };
         for hook in TRACEPOINT_HOOKS {
             if let Attach::Tracepoint { group, name } = hook.attach {
-                if root.join("events").join(group).join(name).join("format").exists() {
+                if root
+                    .join("events")
+                    .join(group)
+                    .join(name)
+                    .join("format")
+                    .exists()
+                {
                     formats.present.push(format!("{group}:{name}"));
                 }
             }
@@ -224,7 +307,9 @@ impl Formats {
         tracefs::require_fields(
             set_state,
             "sock:inet_sock_set_state",
-            &["skaddr", "oldstate", "newstate", "sport", "dport", "family", "saddr", "daddr"],
+            &[
+                "skaddr", "oldstate", "newstate", "sport", "dport", "family", "saddr", "daddr",
+            ],
         )?;
         cfg.set_state = tracefs::tuple_layout(set_state);
         if let Some(f) = &self.receive_reset {
@@ -332,14 +417,16 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<()> {
         Attach::Tracepoint { group, name } => {
             let tp: &mut TracePoint = program.try_into()?;
             if tp.fd().is_err() {
-                tp.load().map_err(|e| anyhow::anyhow!(explain_verifier(e)))?;
+                tp.load()
+                    .map_err(|e| anyhow::anyhow!(explain_verifier(e)))?;
             }
             tp.attach(group, name)?;
         }
         Attach::Kprobe { function } => {
             let kp: &mut KProbe = program.try_into()?;
             if kp.fd().is_err() {
-                kp.load().map_err(|e| anyhow::anyhow!(explain_verifier(e)))?;
+                kp.load()
+                    .map_err(|e| anyhow::anyhow!(explain_verifier(e)))?;
             }
             kp.attach(function, 0)?;
         }
@@ -373,7 +460,10 @@ mod tests {
 
     #[test]
     fn auto_picks_tracepoints_without_kprobes() {
-        assert_eq!(choose(ProbeMode::Auto, false).unwrap(), ProbeSet::Tracepoints);
+        assert_eq!(
+            choose(ProbeMode::Auto, false).unwrap(),
+            ProbeSet::Tracepoints
+        );
     }
 
     #[test]
@@ -386,7 +476,10 @@ mod tests {
 
     #[test]
     fn explicit_modes() {
-        assert_eq!(choose(ProbeMode::Tracepoint, true).unwrap(), ProbeSet::Tracepoints);
+        assert_eq!(
+            choose(ProbeMode::Tracepoint, true).unwrap(),
+            ProbeSet::Tracepoints
+        );
         assert_eq!(
             choose(ProbeMode::Kprobe, true).unwrap(),
             ProbeSet::TracepointsAndKprobes
@@ -414,26 +507,44 @@ mod tests {
         let names: Vec<String> = present.iter().map(Hook::name).collect();
         assert_eq!(
             names,
-            ["tracepoint:sock:inet_sock_set_state", "tracepoint:tcp:tcp_send_reset"]
+            [
+                "tracepoint:sock:inet_sock_set_state",
+                "tracepoint:tcp:tcp_send_reset"
+            ]
         );
-        assert!(missing.iter().any(|h| h.name() == "tracepoint:tcp:tcp_receive_reset"));
-        assert!(support_with(&["tcp:tcp_send_reset"]).plan(ProbeSet::Tracepoints).is_err());
+        assert!(
+            missing
+                .iter()
+                .any(|h| h.name() == "tracepoint:tcp:tcp_receive_reset")
+        );
+        assert!(
+            support_with(&["tcp:tcp_send_reset"])
+                .plan(ProbeSet::Tracepoints)
+                .is_err()
+        );
     }
 
     #[test]
     fn config_offsets_come_from_format_files() {
         let read = |p: &str| Some(tracefs::parse_format(p).unwrap());
         let formats = Formats {
-            set_state: read(include_str!("../tests/fixtures/6.18/inet_sock_set_state.format")),
+            set_state: read(include_str!(
+                "../tests/fixtures/6.18/inet_sock_set_state.format"
+            )),
             send_reset: read(include_str!("../tests/fixtures/6.1/tcp_send_reset.format")),
-            enter_close: read(include_str!("../tests/fixtures/6.18/sys_enter_close.format")),
+            enter_close: read(include_str!(
+                "../tests/fixtures/6.18/sys_enter_close.format"
+            )),
             ..Formats::default()
         };
         let cfg = formats.config().unwrap();
         assert_eq!(cfg.set_state.newstate, 20);
         assert_eq!(cfg.close_fd, 16);
         assert_eq!(cfg.send_reset.reason, NONE);
-        assert_eq!(cfg.reset_tp_covers_active, 0, "6.1 needs the active-reset kprobe");
+        assert_eq!(
+            cfg.reset_tp_covers_active, 0,
+            "6.1 needs the active-reset kprobe"
+        );
         assert_eq!(cfg.io_skaddr, NONE);
         assert!(formats.reset_reasons().is_empty());
     }

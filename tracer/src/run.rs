@@ -18,17 +18,17 @@ use tokio::{
 use tracer_common::counter;
 
 use crate::{
-    capture::{self, CaptureConfig, CaptureHandle, WirePacket},
+    capture::{self, CaptureConfig, CaptureHandle, CaptureParts, WirePacket},
     cli::{BadInput, Settings},
     clock::{SharedClock, now_mono_ns, rfc3339_nanos},
     kernel::KernelEvent,
+    lines::{Format, LostLine},
+    metrics::{self, Metrics},
     output::Output,
     owners,
     pipeline::Pipeline,
     privileges,
     probes::{self, Hook, KernelSupport, LoadOptions},
-    lines::{Format, LostLine},
-    metrics::{self, Metrics},
     stats::{KernelCounts, Lost, Percentiles},
     tracefs,
 };
@@ -67,11 +67,17 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     // Wake the reader when a quarter of the ring is used; below that it drains every tick.
     config.wakeup_bytes = settings.ringbuf_bytes / 4;
     for hook in &missing {
-        eprintln!("tracer: {} is not available on this kernel: {}", hook.name(), hook.without);
+        eprintln!(
+            "tracer: {} is not available on this kernel: {}",
+            hook.name(),
+            hook.without
+        );
     }
 
     let output = Output::start(settings.destination.clone(), settings.format).map_err(|e| {
-        BadInput(format!("cannot write the output ({e}): choose a writable path for -o"))
+        BadInput(format!(
+            "cannot write the output ({e}): choose a writable path for -o"
+        ))
     })?;
     let capture = open_capture(&settings)?;
     let mut loaded = probes::load(
@@ -85,9 +91,18 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     )?;
     let seeded = owners::seed(&mut loaded.ebpf, &settings.pids)
         .context("seeding owners of existing connections from /proc")?;
-    let ring = RingBuf::try_from(loaded.ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
-    let counters: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(loaded.ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
+    let ring = RingBuf::try_from(
+        loaded
+            .ebpf
+            .take_map("EVENTS")
+            .context("EVENTS map missing")?,
+    )?;
+    let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
+        loaded
+            .ebpf
+            .take_map("COUNTERS")
+            .context("COUNTERS map missing")?,
+    )?;
     privileges::drop_all().context("dropping capabilities after attaching")?;
 
     let metrics = match settings.metrics {
@@ -108,7 +123,14 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         settings.format,
         metrics.clone(),
     );
-    output.line(ready_line(&pipeline, &loaded.attached, &missing, &capture, &settings, seeded));
+    output.line(ready_line(
+        &pipeline,
+        &loaded.attached,
+        &missing,
+        &capture,
+        &settings,
+        seeded,
+    ));
     pipeline.stats.count_line("ready");
     let stop = event_loop(&settings, &mut pipeline, &output, ring, &counters, capture).await?;
     let _ = stop;
@@ -152,12 +174,17 @@ async fn event_loop(
     // which happens only with the AsyncFd that owns it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    let (mut packets, capture_stats, shared_clock) = match capture {
+    let (mut packets, capture_stats, shared_clock, _capture_guard) = match capture {
         Some(handle) => {
-            let CaptureHandle { rx, stats, clock, .. } = handle.into_parts();
-            (Some(rx), Some(stats), Some(clock))
+            let CaptureParts {
+                rx,
+                stats,
+                clock,
+                guard,
+            } = handle.into_parts();
+            (Some(rx), Some(stats), Some(clock), Some(guard))
         }
-        None => (None, None, None),
+        None => (None, None, None, None),
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -139,7 +139,10 @@ mod tests {
             last = b;
             let low = lower_bound(b);
             assert!(low <= v, "{low} <= {v}");
-            assert!((v - low) as f64 <= v as f64 / 64.0 + 1.0, "error at {v}: {low}");
+            assert!(
+                (v - low) as f64 <= v as f64 / 64.0 + 1.0,
+                "error at {v}: {low}"
+            );
         }
         assert!(lower_bound(bucket_of(u64::MAX)) <= u64::MAX);
     }

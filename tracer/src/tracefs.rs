@@ -210,7 +210,11 @@ pub fn reset_layout(format: &Format) -> ResetLayout {
         .field("saddr")
         .is_some_and(|f| f.size == SOCKADDR_IN6_SIZE);
     let (sockaddr_saddr, sockaddr_daddr, tuple) = if sockaddr_style {
-        (format.offset("saddr"), format.offset("daddr"), TupleLayout::NONE)
+        (
+            format.offset("saddr"),
+            format.offset("daddr"),
+            TupleLayout::NONE,
+        )
     } else {
         (NONE, NONE, tuple_layout(format))
     };
@@ -279,7 +283,10 @@ mod tests {
         assert_eq!(layout.sockaddr_daddr, 60);
         assert_eq!(layout.tuple, TupleLayout::NONE);
         let reasons = format.symbolic_names("reason");
-        assert_eq!(reasons.get(&11).map(String::as_str), Some("TCP_ABORT_ON_CLOSE"));
+        assert_eq!(
+            reasons.get(&11).map(String::as_str),
+            Some("TCP_ABORT_ON_CLOSE")
+        );
         assert_eq!(reasons.get(&14).map(String::as_str), Some("TCP_STATE"));
         assert_eq!(reasons.get(&0).map(String::as_str), Some("NOT_SPECIFIED"));
     }
@@ -319,7 +326,10 @@ mod tests {
     fn field_names_from_declarations() {
         assert_eq!(field_name("const void * skaddr").as_deref(), Some("skaddr"));
         assert_eq!(field_name("__u8 saddr_v6[16]").as_deref(), Some("saddr_v6"));
-        assert_eq!(field_name("enum sk_rst_reason reason").as_deref(), Some("reason"));
+        assert_eq!(
+            field_name("enum sk_rst_reason reason").as_deref(),
+            Some("reason")
+        );
         assert_eq!(field_name("void *sk").as_deref(), Some("sk"));
     }
 

@@ -1,0 +1,581 @@
+//! Packet capture: FIN and RST segments from libpcap, headers only, on a thread of their own.
+//!
+//! The capture filter runs in the kernel and keeps only TCP segments with FIN or RST, so
+//! ordinary traffic costs nothing here. The snapshot length holds the headers and not more
+//! than the first 16 bytes of TCP (ports, sequence numbers, flags): payload is never parsed,
+//! kept or written.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use pcap::{Active, Capture, Device, Linktype, Precision};
+use tokio::sync::mpsc;
+
+use crate::clock::SharedClock;
+
+/// TCP flag bits as in the TCP header.
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+    pub const ECE: u8 = 0x40;
+    pub const CWR: u8 = 0x80;
+}
+
+/// Which way the packet went, as the capture saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dir {
+    /// Sent by this host (PACKET_OUTGOING).
+    Out,
+    /// Received by this host.
+    In,
+}
+
+impl Dir {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dir::Out => "out",
+            Dir::In => "in",
+        }
+    }
+}
+
+/// One captured FIN or RST segment: only header fields, never payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WirePacket {
+    /// CLOCK_MONOTONIC nanoseconds, converted from the capture's wall-clock stamp.
+    pub mono_ns: u64,
+    /// Wall clock (Unix epoch) nanoseconds as libpcap stamped it.
+    pub wall_ns: u64,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// TCP flags byte (see `tcp_flags`).
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub iface: Arc<str>,
+    pub dir: Dir,
+}
+
+/// Link-layer types this module parses.
+const DLT_EN10MB: i32 = 1;
+const DLT_LINUX_SLL: i32 = 113;
+const DLT_LINUX_SLL2: i32 = 276;
+const PACKET_OUTGOING: u8 = 4;
+/// Link header (SLL2: 20) + IPv4 with options (60) + the first 16 bytes of TCP. IPv6 (40)
+/// fits too. Nothing past the TCP flags is needed.
+const SNAPLEN: i32 = 96;
+/// Packets waiting for the main loop; beyond, they are counted and dropped, never blocking.
+const QUEUE: usize = 65_536;
+
+pub struct CaptureConfig {
+    pub iface: String,
+    pub ports: Vec<u16>,
+}
+
+/// Counters shared with the capture thread.
+#[derive(Default, Debug)]
+pub struct CaptureStats {
+    /// Packets dropped because the main loop's queue was full.
+    pub channel_dropped: AtomicU64,
+    /// Packets libpcap or the interface dropped (pcap_stats: ps_drop + ps_ifdrop).
+    pub pcap_dropped: AtomicU64,
+    pub captured: AtomicU64,
+}
+
+/// A running capture.
+pub struct CaptureHandle {
+    pub rx: mpsc::Receiver<WirePacket>,
+    pub stats: Arc<CaptureStats>,
+    pub iface: String,
+    pub clock: SharedClock,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the main loop keeps of a capture.
+pub struct CaptureParts {
+    pub rx: mpsc::Receiver<WirePacket>,
+    pub stats: Arc<CaptureStats>,
+    pub clock: SharedClock,
+    pub guard: CaptureGuard,
+}
+
+/// Stops and joins the capture thread when dropped.
+pub struct CaptureGuard {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl CaptureHandle {
+    pub fn into_parts(mut self) -> CaptureParts {
+        CaptureParts {
+            rx: std::mem::replace(&mut self.rx, mpsc::channel(1).1),
+            stats: self.stats.clone(),
+            clock: self.clock.clone(),
+            guard: CaptureGuard {
+                stop: self.stop.clone(),
+                thread: self.thread.take(),
+            },
+        }
+    }
+}
+
+impl Drop for CaptureHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Names of the interfaces libpcap can capture on.
+pub fn interface_names() -> Vec<String> {
+    Device::list()
+        .map(|devices| devices.into_iter().map(|d| d.name).collect())
+        .unwrap_or_default()
+}
+
+/// The kernel filter: TCP with FIN or RST, IPv4 and IPv6 (IPv6 without extension headers:
+/// the TCP flags byte is then at offset 40 + 13), narrowed to the ports when given.
+pub fn filter_expression(ports: &[u16]) -> String {
+    let base =
+        "((tcp[tcpflags] & (tcp-fin|tcp-rst) != 0) or (ip6 and tcp and (ip6[53] & 0x05 != 0)))";
+    if ports.is_empty() {
+        return base.to_string();
+    }
+    let ports: Vec<String> = ports.iter().map(|p| format!("port {p}")).collect();
+    format!("{base} and ({})", ports.join(" or "))
+}
+
+/// Opens the capture now (so a bad interface or a missing privilege fails before `ready`) and
+/// reads it on a thread.
+pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHandle> {
+    let mut cap = Capture::from_device(cfg.iface.as_str())
+        .context("finding the capture device")?
+        .immediate_mode(true)
+        .snaplen(SNAPLEN)
+        .precision(Precision::Nano)
+        .buffer_size(8 << 20)
+        .timeout(100)
+        .open()
+        .context("opening the capture (needs CAP_NET_RAW)")?;
+    choose_cooked_linktype(&mut cap);
+    cap.filter(&filter_expression(&cfg.ports), true)
+        .context("compiling the capture filter")?;
+    // Non-blocking, waited on with poll(2): in immediate mode libpcap ignores its own read
+    // timeout, and the thread must notice when it is told to stop.
+    let cap = cap
+        .setnonblock()
+        .context("making the capture non-blocking")?;
+    let linktype = cap.get_datalink().0;
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let stats = Arc::new(CaptureStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = Reader {
+        cap,
+        linktype,
+        default_iface: Arc::from(cfg.iface.as_str()),
+        names: HashMap::new(),
+        clock: clock.clone(),
+        tx,
+        stats: stats.clone(),
+        stop: stop.clone(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("tracer-capture".into())
+        .spawn(move || reader.run())?;
+    Ok(CaptureHandle {
+        rx,
+        stats,
+        iface: cfg.iface.clone(),
+        clock,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// Prefers the Linux "cooked" headers, which carry the direction (and, for SLL2, the
+/// interface) on every interface, including `any` and `lo`.
+fn choose_cooked_linktype(cap: &mut Capture<Active>) {
+    let available = cap.list_datalinks().unwrap_or_default();
+    for wanted in [DLT_LINUX_SLL2, DLT_LINUX_SLL] {
+        if cap.get_datalink().0 == wanted {
+            return;
+        }
+        if available.iter().any(|l| l.0 == wanted) && cap.set_datalink(Linktype(wanted)).is_ok() {
+            return;
+        }
+    }
+}
+
+struct Reader {
+    cap: Capture<Active>,
+    linktype: i32,
+    default_iface: Arc<str>,
+    names: HashMap<u32, Arc<str>>,
+    clock: SharedClock,
+    tx: mpsc::Sender<WirePacket>,
+    stats: Arc<CaptureStats>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Reader {
+    fn run(mut self) {
+        // Reading needs no privilege: the socket is open. Give this thread's capabilities up.
+        let _ = crate::privileges::drop_all();
+        let mut last_stats = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) && !self.tx.is_closed() {
+            if self.wait_readable(100) && !self.drain() {
+                break; // the capture failed (interface gone): the main loop sees the channel close
+            }
+            if last_stats.elapsed() >= Duration::from_millis(200) {
+                last_stats = Instant::now();
+                self.read_pcap_stats();
+            }
+        }
+        self.read_pcap_stats();
+    }
+
+    fn wait_readable(&self, timeout_ms: i32) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.cap.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, timeout_ms) > 0 }
+    }
+
+    /// Reads every packet available now; false when the capture failed.
+    fn drain(&mut self) -> bool {
+        loop {
+            match self.cap.next_packet() {
+                Ok(packet) => {
+                    let ts = packet.header.ts;
+                    // With Precision::Nano, tv_usec carries nanoseconds.
+                    let wall_ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_usec as u64;
+                    if let Some(p) = parse_packet(self.linktype, packet.data) {
+                        self.deliver(p, wall_ns);
+                    }
+                }
+                Err(pcap::Error::TimeoutExpired) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn deliver(&mut self, p: Parsed, wall_ns: u64) {
+        self.stats.captured.fetch_add(1, Ordering::Relaxed);
+        let iface = match p.ifindex {
+            Some(index) => self.iface_name(index),
+            None => self.default_iface.clone(),
+        };
+        let packet = WirePacket {
+            mono_ns: self.clock.get().wall_to_mono_ns(wall_ns),
+            wall_ns,
+            src: p.src,
+            dst: p.dst,
+            flags: p.flags,
+            seq: p.seq,
+            ack: p.ack,
+            iface,
+            dir: p.dir,
+        };
+        if self.tx.try_send(packet).is_err() {
+            self.stats.channel_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn iface_name(&mut self, index: u32) -> Arc<str> {
+        self.names
+            .entry(index)
+            .or_insert_with(|| Arc::from(if_name(index).as_str()))
+            .clone()
+    }
+
+    fn read_pcap_stats(&mut self) {
+        if let Ok(s) = self.cap.stats() {
+            self.stats
+                .pcap_dropped
+                .store(s.dropped as u64 + s.if_dropped as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+fn if_name(index: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer is IF_NAMESIZE long, as if_indextoname requires.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return format!("if{index}");
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The header fields of one captured segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub dir: Dir,
+    pub ifindex: Option<u32>,
+}
+
+/// Parses link, IP and TCP headers; None for anything else or a truncated header.
+pub fn parse_packet(linktype: i32, data: &[u8]) -> Option<Parsed> {
+    let (ethertype, dir, ifindex, ip) = match linktype {
+        DLT_LINUX_SLL2 => {
+            let ethertype = be16(data, 0)?;
+            let ifindex = be32(data, 4)?;
+            let pkttype = *data.get(10)?;
+            (
+                ethertype,
+                direction(pkttype),
+                Some(ifindex),
+                data.get(20..)?,
+            )
+        }
+        DLT_LINUX_SLL => {
+            let pkttype = be16(data, 0)? as u8;
+            let ethertype = be16(data, 14)?;
+            (ethertype, direction(pkttype), None, data.get(16..)?)
+        }
+        // Ethernet has no direction: callers of this path treat packets as incoming.
+        DLT_EN10MB => (be16(data, 12)?, Dir::In, None, data.get(14..)?),
+        _ => return None,
+    };
+    let (src_ip, dst_ip, tcp) = match ethertype {
+        0x0800 => parse_ipv4(ip)?,
+        0x86DD => parse_ipv6(ip)?,
+        _ => return None,
+    };
+    Some(Parsed {
+        src: SocketAddr::new(src_ip, be16(tcp, 0)?),
+        dst: SocketAddr::new(dst_ip, be16(tcp, 2)?),
+        seq: be32(tcp, 4)?,
+        ack: be32(tcp, 8)?,
+        flags: *tcp.get(13)?,
+        dir,
+        ifindex,
+    })
+}
+
+fn direction(pkttype: u8) -> Dir {
+    if pkttype == PACKET_OUTGOING {
+        Dir::Out
+    } else {
+        Dir::In
+    }
+}
+
+fn parse_ipv4(ip: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])> {
+    let ihl = (*ip.first()? & 0x0f) as usize * 4;
+    if ip.first()? >> 4 != 4 || *ip.get(9)? != 6 || ihl < 20 {
+        return None;
+    }
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], *ip.get(15)?);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], *ip.get(19)?);
+    Some((src.into(), dst.into(), ip.get(ihl..)?))
+}
+
+fn parse_ipv6(ip: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])> {
+    if ip.first()? >> 4 != 6 || *ip.get(6)? != 6 {
+        return None; // not TCP right after the fixed header (extension headers unsupported)
+    }
+    let src: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
+    let dst: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
+    Some((
+        Ipv6Addr::from(src).into(),
+        Ipv6Addr::from(dst).into(),
+        ip.get(40..)?,
+    ))
+}
+
+fn be16(data: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes(data.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn be32(data: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
+        let mut t = Vec::new();
+        t.extend_from_slice(&sport.to_be_bytes());
+        t.extend_from_slice(&dport.to_be_bytes());
+        t.extend_from_slice(&seq.to_be_bytes());
+        t.extend_from_slice(&ack.to_be_bytes());
+        t.extend_from_slice(&[0x50, flags, 0xff, 0xff]);
+        t
+    }
+
+    fn ipv4(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        ip.extend_from_slice(payload);
+        ip
+    }
+
+    fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+        let mut ip = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        ip.extend_from_slice(payload);
+        ip
+    }
+
+    fn sll2(ethertype: u16, ifindex: u32, pkttype: u8, ip: &[u8]) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(&ethertype.to_be_bytes());
+        h.extend_from_slice(&[0, 0]);
+        h.extend_from_slice(&ifindex.to_be_bytes());
+        h.extend_from_slice(&[0, 1, pkttype, 6]);
+        h.extend_from_slice(&[0; 8]);
+        h.extend_from_slice(ip);
+        h
+    }
+
+    fn sll(ethertype: u16, pkttype: u16, ip: &[u8]) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(&pkttype.to_be_bytes());
+        h.extend_from_slice(&[0, 1, 0, 6]);
+        h.extend_from_slice(&[0; 8]);
+        h.extend_from_slice(&ethertype.to_be_bytes());
+        h.extend_from_slice(ip);
+        h
+    }
+
+    #[test]
+    fn ipv4_over_sll2() {
+        let seg = tcp(8080, 40000, 1000, 2000, tcp_flags::RST | tcp_flags::ACK);
+        let frame = sll2(
+            0x0800,
+            7,
+            PACKET_OUTGOING,
+            &ipv4([10, 0, 0, 1], [10, 0, 0, 2], &seg),
+        );
+        let p = parse_packet(DLT_LINUX_SLL2, &frame).unwrap();
+        assert_eq!(p.src, "10.0.0.1:8080".parse().unwrap());
+        assert_eq!(p.dst, "10.0.0.2:40000".parse().unwrap());
+        assert_eq!((p.seq, p.ack), (1000, 2000));
+        assert_eq!(p.flags, tcp_flags::RST | tcp_flags::ACK);
+        assert_eq!(p.dir, Dir::Out);
+        assert_eq!(p.ifindex, Some(7));
+    }
+
+    #[test]
+    fn ipv6_over_sll() {
+        let seg = tcp(443, 50000, 1, 2, tcp_flags::FIN | tcp_flags::ACK);
+        let frame = sll(
+            0x86DD,
+            0,
+            &ipv6(Ipv6Addr::LOCALHOST, "fd00::2".parse().unwrap(), &seg),
+        );
+        let p = parse_packet(DLT_LINUX_SLL, &frame).unwrap();
+        assert_eq!(p.src, "[::1]:443".parse().unwrap());
+        assert_eq!(p.dst, "[fd00::2]:50000".parse().unwrap());
+        assert_eq!(p.dir, Dir::In);
+        assert_eq!(p.ifindex, None);
+        assert_eq!(p.flags & tcp_flags::FIN, tcp_flags::FIN);
+    }
+
+    #[test]
+    fn rejects_truncated_and_non_tcp() {
+        let seg = tcp(1, 2, 3, 4, tcp_flags::FIN);
+        let frame = sll2(0x0800, 1, 0, &ipv4([1, 1, 1, 1], [2, 2, 2, 2], &seg));
+        assert!(parse_packet(DLT_LINUX_SLL2, &frame[..frame.len() - 8]).is_none());
+        let mut udp = ipv4([1, 1, 1, 1], [2, 2, 2, 2], &seg);
+        udp[9] = 17;
+        assert!(parse_packet(DLT_LINUX_SLL2, &sll2(0x0800, 1, 0, &udp)).is_none());
+        assert!(parse_packet(DLT_LINUX_SLL2, &sll2(0x0806, 1, 0, &[0; 28])).is_none());
+        assert!(parse_packet(999, &frame).is_none());
+    }
+
+    #[test]
+    fn filter_narrows_to_ports() {
+        assert!(!filter_expression(&[]).contains("port"));
+        assert!(filter_expression(&[80, 443]).ends_with(") and (port 80 or port 443)"));
+    }
+
+    #[test]
+    fn captures_a_fin_on_loopback_and_filters_data() {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI runs as root"
+            );
+            eprintln!("SKIPPED: capturing needs root");
+            return;
+        }
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut handle = open(
+            &CaptureConfig {
+                iface: "lo".into(),
+                ports: vec![port],
+            },
+            SharedClock::new(),
+        )
+        .unwrap();
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        client.write_all(b"data, no FIN").unwrap();
+        let client_port = client.local_addr().unwrap().port();
+        drop(client);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let fin = loop {
+            match handle.rx.try_recv() {
+                Ok(p) => break p,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("no FIN captured: {e}"),
+            }
+        };
+        assert_eq!(fin.src.port(), client_port);
+        assert_ne!(
+            fin.flags & tcp_flags::FIN,
+            0,
+            "only FIN/RST pass the filter: {fin:?}"
+        );
+        assert_eq!(&*fin.iface, "lo");
+        drop(server);
+    }
+}

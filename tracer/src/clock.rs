@@ -1,0 +1,152 @@
+//! Kernel events are stamped with CLOCK_MONOTONIC (bpf_ktime_get_ns), packets with the wall
+//! clock (libpcap): the offset between the two, measured tightly and re-measured while running
+//! so that an NTP step or slew does not break the join.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicI64, Ordering},
+};
+
+/// Offset between CLOCK_REALTIME and CLOCK_MONOTONIC.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// realtime_ns - monotonic_ns at the last sample.
+    pub offset_ns: i128,
+}
+
+fn read(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec to fill.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of bpf_ktime_get_ns().
+pub fn now_mono_ns() -> u64 {
+    read(libc::CLOCK_MONOTONIC) as u64
+}
+
+impl Clock {
+    /// Reads MONO, REAL, MONO a few times and keeps the tightest bracket, REAL against the
+    /// midpoint (the way bpftrace does it): the error is at most half the bracket.
+    pub fn sample() -> Self {
+        let mut best: Option<(i128, i128)> = None; // (bracket width, offset)
+        for _ in 0..5 {
+            let before = read(libc::CLOCK_MONOTONIC);
+            let real = read(libc::CLOCK_REALTIME);
+            let after = read(libc::CLOCK_MONOTONIC);
+            let width = after - before;
+            let offset = real - (before + width / 2);
+            if best.is_none_or(|(w, _)| width < w) {
+                best = Some((width, offset));
+            }
+        }
+        Self {
+            offset_ns: best.expect("five samples").1,
+        }
+    }
+
+    pub fn mono_to_wall_ns(&self, mono: u64) -> u64 {
+        (mono as i128 + self.offset_ns).max(0) as u64
+    }
+
+    pub fn wall_to_mono_ns(&self, wall: u64) -> u64 {
+        (wall as i128 - self.offset_ns).max(0) as u64
+    }
+}
+
+/// The offset shared with the capture thread, refreshed by the main loop about once a second.
+#[derive(Clone, Debug)]
+pub struct SharedClock(Arc<AtomicI64>);
+
+impl Default for SharedClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SharedClock {
+    pub fn new() -> Self {
+        Self(Arc::new(AtomicI64::new(Clock::sample().offset_ns as i64)))
+    }
+
+    pub fn refresh(&self) {
+        self.0
+            .store(Clock::sample().offset_ns as i64, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Clock {
+        Clock {
+            offset_ns: self.0.load(Ordering::Relaxed) as i128,
+        }
+    }
+}
+
+/// RFC 3339 in UTC with nanoseconds: `2026-11-24T13:51:42.123456789Z`.
+pub fn rfc3339_nanos(wall_ns: u64) -> String {
+    let secs = wall_ns / 1_000_000_000;
+    let nanos = wall_ns % 1_000_000_000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_known_instants() {
+        assert_eq!(rfc3339_nanos(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(
+            rfc3339_nanos(951_782_400_000_000_001),
+            "2000-02-29T00:00:00.000000001Z"
+        );
+        assert_eq!(
+            rfc3339_nanos(1_795_528_302_123_456_789),
+            "2026-11-24T13:51:42.123456789Z"
+        );
+    }
+
+    #[test]
+    fn offset_matches_the_system_clock() {
+        let clock = Clock::sample();
+        let wall = clock.mono_to_wall_ns(now_mono_ns());
+        let system = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        assert!(wall.abs_diff(system) < 50_000_000, "{wall} vs {system}");
+        assert_eq!(clock.wall_to_mono_ns(clock.mono_to_wall_ns(12_345)), 12_345);
+    }
+
+    #[test]
+    fn shared_clock_refreshes() {
+        let shared = SharedClock::new();
+        let before = shared.get().offset_ns;
+        shared.refresh();
+        assert!((shared.get().offset_ns - before).abs() < 50_000_000);
+    }
+}

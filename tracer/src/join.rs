@@ -1,0 +1,821 @@
+//! The join: each kernel event that put a packet on the wire (or was caused by one) is matched
+//! with that packet, by identity first and time second.
+//!
+//! A kernel event and a packet belong together when they are the same connection (4-tuple, from
+//! the right direction), the same kind (FIN or RST) and nearest in time within the window. A
+//! packet has two claim slots: its sender's event and its receiver's event, since on loopback or
+//! between two namespaces of one host both ends are traced. Copies of one packet seen within a
+//! few milliseconds (interface `any` shows loopback traffic twice) are one packet; the same
+//! segment seen later is a retransmission. Events of one connection leave in the order they came.
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use crate::capture::{Dir, WirePacket, tcp_flags};
+
+/// Copies of a segment closer than this are one packet seen twice, not a retransmission.
+const DUPLICATE_NS: u64 = 5_000_000;
+/// A joined event waits this long (at most the window) for duplicate copies and immediate
+/// retransmissions before it is released.
+const SETTLE_NS: u64 = 20_000_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WantFlag {
+    Fin,
+    Rst,
+}
+
+impl WantFlag {
+    fn matches(self, flags: u8) -> bool {
+        match self {
+            WantFlag::Fin => flags & tcp_flags::FIN != 0,
+            WantFlag::Rst => flags & tcp_flags::RST != 0,
+        }
+    }
+}
+
+/// The packet an event waits for. `dir` is relative to the event's socket: Out = the socket
+/// sent it (src == local); In = it received it (src == remote).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Want {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub flag: WantFlag,
+    pub dir: Dir,
+}
+
+/// The packet that joined an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireMatch {
+    pub packet: WirePacket,
+    /// Relative to the event's socket.
+    pub dir: Dir,
+    /// packet.mono_ns - event mono_ns; may be slightly negative across CPUs.
+    pub delay_ns: i64,
+    /// Further copies of the segment seen later (retransmissions).
+    pub retransmits: u32,
+}
+
+#[derive(Debug)]
+pub enum Joined<T> {
+    Event {
+        item: T,
+        wire: Option<WireMatch>,
+    },
+    Packet {
+        packet: WirePacket,
+        retransmit: bool,
+    },
+}
+
+/// (source, destination) of a packet, IPv4-mapped IPv6 addresses written as IPv4.
+type PathKey = (SocketAddr, SocketAddr);
+
+fn normalise(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
+impl Want {
+    /// The packet's (src, dst) this want matches.
+    fn path(&self) -> PathKey {
+        let (l, r) = (normalise(self.local), normalise(self.remote));
+        match self.dir {
+            Dir::Out => (l, r),
+            Dir::In => (r, l),
+        }
+    }
+}
+
+fn slot(dir: Dir) -> usize {
+    match dir {
+        Dir::Out => 0,
+        Dir::In => 1,
+    }
+}
+
+struct PendingEvent<T> {
+    conn: u64,
+    mono_ns: u64,
+    want: Option<Want>,
+    item: T,
+    wire: Option<WireMatch>,
+    /// The packet entry that joined it.
+    packet_id: Option<u64>,
+    ready: bool,
+}
+
+/// One packet (all its near-simultaneous copies) waiting to be claimed.
+struct PacketEntry {
+    id: u64,
+    /// Copies by the capture's own direction: [out, in].
+    copies: [Option<WirePacket>; 2],
+    first_mono: u64,
+    /// Event ids that claimed it, as sender (0) and receiver (1).
+    claimed: [Option<u64>; 2],
+    retransmit: bool,
+}
+
+impl PacketEntry {
+    fn any_copy(&self) -> &WirePacket {
+        self.copies[0]
+            .as_ref()
+            .or(self.copies[1].as_ref())
+            .expect("an entry has a copy")
+    }
+
+    /// The copy an event on this end should carry: the one the capture saw going its way.
+    fn copy_for(&self, role: Dir) -> &WirePacket {
+        self.copies[slot(role)]
+            .as_ref()
+            .unwrap_or_else(|| self.any_copy())
+    }
+
+    fn same_segment(&self, p: &WirePacket) -> bool {
+        let c = self.any_copy();
+        c.seq == p.seq && c.ack == p.ack && c.flags == p.flags
+    }
+}
+
+pub struct Joiner<T> {
+    window_ns: u64,
+    settle_ns: u64,
+    max_pending: usize,
+    next_id: u64,
+    events: HashMap<u64, PendingEvent<T>>,
+    /// Event ids per connection, in push order.
+    by_conn: HashMap<u64, VecDeque<u64>>,
+    /// (release-or-expiry time, event id).
+    timers: BTreeSet<(u64, u64)>,
+    /// Unjoined events waiting for a packet, by the packet path they expect.
+    waiting: HashMap<PathKey, Vec<u64>>,
+    packets: HashMap<PathKey, Vec<PacketEntry>>,
+    /// (expiry time, path, packet id).
+    packet_order: VecDeque<(u64, PathKey, u64)>,
+    /// Outputs produced outside poll (overflow, retransmissions of released joins).
+    out: Vec<Joined<T>>,
+    dropped: u64,
+}
+
+impl<T> Joiner<T> {
+    pub fn new(window: Duration, max_pending: usize) -> Self {
+        let window_ns = window.as_nanos() as u64;
+        Self {
+            window_ns,
+            settle_ns: SETTLE_NS.min(window_ns),
+            max_pending,
+            next_id: 0,
+            events: HashMap::new(),
+            by_conn: HashMap::new(),
+            timers: BTreeSet::new(),
+            waiting: HashMap::new(),
+            packets: HashMap::new(),
+            packet_order: VecDeque::new(),
+            out: Vec::new(),
+            dropped: 0,
+        }
+    }
+
+    /// Items dropped (packets) or released without waiting for their packet (events) because
+    /// more than `max_pending` waited.
+    pub fn overflow_dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    pub fn pending(&self) -> usize {
+        self.events.len()
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub fn push_event(&mut self, conn: u64, mono_ns: u64, want: Option<Want>, item: T) {
+        self.make_room();
+        let id = self.id();
+        let release_at = if want.is_some() {
+            mono_ns + self.window_ns
+        } else {
+            mono_ns
+        };
+        self.events.insert(
+            id,
+            PendingEvent {
+                conn,
+                mono_ns,
+                want: want.clone(),
+                item,
+                wire: None,
+                packet_id: None,
+                ready: false,
+            },
+        );
+        self.by_conn.entry(conn).or_default().push_back(id);
+        self.timers.insert((release_at, id));
+        if let Some(want) = want {
+            if !self.claim_waiting_packet(id, &want, mono_ns) {
+                self.waiting.entry(want.path()).or_default().push(id);
+            }
+        }
+    }
+
+    /// Joins the event with the nearest unclaimed matching packet already seen, if any.
+    fn claim_waiting_packet(&mut self, id: u64, want: &Want, mono_ns: u64) -> bool {
+        let path = want.path();
+        let s = slot(want.dir);
+        let window = self.window_ns;
+        let Some(entries) = self.packets.get_mut(&path) else {
+            return false;
+        };
+        let best = entries
+            .iter_mut()
+            .filter(|e| e.claimed[s].is_none() && want.flag.matches(e.any_copy().flags))
+            .filter(|e| e.first_mono.abs_diff(mono_ns) <= window)
+            .min_by_key(|e| e.first_mono.abs_diff(mono_ns));
+        let Some(entry) = best else {
+            return false;
+        };
+        entry.claimed[s] = Some(id);
+        let packet = entry.copy_for(want.dir).clone();
+        let packet_id = entry.id;
+        self.attach(id, packet, packet_id, want.dir);
+        true
+    }
+
+    fn attach(&mut self, id: u64, packet: WirePacket, packet_id: u64, role: Dir) {
+        let Some(ev) = self.events.get_mut(&id) else {
+            return;
+        };
+        let old_release = ev.mono_ns + self.window_ns;
+        let release = ev.mono_ns.max(packet.mono_ns) + self.settle_ns;
+        ev.wire = Some(WireMatch {
+            delay_ns: packet.mono_ns as i64 - ev.mono_ns as i64,
+            packet,
+            dir: role,
+            retransmits: 0,
+        });
+        ev.packet_id = Some(packet_id);
+        self.timers.remove(&(old_release, id));
+        self.timers.insert((release.min(old_release), id));
+    }
+
+    pub fn push_packet(&mut self, pkt: WirePacket) {
+        let path = (normalise(pkt.src), normalise(pkt.dst));
+        if self.merge_copy(&path, &pkt) {
+            return;
+        }
+        self.make_room();
+        let id = self.id();
+        let retransmit = self.is_retransmission(&path, &pkt);
+        let mut entry = PacketEntry {
+            id,
+            copies: [None, None],
+            first_mono: pkt.mono_ns,
+            claimed: [None, None],
+            retransmit,
+        };
+        entry.copies[slot(pkt.dir)] = Some(pkt.clone());
+        if !retransmit {
+            for role in [Dir::Out, Dir::In] {
+                if let Some(ev_id) = self.nearest_waiting(&path, &pkt, role) {
+                    entry.claimed[slot(role)] = Some(ev_id);
+                    self.unwait(&path, ev_id);
+                    let copy = entry.copy_for(role).clone();
+                    self.attach(ev_id, copy, id, role);
+                }
+            }
+        }
+        self.packet_order
+            .push_back((pkt.mono_ns + self.window_ns, path, id));
+        self.packets.entry(path).or_default().push(entry);
+    }
+
+    /// A second copy of a packet already seen (interface `any`): keep it for the end it
+    /// belongs to. Returns whether `pkt` was such a copy.
+    fn merge_copy(&mut self, path: &PathKey, pkt: &WirePacket) -> bool {
+        let Some(entries) = self.packets.get_mut(path) else {
+            return false;
+        };
+        let Some(entry) = entries
+            .iter_mut()
+            .find(|e| e.same_segment(pkt) && e.first_mono.abs_diff(pkt.mono_ns) <= DUPLICATE_NS)
+        else {
+            return false;
+        };
+        let s = slot(pkt.dir);
+        if entry.copies[s].is_some() {
+            return true; // the very same copy twice: nothing new
+        }
+        entry.copies[s] = Some(pkt.clone());
+        // An event on this end already joined another copy: give it the copy seen its way.
+        if let Some(ev_id) = entry.claimed[s] {
+            if let Some(ev) = self.events.get_mut(&ev_id) {
+                if let Some(w) = ev.wire.as_mut() {
+                    w.delay_ns = pkt.mono_ns as i64 - ev.mono_ns as i64;
+                    w.packet = pkt.clone();
+                }
+            }
+        }
+        true
+    }
+
+    /// The same segment seen again after the duplicate threshold: count it on the events it
+    /// joined, or report it if they are gone.
+    fn is_retransmission(&mut self, path: &PathKey, pkt: &WirePacket) -> bool {
+        let Some(entries) = self.packets.get(path) else {
+            return false;
+        };
+        let Some(original) = entries.iter().find(|e| e.same_segment(pkt)) else {
+            return false;
+        };
+        let claimers: Vec<u64> = original.claimed.iter().flatten().copied().collect();
+        let mut counted = false;
+        for ev_id in claimers {
+            if let Some(w) = self.events.get_mut(&ev_id).and_then(|e| e.wire.as_mut()) {
+                w.retransmits += 1;
+                counted = true;
+            }
+        }
+        if !counted && !original.claimed.iter().all(Option::is_none) {
+            self.out.push(Joined::Packet {
+                packet: pkt.clone(),
+                retransmit: true,
+            });
+        }
+        true
+    }
+
+    fn nearest_waiting(&self, path: &PathKey, pkt: &WirePacket, role: Dir) -> Option<u64> {
+        self.waiting
+            .get(path)?
+            .iter()
+            .filter_map(|id| Some((*id, self.events.get(id)?)))
+            .filter(|(_, e)| {
+                e.wire.is_none()
+                    && e.want
+                        .as_ref()
+                        .is_some_and(|w| w.dir == role && w.flag.matches(pkt.flags))
+                    && e.mono_ns.abs_diff(pkt.mono_ns) <= self.window_ns
+            })
+            .min_by_key(|(_, e)| e.mono_ns.abs_diff(pkt.mono_ns))
+            .map(|(id, _)| id)
+    }
+
+    fn unwait(&mut self, path: &PathKey, id: u64) {
+        if let Some(ids) = self.waiting.get_mut(path) {
+            ids.retain(|&x| x != id);
+            if ids.is_empty() {
+                self.waiting.remove(path);
+            }
+        }
+    }
+
+    /// Everything ready at `now`: joined events past their settle time, events whose window
+    /// expired, events that never wanted a packet; packets nobody claimed in their window.
+    pub fn poll(&mut self, now_mono_ns: u64) -> Vec<Joined<T>> {
+        let mut out = std::mem::take(&mut self.out);
+        while let Some(&(at, id)) = self.timers.first() {
+            if at > now_mono_ns {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(ev) = self.events.get_mut(&id) {
+                ev.ready = true;
+                let conn = ev.conn;
+                self.release_ready_front(conn, &mut out);
+            }
+        }
+        self.expire_packets(now_mono_ns, &mut out);
+        out
+    }
+
+    /// Releases the ready events at the front of a connection's queue, in order.
+    fn release_ready_front(&mut self, conn: u64, out: &mut Vec<Joined<T>>) {
+        loop {
+            let Some(queue) = self.by_conn.get_mut(&conn) else {
+                return;
+            };
+            let Some(&front) = queue.front() else {
+                self.by_conn.remove(&conn);
+                return;
+            };
+            if !self.events.get(&front).is_some_and(|e| e.ready) {
+                return;
+            }
+            queue.pop_front();
+            self.release(front, out);
+        }
+    }
+
+    fn release(&mut self, id: u64, out: &mut Vec<Joined<T>>) {
+        let Some(ev) = self.events.remove(&id) else {
+            return;
+        };
+        if let Some(want) = &ev.want {
+            if ev.wire.is_none() {
+                self.unwait(&want.path(), id);
+            }
+        }
+        out.push(Joined::Event {
+            item: ev.item,
+            wire: ev.wire,
+        });
+    }
+
+    fn expire_packets(&mut self, now: u64, out: &mut Vec<Joined<T>>) {
+        while let Some(&(expiry, path, id)) = self.packet_order.front() {
+            // Keep claimed packets a little longer so late retransmissions are recognised.
+            if expiry > now {
+                break;
+            }
+            self.packet_order.pop_front();
+            let Some(entries) = self.packets.get_mut(&path) else {
+                continue;
+            };
+            let Some(pos) = entries.iter().position(|e| e.id == id) else {
+                continue;
+            };
+            let entry = entries.swap_remove(pos);
+            if entries.is_empty() {
+                self.packets.remove(&path);
+            }
+            if entry.claimed.iter().all(Option::is_none) {
+                out.push(Joined::Packet {
+                    packet: entry.any_copy().clone(),
+                    retransmit: entry.retransmit,
+                });
+            }
+        }
+    }
+
+    /// Everything, at exit: events with what they have, unclaimed packets as packets.
+    pub fn flush(&mut self) -> Vec<Joined<T>> {
+        let mut out = std::mem::take(&mut self.out);
+        let mut ids: Vec<(u64, u64)> = self.events.iter().map(|(id, e)| (e.mono_ns, *id)).collect();
+        ids.sort_unstable();
+        for ev in self.events.values_mut() {
+            ev.ready = true;
+        }
+        let conns: Vec<u64> = ids
+            .iter()
+            .filter_map(|(_, id)| self.events.get(id).map(|e| e.conn))
+            .collect();
+        for conn in conns {
+            self.release_ready_front(conn, &mut out);
+        }
+        self.timers.clear();
+        self.expire_packets(u64::MAX, &mut out);
+        out
+    }
+
+    /// Keeps events plus packets under the bound: the oldest packet is dropped, or the oldest
+    /// event goes out now without waiting for its packet. Both are counted.
+    fn make_room(&mut self) {
+        let stored = self.events.len() + self.packet_order.len();
+        if stored < self.max_pending {
+            return;
+        }
+        self.dropped += 1;
+        if let Some((_, path, id)) = self.packet_order.pop_front() {
+            if let Some(entries) = self.packets.get_mut(&path) {
+                entries.retain(|e| e.id != id);
+                if entries.is_empty() {
+                    self.packets.remove(&path);
+                }
+            }
+            return;
+        }
+        if let Some(&(_, id)) = self.timers.first() {
+            let conn = self.events.get(&id).map(|e| e.conn);
+            if let Some(ev) = self.events.get_mut(&id) {
+                ev.ready = true;
+            }
+            self.timers.pop_first();
+            if let Some(conn) = conn {
+                let mut out = std::mem::take(&mut self.out);
+                // Release this connection's events up to and including this one.
+                if let Some(queue) = self.by_conn.get(&conn).cloned() {
+                    for e in queue {
+                        if let Some(ev) = self.events.get_mut(&e) {
+                            ev.ready = true;
+                        }
+                        if e == id {
+                            break;
+                        }
+                    }
+                }
+                self.release_ready_front(conn, &mut out);
+                self.out = out;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    const W: Duration = Duration::from_millis(500);
+    const MS: u64 = 1_000_000;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn pkt(src: &str, dst: &str, flags: u8, seq: u32, mono: u64, dir: Dir) -> WirePacket {
+        WirePacket {
+            mono_ns: mono,
+            wall_ns: mono + 1_000_000_000_000,
+            src: a(src),
+            dst: a(dst),
+            flags,
+            seq,
+            ack: 7,
+            iface: Arc::from("lo"),
+            dir,
+        }
+    }
+
+    fn want(local: &str, remote: &str, flag: WantFlag, dir: Dir) -> Option<Want> {
+        Some(Want {
+            local: a(local),
+            remote: a(remote),
+            flag,
+            dir,
+        })
+    }
+
+    const C: &str = "10.0.0.1:40000";
+    const S: &str = "10.0.0.2:80";
+    const FIN: u8 = tcp_flags::FIN | tcp_flags::ACK;
+    const RST: u8 = tcp_flags::RST;
+
+    fn events(out: Vec<Joined<&'static str>>) -> Vec<(&'static str, Option<WireMatch>)> {
+        out.into_iter()
+            .filter_map(|j| match j {
+                Joined::Event { item, wire } => Some((item, wire)),
+                Joined::Packet { .. } => None,
+            })
+            .collect()
+    }
+
+    fn packets(out: &[Joined<&'static str>]) -> Vec<(WirePacket, bool)> {
+        out.iter()
+            .filter_map(|j| match j {
+                Joined::Packet { packet, retransmit } => Some((packet.clone(), *retransmit)),
+                Joined::Event { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn event_then_packet_joins_and_waits_to_settle() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        j.push_packet(pkt(C, S, FIN, 5, 100 * MS + 14_000, Dir::Out));
+        assert!(j.poll(101 * MS).is_empty(), "settling");
+        let out = events(j.poll(130 * MS));
+        assert_eq!(out.len(), 1);
+        let w = out[0].1.as_ref().unwrap();
+        assert_eq!(w.delay_ns, 14_000);
+        assert_eq!(w.dir, Dir::Out);
+        assert_eq!(w.packet.seq, 5);
+        assert_eq!(j.pending(), 0);
+    }
+
+    #[test]
+    fn packet_before_event_joins() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_packet(pkt(S, C, RST, 9, 100 * MS, Dir::In));
+        j.push_event(
+            1,
+            100 * MS + 3_000,
+            want(C, S, WantFlag::Rst, Dir::In),
+            "rst_received",
+        );
+        let out = events(j.poll(200 * MS));
+        assert_eq!(out[0].1.as_ref().unwrap().delay_ns, -3_000);
+        assert!(
+            packets(&j.poll(2000 * MS)).is_empty(),
+            "a claimed packet is not a packet line"
+        );
+    }
+
+    #[test]
+    fn window_expiry_releases_events_and_packets() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        j.push_packet(pkt("10.9.9.9:1", "10.9.9.8:2", FIN, 1, 100 * MS, Dir::In));
+        assert!(j.poll(599 * MS).is_empty());
+        let out = j.poll(600 * MS);
+        assert_eq!(packets(&out).len(), 1);
+        let ev = events(out);
+        assert_eq!(ev.len(), 1);
+        assert!(ev[0].1.is_none());
+    }
+
+    #[test]
+    fn kind_and_direction_must_match() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        j.push_packet(pkt(C, S, RST, 1, 100 * MS, Dir::Out)); // wrong kind
+        j.push_packet(pkt(S, C, FIN, 2, 100 * MS, Dir::In)); // wrong direction
+        let out = j.poll(700 * MS);
+        assert_eq!(packets(&out).len(), 2);
+        assert!(events(out)[0].1.is_none());
+    }
+
+    #[test]
+    fn nearest_in_time_wins() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_packet(pkt(C, S, FIN, 1, 100 * MS, Dir::Out));
+        j.push_packet(pkt(C, S, FIN, 2, 300 * MS, Dir::Out));
+        j.push_event(1, 290 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        let out = j.poll(900 * MS);
+        assert_eq!(events(out)[0].1.as_ref().unwrap().packet.seq, 2);
+    }
+
+    #[test]
+    fn both_local_ends_share_one_packet_and_duplicates_collapse() {
+        let mut j = Joiner::new(W, 1000);
+        // The sender's close and the receiver's fin_received, both on this host.
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        j.push_event(
+            2,
+            100 * MS + 2_000,
+            want(S, C, WantFlag::Fin, Dir::In),
+            "fin_received",
+        );
+        // Interface `any` shows the loopback packet twice: out, then in.
+        j.push_packet(pkt(C, S, FIN, 5, 100 * MS + 1_000, Dir::Out));
+        j.push_packet(pkt(C, S, FIN, 5, 100 * MS + 1_500, Dir::In));
+        let out = j.poll(900 * MS);
+        assert!(packets(&out).is_empty(), "a duplicate is not a packet line");
+        let ev = events(out);
+        assert_eq!(ev.len(), 2);
+        let close = ev
+            .iter()
+            .find(|e| e.0 == "close")
+            .unwrap()
+            .1
+            .clone()
+            .unwrap();
+        let fin = ev
+            .iter()
+            .find(|e| e.0 == "fin_received")
+            .unwrap()
+            .1
+            .clone()
+            .unwrap();
+        assert_eq!((close.dir, close.packet.dir), (Dir::Out, Dir::Out));
+        assert_eq!((fin.dir, fin.packet.dir), (Dir::In, Dir::In));
+        assert_eq!(fin.delay_ns, -500);
+        assert_eq!(close.retransmits + fin.retransmits, 0);
+    }
+
+    #[test]
+    fn retransmissions_are_counted_or_reported() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        j.push_packet(pkt(C, S, FIN, 5, 100 * MS, Dir::Out));
+        j.push_packet(pkt(C, S, FIN, 5, 110 * MS, Dir::Out)); // before release: counted
+        let out = events(j.poll(200 * MS));
+        assert_eq!(out[0].1.as_ref().unwrap().retransmits, 1);
+        j.push_packet(pkt(C, S, FIN, 5, 300 * MS, Dir::Out)); // after release: reported
+        let out = j.poll(301 * MS);
+        let p = packets(&out);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].1, "marked as a retransmission");
+    }
+
+    #[test]
+    fn events_of_one_connection_keep_their_order() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        j.push_event(1, 101 * MS, None, "state");
+        j.push_event(2, 101 * MS, None, "other-conn");
+        let out = events(j.poll(102 * MS));
+        assert_eq!(out.iter().map(|e| e.0).collect::<Vec<_>>(), ["other-conn"]);
+        j.push_packet(pkt(C, S, FIN, 5, 103 * MS, Dir::Out));
+        let out = events(j.poll(200 * MS));
+        assert_eq!(
+            out.iter().map(|e| e.0).collect::<Vec<_>>(),
+            ["close", "state"]
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_matches_ipv4() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_event(
+            1,
+            100 * MS,
+            want(
+                "[::ffff:10.0.0.1]:40000",
+                "[::ffff:10.0.0.2]:80",
+                WantFlag::Fin,
+                Dir::Out,
+            ),
+            "close",
+        );
+        j.push_packet(pkt(C, S, FIN, 5, 100 * MS, Dir::Out));
+        assert!(events(j.poll(200 * MS))[0].1.is_some());
+    }
+
+    #[test]
+    fn ipv6_joins() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_event(
+            1,
+            100 * MS,
+            want("[fd00::1]:5000", "[fd00::2]:80", WantFlag::Rst, Dir::Out),
+            "close",
+        );
+        j.push_packet(pkt(
+            "[fd00::1]:5000",
+            "[fd00::2]:80",
+            RST,
+            5,
+            100 * MS,
+            Dir::Out,
+        ));
+        assert!(events(j.poll(200 * MS))[0].1.is_some());
+    }
+
+    #[test]
+    fn clock_offset_change_within_the_window_still_joins() {
+        // The capture converted the packet's wall time with an offset re-measured after an NTP
+        // step of 50 ms: its mono time is off by 50 ms, still inside the window.
+        let mut j = Joiner::new(W, 1000);
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        j.push_packet(pkt(C, S, FIN, 5, 150 * MS, Dir::Out));
+        let out = events(j.poll(700 * MS));
+        assert_eq!(out[0].1.as_ref().unwrap().delay_ns, 50 * MS as i64);
+    }
+
+    #[test]
+    fn overflow_is_counted_and_loses_no_event() {
+        let mut j = Joiner::new(W, 10);
+        for i in 0..20u64 {
+            j.push_event(i, 100 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        }
+        assert_eq!(j.overflow_dropped(), 10);
+        let mut released = events(j.poll(100 * MS)).len();
+        released += events(j.flush()).len();
+        assert_eq!(released, 20, "events are released early, never lost");
+        assert_eq!(j.pending(), 0);
+    }
+
+    #[test]
+    fn burst_of_thousands_all_join_quickly() {
+        let mut j = Joiner::new(W, 100_000);
+        let started = std::time::Instant::now();
+        for i in 0..5000u16 {
+            let local = format!("10.0.0.1:{}", 10000 + i);
+            j.push_event(
+                i as u64,
+                100 * MS,
+                want(&local, S, WantFlag::Rst, Dir::Out),
+                "close",
+            );
+        }
+        for i in 0..5000u16 {
+            let local = format!("10.0.0.1:{}", 10000 + i);
+            j.push_packet(pkt(&local, S, RST, i as u32, 100 * MS + 10_000, Dir::Out));
+        }
+        let out = j.poll(200 * MS);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "linear, not quadratic"
+        );
+        let ev = events(out);
+        assert_eq!(ev.len(), 5000);
+        assert!(ev.iter().all(|e| e.1.is_some()));
+        assert!(packets(&j.flush()).is_empty());
+    }
+
+    #[test]
+    fn flush_releases_everything() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        j.push_event(1, 100 * MS, None, "state");
+        j.push_packet(pkt("10.9.9.9:1", "10.9.9.8:2", FIN, 1, 100 * MS, Dir::In));
+        let out = j.flush();
+        assert_eq!(packets(&out).len(), 1);
+        assert_eq!(
+            events(out).iter().map(|e| e.0).collect::<Vec<_>>(),
+            ["close", "state"]
+        );
+    }
+}
