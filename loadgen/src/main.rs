@@ -78,7 +78,9 @@ fn main() -> anyhow::Result<()> {
         port = addr.port();
         let (counts, stop) = (counts.clone(), stop.clone());
         let mode = args.mode;
-        workers.push(thread::spawn(move || churn(index, mode, listener, addr, &counts, &stop)));
+        workers.push(thread::spawn(move || {
+            churn(index, mode, listener, addr, &counts, &stop)
+        }));
     }
     let started = Instant::now();
     thread::sleep(args.duration);

@@ -17,8 +17,8 @@ use tracer_common::syscall;
 
 use crate::{
     emit::{field, noop},
-    setting,
     owners::current,
+    setting,
 };
 
 #[repr(C)]

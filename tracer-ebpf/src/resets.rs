@@ -13,9 +13,9 @@ use tracer_common::{
 
 use crate::{
     calls::call_acting_on,
-    setting,
     emit::{empty_event, field, noop, submit},
     owners::{SOCKS, current, fill_owner, keep_unowned, lookup_or_create},
+    setting,
     state::read_tuple,
 };
 
@@ -41,7 +41,11 @@ fn read_sockaddr(ctx: &TracePointContext, offset: u16) -> Option<(u16, u16, [u8;
 
 /// Addresses of a sent reset, in whichever of the two layouts this kernel uses.
 #[inline(always)]
-fn read_reset_tuple(ctx: &TracePointContext, layout: &ResetLayout, ev: &mut SockEvent) -> Option<()> {
+fn read_reset_tuple(
+    ctx: &TracePointContext,
+    layout: &ResetLayout,
+    ev: &mut SockEvent,
+) -> Option<()> {
     if layout.sockaddr_saddr == NONE {
         return read_tuple(ctx, &layout.tuple, ev);
     }
@@ -71,7 +75,9 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     let state = field::<i32>(&ctx, layout.state).unwrap_or(0) as u8;
     ev.old_state = state;
     ev.new_state = state;
-    ev.reason = field::<u32>(&ctx, layout.reason).map(|r| r as i32).unwrap_or(-1);
+    ev.reason = field::<u32>(&ctx, layout.reason)
+        .map(|r| r as i32)
+        .unwrap_or(-1);
     let sk = field::<u64>(&ctx, layout.skaddr).unwrap_or(0);
     attribute_reset(sk, state, &mut ev);
     submit(&ev);

@@ -7,18 +7,18 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    AF_INET, AF_INET6, EventKind, counter, IPPROTO_TCP, SeedOwner, SockEvent, TupleLayout,
+    AF_INET, AF_INET6, EventKind, IPPROTO_TCP, SeedOwner, SockEvent, TupleLayout, counter,
     owner_source, syscall, tcp_state::*,
 };
 
 use crate::{
     calls::call_acting_on,
     emit::{count, empty_event, field, noop, ports_pass, submit},
-    setting,
     owners::{
         Current, LISTENERS, SockInfo, claim, current, fill_owner, keep_unowned, listener_key,
         lookup_or_create, note_ports,
     },
+    setting,
 };
 
 #[tracepoint]
@@ -51,7 +51,10 @@ pub fn read_tuple(ctx: &TracePointContext, layout: &TupleLayout, ev: &mut SockEv
 }
 
 fn is_handshake(new: u8) -> bool {
-    matches!(new, SYN_SENT | SYN_RECV | ESTABLISHED | LISTEN | NEW_SYN_RECV)
+    matches!(
+        new,
+        SYN_SENT | SYN_RECV | ESTABLISHED | LISTEN | NEW_SYN_RECV
+    )
 }
 
 /// Transitions that only tcp_close()/tcp_shutdown() make, always in the owner's task.

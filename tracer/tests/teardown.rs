@@ -111,7 +111,10 @@ fn graceful_close_is_attributed_on_both_ends() {
     let conn = close["conn"].as_str().unwrap().to_string();
 
     let peer_fin = tracer.wait_for(|v| is(v, "fin_received", peer_port, port), WAIT);
-    assert_eq!(peer_fin["pid"], peer.pid, "the peer's FIN_RECEIVED belongs to the peer");
+    assert_eq!(
+        peer_fin["pid"], peer.pid,
+        "the peer's FIN_RECEIVED belongs to the peer"
+    );
     assert_eq!(peer_fin["old_state"], "ESTABLISHED");
     assert_eq!(peer_fin["new_state"], "CLOSE_WAIT");
 
@@ -184,10 +187,17 @@ fn linger_zero_close_is_a_reset() {
     let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
     assert_eq!(close["pid"], peer.pid);
     assert_eq!(close["outcome"], "rst");
-    assert_eq!(close["reason"], "TCP_STATE", "SO_LINGER {{1,0}} resets through tcp_disconnect");
+    assert_eq!(
+        close["reason"], "TCP_STATE",
+        "SO_LINGER {{1,0}} resets through tcp_disconnect"
+    );
     assert_eq!(close["new_state"], "CLOSE");
     let reset = tracer.wait_for(|v| is(v, "rst_received", port, peer_port), WAIT);
-    assert_eq!(reset["pid"], me(), "the peer's RST is attributed to this process, not a softirq");
+    assert_eq!(
+        reset["pid"],
+        me(),
+        "the peer's RST is attributed to this process, not a softirq"
+    );
     assert_eq!(reset["old_state"], "ESTABLISHED");
     let mut buf = [0u8; 1];
     assert!(server.read(&mut buf).is_err(), "the socket was reset");
@@ -315,7 +325,10 @@ fn pid_filter_runs_in_the_kernel() {
         emitted < 10,
         "{churned} churned connections must not reach the ring buffer (emitted {emitted})"
     );
-    assert!(filtered >= churned as u64, "filtered {filtered} < {churned}");
+    assert!(
+        filtered >= churned as u64,
+        "filtered {filtered} < {churned}"
+    );
 }
 
 #[test]
@@ -346,15 +359,32 @@ fn an_overfilled_ring_buffer_reports_lost_events() {
         .sum();
     let summary = out.lines.last().unwrap();
     assert_eq!(summary["event"], "summary");
-    assert!(lost > 0, "a 4 KiB ring buffer under a burst of {burst} resets must overflow");
-    assert_eq!(summary["lost"]["ringbuf"], lost, "lost lines add up to the summary");
+    assert!(
+        lost > 0,
+        "a 4 KiB ring buffer under a burst of {burst} resets must overflow"
+    );
+    assert_eq!(
+        summary["lost"]["ringbuf"], lost,
+        "lost lines add up to the summary"
+    );
     // Every connection makes at least two kernel events (the close and the peer's reset):
     // what was not written was counted.
     let emitted = summary["kernel"]["emitted"].as_u64().unwrap();
-    assert!(emitted + lost >= 2 * burst as u64, "emitted {emitted} + lost {lost}");
+    assert!(
+        emitted + lost >= 2 * burst as u64,
+        "emitted {emitted} + lost {lost}"
+    );
     for (kind, count) in summary["counts"].as_object().unwrap() {
-        let lines = out.lines.iter().filter(|v| v["event"] == kind.as_str()).count();
-        assert_eq!(count.as_u64().unwrap(), lines as u64, "summary count of {kind}");
+        let lines = out
+            .lines
+            .iter()
+            .filter(|v| v["event"] == kind.as_str())
+            .count();
+        assert_eq!(
+            count.as_u64().unwrap(),
+            lines as u64,
+            "summary count of {kind}"
+        );
     }
 }
 
@@ -399,4 +429,3 @@ fn wait_readable(s: &TcpStream) {
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut pfd, 1, 5000) };
 }
-

@@ -58,8 +58,9 @@ impl Tracer {
         let (tx, lines) = channel();
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let v = serde_json::from_str::<Value>(&line)
-                    .unwrap_or_else(|e| panic!("stdout carries JSON lines only; got {line:?}: {e}"));
+                let v = serde_json::from_str::<Value>(&line).unwrap_or_else(|e| {
+                    panic!("stdout carries JSON lines only; got {line:?}: {e}")
+                });
                 if tx.send(v).is_err() {
                     break;
                 }
@@ -94,7 +95,10 @@ impl Tracer {
             Err(_) => {
                 let _ = self.child.kill();
                 let status = self.child.wait().ok();
-                let stderr = self.stderr.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+                let stderr = self
+                    .stderr
+                    .recv_timeout(Duration::from_secs(5))
+                    .unwrap_or_default();
                 panic!("no `ready` within {timeout:?} (exit {status:?}); stderr:\n{stderr}");
             }
         }
@@ -157,7 +161,10 @@ impl Tracer {
         while let Ok(v) = self.lines.recv_timeout(Duration::from_secs(5)) {
             lines.push(v);
         }
-        let stderr = self.stderr.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+        let stderr = self
+            .stderr
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_default();
         Stopped {
             lines,
             stderr,
@@ -229,18 +236,64 @@ impl NetnsPeer {
     fn create(&self) {
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
         sh("ip", &["netns", "add", &self.ns]);
-        sh("ip", &["link", "add", &self.root_if, "type", "veth", "peer", "name", &self.ns_if]);
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &self.root_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &self.ns_if,
+            ],
+        );
         sh("ip", &["link", "set", &self.ns_if, "netns", &self.ns]);
-        sh("ip", &["addr", "add", &format!("{}/24", self.root_v4), "dev", &self.root_if]);
-        sh("ip", &["-6", "addr", "add", &format!("{}/64", self.root_v6), "dev", &self.root_if, "nodad"]);
+        sh(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", self.root_v4),
+                "dev",
+                &self.root_if,
+            ],
+        );
+        sh(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", self.root_v6),
+                "dev",
+                &self.root_if,
+                "nodad",
+            ],
+        );
         sh("ip", &["link", "set", &self.root_if, "up"]);
         let in_ns = |args: &[&str]| {
             let mut full = vec!["netns", "exec", &self.ns, "ip"];
             full.extend_from_slice(args);
             sh("ip", &full);
         };
-        in_ns(&["addr", "add", &format!("{}/24", self.ns_v4), "dev", &self.ns_if]);
-        in_ns(&["-6", "addr", "add", &format!("{}/64", self.ns_v6), "dev", &self.ns_if, "nodad"]);
+        in_ns(&[
+            "addr",
+            "add",
+            &format!("{}/24", self.ns_v4),
+            "dev",
+            &self.ns_if,
+        ]);
+        in_ns(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", self.ns_v6),
+            "dev",
+            &self.ns_if,
+            "nodad",
+        ]);
         in_ns(&["link", "set", &self.ns_if, "up"]);
         in_ns(&["link", "set", "lo", "up"]);
     }
@@ -251,9 +304,8 @@ impl NetnsPeer {
         thread::spawn(move || {
             let file = std::fs::File::open(&path).expect("netns file");
             // SAFETY: setns on this thread only, with a namespace fd we hold.
-            let rc = unsafe {
-                libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
-            };
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
             f()
         })
@@ -264,7 +316,9 @@ impl NetnsPeer {
 
 impl Drop for NetnsPeer {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.root_if]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.root_if])
+            .output();
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
 }
