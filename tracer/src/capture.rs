@@ -101,8 +101,7 @@ pub struct CaptureHandle {
     pub stats: Arc<CaptureStats>,
     pub iface: String,
     pub clock: SharedClock,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    guard: CaptureGuard,
 }
 
 /// What the main loop keeps of a capture.
@@ -129,24 +128,12 @@ impl Drop for CaptureGuard {
 }
 
 impl CaptureHandle {
-    pub fn into_parts(mut self) -> CaptureParts {
+    pub fn into_parts(self) -> CaptureParts {
         CaptureParts {
-            rx: std::mem::replace(&mut self.rx, mpsc::channel(1).1),
-            stats: self.stats.clone(),
-            clock: self.clock.clone(),
-            guard: CaptureGuard {
-                stop: self.stop.clone(),
-                thread: self.thread.take(),
-            },
-        }
-    }
-}
-
-impl Drop for CaptureHandle {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            rx: self.rx,
+            stats: self.stats,
+            clock: self.clock,
+            guard: self.guard,
         }
     }
 }
@@ -212,8 +199,10 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
         stats,
         iface: cfg.iface.clone(),
         clock,
-        stop,
-        thread: Some(thread),
+        guard: CaptureGuard {
+            stop,
+            thread: Some(thread),
+        },
     })
 }
 
