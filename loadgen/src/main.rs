@@ -120,7 +120,7 @@ fn churn(
         let rst = match mode {
             Mode::Fin => false,
             Mode::Rst => true,
-            Mode::Mix => n % 2 == 0,
+            Mode::Mix => n.is_multiple_of(2),
         };
         n += 1;
         match one_connection(&listener, addr, rst) {

@@ -221,10 +221,10 @@ impl<T> Joiner<T> {
         );
         self.by_conn.entry(conn).or_default().push_back(id);
         self.timers.insert((release_at, id));
-        if let Some(want) = want {
-            if !self.claim_waiting_packet(id, &want, mono_ns) {
-                self.waiting.entry(want.path()).or_default().push(id);
-            }
+        if let Some(want) = want
+            && !self.claim_waiting_packet(id, &want, mono_ns)
+        {
+            self.waiting.entry(want.path()).or_default().push(id);
         }
     }
 
@@ -317,13 +317,12 @@ impl<T> Joiner<T> {
         }
         entry.copies[s] = Some(pkt.clone());
         // An event on this end already joined another copy: give it the copy seen its way.
-        if let Some(ev_id) = entry.claimed[s] {
-            if let Some(ev) = self.events.get_mut(&ev_id) {
-                if let Some(w) = ev.wire.as_mut() {
-                    w.delay_ns = pkt.mono_ns as i64 - ev.mono_ns as i64;
-                    w.packet = pkt.clone();
-                }
-            }
+        if let Some(ev_id) = entry.claimed[s]
+            && let Some(ev) = self.events.get_mut(&ev_id)
+            && let Some(w) = ev.wire.as_mut()
+        {
+            w.delay_ns = pkt.mono_ns as i64 - ev.mono_ns as i64;
+            w.packet = pkt.clone();
         }
         true
     }
@@ -420,10 +419,10 @@ impl<T> Joiner<T> {
         let Some(ev) = self.events.remove(&id) else {
             return;
         };
-        if let Some(want) = &ev.want {
-            if ev.wire.is_none() {
-                self.unwait(&want.path(), id);
-            }
+        if let Some(want) = &ev.want
+            && ev.wire.is_none()
+        {
+            self.unwait(&want.path(), id);
         }
         out.push(Joined::Event {
             item: ev.item,

@@ -107,12 +107,12 @@ impl ConnTable {
 
     /// Fills addresses the kernel side could not (kprobe events know only the socket).
     fn complete(&self, ev: &mut KernelEvent) {
-        if ev.local.port() == 0 {
-            if let Some(info) = self.by_id.get(&ev.conn_id) {
-                ev.local = info.local;
-                ev.remote = info.remote;
-                ev.family = info.family;
-            }
+        if ev.local.port() == 0
+            && let Some(info) = self.by_id.get(&ev.conn_id)
+        {
+            ev.local = info.local;
+            ev.remote = info.remote;
+            ev.family = info.family;
         }
     }
 

@@ -282,16 +282,15 @@ impl Formats {
             present: Vec::new(),
         };
         for hook in TRACEPOINT_HOOKS {
-            if let Attach::Tracepoint { group, name } = hook.attach {
-                if root
+            if let Attach::Tracepoint { group, name } = hook.attach
+                && root
                     .join("events")
                     .join(group)
                     .join(name)
                     .join("format")
                     .exists()
-                {
-                    formats.present.push(format!("{group}:{name}"));
-                }
+            {
+                formats.present.push(format!("{group}:{name}"));
             }
         }
         Ok(formats)

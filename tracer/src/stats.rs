@@ -144,7 +144,11 @@ mod tests {
                 "error at {v}: {low}"
             );
         }
-        assert!(lower_bound(bucket_of(u64::MAX)) <= u64::MAX);
+        let top = lower_bound(bucket_of(u64::MAX));
+        assert!(
+            top > u64::MAX - u64::MAX / 32,
+            "the largest value lands in the last bucket: {top}"
+        );
     }
 
     #[test]
@@ -168,6 +172,6 @@ mod tests {
         h.record(14_000);
         assert_eq!(h.max(), Some(14_000));
         let p = h.quantile(0.99).unwrap();
-        assert!(p <= 14_000 && p >= 13_700, "{p}");
+        assert!((13_700..=14_000).contains(&p), "{p}");
     }
 }

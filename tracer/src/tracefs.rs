@@ -106,7 +106,7 @@ pub fn parse_format(text: &str) -> anyhow::Result<Format> {
     Ok(format)
 }
 
-/// `field:__u8 saddr[4];	offset:32;	size:4;	signed:0;`
+/// `field:__u8 saddr[4]; offset:32; size:4; signed:0;` (tab-separated)
 fn parse_field(line: &str) -> anyhow::Result<Field> {
     let mut decl = None;
     let mut offset = None;
@@ -157,10 +157,10 @@ fn parse_symbolic(print_fmt: &str, field: &str) -> BTreeMap<i64, String> {
             break;
         };
         let entry = &rest[open + 1..open + close];
-        if let Some((value, name)) = entry.split_once(',') {
-            if let Ok(value) = value.trim().parse::<i64>() {
-                names.insert(value, name.trim().trim_matches('"').to_string());
-            }
+        if let Some((value, name)) = entry.split_once(',')
+            && let Ok(value) = value.trim().parse::<i64>()
+        {
+            names.insert(value, name.trim().trim_matches('"').to_string());
         }
         rest = &rest[open + close + 1..];
     }

@@ -99,7 +99,7 @@ fn graceful_close_is_attributed_on_both_ends() {
 
     let close = tracer.wait_for(|v| is(v, "close", port, peer_port), WAIT);
     assert_eq!(close["pid"], me());
-    assert_eq!(close["comm"].as_str().unwrap().is_empty(), false);
+    assert!(!close["comm"].as_str().unwrap().is_empty());
     assert_eq!(close["syscall"], "close");
     assert_eq!(close["fd"], fd);
     assert_eq!(close["outcome"], "fin");
