@@ -1,7 +1,7 @@
-//! JSON lines out: a writer thread behind a bounded queue, so a stalled consumer never stops the
-//! ring buffer or the capture from being drained. What does not fit is counted and reported as a
-//! `lost` line with `source: "output"` once the consumer reads again. Lines are written whole
-//! and flushed at least every 100 ms.
+//! Lines out: a writer thread behind a bounded queue, so a stalled consumer never stops the
+//! ring buffer or the capture from being drained. What does not fit is counted (the main loop
+//! reports it as a `lost` line with `source: "output"` once the queue has room again). Lines are
+//! written whole and flushed at least every 100 ms.
 
 use std::{
     fs::{File, OpenOptions},
@@ -17,13 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    clock::{Clock, rfc3339_nanos},
-    lines::{Format, LostLine},
-};
-
-/// Lines that may wait for a slow consumer before new ones are dropped (and counted).
-pub const QUEUE_LINES: usize = 65536;
+/// Lines that may wait for a slow consumer before new ones are dropped (and counted): about
+/// 16 MB of JSON at most.
+pub const QUEUE_LINES: usize = 32768;
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// Where lines go.
@@ -39,8 +35,6 @@ pub enum Destination {
 pub struct OutputState {
     /// Lines dropped because the queue was full.
     pub dropped: AtomicU64,
-    /// Of those, already reported in a `lost` line.
-    pub reported: AtomicU64,
     /// The consumer closed its end (EPIPE): the run should end quietly.
     pub consumer_gone: AtomicBool,
     /// Set by SIGHUP: reopen the output file before the next write.
@@ -69,14 +63,14 @@ pub fn open_append(path: &Path) -> io::Result<File> {
 }
 
 impl Output {
-    pub fn start(dest: Destination, format: Format) -> io::Result<Self> {
+    pub fn start(dest: Destination) -> io::Result<Self> {
         let sink = Sink::open(&dest)?;
         let (tx, rx) = sync_channel(QUEUE_LINES);
         let state = Arc::new(OutputState::default());
         let thread_state = state.clone();
         let thread = std::thread::Builder::new()
             .name("tracer-output".into())
-            .spawn(move || write_loop(rx, sink, dest, thread_state, format))?;
+            .spawn(move || write_loop(rx, sink, dest, thread_state))?;
         Ok(Self {
             tx,
             state,
@@ -95,6 +89,12 @@ impl Output {
             }
             Err(TrySendError::Disconnected(_)) => false,
         }
+    }
+
+    /// Queues a line if there is room, without counting a drop when there is none (for `lost`
+    /// lines, which are offered again until they fit).
+    pub fn offer(&self, line: String) -> bool {
+        self.tx.try_send(Message::Line(line)).is_ok()
     }
 
     /// Queues a line that must not be lost (`ready`, `summary`), waiting for room.
@@ -135,16 +135,13 @@ fn write_loop(
     mut sink: Sink,
     dest: Destination,
     state: Arc<OutputState>,
-    format: Format,
 ) -> io::Result<()> {
     // Writing needs no privilege: give this thread's capabilities up at once (they are per
     // thread; the main thread drops its own once the probes are attached).
     crate::privileges::drop_all()?;
-    let clock = Clock::sample();
     loop {
         let (batch, stop) = next_batch(&rx);
         let result = write_batch(&mut sink, &batch)
-            .and_then(|_| report_drops(&mut sink, &state, &clock, format))
             .and_then(|_| sink.out.flush())
             .and_then(|_| {
                 if state.reopen.swap(false, Ordering::Relaxed) {
@@ -187,32 +184,6 @@ fn write_line(sink: &mut Sink, line: &str) -> io::Result<()> {
     sink.out.write_all(b"\n")
 }
 
-/// A `lost` line for output drops not yet reported: written by the writer itself, because it
-/// is the one that knows the consumer is reading again.
-fn report_drops(
-    sink: &mut Sink,
-    state: &OutputState,
-    clock: &Clock,
-    format: Format,
-) -> io::Result<()> {
-    let dropped = state.dropped.load(Ordering::Relaxed);
-    let reported = state.reported.load(Ordering::Relaxed);
-    if dropped == reported {
-        return Ok(());
-    }
-    let mono_ns = crate::clock::now_mono_ns();
-    let line = format.lost(&LostLine {
-        event: "lost",
-        time: rfc3339_nanos(clock.mono_to_wall_ns(mono_ns)),
-        mono_ns,
-        source: "output",
-        count: dropped - reported,
-    });
-    write_line(sink, &line)?;
-    state.reported.store(dropped, Ordering::Relaxed);
-    Ok(())
-}
-
 /// A closed stdout (`tracer | head -3`) is a normal way to end: no error, no message.
 fn ignore_broken_pipe(result: io::Result<()>, state: &OutputState) -> io::Result<()> {
     match result {
@@ -236,7 +207,7 @@ mod tests {
         let path = dir.join("out.jsonl");
         let _ = std::fs::remove_file(&path);
         for text in ["first", "second"] {
-            let out = Output::start(Destination::File(path.clone()), Format::Json).unwrap();
+            let out = Output::start(Destination::File(path.clone())).unwrap();
             out.line(format!("{{\"x\":\"{text}\"}}"));
             out.finish().unwrap();
         }
@@ -244,27 +215,6 @@ mod tests {
         assert_eq!(content, "{\"x\":\"first\"}\n{\"x\":\"second\"}\n");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn drops_are_counted_and_reported_as_one_lost_line() {
-        let dir = std::env::temp_dir().join(format!("tracer-output-drop-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("out.jsonl");
-        let out = Output::start(Destination::File(path.clone()), Format::Json).unwrap();
-        out.state.dropped.store(7, Ordering::Relaxed);
-        out.line("{}".into());
-        out.finish().unwrap();
-        let content = std::fs::read_to_string(&path).unwrap();
-        let lost: Vec<serde_json::Value> = content
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .filter(|v: &serde_json::Value| v["event"] == "lost")
-            .collect();
-        assert_eq!(lost.len(), 1);
-        assert_eq!(lost[0]["source"], "output");
-        assert_eq!(lost[0]["count"], 7);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -74,7 +74,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         );
     }
 
-    let output = Output::start(settings.destination.clone(), settings.format).map_err(|e| {
+    let output = Output::start(settings.destination.clone()).map_err(|e| {
         BadInput(format!(
             "cannot write the output ({e}): choose a writable path for -o"
         ))
@@ -134,7 +134,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     pipeline.stats.count_line("ready");
     let stop = event_loop(&settings, &mut pipeline, &output, ring, &counters, capture).await?;
     let _ = stop;
-    output.line(summary_line(&pipeline, &output, settings.format));
+    output.line(summary_line(&pipeline, settings.format));
     output.finish().context("writing output")?;
     drop(loaded);
     Ok(())
@@ -214,7 +214,7 @@ async fn event_loop(
                 drain_ring(ring.get_mut(), pipeline);
                 drain_packets(&mut packets, pipeline);
                 pipeline.poll(now_mono_ns(), output);
-                reporter.report(pipeline, output, counters, capture_stats.as_deref());
+                reporter.report(pipeline, output, counters, capture_stats.as_deref(), false);
                 if last_clock.elapsed() >= CLOCK_REFRESH {
                     last_clock = Instant::now();
                     pipeline.clock = crate::clock::Clock::sample();
@@ -246,7 +246,7 @@ async fn event_loop(
         finish_joins(settings, pipeline, output, ring.get_mut(), &mut packets).await;
     }
     pipeline.flush(output);
-    reporter.report(pipeline, output, counters, capture_stats.as_deref());
+    reporter.report(pipeline, output, counters, capture_stats.as_deref(), true);
     Ok(stop)
 }
 
@@ -304,12 +304,16 @@ struct LossReporter {
 }
 
 impl LossReporter {
+    /// Writes a `lost` line for each source whose count grew. While running, a line that does
+    /// not fit in the output queue is offered again next time (a stalled consumer must not stop
+    /// the loop); at the end (`last`), it waits for room.
     fn report(
         &mut self,
         pipeline: &mut Pipeline,
         output: &Output,
         counters: &PerCpuArray<MapData, u64>,
         capture: Option<&capture::CaptureStats>,
+        last: bool,
     ) {
         let kernel = read_counters(counters);
         pipeline.stats.kernel = kernel;
@@ -321,25 +325,31 @@ impl LossReporter {
             capture: capture_lost,
             output: output.state.dropped.load(Ordering::Relaxed),
         };
+        let reported = &mut self.reported;
         for (source, total, seen) in [
-            ("ringbuf", now.ringbuf, self.reported.ringbuf),
-            ("capture", now.capture, self.reported.capture),
-            ("output", now.output, self.reported.output),
+            ("ringbuf", now.ringbuf, &mut reported.ringbuf),
+            ("capture", now.capture, &mut reported.capture),
+            ("output", now.output, &mut reported.output),
         ] {
-            if total <= seen {
+            if total <= *seen {
                 continue;
             }
-            if let Some(m) = &self.metrics {
-                m.lost(source, total - seen);
-            }
-            // Output losses get their line from the writer, once the consumer reads again.
-            if source != "output" {
-                output.line(lost_line(pipeline, self.format, source, total - seen));
+            let line = lost_line(pipeline, self.format, source, total - *seen);
+            let written = if last {
+                output.line(line);
+                true
+            } else {
+                output.offer(line)
+            };
+            if written {
+                if let Some(m) = &self.metrics {
+                    m.lost(source, total - *seen);
+                }
                 pipeline.stats.count_line("lost");
+                *seen = total;
             }
         }
-        self.reported = now;
-        pipeline.stats.lost = now;
+        pipeline.stats.lost = self.reported;
     }
 }
 
@@ -453,11 +463,10 @@ struct SummaryLine<'a> {
     kernel: KernelCounts,
 }
 
-fn summary_line(pipeline: &Pipeline, output: &Output, format: Format) -> String {
+fn summary_line(pipeline: &Pipeline, format: Format) -> String {
     let (time, mono_ns) = now_fields(pipeline);
     let stats = &pipeline.stats;
-    let mut lost = stats.lost;
-    lost.output = output.state.dropped.load(Ordering::Relaxed);
+    let lost = stats.lost;
     format.document(&SummaryLine {
         event: "summary",
         time,

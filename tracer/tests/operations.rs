@@ -1,0 +1,377 @@
+//! Running it for real: bad input, privileges, signals, a closed or stalled consumer, output
+//! files and log rotation.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::Tracer;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+const TRACER: &str = env!("CARGO_BIN_EXE_tracer");
+
+/// Runs the tracer to completion with `args`; returns (exit code, stderr).
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(TRACER)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_input_exits_2_with_a_one_line_message() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--pid", "999999999"], "no process with PID 999999999"),
+        (&["--duration", "5 parsecs"], "malformed duration"),
+        (&["--join-window", "soon"], "malformed duration"),
+        (&["--port", "0"], "--port 0"),
+        (&["--ringbuf-kib", "3"], "power of two"),
+        (&["--frobnicate"], "unexpected argument"),
+    ];
+    for (args, message) in cases {
+        let (code, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn root_only_bad_input_exits_2() {
+    if !common::require_root() {
+        return;
+    }
+    let (code, stderr) = run(&["-i", "nosuchif0", "--duration", "1s"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("unknown interface \"nosuchif0\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("lo"),
+        "lists the interfaces that exist: {stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    let (code, stderr) = run(&[
+        "-o",
+        "/proc/nope/out.jsonl",
+        "--duration",
+        "1s",
+        "--no-capture",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("cannot write the output"), "{stderr}");
+}
+
+#[test]
+fn without_privileges_the_missing_capabilities_are_named() {
+    if !common::require_root() {
+        return;
+    }
+    // Run as nobody: no capability at all.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .args([TRACER, "--duration", "1s"])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("CAP_BPF") && stderr.contains("CAP_PERFMON"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("CAP_NET_RAW"), "{stderr}");
+}
+
+#[test]
+fn check_reports_what_auto_would_attach() {
+    if !common::require_root() {
+        return;
+    }
+    let out = Command::new(TRACER)
+        .args(["check", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["can_trace"], true);
+    let attach = report["would_attach"].as_array().unwrap();
+    assert!(
+        attach
+            .iter()
+            .any(|p| p == "tracepoint:sock:inet_sock_set_state")
+    );
+    if report["kprobes"] == false {
+        assert!(
+            !attach
+                .iter()
+                .any(|p| p.as_str().unwrap().starts_with("kprobe:"))
+        );
+        let out = Command::new(TRACER)
+            .args(["check", "--json", "--probes", "kprobe"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "kprobes asked for, none here");
+    }
+}
+
+#[test]
+fn capabilities_are_dropped_once_ready() {
+    if !common::require_root() {
+        return;
+    }
+    let mut tracer = Tracer::start(&["--port", "9", "--duration", "20s"]);
+    tracer.wait_ready(WAIT);
+    let pid = tracer.pid();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        assert_eq!(
+            field("CapEff:"),
+            "0000000000000000",
+            "every thread: {status}"
+        );
+        assert_eq!(field("CapPrm:"), "0000000000000000");
+        assert_eq!(field("NoNewPrivs:"), "1");
+    }
+    let out = tracer.stop();
+    assert!(out.status.success(), "still stops cleanly: {}", out.stderr);
+}
+
+#[test]
+fn sigint_under_load_prints_a_summary_that_matches_the_lines() {
+    if !common::require_root() {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut tracer = Tracer::start(&["--port", &port.to_string(), "-i", "lo"]);
+    tracer.wait_ready(WAIT);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let (s, _) = l.accept().unwrap();
+                c.write_all(b"x").unwrap();
+                drop(s);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    tracer.signal(libc::SIGINT); // while the churn goes on
+    let out = tracer.finish(Duration::from_secs(20));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    churn.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    let summary = out.lines.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    let counts = summary["counts"].as_object().unwrap();
+    let mut total = 0;
+    for (kind, n) in counts {
+        let lines = out
+            .lines
+            .iter()
+            .filter(|v| v["event"] == kind.as_str())
+            .count();
+        assert_eq!(n.as_u64().unwrap(), lines as u64, "{kind}");
+        total += lines;
+    }
+    assert_eq!(
+        total + 1,
+        out.lines.len(),
+        "every line but the summary is counted"
+    );
+    assert!(
+        counts["close"].as_u64().unwrap() > 10,
+        "the churn was traced"
+    );
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    if !common::require_root() {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut child = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "{TRACER} --no-capture --port {port} | head -3; echo \"status=${{PIPESTATUS[0]}}\""
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Make lines until head has its three and the tracer notices.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the tracer did not end after head exited"
+        );
+        if let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = l.accept();
+            let _ = c.write_all(b"x");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "nothing on stderr: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().filter(|l| l.starts_with('{')).count(), 3);
+    assert!(stdout.contains("status=0"), "the tracer exits 0: {stdout}");
+}
+
+#[test]
+fn output_file_is_0600_appended_and_reopened_on_sighup() {
+    if !common::require_root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("tracer-out-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("events.jsonl");
+    std::fs::write(&path, "previous line\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path_s = path.to_str().unwrap().to_string();
+    let mut tracer = Tracer::start(&["--no-capture", "--port", "9", "-o", &path_s]);
+    // The ready line goes to the file, not stdout: wait for it there.
+    wait_file_contains(&path, "\"ready\"");
+    let rotated = dir.join("events.jsonl.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    tracer.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.lines.is_empty(), "nothing on stdout with -o");
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(
+        old.starts_with("previous line\n"),
+        "appended, not truncated"
+    );
+    assert!(old.contains("\"ready\""));
+    let new = std::fs::read_to_string(&path).expect("reopened after SIGHUP");
+    assert!(new.contains("\"summary\""), "{new}");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn wait_file_contains(path: &std::path::Path, needle: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle} never appeared in {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_stalled_consumer_loses_lines_counted_exactly() {
+    if !common::require_root() {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut child = Command::new(TRACER)
+        .args(["--no-capture", "--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("\"ready\""));
+    // Nobody reads stdout now: the pipe (64 KiB) and the output queue fill up.
+    let mut made = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        c.write_all(b"x").unwrap();
+        wait_readable(&s);
+        drop(s);
+        made += 1;
+    }
+    let rss = rss_kib(child.id());
+    assert!(
+        rss < 200 * 1024,
+        "memory stays bounded while stalled: {rss} KiB"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    assert!(child.wait().unwrap().success());
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    let lost: u64 = lines
+        .iter()
+        .filter(|v| v["event"] == "lost" && v["source"] == "output")
+        .map(|v| v["count"].as_u64().unwrap())
+        .sum();
+    assert!(
+        lost > 0,
+        "{made} connections behind a stalled consumer must overflow the queue"
+    );
+    assert_eq!(summary["lost"]["output"], lost);
+    // Every connection made two events (close and rst_received): written or counted lost.
+    let socket_lines = lines.iter().filter(|v| v["conn"].is_string()).count() as u64;
+    assert_eq!(socket_lines + lost, 2 * made, "nothing lost silently");
+}
+
+fn wait_readable(s: &TcpStream) {
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, 5000) };
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
