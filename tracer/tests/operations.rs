@@ -263,7 +263,7 @@ fn output_file_is_0600_appended_and_reopened_on_sighup() {
     std::fs::write(&path, "previous line\n").unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let path_s = path.to_str().unwrap().to_string();
-    let mut tracer = Tracer::start(&["--no-capture", "--port", "9", "-o", &path_s]);
+    let tracer = Tracer::start(&["--no-capture", "--port", "9", "-o", &path_s]);
     // The ready line goes to the file, not stdout: wait for it there.
     wait_file_contains(&path, "\"ready\"");
     let rotated = dir.join("events.jsonl.1");
