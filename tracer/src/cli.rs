@@ -83,6 +83,9 @@ pub struct TraceArgs {
     /// NO_COLOR turns colour off).
     #[arg(long, value_enum, default_value = "json")]
     pub format: FormatArg,
+    /// Benchmark floor: attach every hook with programs that return at once.
+    #[arg(long, hide = true)]
+    pub bench_noop: bool,
     /// Ring buffer size in KiB (a power of two, at least 4). Bigger absorbs longer bursts.
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ringbuf_kib)]
     pub ringbuf_kib: u32,
@@ -136,6 +139,7 @@ pub struct Settings {
     pub ringbuf_bytes: u32,
     pub format: Format,
     pub metrics: Option<std::net::SocketAddr>,
+    pub noop: bool,
 }
 
 impl TraceArgs {
@@ -175,6 +179,7 @@ impl TraceArgs {
             ringbuf_bytes: self.ringbuf_kib * 1024,
             format,
             metrics: self.metrics,
+            noop: self.bench_noop,
         })
     }
 }

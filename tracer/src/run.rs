@@ -64,6 +64,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     config.filter_pids = u8::from(!settings.pids.is_empty());
     config.filter_ports = u8::from(!settings.ports.is_empty());
     config.all_states = u8::from(settings.all_states);
+    config.noop = u8::from(settings.noop);
     // Wake the reader when a quarter of the ring is used; below that it drains every tick.
     config.wakeup_bytes = settings.ringbuf_bytes / 4;
     for hook in &missing {

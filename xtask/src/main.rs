@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's single entry point for bootstrapping, building, running and
 //! testing. Every task bootstraps first, so a fresh machine needs nothing installed by hand.
 
+mod bench;
 mod bootstrap;
 mod cmd;
 mod run;
@@ -35,6 +36,24 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure the tracer against no tracing, the floor and tcpstates+tcpdump (as root).
+    Bench {
+        /// Rounds per setup; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds of load per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Load: fin, rst or mix.
+        #[arg(long, default_value = "rst")]
+        mode: String,
+        /// Load threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// One round of one second: proves the benchmark works (the test suite runs it).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Bootstrap, then the whole suite: fmt, clippy, unit and root-only integration tests.
     Test {
         /// Extra arguments for `cargo test` (a test name filter, for example).
@@ -52,6 +71,20 @@ fn main() -> ExitCode {
             .map(|_| ExitCode::SUCCESS),
         Task::Run { args } => run::run(&args),
         Task::Test { args } => test::run(&args),
+        Task::Bench {
+            rounds,
+            seconds,
+            mode,
+            threads,
+            quick,
+        } => bench::run(&bench::Options {
+            rounds: if quick { 1 } else { rounds },
+            seconds: if quick { 1 } else { seconds },
+            mode,
+            threads,
+            quick,
+        })
+        .map(|_| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("xtask: {e:#}");

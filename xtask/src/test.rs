@@ -33,13 +33,42 @@ pub fn run(extra: &[String]) -> anyhow::Result<ExitCode> {
     // The release build is the one users run, and the tests drive real load through it.
     test.args(["test", "--release"]).args(extra);
     test.args(["--", "--test-threads", "2"]);
-    let counts = run_counting(&mut test)?;
+    let mut counts = run_counting(&mut test)?;
+    quick_bench(&mut counts);
     println!("{} passed, {} failed", counts.passed, counts.failed);
     Ok(if counts.failed == 0 && counts.ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The benchmark in its quick form, as one more test: it must run and give sane numbers.
+fn quick_bench(counts: &mut Counts) {
+    if !cmd::is_root() {
+        eprintln!("xtask: SKIPPED quick benchmark: needs root");
+        return;
+    }
+    let opts = crate::bench::Options {
+        rounds: 1,
+        seconds: 1,
+        mode: "rst".into(),
+        threads: 2,
+        quick: true,
+    };
+    match crate::bench::run(&opts)
+        .map_err(|e| format!("{e:#}"))
+        .and_then(|r| crate::bench::check_sane(&r))
+    {
+        Ok(()) => {
+            println!("test bench::quick ... ok");
+            counts.passed += 1;
+        }
+        Err(e) => {
+            println!("test bench::quick ... FAILED: {e}");
+            counts.failed += 1;
+        }
+    }
 }
 
 #[derive(Default, Debug, PartialEq, Eq)]

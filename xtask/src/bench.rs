@@ -1,0 +1,411 @@
+//! `cargo xtask bench`: the tracer against the alternatives, under loopback connection churn,
+//! as ratios to the rate without tracing measured in the same run.
+//!
+//! Each round runs, in turn: no tracer; the floor (the same hooks, programs that do nothing);
+//! the tracer tracing everything, with capture; the tracer with `--pid` of an unrelated quiet
+//! process (the production case); and the alternative, libbpf-tools `tcpstates` plus `tcpdump`
+//! with a FIN/RST filter. Medians over the rounds; results as a markdown table, JSON and a PNG
+//! chart under `bench-results/`.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+use crate::{bootstrap, cmd};
+
+pub struct Options {
+    pub rounds: usize,
+    pub seconds: u64,
+    pub mode: String,
+    pub threads: usize,
+    pub quick: bool,
+}
+
+/// One configuration measured.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Setup {
+    NoTracer,
+    Floor,
+    TracerAll,
+    TracerOtherPid,
+    Alternative,
+}
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::NoTracer => "no tracer",
+            Setup::Floor => "floor (empty programs)",
+            Setup::TracerAll => "tracer, everything, capture",
+            Setup::TracerOtherPid => "tracer --pid <other process>",
+            Setup::Alternative => "tcpstates + tcpdump",
+        }
+    }
+}
+
+/// What one run measured.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    rate: f64,
+    connections: u64,
+    close_lines: u64,
+    lines: u64,
+    joined: u64,
+    unjoined: u64,
+    lost: u64,
+    cpu_secs: f64,
+    peak_rss_kib: u64,
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<Value> {
+    bootstrap::run(true)?;
+    if !cmd::is_root() {
+        bail!("the benchmark loads BPF programs: run it as root (sudo -E cargo xtask bench)");
+    }
+    cmd::status(cmd::cargo().args(["build", "--release", "-p", "tracer", "-p", "loadgen"]))?;
+    let bin = cmd::root().join("target/release");
+    let alternative = which("tcpstates").is_some() && which("tcpdump").is_some();
+    let mut setups = vec![
+        Setup::NoTracer,
+        Setup::Floor,
+        Setup::TracerAll,
+        Setup::TracerOtherPid,
+    ];
+    if alternative {
+        setups.push(Setup::Alternative);
+    }
+    let mut samples: BTreeMap<Setup, Vec<Sample>> = BTreeMap::new();
+    for round in 0..opts.rounds {
+        for &setup in &setups {
+            eprintln!(
+                "xtask bench: round {} of {}: {}",
+                round + 1,
+                opts.rounds,
+                setup.name()
+            );
+            let sample = measure(&bin, setup, opts)
+                .with_context(|| format!("measuring {}", setup.name()))?;
+            samples.entry(setup).or_default().push(sample);
+        }
+    }
+    let report = summarise(&samples, opts);
+    write_results(&report, opts.quick)?;
+    Ok(report)
+}
+
+/// The sanity check the test suite makes on a quick run: numbers exist and make sense. Never a
+/// speed: these machines are shared and noisy.
+pub fn check_sane(report: &Value) -> Result<(), String> {
+    let rows = report["rows"].as_array().ok_or("no rows")?;
+    if report["no_tracer_rate"].as_f64().unwrap_or(0.0) <= 0.0 {
+        return Err("no connections without the tracer".into());
+    }
+    for row in rows {
+        let name = row["setup"].as_str().unwrap_or("?");
+        let ratio = row["ratio"].as_f64().unwrap_or(-1.0);
+        if !(ratio > 0.0 && ratio < 3.0) {
+            return Err(format!("{name}: ratio {ratio}"));
+        }
+        if name.starts_with("tracer, everything") {
+            let per_conn = row["close_lines_per_connection"].as_f64().unwrap_or(0.0);
+            if per_conn < 0.5 {
+                return Err(format!("{name}: {per_conn} close lines per connection"));
+            }
+            if row["peak_rss_mib"].as_f64().unwrap_or(0.0) <= 0.0 {
+                return Err(format!("{name}: no RSS measured"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn measure(bin: &Path, setup: Setup, opts: &Options) -> anyhow::Result<Sample> {
+    let scratch = std::env::temp_dir().join(format!("tracer-bench-{}", std::process::id()));
+    fs::create_dir_all(&scratch)?;
+    let out_file = scratch.join("events.jsonl");
+    let _ = fs::remove_file(&out_file);
+    let quiet = Command::new("sleep").arg("3600").spawn()?; // the "other process" for --pid
+    let mut observers: Vec<Child> = Vec::new();
+    let tracer = match setup {
+        Setup::NoTracer => None,
+        Setup::Alternative => {
+            observers.push(spawn_quiet(Command::new("tcpstates").arg("-T"))?);
+            observers.push(spawn_quiet(Command::new("tcpdump").args([
+                "-i",
+                "lo",
+                "-nn",
+                "-w",
+                "/dev/null",
+                "tcp[tcpflags] & (tcp-fin|tcp-rst) != 0",
+            ]))?);
+            thread::sleep(Duration::from_secs(2)); // both attach; no ready line to wait for
+            None
+        }
+        _ => Some(start_tracer(bin, setup, &out_file, quiet.id())?),
+    };
+    let load = Command::new(bin.join("loadgen"))
+        .args([
+            "--mode",
+            &opts.mode,
+            "--threads",
+            &opts.threads.to_string(),
+            "--duration",
+            &format!("{}s", opts.seconds),
+        ])
+        .output()
+        .context("running loadgen")?;
+    if !load.status.success() {
+        bail!("loadgen failed: {}", String::from_utf8_lossy(&load.stderr));
+    }
+    let report: Value = serde_json::from_slice(&load.stdout)?;
+    let mut sample = Sample {
+        rate: report["rate"].as_f64().unwrap_or(0.0),
+        connections: report["connections"].as_u64().unwrap_or(0),
+        ..Sample::default()
+    };
+    if let Some(child) = tracer {
+        finish_tracer(child, &out_file, &mut sample)?;
+    }
+    for mut o in observers {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(o.id() as i32, libc::SIGINT) };
+        let _ = o.wait();
+    }
+    kill(quiet);
+    Ok(sample)
+}
+
+fn spawn_quiet(cmd: &mut Command) -> anyhow::Result<Child> {
+    Ok(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?)
+}
+
+fn kill(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn start_tracer(bin: &Path, setup: Setup, out: &Path, quiet_pid: u32) -> anyhow::Result<Child> {
+    let mut cmd = Command::new(bin.join("tracer"));
+    cmd.args(["-o", out.to_str().unwrap()]);
+    match setup {
+        Setup::Floor => cmd.args(["--bench-noop", "--no-capture"]),
+        Setup::TracerAll => cmd.args(["-i", "lo"]),
+        Setup::TracerOtherPid => cmd.args(["-i", "lo", "--pid", &quiet_pid.to_string()]),
+        _ => unreachable!("no tracer for {setup:?}"),
+    };
+    let child = cmd.stderr(Stdio::inherit()).spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fs::read_to_string(out).is_ok_and(|t| t.contains("\"ready\"")) {
+        if Instant::now() > deadline {
+            bail!("the tracer printed no ready line");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
+fn finish_tracer(mut child: Child, out: &Path, sample: &mut Sample) -> anyhow::Result<()> {
+    let (cpu, rss) = cpu_and_peak_rss(child.id());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    child.wait()?;
+    sample.cpu_secs = cpu;
+    sample.peak_rss_kib = rss;
+    let text = fs::read_to_string(out)?;
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let summary = lines
+        .iter()
+        .rev()
+        .find(|v| v["event"] == "summary")
+        .context("no summary line")?;
+    sample.lines = lines.len() as u64;
+    sample.close_lines = summary["counts"]["close"].as_u64().unwrap_or(0);
+    sample.joined = summary["joined"].as_u64().unwrap_or(0);
+    sample.unjoined = summary["unjoined"].as_u64().unwrap_or(0);
+    sample.lost = ["ringbuf", "capture", "output"]
+        .iter()
+        .map(|s| summary["lost"][s].as_u64().unwrap_or(0))
+        .sum();
+    Ok(())
+}
+
+/// CPU seconds (user + system) and peak RSS of a running process.
+fn cpu_and_peak_rss(pid: u32) -> (f64, u64) {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum::<f64>() / ticks)
+        .unwrap_or(0.0);
+    let rss = fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    (cpu, rss)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+fn summarise(samples: &BTreeMap<Setup, Vec<Sample>>, opts: &Options) -> Value {
+    let base = median(samples[&Setup::NoTracer].iter().map(|s| s.rate).collect());
+    let rows: Vec<Value> = samples
+        .iter()
+        .map(|(setup, runs)| {
+            let m = |f: fn(&Sample) -> f64| median(runs.iter().map(f).collect());
+            let rate = m(|s| s.rate);
+            let traced = matches!(setup, Setup::TracerAll | Setup::TracerOtherPid | Setup::Floor);
+            let events = m(|s| s.lines as f64);
+            json!({
+                "setup": setup.name(),
+                "rate": rate,
+                "ratio": if base > 0.0 { rate / base } else { 0.0 },
+                "connections": m(|s| s.connections as f64),
+                "close_lines": traced.then(|| m(|s| s.close_lines as f64)),
+                "close_lines_per_connection": traced.then(|| m(|s| s.close_lines as f64 / s.connections.max(1) as f64)),
+                "joined_fraction": traced.then(|| m(|s| s.joined as f64 / (s.joined + s.unjoined).max(1) as f64)),
+                "lost": traced.then(|| m(|s| s.lost as f64)),
+                "cpu_secs_per_million_lines": (traced && events > 0.0).then(|| m(|s| s.cpu_secs) / events * 1e6),
+                "peak_rss_mib": traced.then(|| m(|s| s.peak_rss_kib as f64) / 1024.0),
+            })
+        })
+        .collect();
+    json!({
+        "mode": opts.mode,
+        "threads": opts.threads,
+        "rounds": opts.rounds,
+        "seconds": opts.seconds,
+        "no_tracer_rate": base,
+        "rows": rows,
+    })
+}
+
+fn table(report: &Value) -> String {
+    let mut t = format!(
+        "Mode {}, {} load threads, {} rounds of {} s; no-tracer rate {:.0} connections/s.\n\n\
+         | setup | conn/s | ratio | close lines/conn | joined | lost | CPU s / M lines | peak RSS MiB |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        report["mode"].as_str().unwrap_or(""),
+        report["threads"],
+        report["rounds"],
+        report["seconds"],
+        report["no_tracer_rate"].as_f64().unwrap_or(0.0)
+    );
+    let num = |v: &Value, digits: usize| match v.as_f64() {
+        Some(x) => format!("{x:.digits$}"),
+        None => "".to_string(),
+    };
+    for row in report["rows"].as_array().into_iter().flatten() {
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            row["setup"].as_str().unwrap_or(""),
+            num(&row["rate"], 0),
+            num(&row["ratio"], 3),
+            num(&row["close_lines_per_connection"], 3),
+            row["joined_fraction"]
+                .as_f64()
+                .map(|f| format!("{:.2} %", f * 100.0))
+                .unwrap_or_default(),
+            num(&row["lost"], 0),
+            num(&row["cpu_secs_per_million_lines"], 2),
+            num(&row["peak_rss_mib"], 1),
+        ));
+    }
+    t
+}
+
+fn write_results(report: &Value, quick: bool) -> anyhow::Result<()> {
+    let dir = cmd::root().join("bench-results");
+    fs::create_dir_all(&dir)?;
+    let stem = if quick { "quick" } else { "latest" };
+    let md = table(report);
+    println!("{md}");
+    fs::write(dir.join(format!("{stem}.md")), &md)?;
+    fs::write(
+        dir.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(report)?,
+    )?;
+    let png = dir.join(format!("{stem}.png"));
+    match chart(&png) {
+        Ok(()) => eprintln!("xtask bench: chart in {}", png.display()),
+        Err(e) => eprintln!("xtask bench: no chart ({e:#})"),
+    }
+    Ok(())
+}
+
+/// A bar chart of the ratios, drawn by matplotlib (installed from PyPI when missing).
+fn chart(png: &Path) -> anyhow::Result<()> {
+    let has_matplotlib = Command::new("python3")
+        .args(["-c", "import matplotlib"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_matplotlib {
+        eprintln!("xtask bench: installing matplotlib (PyPI) to draw the chart");
+        cmd::status(Command::new("python3").args(["-m", "pip", "install", "-q", "matplotlib"]))?;
+    }
+    let script = r##"
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+report = json.load(open(sys.argv[1]))
+rows = report["rows"]
+names = [r["setup"] for r in rows]
+ratios = [r["ratio"] for r in rows]
+fig, ax = plt.subplots(figsize=(9, 4))
+bars = ax.barh(names, ratios, color=["#888", "#aaa", "#2a7", "#2a7", "#c44"][: len(rows)])
+ax.axvline(0.85, ls="--", c="#2a7", lw=1)
+ax.axvline(0.97, ls=":", c="#2a7", lw=1)
+for b, r in zip(bars, ratios):
+    ax.text(b.get_width() + 0.01, b.get_y() + b.get_height() / 2, f"{r:.2f}", va="center")
+ax.set_xlim(0, 1.15)
+ax.invert_yaxis()
+ax.set_xlabel("connection rate / rate without tracing (higher is better)")
+ax.set_title(f"tracer overhead, {report['mode']} churn, {report['threads']} threads")
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=110)
+"##;
+    let json_path = png.with_extension("json");
+    cmd::status(
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(&json_path)
+            .arg(png),
+    )
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
