@@ -37,6 +37,23 @@ const TICK: Duration = Duration::from_millis(20);
 const CLOCK_REFRESH: Duration = Duration::from_secs(1);
 const PID_CHECK: Duration = Duration::from_millis(200);
 
+/// SIGINT and SIGTERM stop the run; SIGHUP reopens the output file.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Why the run ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Stop {
@@ -124,6 +141,8 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         settings.format,
         metrics.clone(),
     );
+    // Handlers before `ready`: whoever waits for `ready` may signal at once.
+    let signals = Signals::install()?;
     output.line(ready_line(
         &pipeline,
         &loaded.attached,
@@ -133,7 +152,16 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         seeded,
     ));
     pipeline.stats.count_line("ready");
-    let stop = event_loop(&settings, &mut pipeline, &output, ring, &counters, capture).await?;
+    let stop = event_loop(
+        &settings,
+        &mut pipeline,
+        &output,
+        ring,
+        &counters,
+        capture,
+        signals,
+    )
+    .await?;
     let _ = stop;
     output.line(summary_line(&pipeline, settings.format));
     output.finish().context("writing output")?;
@@ -170,6 +198,7 @@ async fn event_loop(
     ring: RingBuf<MapData>,
     counters: &PerCpuArray<MapData, u64>,
     capture: Option<CaptureHandle>,
+    mut signals: Signals,
 ) -> anyhow::Result<Stop> {
     // SAFETY: the RingBuf owns its fd and keeps it open and unchanged until it is dropped,
     // which happens only with the AsyncFd that owns it.
@@ -187,9 +216,6 @@ async fn event_loop(
         }
         None => (None, None, None, None),
     };
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(TICK);
     let deadline = settings.duration.map(|d| Instant::now() + d);
     let mut last_clock = Instant::now();
@@ -238,9 +264,9 @@ async fn event_loop(
                     }
                 }
             }
-            _ = sigint.recv() => break Stop::Signal,
-            _ = sigterm.recv() => break Stop::Signal,
-            _ = sighup.recv() => output.state.reopen.store(true, Ordering::Relaxed),
+            _ = signals.interrupt.recv() => break Stop::Signal,
+            _ = signals.terminate.recv() => break Stop::Signal,
+            _ = signals.hangup.recv() => output.state.reopen.store(true, Ordering::Relaxed),
         }
     };
     if stop != Stop::ConsumerGone {

@@ -31,7 +31,9 @@ pub fn run(extra: &[String]) -> anyhow::Result<ExitCode> {
     cmd::status(cmd::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     let mut test = cmd::cargo();
     // The release build is the one users run, and the tests drive real load through it.
-    test.args(["test", "--release"]).args(extra);
+    // --no-fail-fast: one failing test binary must not hide the results of the others.
+    test.args(["test", "--release", "--no-fail-fast"])
+        .args(extra);
     test.args(["--", "--test-threads", "2"]);
     let mut counts = run_counting(&mut test)?;
     quick_bench(&mut counts);
