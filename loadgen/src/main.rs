@@ -39,6 +39,9 @@ struct Args {
     threads: usize,
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Connections per second in all (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Listen address (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
@@ -78,8 +81,9 @@ fn main() -> anyhow::Result<()> {
         port = addr.port();
         let (counts, stop) = (counts.clone(), stop.clone());
         let mode = args.mode;
+        let per_thread = args.rate.div_ceil(args.threads as u64);
         workers.push(thread::spawn(move || {
-            churn(index, mode, listener, addr, &counts, &stop)
+            churn(index, mode, per_thread, listener, addr, &counts, &stop)
         }));
     }
     let started = Instant::now();
@@ -110,13 +114,24 @@ fn main() -> anyhow::Result<()> {
 fn churn(
     index: usize,
     mode: Mode,
+    rate: u64,
     listener: TcpListener,
     addr: SocketAddr,
     counts: &Counts,
     stop: &AtomicBool,
 ) {
     let mut n: u64 = index as u64;
+    let started = Instant::now();
+    let mut made: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
+        if rate > 0 {
+            // Pace to `rate` per second: sleep until this connection's slot.
+            let due = Duration::from_secs_f64(made as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                thread::sleep(wait);
+            }
+            made += 1;
+        }
         let rst = match mode {
             Mode::Fin => false,
             Mode::Rst => true,

@@ -26,9 +26,11 @@ use crate::{
 /// How long an abortive close waits for its RST event before going out without one.
 const STAGE_NS: u64 = 5_000_000;
 /// Connections remembered after their last event, to name the owner of late packets (the
-/// peer's FIN reaching a TIME_WAIT socket, retransmissions): a TIME_WAIT lasts 60 s.
-const CONN_MEMORY_NS: u64 = 120_000_000_000;
-const MAX_CONNS: usize = 262_144;
+/// peer's FIN reaching a socket in TIME_WAIT or FIN_WAIT2, retransmissions). A peer that
+/// closes later than this, or more connections than MAX_CONNS in that time, and its FIN is
+/// reported as a `packet` line instead of a derived `fin_received`: memory stays bounded.
+const CONN_MEMORY_NS: u64 = 10_000_000_000;
+const MAX_CONNS: usize = 32_768;
 /// Bound on events plus packets waiting in the joiner.
 pub const MAX_PENDING: usize = 262_144;
 

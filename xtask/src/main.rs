@@ -5,6 +5,7 @@ mod bench;
 mod bootstrap;
 mod cmd;
 mod run;
+mod soak;
 mod test;
 
 use std::process::ExitCode;
@@ -54,6 +55,14 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Moderate churn under the tracer for a long time: RSS must stay flat, nothing lost.
+    Soak {
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Connections per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+    },
     /// Bootstrap, then the whole suite: fmt, clippy, unit and root-only integration tests.
     Test {
         /// Extra arguments for `cargo test` (a test name filter, for example).
@@ -71,6 +80,13 @@ fn main() -> ExitCode {
             .map(|_| ExitCode::SUCCESS),
         Task::Run { args } => run::run(&args),
         Task::Test { args } => test::run(&args),
+        Task::Soak { seconds, rate } => bootstrap::run(true)
+            .and_then(|_| soak::run(&soak::Options { seconds, rate }))
+            .and_then(|r| {
+                println!("{r:?}");
+                soak::check(&r).map_err(|e| anyhow::anyhow!("soak failed: {e}"))
+            })
+            .map(|_| ExitCode::SUCCESS),
         Task::Bench {
             rounds,
             seconds,

@@ -37,12 +37,41 @@ pub fn run(extra: &[String]) -> anyhow::Result<ExitCode> {
     test.args(["--", "--test-threads", "2"]);
     let mut counts = run_counting(&mut test)?;
     quick_bench(&mut counts);
+    short_soak(&mut counts);
     println!("{} passed, {} failed", counts.passed, counts.failed);
     Ok(if counts.failed == 0 && counts.ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The soak in a CI-friendly form: 30 s of moderate churn, RSS flat, nothing lost.
+fn short_soak(counts: &mut Counts) {
+    if !cmd::is_root() {
+        eprintln!("xtask: SKIPPED short soak: needs root");
+        return;
+    }
+    let opts = crate::soak::Options {
+        seconds: 30,
+        rate: 1000,
+    };
+    let result = crate::soak::run(&opts)
+        .map_err(|e| format!("{e:#}"))
+        .and_then(|r| crate::soak::check(&r).map(|_| r));
+    match result {
+        Ok(r) => {
+            println!(
+                "test soak::short ... ok ({} connections, RSS {:?} KiB)",
+                r.connections, r.rss_kib
+            );
+            counts.passed += 1;
+        }
+        Err(e) => {
+            println!("test soak::short ... FAILED: {e}");
+            counts.failed += 1;
+        }
+    }
 }
 
 /// The benchmark in its quick form, as one more test: it must run and give sane numbers.
