@@ -67,6 +67,8 @@ pub struct WirePacket {
     pub ack: u32,
     pub iface: Arc<str>,
     pub dir: Dir,
+    /// The captured link, IP and TCP headers (never payload), for `-w FILE.pcapng`.
+    pub headers: Arc<[u8]>,
 }
 
 /// Link-layer types this module parses.
@@ -101,6 +103,8 @@ pub struct CaptureHandle {
     pub stats: Arc<CaptureStats>,
     pub iface: String,
     pub clock: SharedClock,
+    /// The link-layer type of `WirePacket::headers`.
+    pub linktype: i32,
     guard: CaptureGuard,
 }
 
@@ -199,6 +203,7 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
         stats,
         iface: cfg.iface.clone(),
         clock,
+        linktype,
         guard: CaptureGuard {
             stop,
             thread: Some(thread),
@@ -268,7 +273,8 @@ impl Reader {
                     // With Precision::Nano, tv_usec carries nanoseconds.
                     let wall_ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_usec as u64;
                     if let Some(p) = parse_packet(self.linktype, packet.data) {
-                        self.deliver(p, wall_ns);
+                        let headers = Arc::from(&packet.data[..p.headers_len]);
+                        self.deliver(p, wall_ns, headers);
                     }
                 }
                 Err(pcap::Error::TimeoutExpired) => return true,
@@ -277,7 +283,7 @@ impl Reader {
         }
     }
 
-    fn deliver(&mut self, p: Parsed, wall_ns: u64) {
+    fn deliver(&mut self, p: Parsed, wall_ns: u64, headers: Arc<[u8]>) {
         self.stats.captured.fetch_add(1, Ordering::Relaxed);
         let iface = match p.ifindex {
             Some(index) => self.iface_name(index),
@@ -293,6 +299,7 @@ impl Reader {
             ack: p.ack,
             iface,
             dir: p.dir,
+            headers,
         };
         if self.tx.try_send(packet).is_err() {
             self.stats.channel_dropped.fetch_add(1, Ordering::Relaxed);
@@ -338,6 +345,8 @@ pub struct Parsed {
     pub ack: u32,
     pub dir: Dir,
     pub ifindex: Option<u32>,
+    /// Length of the link, IP and TCP headers within the captured bytes (payload excluded).
+    pub headers_len: usize,
 }
 
 /// Parses link, IP and TCP headers; None for anything else or a truncated header.
@@ -368,7 +377,10 @@ pub fn parse_packet(linktype: i32, data: &[u8]) -> Option<Parsed> {
         0x86DD => parse_ipv6(ip)?,
         _ => return None,
     };
+    let tcp_header_len = (*tcp.get(12)? >> 4) as usize * 4;
+    let headers_len = (data.len() - tcp.len() + tcp_header_len).min(data.len());
     Some(Parsed {
+        headers_len,
         src: SocketAddr::new(src_ip, be16(tcp, 0)?),
         dst: SocketAddr::new(dst_ip, be16(tcp, 2)?),
         seq: be32(tcp, 4)?,

@@ -79,6 +79,10 @@ pub struct TraceArgs {
     /// Serve Prometheus metrics on ADDR (for example 127.0.0.1:9464) at /metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Also write the captured FIN/RST packets (headers only) to FILE.pcapng, each with a
+    /// comment naming the process and the event it joined.
+    #[arg(short = 'w', long = "write", value_name = "FILE.pcapng")]
+    pub pcapng: Option<PathBuf>,
     /// Output encoding: JSON lines (the contract), or a human timeline (coloured on a terminal;
     /// NO_COLOR turns colour off).
     #[arg(long, value_enum, default_value = "json")]
@@ -140,6 +144,7 @@ pub struct Settings {
     pub format: Format,
     pub metrics: Option<std::net::SocketAddr>,
     pub noop: bool,
+    pub pcapng: Option<PathBuf>,
 }
 
 impl TraceArgs {
@@ -152,6 +157,11 @@ impl TraceArgs {
             return Err(BadInput(format!(
                 "no process with PID {pid}: check the PID (ps -p {pid}) and try again"
             )));
+        }
+        if self.pcapng.is_some() && self.no_capture {
+            return Err(BadInput(
+                "-w writes captured packets: it cannot be used with --no-capture".into(),
+            ));
         }
         let format = match self.format {
             FormatArg::Json => Format::Json,
@@ -180,6 +190,7 @@ impl TraceArgs {
             format,
             metrics: self.metrics,
             noop: self.bench_noop,
+            pcapng: self.pcapng,
         })
     }
 }

@@ -543,6 +543,7 @@ mod tests {
             ack: 7,
             iface: Arc::from("lo"),
             dir,
+            headers: Arc::from(&[][..]),
         }
     }
 

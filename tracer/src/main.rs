@@ -12,6 +12,7 @@ mod lines;
 mod metrics;
 mod output;
 mod owners;
+mod pcapng;
 mod pipeline;
 mod privileges;
 mod probes;

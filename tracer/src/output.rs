@@ -62,6 +62,16 @@ pub fn open_append(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Creates (or truncates) a file only its owner can read: packet headers name hosts and ports.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 impl Output {
     pub fn start(dest: Destination) -> io::Result<Self> {
         let sink = Sink::open(&dest)?;

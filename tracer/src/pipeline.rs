@@ -20,6 +20,7 @@ use crate::{
     lines::{Format, PacketLine, SocketLine, Wire},
     metrics::Metrics,
     output::Output,
+    pcapng::PcapngOut,
     stats::Stats,
 };
 
@@ -169,6 +170,7 @@ pub struct Pipeline {
     filter_pids: bool,
     format: Format,
     metrics: Option<Arc<Metrics>>,
+    pcapng: Option<PcapngOut>,
     pub clock: Clock,
     pub stats: Stats,
 }
@@ -189,6 +191,7 @@ impl Pipeline {
             filter_pids,
             format,
             metrics,
+            pcapng: None,
             clock: Clock::sample(),
             stats: Stats::default(),
         }
@@ -281,6 +284,26 @@ impl Pipeline {
         }
         let rest = self.joiner.flush();
         self.emit_all(rest, out);
+        if let Some(file) = &mut self.pcapng
+            && let Err(e) = file.flush()
+        {
+            eprintln!("tracer: writing the pcapng file failed: {e:#}");
+        }
+    }
+
+    /// Writes joined and unclaimed packets to a pcapng file too.
+    pub fn write_pcapng(&mut self, out: PcapngOut) {
+        self.pcapng = Some(out);
+    }
+
+    /// Writes one packet to the pcapng file; a failing file is reported once and closed.
+    fn record_packet(&mut self, pkt: &WirePacket, comment: impl FnOnce() -> String) {
+        if let Some(file) = &mut self.pcapng
+            && let Err(e) = file.write(pkt, comment())
+        {
+            eprintln!("tracer: writing the pcapng file failed ({e:#}); no more packets go there");
+            self.pcapng = None;
+        }
     }
 
     pub fn metrics(&self) -> Option<Arc<Metrics>> {
@@ -312,6 +335,10 @@ impl Pipeline {
             } else {
                 self.stats.unjoined += 1;
             }
+        }
+        if let Some(w) = &wire {
+            let comment = || packet_comment(&pending);
+            self.record_packet(&w.packet, comment);
         }
         let json = self.socket_line(&pending, wire.as_ref());
         if !out.try_line(json) {
@@ -355,6 +382,14 @@ impl Pipeline {
         if self.filter_pids && conn.is_none() {
             return; // --pid: only packets of the traced processes' connections
         }
+        self.record_packet(&packet, || {
+            let what = if retransmit {
+                "a retransmission"
+            } else {
+                "a packet"
+            };
+            format!("tracer: {what} no kernel event claimed within the join window")
+        });
         let json = self
             .format
             .packet(&packet_line(&packet, retransmit, conn.map(|c| c.0)));
@@ -483,6 +518,35 @@ fn line(event: &'static str, ev: KernelEvent, wants_wire: bool) -> PendingLine {
         wants_wire,
         derived_from_wire: false,
     }
+}
+
+/// What the pcapng comment says about the event a packet joined.
+fn packet_comment(p: &PendingLine) -> String {
+    let ev = &p.ev;
+    let owner = match &ev.owner {
+        Owner::Known { pid, tid, comm, .. } => format!("pid={pid} tid={tid} comm={comm}"),
+        Owner::Unknown(why) => format!("pid=? ({why})"),
+    };
+    let mut text = format!(
+        "tracer: {owner} event={} {}->{} conn={:016x}",
+        p.event,
+        state_name(ev.old_state),
+        state_name(ev.new_state),
+        ev.conn_id
+    );
+    if let Some(call) = ev.syscall_name() {
+        text.push_str(&format!(" syscall={call}"));
+        if let Some(fd) = ev.fd {
+            text.push_str(&format!(" fd={fd}"));
+        }
+    }
+    if let Some(outcome) = p.outcome {
+        text.push_str(&format!(" outcome={outcome}"));
+    }
+    if let Some(reason) = &p.reason {
+        text.push_str(&format!(" reason={reason}"));
+    }
+    text
 }
 
 fn want_for(ev: &KernelEvent, flag: WantFlag, dir: Dir) -> Option<Want> {

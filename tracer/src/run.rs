@@ -26,6 +26,7 @@ use crate::{
     metrics::{self, Metrics},
     output::Output,
     owners,
+    pcapng::PcapngOut,
     pipeline::Pipeline,
     privileges,
     probes::{self, Hook, KernelSupport, LoadOptions},
@@ -98,6 +99,14 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         ))
     })?;
     let capture = open_capture(&settings)?;
+    // Opened before the capabilities go, like every other file.
+    let pcapng = match (&settings.pcapng, &capture) {
+        (Some(path), Some(capture)) => Some(
+            PcapngOut::create(path, capture.linktype)
+                .map_err(|e| BadInput(format!("{e:#}: choose a writable path for -w")))?,
+        ),
+        _ => None,
+    };
     let mut loaded = probes::load(
         &LoadOptions {
             config,
@@ -141,6 +150,9 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         settings.format,
         metrics.clone(),
     );
+    if let Some(file) = pcapng {
+        pipeline.write_pcapng(file);
+    }
     // Handlers before `ready`: whoever waits for `ready` may signal at once.
     let signals = Signals::install()?;
     output.line(ready_line(
