@@ -16,7 +16,7 @@ use aya_ebpf::{
 use tracer_common::syscall;
 
 use crate::{
-    emit::{field, noop},
+    emit::{field, noop, pid_passes},
     owners::current,
     setting,
 };
@@ -37,6 +37,10 @@ static CALLS: LruHashMap<u32, PendingCall> = LruHashMap::with_max_entries(16384,
 
 #[inline(always)]
 fn begin(kind: u8, fd: i32) {
+    let cur = current();
+    if !pid_passes(cur.pid) {
+        return; // with --pid, other processes' calls are never looked at
+    }
     let call = PendingCall {
         // SAFETY: plain helper call.
         started_ns: unsafe { bpf_ktime_get_ns() },
@@ -45,7 +49,7 @@ fn begin(kind: u8, fd: i32) {
         kind,
         _pad: [0; 3],
     };
-    let _ = CALLS.insert(current().tid, call, 0); // LRU: insertion evicts, never fails for space.
+    let _ = CALLS.insert(cur.tid, call, 0); // LRU: insertion evicts, never fails for space.
 }
 
 #[inline(always)]

@@ -82,6 +82,12 @@ fn handle(ctx: &TracePointContext) -> Option<()> {
     let sk: u64 = field(ctx, layout.skaddr)?;
     let old = field::<i32>(ctx, layout.oldstate)? as u8;
     let new = field::<i32>(ctx, layout.newstate)? as u8;
+    // Most transitions are the handshake; unless they are shown, or connect()/listen() must
+    // record an owner, they need nothing more: return before reading the tuple.
+    let records_owner = old == CLOSE && matches!(new, SYN_SENT | LISTEN);
+    if is_handshake(new) && !records_owner && setting!(all_states) == 0 {
+        return None;
+    }
     let mut ev = empty_event();
     read_tuple(ctx, layout, &mut ev)?;
     if !ports_pass(ev.lport, ev.rport) {

@@ -79,6 +79,8 @@ const PACKET_OUTGOING: u8 = 4;
 /// Link header (SLL2: 20) + IPv4 with options (60) + the first 16 bytes of TCP. IPv6 (40)
 /// fits too. Nothing past the TCP flags is needed.
 const SNAPLEN: i32 = 96;
+/// Longest a captured packet waits in the kernel before the capture thread sees it.
+const BLOCK_TIMEOUT_MS: i32 = 10;
 /// Packets waiting for the main loop; beyond, they are counted and dropped, never blocking.
 const QUEUE: usize = 65_536;
 
@@ -166,18 +168,19 @@ pub fn filter_expression(ports: &[u16]) -> String {
 pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHandle> {
     let mut cap = Capture::from_device(cfg.iface.as_str())
         .context("finding the capture device")?
-        .immediate_mode(true)
+        // Not immediate: packets come in blocks retired at least every BLOCK_TIMEOUT_MS, one
+        // wakeup per block instead of one per packet. The join waits far longer than that.
+        .immediate_mode(false)
         .snaplen(SNAPLEN)
         .precision(Precision::Nano)
         .buffer_size(8 << 20)
-        .timeout(100)
+        .timeout(BLOCK_TIMEOUT_MS)
         .open()
         .context("opening the capture (needs CAP_NET_RAW)")?;
     choose_cooked_linktype(&mut cap);
     cap.filter(&filter_expression(&cfg.ports), true)
         .context("compiling the capture filter")?;
-    // Non-blocking, waited on with poll(2): in immediate mode libpcap ignores its own read
-    // timeout, and the thread must notice when it is told to stop.
+    // Non-blocking, waited on with poll(2): the thread must notice when it is told to stop.
     let cap = cap
         .setnonblock()
         .context("making the capture non-blocking")?;
