@@ -82,7 +82,7 @@ const SNAPLEN: i32 = 96;
 /// Longest a captured packet waits in the kernel before the capture thread sees it.
 const BLOCK_TIMEOUT_MS: i32 = 10;
 /// Packets waiting for the main loop; beyond, they are counted and dropped, never blocking.
-const QUEUE: usize = 65_536;
+const QUEUE: usize = 16_384;
 
 pub struct CaptureConfig {
     pub iface: String,

@@ -293,7 +293,10 @@ fn summarise(samples: &BTreeMap<Setup, Vec<Sample>>, opts: &Options) -> Value {
                 "close_lines_per_connection": traced.then(|| m(|s| s.close_lines as f64 / s.connections.max(1) as f64)),
                 "joined_fraction": traced.then(|| m(|s| s.joined as f64 / (s.joined + s.unjoined).max(1) as f64)),
                 "lost": traced.then(|| m(|s| s.lost as f64)),
-                "cpu_secs_per_million_lines": (traced && events > 0.0).then(|| m(|s| s.cpu_secs) / events * 1e6),
+                // Per million lines only where lines flowed; per million connections always
+                // (with --pid of another process almost nothing is emitted, by design).
+                "cpu_secs_per_million_lines": (traced && events > 10_000.0).then(|| m(|s| s.cpu_secs) / events * 1e6),
+                "cpu_secs_per_million_connections": traced.then(|| m(|s| s.cpu_secs) / m(|s| s.connections as f64).max(1.0) * 1e6),
                 "peak_rss_mib": traced.then(|| m(|s| s.peak_rss_kib as f64) / 1024.0),
             })
         })
@@ -311,8 +314,8 @@ fn summarise(samples: &BTreeMap<Setup, Vec<Sample>>, opts: &Options) -> Value {
 fn table(report: &Value) -> String {
     let mut t = format!(
         "Mode {}, {} load threads, {} rounds of {} s; no-tracer rate {:.0} connections/s.\n\n\
-         | setup | conn/s | ratio | close lines/conn | joined | lost | CPU s / M lines | peak RSS MiB |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+         | setup | conn/s | ratio | close lines/conn | joined | lost | CPU s / M lines | CPU s / M conns | peak RSS MiB |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         report["mode"].as_str().unwrap_or(""),
         report["threads"],
         report["rounds"],
@@ -325,7 +328,7 @@ fn table(report: &Value) -> String {
     };
     for row in report["rows"].as_array().into_iter().flatten() {
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             row["setup"].as_str().unwrap_or(""),
             num(&row["rate"], 0),
             num(&row["ratio"], 3),
@@ -336,6 +339,7 @@ fn table(report: &Value) -> String {
                 .unwrap_or_default(),
             num(&row["lost"], 0),
             num(&row["cpu_secs_per_million_lines"], 2),
+            num(&row["cpu_secs_per_million_connections"], 2),
             num(&row["peak_rss_mib"], 1),
         ));
     }
