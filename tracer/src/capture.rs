@@ -173,7 +173,7 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
         .immediate_mode(false)
         .snaplen(SNAPLEN)
         .precision(Precision::Nano)
-        .buffer_size(8 << 20)
+        .buffer_size(4 << 20)
         .timeout(BLOCK_TIMEOUT_MS)
         .open()
         .context("opening the capture (needs CAP_NET_RAW)")?;

@@ -44,6 +44,8 @@ pub struct PendingLine {
     wants_wire: bool,
     /// Synthesised from the wire rather than from a kernel event (peer FIN into TIME_WAIT).
     derived_from_wire: bool,
+    /// The outcome is whatever RST the wire shows (the kernel's RST event is missing).
+    outcome_from_wire: bool,
 }
 
 /// What the daemon remembers about a connection it has seen events for.
@@ -268,7 +270,7 @@ impl Pipeline {
             .collect();
         for conn in overdue {
             if let Some(staged) = self.staged.remove(&conn) {
-                self.push(staged.line);
+                self.release_unmatched_abort(staged.line);
             }
         }
         let ready = self.joiner.poll(now_ns);
@@ -276,11 +278,30 @@ impl Pipeline {
         self.conns.expire(now_ns);
     }
 
+    /// An abortive close whose RST event never came (a kernel whose tracepoint misses active
+    /// resets, or an event lost in the ring buffer): from a synchronized state the kernel sends
+    /// a RST, and the wire can still show it and so give the outcome.
+    fn release_unmatched_abort(&mut self, mut line: PendingLine) {
+        let resets = matches!(
+            line.ev.old_state,
+            tcp_state::ESTABLISHED
+                | tcp_state::CLOSE_WAIT
+                | tcp_state::FIN_WAIT1
+                | tcp_state::FIN_WAIT2
+                | tcp_state::SYN_RECV
+        );
+        if resets {
+            line.wants_wire = true;
+            line.outcome_from_wire = true;
+        }
+        self.push(line);
+    }
+
     /// Releases everything (at exit).
     pub fn flush(&mut self, out: &Output) {
         let staged: Vec<Staged> = self.staged.drain().map(|(_, s)| s).collect();
         for s in staged {
-            self.push(s.line);
+            self.release_unmatched_abort(s.line);
         }
         let rest = self.joiner.flush();
         self.emit_all(rest, out);
@@ -328,7 +349,10 @@ impl Pipeline {
         }
     }
 
-    fn emit_event(&mut self, pending: PendingLine, wire: Option<WireMatch>, out: &Output) {
+    fn emit_event(&mut self, mut pending: PendingLine, wire: Option<WireMatch>, out: &Output) {
+        if pending.outcome_from_wire && wire.is_some() {
+            pending.outcome = Some("rst");
+        }
         if pending.wants_wire {
             if wire.is_some() {
                 self.stats.joined += 1;
@@ -501,6 +525,7 @@ impl PendingLine {
         let (flag, dir) = match (self.event, self.outcome) {
             ("close", Some("fin")) => (WantFlag::Fin, Dir::Out),
             ("close", Some("rst")) | ("rst_sent", _) => (WantFlag::Rst, Dir::Out),
+            ("close", None) if self.outcome_from_wire => (WantFlag::Rst, Dir::Out),
             ("fin_received", _) => (WantFlag::Fin, Dir::In),
             ("rst_received", _) => (WantFlag::Rst, Dir::In),
             _ => return None,
@@ -517,6 +542,7 @@ fn line(event: &'static str, ev: KernelEvent, wants_wire: bool) -> PendingLine {
         reason: None,
         wants_wire,
         derived_from_wire: false,
+        outcome_from_wire: false,
     }
 }
 
@@ -591,5 +617,162 @@ fn packet_line(p: &WirePacket, retransmit: bool, conn: Option<u64>) -> PacketLin
         ack: p.ack,
         conn: conn.map(|c| format!("{c:016x}")),
         retransmit,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc as StdArc;
+
+    use super::*;
+    use crate::{kernel::Family, output::Destination};
+
+    const MS: u64 = 1_000_000;
+
+    fn event(
+        kind: EventKind,
+        old: u8,
+        new: u8,
+        mono: u64,
+        call_id: u64,
+        reason: Option<i32>,
+    ) -> KernelEvent {
+        KernelEvent {
+            kind,
+            mono_ns: mono,
+            conn_id: 0xabc,
+            state_since_ns: 0,
+            call_id,
+            owner: Owner::Known {
+                pid: 7,
+                tid: 7,
+                comm: "srv".into(),
+                how: "task",
+            },
+            family: Family::Ipv4,
+            local: "10.0.0.1:80".parse().unwrap(),
+            remote: "10.0.0.2:4000".parse().unwrap(),
+            old_state: old,
+            new_state: new,
+            syscall: tracer_common::syscall::CLOSE,
+            fd: Some(3),
+            reason,
+        }
+    }
+
+    fn rst_packet(mono: u64) -> WirePacket {
+        WirePacket {
+            mono_ns: mono,
+            wall_ns: mono,
+            src: "10.0.0.1:80".parse().unwrap(),
+            dst: "10.0.0.2:4000".parse().unwrap(),
+            flags: tcp_flags::RST | tcp_flags::ACK,
+            seq: 42,
+            ack: 1,
+            iface: StdArc::from("veth0"),
+            dir: Dir::Out,
+            headers: StdArc::from(&[][..]),
+        }
+    }
+
+    /// Runs events and packets through a pipeline; returns the lines written.
+    fn lines(feed: impl FnOnce(&mut Pipeline)) -> Vec<serde_json::Value> {
+        let path = std::env::temp_dir().join(format!(
+            "tracer-pipeline-{}-{:?}.jsonl",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let out = Output::start(Destination::File(path.clone())).unwrap();
+        let reasons = ResetReasons::new([(11, "TCP_ABORT_ON_CLOSE".to_string())].into());
+        let mut p = Pipeline::new(
+            std::time::Duration::from_millis(500),
+            reasons,
+            false,
+            Format::Json,
+            None,
+        );
+        feed(&mut p);
+        p.poll(10_000 * MS, &out);
+        p.flush(&out);
+        out.finish().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn an_abortive_close_and_its_rst_event_make_one_line() {
+        let out = lines(|p| {
+            p.kernel_event(event(
+                EventKind::Close,
+                tcp_state::ESTABLISHED,
+                tcp_state::CLOSE,
+                100 * MS,
+                99,
+                None,
+            ));
+            p.kernel_event(event(
+                EventKind::RstSent,
+                tcp_state::CLOSE,
+                tcp_state::CLOSE,
+                100 * MS + 5_000,
+                99,
+                Some(11),
+            ));
+            p.packet(rst_packet(100 * MS + 9_000));
+        });
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0]["event"], "close");
+        assert_eq!(out[0]["outcome"], "rst");
+        assert_eq!(out[0]["reason"], "TCP_ABORT_ON_CLOSE");
+        assert_eq!(out[0]["wire"]["delay_ns"], 9_000);
+        assert_eq!(out[0]["wire"]["seq"], 42);
+    }
+
+    #[test]
+    fn without_its_rst_event_the_wire_gives_the_outcome() {
+        let out = lines(|p| {
+            p.kernel_event(event(
+                EventKind::Close,
+                tcp_state::ESTABLISHED,
+                tcp_state::CLOSE,
+                100 * MS,
+                99,
+                None,
+            ));
+            p.packet(rst_packet(100 * MS + 9_000));
+        });
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0]["outcome"], "rst");
+        assert_eq!(out[0]["reason"], serde_json::Value::Null);
+        assert!(out[0]["wire"].is_object());
+    }
+
+    #[test]
+    fn a_rst_of_another_call_is_its_own_line() {
+        let out = lines(|p| {
+            p.kernel_event(event(
+                EventKind::Close,
+                tcp_state::ESTABLISHED,
+                tcp_state::CLOSE,
+                100 * MS,
+                99,
+                None,
+            ));
+            p.kernel_event(event(
+                EventKind::RstSent,
+                tcp_state::CLOSE,
+                tcp_state::CLOSE,
+                100 * MS + 5_000,
+                0,
+                Some(11),
+            ));
+        });
+        let kinds: Vec<&str> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
+        assert_eq!(kinds.len(), 2, "{out:?}");
+        assert!(kinds.contains(&"rst_sent") && kinds.contains(&"close"));
     }
 }
