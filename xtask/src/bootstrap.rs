@@ -40,6 +40,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "iproute2",
         "tests build network namespaces joined by veth pairs",
     ),
+    (
+        "tshark",
+        "tests read the pcapng the tracer writes back, with its packet comments",
+    ),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
