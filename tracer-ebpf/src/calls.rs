@@ -27,6 +27,10 @@ pub struct PendingCall {
     pub started_ns: u64,
     /// The socket this call acts on, once known (0 until then).
     pub claimed_sk: u64,
+    /// When the syscall returned (0 while inside it). Kernels before 6.x defer the final fput
+    /// of close(2) to task_work, which runs right after sys_exit_close: the call still counts
+    /// for AFTER_EXIT_NS after it returned.
+    pub exited_ns: u64,
     pub fd: i32,
     pub kind: u8,
     pub _pad: [u8; 3],
@@ -45,6 +49,7 @@ fn begin(kind: u8, fd: i32) {
         // SAFETY: plain helper call.
         started_ns: unsafe { bpf_ktime_get_ns() },
         claimed_sk: 0,
+        exited_ns: 0,
         fd,
         kind,
         _pad: [0; 3],
@@ -52,13 +57,17 @@ fn begin(kind: u8, fd: i32) {
     let _ = CALLS.insert(cur.tid, call, 0); // LRU: insertion evicts, never fails for space.
 }
 
+/// How long after close(2) returned its deferred fput may still act on the socket.
+const AFTER_EXIT_NS: u64 = 1_000_000;
+
 #[inline(always)]
 fn end() {
-    let tid = current().tid;
-    // SAFETY: plain data read.
-    if let Some(call) = unsafe { CALLS.get(tid) } {
-        if call.kind != syscall::EXIT {
-            let _ = CALLS.remove(tid);
+    if let Some(call) = CALLS.get_ptr_mut(current().tid) {
+        // SAFETY: this task's own entry; only this task writes it.
+        unsafe {
+            if (*call).kind != syscall::EXIT {
+                (*call).exited_ns = bpf_ktime_get_ns();
+            }
         }
     }
 }
@@ -67,9 +76,15 @@ fn end() {
 /// not acted on any socket yet.
 #[inline(always)]
 pub fn call_acting_on(sk: u64) -> Option<PendingCall> {
-    let entry = CALLS.get_ptr_mut(current().tid)?;
+    let tid = current().tid;
+    let entry = CALLS.get_ptr_mut(tid)?;
     // SAFETY: this task's own entry; only this task writes it.
     let call = unsafe { &mut *entry };
+    // SAFETY: plain helper call.
+    if call.exited_ns != 0 && unsafe { bpf_ktime_get_ns() } - call.exited_ns > AFTER_EXIT_NS {
+        let _ = CALLS.remove(tid); // long returned: a later transition is not this call's
+        return None;
+    }
     if call.kind == syscall::EXIT || call.claimed_sk == sk {
         return Some(*call);
     }
