@@ -429,3 +429,107 @@ fn wait_readable(s: &TcpStream) {
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut pfd, 1, 5000) };
 }
+
+/// The kernel's transitions, as libbpf-tools `tcpstates` (an independent tracer) saw them:
+/// (lport, rport, old, new, ms in old state).
+fn tcpstates_lines(text: &str) -> Vec<(u16, u16, String, String, f64)> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // SKADDR PID COMM LADDR LPORT RADDR RPORT OLD -> NEW MS
+            if f.len() < 11 || f[8] != "->" {
+                return None;
+            }
+            Some((
+                f[4].parse().ok()?,
+                f[6].parse().ok()?,
+                f[7].to_string(),
+                f[9].to_string(),
+                f[10].parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn transitions_agree_with_tcpstates() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let mut ts = Command::new("stdbuf")
+        .args(["-oL", "tcpstates", "-L", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tcpstates (libbpf-tools) runs");
+    let mut ts_out = BufReader::new(ts.stdout.take().unwrap());
+    let mut header = String::new();
+    ts_out.read_line(&mut header).unwrap();
+    assert!(header.contains("OLDSTATE"), "tcpstates started: {header}");
+    let mut tracer =
+        common::Tracer::start(&["--no-capture", "--all-states", "--port", &port.to_string()]);
+    tracer.wait_ready(WAIT);
+    // A graceful close with a pause in CLOSE_WAIT, then a reset.
+    let mut peer = Peer::spawn("client", "127.0.0.1", port, "wait-eof-close");
+    let (server, _) = l.accept().unwrap();
+    peer.line();
+    let mut peer2 = Peer::spawn("client", "127.0.0.1", port, "send-wait");
+    let (server2, _) = l.accept().unwrap();
+    peer2.line();
+    drop(server);
+    peer.wait();
+    wait_readable(&server2);
+    drop(server2);
+    peer2.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = tracer.stop();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(ts.id() as i32, libc::SIGINT) };
+    let mut rest = String::new();
+    ts_out.read_to_string(&mut rest).unwrap();
+    ts.wait().unwrap();
+    let theirs = tcpstates_lines(&rest);
+    assert!(theirs.len() >= 8, "tcpstates saw the connections: {rest}");
+    let ours: Vec<(u16, u16, String, String, Option<u64>)> = out
+        .lines
+        .iter()
+        .filter(|v| v["lport"] == port && v["old_state"].is_string() && v["event"] != "rst_sent")
+        .map(|v| {
+            (
+                v["lport"].as_u64().unwrap() as u16,
+                v["rport"].as_u64().unwrap() as u16,
+                v["old_state"].as_str().unwrap().to_string(),
+                v["new_state"].as_str().unwrap().to_string(),
+                v["duration_ns"].as_u64(),
+            )
+        })
+        .collect();
+    let key = |t: &(u16, u16, String, String)| t.clone();
+    let mut a: Vec<_> = theirs
+        .iter()
+        .filter(|t| t.2 != t.3)
+        .map(|t| key(&(t.0, t.1, t.2.clone(), t.3.clone())))
+        .collect();
+    let mut b: Vec<_> = ours
+        .iter()
+        .map(|t| key(&(t.0, t.1, t.2.clone(), t.3.clone())))
+        .collect();
+    a.sort();
+    b.sort();
+    assert_eq!(b, a, "the tracer saw the same transitions as tcpstates");
+    // Time in the old state agrees within a millisecond where both know it.
+    for o in &ours {
+        let Some(ns) = o.4 else { continue };
+        let t = theirs
+            .iter()
+            .find(|t| (t.0, t.1, &t.2, &t.3) == (o.0, o.1, &o.2, &o.3))
+            .unwrap();
+        let ms = ns as f64 / 1e6;
+        assert!(
+            (ms - t.4).abs() < 1.0,
+            "{o:?}: {ms} ms vs tcpstates {} ms",
+            t.4
+        );
+    }
+}
