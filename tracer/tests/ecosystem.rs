@@ -6,26 +6,15 @@ mod common;
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    os::fd::AsRawFd,
     process::Command,
     time::Duration,
 };
 
-use common::Tracer;
+use common::{Tracer, wait_readable};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer");
-
-fn wait_readable(s: &TcpStream) {
-    let mut pfd = libc::pollfd {
-        fd: s.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut pfd, 1, 5000) };
-}
 
 /// One reset and one graceful close from this process on a fresh loopback port.
 fn reset_and_graceful(l: &TcpListener, port: u16) {

@@ -6,12 +6,11 @@ mod common;
 use std::{
     io::{BufRead, BufReader, Write},
     net::{TcpListener, TcpStream},
-    os::fd::AsRawFd,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::Tracer;
+use common::{Tracer, wait_readable};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -365,16 +364,6 @@ fn a_stalled_consumer_loses_lines_counted_exactly() {
         "nothing lost silently: {socket_lines} written + {lost} lost < {}",
         2 * made
     );
-}
-
-fn wait_readable(s: &TcpStream) {
-    let mut pfd = libc::pollfd {
-        fd: s.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut pfd, 1, 5000) };
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -4,64 +4,19 @@
 
 mod common;
 
+use common::{Peer, wait_readable};
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
     os::fd::AsRawFd,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A `peer.py` process holding the other end of a connection.
-struct Peer {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-    pid: u32,
-}
-
-impl Peer {
-    fn spawn(role: &str, host: &str, port: u16, behaviour: &str) -> Self {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peer.py");
-        let mut child = Command::new("python3")
-            .args([script, role, host, &port.to_string(), behaviour])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs tests/peer.py");
-        let pid = child.id();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let stdin = child.stdin.take();
-        Self {
-            child,
-            stdin,
-            stdout,
-            pid,
-        }
-    }
-
-    /// The next JSON line the peer prints.
-    fn line(&mut self) -> Value {
-        let mut text = String::new();
-        self.stdout.read_line(&mut text).expect("peer output");
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("peer said {text:?}: {e}"))
-    }
-
-    /// Lets a `hold`/`send-wait` peer go on to close.
-    fn release(&mut self) {
-        self.stdin.take();
-    }
-
-    fn wait(mut self) {
-        self.release();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "peer failed: {status}");
-    }
-}
 
 fn listener() -> (TcpListener, u16) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -90,7 +45,7 @@ fn graceful_close_is_attributed_on_both_ends() {
     }
     let (l, port) = listener();
     let mut tracer = tracer_for(port);
-    let mut peer = Peer::spawn("client", "127.0.0.1", port, "wait-eof-close");
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "wait-eof-close");
     let (server, _) = l.accept().unwrap();
     let info = peer.line();
     let peer_port = info["lport"].as_u64().unwrap() as u16;
@@ -150,7 +105,7 @@ fn close_with_unread_data_is_a_reset_with_the_kernel_reason() {
     }
     let (l, port) = listener();
     let mut tracer = tracer_for(port);
-    let mut peer = Peer::spawn("client", "127.0.0.1", port, "send-wait");
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "send-wait");
     let (server, _) = l.accept().unwrap();
     let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
     wait_readable(&server);
@@ -180,7 +135,7 @@ fn linger_zero_close_is_a_reset() {
     }
     let (l, port) = listener();
     let mut tracer = tracer_for(port);
-    let mut peer = Peer::spawn("client", "127.0.0.1", port, "linger0-close");
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "linger0-close");
     let (mut server, _) = l.accept().unwrap();
     let info = peer.line();
     let peer_port = info["lport"].as_u64().unwrap() as u16;
@@ -212,7 +167,7 @@ fn shutdown_write_is_reported_as_shutdown() {
     }
     let (l, port) = listener();
     let mut tracer = tracer_for(port);
-    let mut peer = Peer::spawn("client", "127.0.0.1", port, "wait-eof-close");
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "wait-eof-close");
     let (server, _) = l.accept().unwrap();
     let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
     server.shutdown(Shutdown::Write).unwrap();
@@ -232,7 +187,7 @@ fn a_peer_reset_is_rst_received_on_the_right_pid() {
     if !common::require_root() {
         return;
     }
-    let mut peer = Peer::spawn("server", "127.0.0.1", 0, "linger0-close");
+    let mut peer = Peer::spawn(None, "server", "127.0.0.1", 0, "linger0-close");
     let port = peer.line()["listening"].as_u64().unwrap() as u16;
     let mut tracer = tracer_for(port);
     let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -255,7 +210,7 @@ fn process_exit_closes_are_attributed_to_the_exiting_process() {
     }
     let (l, port) = listener();
     let mut tracer = tracer_for(port);
-    let mut peer = Peer::spawn("client", "127.0.0.1", port, "exit");
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "exit");
     let (server, _) = l.accept().unwrap();
     let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
     let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
@@ -275,7 +230,7 @@ fn a_connection_opened_before_the_tracer_is_attributed() {
         return;
     }
     let (l, port) = listener();
-    let mut peer = Peer::spawn("client", "127.0.0.1", port, "hold");
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "hold");
     let (server, _) = l.accept().unwrap();
     let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
     // Started after the connection exists: only the /proc seed can know the peer owns it.
@@ -298,7 +253,7 @@ fn pid_filter_runs_in_the_kernel() {
     }
     // B: a process that churns connections; A (the traced one) does one graceful close.
     let (l, port) = listener();
-    let mut a = Peer::spawn("client", "127.0.0.1", port, "hold");
+    let mut a = Peer::spawn(None, "client", "127.0.0.1", port, "hold");
     let (a_server, _) = l.accept().unwrap();
     let a_port = a.line()["lport"].as_u64().unwrap() as u16;
     let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &a.pid.to_string()]);
@@ -420,16 +375,6 @@ fn churn(l: &TcpListener, port: u16, n: usize) -> usize {
     n
 }
 
-fn wait_readable(s: &TcpStream) {
-    let mut pfd = libc::pollfd {
-        fd: s.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut pfd, 1, 5000) };
-}
-
 /// The kernel's transitions, as libbpf-tools `tcpstates` (an independent tracer) saw them:
 /// (lport, rport, old, new, ms in old state).
 fn tcpstates_lines(text: &str) -> Vec<(u16, u16, String, String, f64)> {
@@ -471,10 +416,10 @@ fn transitions_agree_with_tcpstates() {
         common::Tracer::start(&["--no-capture", "--all-states", "--port", &port.to_string()]);
     tracer.wait_ready(WAIT);
     // A graceful close with a pause in CLOSE_WAIT, then a reset.
-    let mut peer = Peer::spawn("client", "127.0.0.1", port, "wait-eof-close");
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "wait-eof-close");
     let (server, _) = l.accept().unwrap();
     peer.line();
-    let mut peer2 = Peer::spawn("client", "127.0.0.1", port, "send-wait");
+    let mut peer2 = Peer::spawn(None, "client", "127.0.0.1", port, "send-wait");
     let (server2, _) = l.accept().unwrap();
     peer2.line();
     drop(server);

@@ -6,65 +6,15 @@ mod common;
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
-    os::fd::AsRawFd,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::Duration,
 };
 
-use common::{NetnsPeer, Tcpdump, Tracer};
+use common::{NetnsPeer, Peer, Tcpdump, Tracer, set_linger_zero, wait_readable};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A `peer.py` server, optionally inside a network namespace.
-struct Peer {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Peer {
-    fn server(ns: Option<&str>, host: &str, port: u16, behaviour: &str) -> (Self, u16) {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peer.py");
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "python3"]);
-                c
-            }
-            None => Command::new("python3"),
-        };
-        let mut child = cmd
-            .args([script, "server", host, &port.to_string(), behaviour])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs tests/peer.py");
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let stdin = child.stdin.take();
-        let mut peer = Self {
-            child,
-            stdin,
-            stdout,
-        };
-        let port = peer.line()["listening"].as_u64().unwrap() as u16;
-        (peer, port)
-    }
-
-    fn line(&mut self) -> Value {
-        let mut text = String::new();
-        self.stdout.read_line(&mut text).expect("peer output");
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("peer said {text:?}: {e}"))
-    }
-
-    fn finish(mut self) {
-        self.stdin.take();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "peer failed: {status}");
-    }
-}
 
 fn is(v: &Value, event: &str, lport: u16, rport: u16) -> bool {
     v["event"] == event && v["lport"] == lport && v["rport"] == rport
@@ -92,34 +42,6 @@ fn check_wire(v: &Value, flag: &str, dir: &str) -> (u64, String) {
         wire["seq"].as_u64().unwrap(),
         wire["iface"].as_str().unwrap().to_string(),
     )
-}
-
-fn set_linger_zero(s: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized linger struct.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
-}
-
-fn wait_readable(s: &TcpStream) {
-    let mut pfd = libc::pollfd {
-        fd: s.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut pfd, 1, 5000) };
 }
 
 /// (src port, dst port, flags, seq) of every FIN/RST tcpdump printed, e.g.
@@ -304,7 +226,7 @@ fn veth_scenarios(v6: bool) {
     let _ = c.read(&mut buf);
     drop((c, c3, c4));
     for (peer, _) in servers.drain(..) {
-        peer.finish();
+        peer.wait();
     }
     std::thread::sleep(Duration::from_millis(300));
     let out = tracer.stop();

@@ -373,3 +373,98 @@ impl Tcpdump {
         lines
     }
 }
+
+/// A `peer.py` process holding one end of a connection, so that each end is attributed to
+/// its own PID; optionally inside a network namespace.
+pub struct Peer {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: BufReader<std::process::ChildStdout>,
+    pub pid: u32,
+}
+
+impl Peer {
+    /// `role` is `client` or `server`; see tests/peer.py for the behaviours.
+    pub fn spawn(ns: Option<&str>, role: &str, host: &str, port: u16, behaviour: &str) -> Self {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peer.py");
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "python3"]);
+                c
+            }
+            None => Command::new("python3"),
+        };
+        let mut child = cmd
+            .args([script, role, host, &port.to_string(), behaviour])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs tests/peer.py");
+        let pid = child.id();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let stdin = child.stdin.take();
+        Self {
+            child,
+            stdin,
+            stdout,
+            pid,
+        }
+    }
+
+    /// A server; returns it with the port it listens on.
+    pub fn server(ns: Option<&str>, host: &str, port: u16, behaviour: &str) -> (Self, u16) {
+        let mut peer = Self::spawn(ns, "server", host, port, behaviour);
+        let port = peer.line()["listening"].as_u64().unwrap() as u16;
+        (peer, port)
+    }
+
+    /// The next JSON line the peer prints.
+    pub fn line(&mut self) -> Value {
+        let mut text = String::new();
+        self.stdout.read_line(&mut text).expect("peer output");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("peer said {text:?}: {e}"))
+    }
+
+    /// Lets a `hold`/`send-wait` peer go on to close.
+    pub fn release(&mut self) {
+        self.stdin.take();
+    }
+
+    /// Releases the peer and waits for it to succeed.
+    pub fn wait(mut self) {
+        self.release();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "peer failed: {status}");
+    }
+}
+
+/// Waits (up to 5 s) until the socket has something to read.
+pub fn wait_readable(s: &std::net::TcpStream) {
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(s),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, 5000) };
+}
+
+/// SO_LINGER {1, 0}: close() then aborts with a RST.
+pub fn set_linger_zero(s: &std::net::TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a correctly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+}
