@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Peer, wait_readable};
+use common::{Peer, reset_burst, wait_readable};
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -341,25 +341,6 @@ fn an_overfilled_ring_buffer_reports_lost_events() {
             "summary count of {kind}"
         );
     }
-}
-
-/// Opens `n` connections with a byte unread on each server end, then closes all the server
-/// ends at once: a burst of 2n kernel events in a few milliseconds.
-fn reset_burst(l: &TcpListener, port: u16, n: usize) -> usize {
-    let mut pairs = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let (s, _) = l.accept().unwrap();
-        c.write_all(b"x").unwrap();
-        pairs.push((c, s));
-    }
-    for (_, s) in &pairs {
-        wait_readable(s);
-    }
-    let (clients, servers): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
-    drop(servers);
-    drop(clients);
-    n
 }
 
 /// Opens and resets `n` connections from this process as fast as it can; returns `n`.

@@ -339,20 +339,7 @@ fn a_burst_of_closes_all_join() {
     let mut tracer = Tracer::start(&["-i", "lo", "--port", &port.to_string()]);
     tracer.wait_ready(WAIT);
     raise_fd_limit(2 * N + 64);
-    let mut pairs = Vec::new();
-    for _ in 0..N {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let (s, _) = l.accept().unwrap();
-        c.write_all(b"x").unwrap();
-        pairs.push((c, s));
-    }
-    for (_, s) in &pairs {
-        wait_readable(s);
-    }
-    let (clients, servers): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
-    drop(servers); // N resets at once
-    std::thread::sleep(Duration::from_millis(200));
-    drop(clients);
+    common::reset_burst(&l, port, N);
     let out = tracer.stop();
     let closes: Vec<&Value> = out
         .lines

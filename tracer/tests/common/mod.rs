@@ -468,3 +468,24 @@ pub fn set_linger_zero(s: &std::net::TcpStream) {
     };
     assert_eq!(rc, 0);
 }
+
+/// Opens `n` loopback connections to `l` with a byte unread on each server end, then closes
+/// every server end at once: a burst of n resets (2n kernel events) in a few milliseconds.
+pub fn reset_burst(l: &std::net::TcpListener, port: u16, n: usize) -> usize {
+    use std::io::Write;
+    let mut pairs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        c.write_all(b"x").unwrap();
+        pairs.push((c, s));
+    }
+    for (_, s) in &pairs {
+        wait_readable(s);
+    }
+    let (clients, servers): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
+    drop(servers);
+    thread::sleep(Duration::from_millis(200)); // the resets reach the clients first
+    drop(clients);
+    n
+}
