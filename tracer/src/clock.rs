@@ -87,16 +87,34 @@ impl SharedClock {
 
 /// RFC 3339 in UTC with nanoseconds: `2026-11-24T13:51:42.123456789Z`.
 pub fn rfc3339_nanos(wall_ns: u64) -> String {
-    let secs = wall_ns / 1_000_000_000;
-    let nanos = wall_ns % 1_000_000_000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    Rfc3339(wall_ns).to_string()
+}
+
+/// A wall-clock instant (Unix nanoseconds) that prints as RFC 3339 UTC with nanoseconds, and
+/// serialises as that string without building it first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rfc3339(pub u64);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.0 / 1_000_000_000;
+        let nanos = self.0 % 1_000_000_000;
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        let (y, m, d) = civil_from_days(days as i64);
+        write!(
+            f,
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+            rem / 3600,
+            rem / 60 % 60,
+            rem % 60
+        )
+    }
+}
+
+impl serde::Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.

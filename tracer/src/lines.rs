@@ -1,7 +1,68 @@
 //! The lines the tracer writes, as data, and their two encodings: JSON (the contract, the
 //! default) and `--format pretty`, a human timeline (coloured on a terminal).
 
-use serde::Serialize;
+use std::net::IpAddr;
+
+use serde::{Serialize, Serializer, ser::SerializeSeq};
+
+use crate::capture::tcp_flags;
+pub use crate::clock::Rfc3339 as Time;
+
+/// A connection id, printed as 16 hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnId(pub u64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl Serialize for ConnId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// TCP flags, serialised as a list of names: `["RST","ACK"]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flags(pub u8);
+
+const FLAG_NAMES: [(u8, &str); 8] = [
+    (tcp_flags::FIN, "FIN"),
+    (tcp_flags::SYN, "SYN"),
+    (tcp_flags::RST, "RST"),
+    (tcp_flags::PSH, "PSH"),
+    (tcp_flags::ACK, "ACK"),
+    (tcp_flags::URG, "URG"),
+    (tcp_flags::ECE, "ECE"),
+    (tcp_flags::CWR, "CWR"),
+];
+
+impl Flags {
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        FLAG_NAMES
+            .into_iter()
+            .filter(move |(bit, _)| self.0 & bit != 0)
+            .map(|(_, name)| name)
+    }
+}
+
+impl std::fmt::Display for Flags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.names().collect::<Vec<_>>().join(","))
+    }
+}
+
+impl Serialize for Flags {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(None)?;
+        for name in self.names() {
+            seq.serialize_element(name)?;
+        }
+        seq.end()
+    }
+}
 
 /// `--format`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -24,17 +85,17 @@ pub enum Format {
 #[derive(Serialize)]
 pub struct SocketLine<'a> {
     pub event: &'static str,
-    pub time: String,
+    pub time: Time,
     pub mono_ns: u64,
     pub pid: Option<u32>,
     pub tid: Option<u32>,
     pub comm: Option<&'a str>,
     pub owner: &'static str,
-    pub conn: Option<String>,
+    pub conn: Option<ConnId>,
     pub family: &'static str,
-    pub laddr: String,
+    pub laddr: IpAddr,
     pub lport: u16,
-    pub raddr: String,
+    pub raddr: IpAddr,
     pub rport: u16,
     pub old_state: &'static str,
     pub new_state: &'static str,
@@ -45,11 +106,11 @@ pub struct SocketLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Option<&'static str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<Option<String>>,
+    pub reason: Option<Option<&'a str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ns: Option<Option<u64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub wire: Option<Option<Wire>>,
+    pub wire: Option<Option<Wire<'a>>>,
     /// `"wire"` when the event was seen only on the wire (the peer's FIN into TIME_WAIT).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub derived: Option<&'static str>,
@@ -57,13 +118,13 @@ pub struct SocketLine<'a> {
 
 /// The packet that carried an event.
 #[derive(Serialize)]
-pub struct Wire {
-    pub time: String,
+pub struct Wire<'a> {
+    pub time: Time,
     pub mono_ns: u64,
     pub delay_ns: i64,
-    pub flags: Vec<&'static str>,
+    pub flags: Flags,
     pub dir: &'static str,
-    pub iface: String,
+    pub iface: &'a str,
     pub seq: u32,
     pub ack: u32,
     /// Further copies of the same segment seen within the join window.
@@ -72,20 +133,20 @@ pub struct Wire {
 
 /// A FIN or RST on the wire that no kernel event claimed.
 #[derive(Serialize)]
-pub struct PacketLine {
+pub struct PacketLine<'a> {
     pub event: &'static str,
-    pub time: String,
+    pub time: Time,
     pub mono_ns: u64,
-    pub saddr: String,
+    pub saddr: IpAddr,
     pub sport: u16,
-    pub daddr: String,
+    pub daddr: IpAddr,
     pub dport: u16,
-    pub flags: Vec<&'static str>,
-    pub iface: String,
+    pub flags: Flags,
+    pub iface: &'a str,
     pub dir: &'static str,
     pub seq: u32,
     pub ack: u32,
-    pub conn: Option<String>,
+    pub conn: Option<ConnId>,
     pub retransmit: bool,
 }
 
@@ -106,7 +167,7 @@ impl Format {
         }
     }
 
-    pub fn packet(self, line: &PacketLine) -> String {
+    pub fn packet(self, line: &PacketLine<'_>) -> String {
         match self {
             Format::Json => json(line),
             Format::Pretty { color } => paint(
@@ -114,12 +175,12 @@ impl Format {
                 BLUE,
                 &format!(
                     "{}  packet        {}:{} > {}:{}  {} {} on {}{}",
-                    clock_part(&line.time),
+                    clock_part(&line.time.to_string()),
                     line.saddr,
                     line.sport,
                     line.daddr,
                     line.dport,
-                    line.flags.join(","),
+                    line.flags,
                     line.dir,
                     line.iface,
                     if line.retransmit {
@@ -140,7 +201,7 @@ impl Format {
                 RED,
                 &format!(
                     "{}  LOST          {} events lost in {}",
-                    clock_part(&line.time),
+                    clock_part(&line.time.to_string()),
                     line.count,
                     line.source
                 ),
@@ -177,9 +238,10 @@ fn paint(color: bool, code: &str, text: &str) -> String {
 }
 
 /// `13:51:42.123456789` out of an RFC 3339 time.
-fn clock_part(time: &str) -> &str {
+fn clock_part(time: &str) -> String {
     time.split_once('T')
         .map_or(time, |(_, t)| t.trim_end_matches('Z'))
+        .to_string()
 }
 
 fn pretty_socket(l: &SocketLine<'_>, color: bool) -> String {
@@ -193,7 +255,7 @@ fn pretty_socket(l: &SocketLine<'_>, color: bool) -> String {
     };
     let mut text = format!(
         "{}  {:<12}  {:<18}  {}:{} {} {}:{}  {}→{}",
-        clock_part(&l.time),
+        clock_part(&l.time.to_string()),
         l.event,
         who,
         l.laddr,
@@ -226,7 +288,7 @@ fn pretty_socket(l: &SocketLine<'_>, color: bool) -> String {
     match &l.wire {
         Some(Some(w)) => text.push_str(&format!(
             "  wire: {} {} {:+}",
-            w.flags.join(","),
+            w.flags,
             w.dir,
             HumanDelay(w.delay_ns)
         )),
@@ -240,7 +302,7 @@ fn pretty_socket(l: &SocketLine<'_>, color: bool) -> String {
         text.push_str(&format!("  owner {}", l.owner));
     }
     if let Some(conn) = &l.conn {
-        text.push_str(&format!("  conn {}", &conn[..8.min(conn.len())]));
+        text.push_str(&format!("  conn {}", &conn.to_string()[..8]));
     }
     let code = match (l.event, l.outcome) {
         ("close", Some(Some("rst"))) | ("rst_sent", _) | ("rst_received", _) => RED,
@@ -279,32 +341,32 @@ mod tests {
     fn close_line() -> SocketLine<'static> {
         SocketLine {
             event: "close",
-            time: "2026-11-24T13:51:42.123456789Z".into(),
+            time: Time(1_795_528_302_123_456_789),
             mono_ns: 1,
             pid: Some(1234),
             tid: Some(1234),
             comm: Some("server"),
             owner: "task",
-            conn: Some("00112233445566aa".into()),
+            conn: Some(ConnId(0x0011_2233_4455_66aa)),
             family: "ipv4",
-            laddr: "10.0.0.1".into(),
+            laddr: "10.0.0.1".parse().unwrap(),
             lport: 8080,
-            raddr: "10.0.0.2".into(),
+            raddr: "10.0.0.2".parse().unwrap(),
             rport: 40000,
             old_state: "ESTABLISHED",
             new_state: "CLOSE",
             syscall: Some(Some("close")),
             fd: Some(Some(7)),
             outcome: Some(Some("rst")),
-            reason: Some(Some("TCP_ABORT_ON_CLOSE".into())),
+            reason: Some(Some("TCP_ABORT_ON_CLOSE")),
             duration_ns: Some(None),
             wire: Some(Some(Wire {
-                time: "2026-11-24T13:51:42.123470789Z".into(),
+                time: Time(1_795_528_302_123_470_789),
                 mono_ns: 14_001,
                 delay_ns: 14_000,
-                flags: vec!["RST", "ACK"],
+                flags: Flags(0x14),
                 dir: "out",
-                iface: "lo".into(),
+                iface: "lo",
                 seq: 1,
                 ack: 2,
                 retransmits: 0,

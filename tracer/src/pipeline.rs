@@ -14,10 +14,10 @@ use tracer_common::{EventKind, tcp_state};
 
 use crate::{
     capture::{Dir, WirePacket, tcp_flags},
-    clock::{Clock, rfc3339_nanos},
+    clock::Clock,
     join::{Joined, Joiner, Want, WantFlag, WireMatch},
     kernel::{Family, KernelEvent, Owner, ResetReasons, state_name},
-    lines::{Format, PacketLine, SocketLine, Wire},
+    lines::{ConnId, Flags, Format, PacketLine, SocketLine, Time, Wire},
     metrics::Metrics,
     output::Output,
     pcapng::PcapngOut,
@@ -475,24 +475,24 @@ impl Pipeline {
         let is = |names: &[&str]| names.contains(&p.event);
         let line = SocketLine {
             event: p.event,
-            time: rfc3339_nanos(self.clock.mono_to_wall_ns(ev.mono_ns)),
+            time: Time(self.clock.mono_to_wall_ns(ev.mono_ns)),
             mono_ns: ev.mono_ns,
             pid,
             tid,
             comm,
             owner,
-            conn: (ev.conn_id != 0).then(|| format!("{:016x}", ev.conn_id)),
+            conn: (ev.conn_id != 0).then_some(ConnId(ev.conn_id)),
             family: ev.family.as_str(),
-            laddr: ev.local.ip().to_string(),
+            laddr: ev.local.ip(),
             lport: ev.local.port(),
-            raddr: ev.remote.ip().to_string(),
+            raddr: ev.remote.ip(),
             rport: ev.remote.port(),
             old_state: state_name(ev.old_state),
             new_state: state_name(ev.new_state),
             syscall: is(&["close"]).then(|| ev.syscall_name()),
             fd: is(&["close"]).then_some(ev.fd),
             outcome: is(&["close"]).then_some(p.outcome),
-            reason: is(&["close", "rst_sent"]).then(|| p.reason.clone()),
+            reason: is(&["close", "rst_sent"]).then_some(p.reason.as_deref()),
             duration_ns: is(&["close", "fin_received", "state"])
                 .then(|| ev.duration_in_old_state()),
             wire: (p.event != "state").then(|| wire.map(|w| self.wire(w))),
@@ -501,14 +501,14 @@ impl Pipeline {
         self.format.socket(&line)
     }
 
-    fn wire(&self, w: &WireMatch) -> Wire {
+    fn wire<'a>(&self, w: &'a WireMatch) -> Wire<'a> {
         Wire {
-            time: rfc3339_nanos(w.packet.wall_ns),
+            time: Time(w.packet.wall_ns),
             mono_ns: w.packet.mono_ns,
             delay_ns: w.delay_ns,
-            flags: flag_names(w.packet.flags),
+            flags: Flags(w.packet.flags),
             dir: w.dir.as_str(),
-            iface: w.packet.iface.to_string(),
+            iface: &w.packet.iface,
             seq: w.packet.seq,
             ack: w.packet.ack,
             retransmits: w.retransmits,
@@ -584,38 +584,21 @@ fn want_for(ev: &KernelEvent, flag: WantFlag, dir: Dir) -> Option<Want> {
     })
 }
 
-fn flag_names(flags: u8) -> Vec<&'static str> {
-    [
-        (tcp_flags::FIN, "FIN"),
-        (tcp_flags::SYN, "SYN"),
-        (tcp_flags::RST, "RST"),
-        (tcp_flags::PSH, "PSH"),
-        (tcp_flags::ACK, "ACK"),
-        (tcp_flags::URG, "URG"),
-        (tcp_flags::ECE, "ECE"),
-        (tcp_flags::CWR, "CWR"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| flags & bit != 0)
-    .map(|(_, name)| name)
-    .collect()
-}
-
-fn packet_line(p: &WirePacket, retransmit: bool, conn: Option<u64>) -> PacketLine {
+fn packet_line(p: &WirePacket, retransmit: bool, conn: Option<u64>) -> PacketLine<'_> {
     PacketLine {
         event: "packet",
-        time: rfc3339_nanos(p.wall_ns),
+        time: Time(p.wall_ns),
         mono_ns: p.mono_ns,
-        saddr: p.src.ip().to_string(),
+        saddr: p.src.ip(),
         sport: p.src.port(),
-        daddr: p.dst.ip().to_string(),
+        daddr: p.dst.ip(),
         dport: p.dst.port(),
-        flags: flag_names(p.flags),
-        iface: p.iface.to_string(),
+        flags: Flags(p.flags),
+        iface: &p.iface,
         dir: p.dir.as_str(),
         seq: p.seq,
         ack: p.ack,
-        conn: conn.map(|c| format!("{c:016x}")),
+        conn: conn.map(ConnId),
         retransmit,
     }
 }
