@@ -28,6 +28,17 @@ pub enum ProbeMode {
     Kprobe,
 }
 
+impl ProbeMode {
+    /// As written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProbeMode::Auto => "auto",
+            ProbeMode::Tracepoint => "tracepoint",
+            ProbeMode::Kprobe => "kprobe",
+        }
+    }
+}
+
 /// The probe set actually used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProbeSet {
