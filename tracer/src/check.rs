@@ -161,8 +161,8 @@ fn print_human(r: &Report) {
     }
     if let Some(names) = &r.would_attach {
         println!(
-            "with --probes {:?}, tracer would attach: {}",
-            r.probe_mode,
+            "with --probes {}, tracer would attach: {}",
+            r.probe_mode.name(),
             names.join(", ")
         );
     }
