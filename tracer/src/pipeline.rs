@@ -173,6 +173,8 @@ pub struct Pipeline {
     format: Format,
     metrics: Option<Arc<Metrics>>,
     pcapng: Option<PcapngOut>,
+    /// Without packet capture nothing waits for a packet: lines go out at once with `wire: null`.
+    capturing: bool,
     pub clock: Clock,
     pub stats: Stats,
 }
@@ -194,6 +196,7 @@ impl Pipeline {
             format,
             metrics,
             pcapng: None,
+            capturing: true,
             clock: Clock::sample(),
             stats: Stats::default(),
         }
@@ -249,7 +252,8 @@ impl Pipeline {
         self.push(pending);
     }
 
-    fn push(&mut self, pending: PendingLine) {
+    fn push(&mut self, mut pending: PendingLine) {
+        pending.wants_wire &= self.capturing;
         let want = pending.want();
         let (conn, mono) = (pending.ev.conn_id, pending.ev.mono_ns);
         self.joiner.push_event(conn, mono, want, pending);
@@ -310,6 +314,12 @@ impl Pipeline {
         {
             eprintln!("tracer: writing the pcapng file failed: {e:#}");
         }
+    }
+
+    /// With `--no-capture`: no line waits for a packet.
+    pub fn capturing(mut self, on: bool) -> Self {
+        self.capturing = on;
+        self
     }
 
     /// Writes joined and unclaimed packets to a pcapng file too.
@@ -732,6 +742,36 @@ mod tests {
         assert_eq!(out[0]["outcome"], "rst");
         assert_eq!(out[0]["reason"], serde_json::Value::Null);
         assert!(out[0]["wire"].is_object());
+    }
+
+    #[test]
+    fn without_capture_nothing_waits_for_a_packet() {
+        let path = std::env::temp_dir().join(format!("tracer-nocap-{}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let out = Output::start(Destination::File(path.clone())).unwrap();
+        let mut p = Pipeline::new(
+            std::time::Duration::from_millis(500),
+            ResetReasons::default(),
+            false,
+            Format::Json,
+            None,
+        )
+        .capturing(false);
+        p.kernel_event(event(
+            EventKind::FinReceived,
+            tcp_state::ESTABLISHED,
+            tcp_state::CLOSE_WAIT,
+            100 * MS,
+            0,
+            None,
+        ));
+        p.poll(100 * MS + 1, &out);
+        assert_eq!(p.pending(), 0, "released at once, not after the window");
+        assert_eq!((p.stats.joined, p.stats.unjoined), (0, 0));
+        out.finish().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(text.contains("\"wire\":null"), "{text}");
     }
 
     #[test]

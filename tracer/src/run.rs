@@ -149,7 +149,8 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         !settings.pids.is_empty(),
         settings.format,
         metrics.clone(),
-    );
+    )
+    .capturing(settings.capture_iface.is_some());
     if let Some(file) = pcapng {
         pipeline.write_pcapng(file);
     }
