@@ -18,8 +18,8 @@ use std::{
 };
 
 /// Lines that may wait for a slow consumer before new ones are dropped (and counted): about
-/// 8 MB of JSON at most.
-pub const QUEUE_LINES: usize = 16384;
+/// 4 MB of JSON at most.
+pub const QUEUE_LINES: usize = 8192;
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// Where lines go.

@@ -31,7 +31,7 @@ const STAGE_NS: u64 = 5_000_000;
 /// closes later than this, or more connections than MAX_CONNS in that time, and its FIN is
 /// reported as a `packet` line instead of a derived `fin_received`: memory stays bounded.
 const CONN_MEMORY_NS: u64 = 10_000_000_000;
-const MAX_CONNS: usize = 32_768;
+const MAX_CONNS: usize = 8_192;
 /// Bound on events plus packets waiting in the joiner.
 pub const MAX_PENDING: usize = 262_144;
 
