@@ -1,17 +1,19 @@
 //! Lines out: a writer thread behind a bounded queue, so a stalled consumer never stops the
 //! ring buffer or the capture from being drained. What does not fit is counted (the main loop
 //! reports it as a `lost` line with `source: "output"` once the queue has room again). Lines are
-//! written whole and flushed at least every 100 ms.
+//! handed over in batches (one wakeup of the writer per batch, not per line), written whole and
+//! flushed at least every 100 ms.
 
 use std::{
+    cell::RefCell,
     fs::{File, OpenOptions},
     io::{self, BufWriter, Write},
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, Sender, channel},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -35,6 +37,8 @@ pub enum Destination {
 pub struct OutputState {
     /// Lines dropped because the queue was full.
     pub dropped: AtomicU64,
+    /// Lines handed to the writer and not written yet: the queue's bound is on this.
+    queued: AtomicUsize,
     /// The consumer closed its end (EPIPE): the run should end quietly.
     pub consumer_gone: AtomicBool,
     /// Set by SIGHUP: reopen the output file before the next write.
@@ -42,13 +46,15 @@ pub struct OutputState {
 }
 
 enum Message {
-    Line(String),
+    Lines(Vec<String>),
     Stop,
 }
 
-/// The producer's handle.
+/// The producer's handle (used from the main loop only).
 pub struct Output {
-    tx: SyncSender<Message>,
+    tx: Sender<Message>,
+    /// Lines accepted since the last hand-over.
+    pending: RefCell<Vec<String>>,
     pub state: Arc<OutputState>,
     thread: Option<JoinHandle<io::Result<()>>>,
 }
@@ -75,7 +81,8 @@ pub fn create_private(path: &Path) -> io::Result<File> {
 impl Output {
     pub fn start(dest: Destination) -> io::Result<Self> {
         let sink = Sink::open(&dest)?;
-        let (tx, rx) = sync_channel(QUEUE_LINES);
+        // Unbounded as a channel; bounded in lines by `queued` (see has_room).
+        let (tx, rx) = channel();
         let state = Arc::new(OutputState::default());
         let thread_state = state.clone();
         let thread = std::thread::Builder::new()
@@ -83,37 +90,57 @@ impl Output {
             .spawn(move || write_loop(rx, sink, dest, thread_state))?;
         Ok(Self {
             tx,
+            pending: RefCell::new(Vec::new()),
             state,
             thread: Some(thread),
         })
     }
 
+    fn has_room(&self) -> bool {
+        self.state.queued.load(Ordering::Relaxed) + self.pending.borrow().len() < QUEUE_LINES
+    }
+
     /// Queues a line; when the queue is full the line is dropped and counted. Returns whether
     /// the line was queued.
     pub fn try_line(&self, line: String) -> bool {
-        match self.tx.try_send(Message::Line(line)) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                self.state.dropped.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-            Err(TrySendError::Disconnected(_)) => false,
+        if !self.has_room() {
+            self.state.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
         }
+        self.pending.borrow_mut().push(line);
+        true
     }
 
     /// Queues a line if there is room, without counting a drop when there is none (for `lost`
     /// lines, which are offered again until they fit).
     pub fn offer(&self, line: String) -> bool {
-        self.tx.try_send(Message::Line(line)).is_ok()
+        if !self.has_room() {
+            return false;
+        }
+        self.pending.borrow_mut().push(line);
+        true
     }
 
-    /// Queues a line that must not be lost (`ready`, `summary`), waiting for room.
+    /// Queues a line that must not be lost (`ready`, `summary`), past the bound if need be, and
+    /// hands everything over.
     pub fn line(&self, line: String) {
-        let _ = self.tx.send(Message::Line(line)); // only fails when the writer died (EPIPE)
+        self.pending.borrow_mut().push(line);
+        self.hand_over();
+    }
+
+    /// Hands the lines accepted so far to the writer: the main loop calls this once per turn.
+    pub fn hand_over(&self) {
+        let batch = std::mem::take(&mut *self.pending.borrow_mut());
+        if batch.is_empty() {
+            return;
+        }
+        self.state.queued.fetch_add(batch.len(), Ordering::Relaxed);
+        let _ = self.tx.send(Message::Lines(batch)); // fails only when the writer ended (EPIPE)
     }
 
     /// Writes everything queued, then stops the writer.
     pub fn finish(mut self) -> io::Result<()> {
+        self.hand_over();
         let _ = self.tx.send(Message::Stop);
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(result)) => result,
@@ -151,14 +178,14 @@ fn write_loop(
     crate::privileges::drop_all()?;
     loop {
         let (batch, stop) = next_batch(&rx);
-        let result = write_batch(&mut sink, &batch)
-            .and_then(|_| sink.out.flush())
-            .and_then(|_| {
-                if state.reopen.swap(false, Ordering::Relaxed) {
-                    sink = Sink::open(&dest)?;
-                }
-                Ok(())
-            });
+        let result = write_batch(&mut sink, &batch).and_then(|_| sink.out.flush());
+        state.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+        let result = result.and_then(|_| {
+            if state.reopen.swap(false, Ordering::Relaxed) {
+                sink = Sink::open(&dest)?;
+            }
+            Ok(())
+        });
         if result.is_err() || stop {
             return ignore_broken_pipe(result, &state);
         }
@@ -170,14 +197,14 @@ fn write_loop(
 fn next_batch(rx: &Receiver<Message>) -> (Vec<String>, bool) {
     let mut batch = Vec::new();
     match rx.recv_timeout(FLUSH_EVERY) {
-        Ok(Message::Line(line)) => batch.push(line),
+        Ok(Message::Lines(lines)) => batch = lines,
         Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => return (batch, true),
         Err(RecvTimeoutError::Timeout) => return (batch, false),
     }
     let started = Instant::now();
     while started.elapsed() < FLUSH_EVERY {
         match rx.try_recv() {
-            Ok(Message::Line(line)) => batch.push(line),
+            Ok(Message::Lines(lines)) => batch.extend(lines),
             Ok(Message::Stop) => return (batch, true),
             Err(_) => break,
         }

@@ -240,6 +240,8 @@ async fn event_loop(
     };
 
     let stop = loop {
+        // What the last turn produced goes to the writer in one batch.
+        output.hand_over();
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
@@ -333,6 +335,7 @@ async fn finish_joins(
         drain_ring(ring, pipeline);
         drain_packets(packets, pipeline);
         pipeline.poll(now_mono_ns(), output);
+        output.hand_over();
     }
 }
 
