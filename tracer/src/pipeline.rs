@@ -204,7 +204,6 @@ impl Pipeline {
 
     /// Takes one decoded kernel event.
     pub fn kernel_event(&mut self, mut ev: KernelEvent) {
-        self.stats.received += 1;
         self.conns.complete(&mut ev);
         self.conns.observe(&ev);
         match ev.kind {

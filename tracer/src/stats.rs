@@ -101,8 +101,6 @@ pub struct Stats {
     pub lost: Lost,
     pub close_to_wire: Histogram,
     pub kernel: KernelCounts,
-    /// Events read from the ring buffer.
-    pub received: u64,
 }
 
 impl Stats {

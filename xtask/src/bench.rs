@@ -253,12 +253,7 @@ fn cpu_and_peak_rss(pid: u32) -> (f64, u64) {
         .get(11..13)
         .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum::<f64>() / ticks)
         .unwrap_or(0.0);
-    let rss = fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
+    let rss = cmd::status_kib(pid, "VmHWM");
     (cpu, rss)
 }
 

@@ -70,15 +70,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut rss_kib = Vec::new();
     while load.try_wait()?.is_none() {
-        thread::sleep(
-            every
-                .min(
-                    Duration::from_secs(opts.seconds)
-                        - started.elapsed().min(Duration::from_secs(opts.seconds)),
-                )
-                .max(Duration::from_millis(200)),
-        );
-        rss_kib.push(rss(pid));
+        thread::sleep(every);
+        rss_kib.push(cmd::status_kib(pid, "VmRSS"));
         eprintln!(
             "xtask soak: {:>5.0} s  tracer RSS {} KiB",
             started.elapsed().as_secs_f64(),
@@ -126,13 +119,4 @@ pub fn check(r: &Report) -> Result<(), String> {
         return Err(format!("RSS grew from {early} KiB to {late} KiB"));
     }
     Ok(())
-}
-
-fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
