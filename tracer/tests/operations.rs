@@ -374,3 +374,32 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+#[test]
+fn the_run_ends_when_every_traced_process_has_exited() {
+    if !common::require_root() {
+        return;
+    }
+    let mut a = Command::new("sleep").arg("30").spawn().unwrap();
+    let mut b = Command::new("sleep").arg("30").spawn().unwrap();
+    let mut tracer = Tracer::start(&[
+        "--no-capture",
+        "--pid",
+        &a.id().to_string(),
+        "--pid",
+        &b.id().to_string(),
+    ]);
+    tracer.wait_ready(WAIT);
+    a.kill().unwrap();
+    a.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        tracer.is_running(),
+        "one traced process is still alive: the tracer goes on"
+    );
+    b.kill().unwrap();
+    b.wait().unwrap();
+    let out = tracer.finish(Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert_eq!(out.lines.last().unwrap()["event"], "summary");
+}

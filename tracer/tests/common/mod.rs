@@ -84,6 +84,11 @@ impl Tracer {
         self.child.id()
     }
 
+    /// Whether the tracer is still running (it has not exited).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits for the first line, which must be `ready`.
     pub fn wait_ready(&mut self, timeout: Duration) -> Value {
         match self.lines.recv_timeout(timeout) {
