@@ -49,7 +49,8 @@ pub enum Owner {
         pid: u32,
         tid: u32,
         comm: String,
-        /// How it was found: `task` (seen acting on the socket), `seeded`, `listener`.
+        /// How it was found: `task` (seen acting on the socket), `seeded`, `listener`, or
+        /// `connection` (a TIME_WAIT socket's RST, owned by the connection it ended).
         how: &'static str,
     },
     Unknown(&'static str),

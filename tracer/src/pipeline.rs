@@ -119,6 +119,23 @@ impl ConnTable {
             ev.remote = info.remote;
             ev.family = info.family;
         }
+        // A RST sent by a TIME_WAIT mini socket: the kernel has no owner for it, but the
+        // connection it belonged to was seen, with its owner, moments before.
+        if ev.conn_id == 0
+            && ev.old_state == tcp_state::TIME_WAIT
+            && let Some(&id) = self.by_tuple.get(&(ev.local, ev.remote))
+            && let Some(info) = self.by_id.get(&id)
+        {
+            ev.conn_id = id;
+            if let Owner::Known { pid, tid, comm, .. } = &info.owner {
+                ev.owner = Owner::Known {
+                    pid: *pid,
+                    tid: *tid,
+                    comm: comm.clone(),
+                    how: "connection",
+                };
+            }
+        }
     }
 
     /// The connection a packet belongs to, and whether this host's socket received it.
@@ -771,6 +788,35 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert!(text.contains("\"wire\":null"), "{text}");
+    }
+
+    #[test]
+    fn a_time_wait_rst_is_attributed_to_its_connection() {
+        let out = lines(|p| {
+            p.kernel_event(event(
+                EventKind::State,
+                tcp_state::FIN_WAIT2,
+                tcp_state::CLOSE,
+                100 * MS,
+                0,
+                None,
+            ));
+            let mut rst = event(
+                EventKind::RstSent,
+                tcp_state::TIME_WAIT,
+                tcp_state::TIME_WAIT,
+                200 * MS,
+                0,
+                Some(9),
+            );
+            rst.conn_id = 0;
+            rst.owner = Owner::Unknown("unknown");
+            p.kernel_event(rst);
+        });
+        let rst = out.iter().find(|v| v["event"] == "rst_sent").unwrap();
+        assert_eq!(rst["pid"], 7);
+        assert_eq!(rst["owner"], "connection");
+        assert_eq!(rst["conn"], "0000000000000abc");
     }
 
     #[test]
