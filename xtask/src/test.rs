@@ -35,6 +35,9 @@ pub fn run(extra: &[String]) -> anyhow::Result<ExitCode> {
     test.args(["test", "--release", "--no-fail-fast"])
         .args(extra);
     test.args(["--", "--test-threads", "2"]);
+    // The tests run ip, tcpstates and friends, which live in sbin: a user's PATH may lack it.
+    let path = std::env::var("PATH").unwrap_or_default();
+    test.env("PATH", format!("{path}:/usr/local/sbin:/usr/sbin:/sbin"));
     let mut counts = run_counting(&mut test)?;
     quick_bench(&mut counts);
     short_soak(&mut counts);
