@@ -137,8 +137,9 @@ fn measure(bin: &Path, setup: Setup, opts: &Options) -> anyhow::Result<Sample> {
     let tracer = match setup {
         Setup::NoTracer => None,
         Setup::Alternative => {
-            observers.push(spawn_quiet(Command::new("tcpstates").arg("-T"))?);
-            observers.push(spawn_quiet(Command::new("tcpdump").args([
+            let tool = |name: &str| which(name).unwrap_or_else(|| PathBuf::from(name));
+            observers.push(spawn_quiet(Command::new(tool("tcpstates")).arg("-T"))?);
+            observers.push(spawn_quiet(Command::new(tool("tcpdump")).args([
                 "-i",
                 "lo",
                 "-nn",
