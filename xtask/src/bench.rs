@@ -19,7 +19,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::{bootstrap, cmd};
+use crate::{
+    bootstrap,
+    cmd::{self, which},
+};
 
 pub struct Options {
     pub rounds: usize,
@@ -400,12 +403,4 @@ fig.savefig(sys.argv[2], dpi=110)
             .arg(&json_path)
             .arg(png),
     )
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd::{self, is_root};
+use crate::cmd::{self, is_root, which};
 
 /// Debian packages, each with why it is needed.
 const BUILD_PACKAGES: &[(&str, &str)] = &[
@@ -96,48 +96,72 @@ fn install_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
         return Ok(());
     }
     for (name, why) in &missing {
-        eprintln!("xtask: installing {name}: {why}");
+        eprintln!("xtask: missing {name}: {why}");
     }
     let names: Vec<&str> = missing.iter().map(|(n, _)| *n).collect();
-    let privileged = privileged_prefix().map_err(|why| {
-        anyhow::anyhow!(
-            "{why}; install the missing packages yourself:\n  sudo apt-get update && sudo apt-get install -y {}",
-            names.join(" ")
-        )
-    })?;
+    let by_hand = format!(
+        "sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y {}",
+        names.join(" ")
+    );
     if which("apt-get").is_none() {
         bail!(
-            "apt-get is not available; install these packages with your package manager: {}",
+            "apt-get is not available: install the Debian packages {} (or your system's \
+             equivalents) by hand, then run this again",
             names.join(" ")
         );
     }
-    let apt = |args: &[&str]| {
-        let mut c = Command::new(privileged.first().copied().unwrap_or("apt-get"));
-        if !privileged.is_empty() {
-            c.arg("apt-get");
-        }
-        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-        c
+    let use_sudo = match privilege() {
+        Ok(use_sudo) => use_sudo,
+        Err(why) => bail!("{why}; install the missing packages yourself:\n  {by_hand}"),
     };
-    cmd::status(&mut apt(&["update", "-qq"]))?;
-    let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+    if use_sudo {
+        eprintln!("xtask: not root: running apt-get through sudo");
+    }
+    // One update, only now that something is missing: the lists may be absent or stale.
+    cmd::status(&mut apt(use_sudo, &["update", "-qq"]))?;
+    let mut install = apt(
+        use_sudo,
+        &["install", "-y", "-qq", "--no-install-recommends"],
+    );
     install.args(&names);
     cmd::status(&mut install)
 }
 
-/// Empty when root; ["sudo", "-n"]-like when sudo works without a password; an error otherwise.
-fn privileged_prefix() -> Result<Vec<&'static str>, String> {
+/// `apt-get ARGS`, non-interactive, through `sudo -n` when asked. The variable goes on the
+/// command line under sudo, which would drop it from the environment.
+fn apt(use_sudo: bool, args: &[&str]) -> Command {
+    let mut c = if use_sudo {
+        let mut c = Command::new("sudo");
+        c.args(["-n", "env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]);
+        c
+    } else {
+        let mut c = Command::new("apt-get");
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    c.args(args).stdin(std::process::Stdio::null());
+    c
+}
+
+/// Whether apt-get needs sudo: false as root, true when sudo works without a password (it
+/// cannot ask: CI has no terminal), an error otherwise.
+fn privilege() -> Result<bool, String> {
     if is_root() {
-        return Ok(Vec::new());
+        return Ok(false);
     }
     let sudo_ok = Command::new("sudo")
         .args(["-n", "true"])
+        .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if sudo_ok {
-        Ok(vec!["sudo"])
+        Ok(true)
     } else {
-        Err("installing needs root (apt-get), and this user is not root and has no passwordless sudo".into())
+        Err(
+            "installing needs root (apt-get), and this user is not root and has no \
+             passwordless sudo"
+                .into(),
+        )
     }
 }
 
@@ -172,28 +196,9 @@ fn install_rust_src() -> anyhow::Result<()> {
     ]))
 }
 
-fn cargo_bin_dir() -> PathBuf {
-    std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
-        })
-        .join("bin")
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
 fn install_bpf_linker() -> anyhow::Result<()> {
-    let found = which("bpf-linker").or_else(|| {
-        let p = cargo_bin_dir().join("bpf-linker");
-        p.is_file().then_some(p)
-    });
-    if let Some(path) = found {
+    // PATH includes ~/.cargo/bin (see `cmd::extend_path`), where `cargo install` puts it.
+    if let Some(path) = which("bpf-linker") {
         if linker_version_ok(&path) {
             return Ok(());
         }

@@ -47,6 +47,46 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `$CARGO_HOME/bin` (default `~/.cargo/bin`), where `cargo install` puts bpf-linker.
+pub fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
+        })
+        .join("bin")
+}
+
+/// Puts on PATH, for this process and every child it runs, the directories the tasks need:
+/// cargo's bin directory first (bpf-linker, which the eBPF build looks up on PATH) and the sbin
+/// directories last (ip, tcpdump, tcpstates), which a non-root user's PATH often lacks.
+///
+/// Call it first thing in `main`, while the process has a single thread.
+pub fn extend_path() {
+    let current: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    let cargo_bin = cargo_bin_dir();
+    let sbin = ["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from);
+    let mut path = Vec::new();
+    if !current.contains(&cargo_bin) {
+        path.push(cargo_bin);
+    }
+    path.extend(current.iter().cloned());
+    path.extend(sbin.into_iter().filter(|d| !current.contains(d)));
+    let path = std::env::join_paths(path).expect("PATH entries without ':'");
+    // SAFETY: called at the start of main, before any other thread exists.
+    unsafe { std::env::set_var("PATH", path) };
+}
+
+/// The first `name` on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }

@@ -23,7 +23,8 @@ struct Cli {
 enum Task {
     /// Install what building and testing need (Debian packages, rust-src, bpf-linker).
     Bootstrap {
-        /// Also the tools the tests use (tcpdump, bpftrace, libbpf-tools, iproute2).
+        /// Also the tools the tests use (tcpdump, bpftrace, libbpf-tools, iproute2, tshark):
+        /// `test`, `bench` and `soak` install them; `build` and `run` need only the rest.
         #[arg(long)]
         test_tools: bool,
     },
@@ -63,15 +64,18 @@ enum Task {
         #[arg(long, default_value_t = 2000)]
         rate: u64,
     },
-    /// Bootstrap, then the whole suite: fmt, clippy, unit and root-only integration tests.
+    /// Bootstrap, then the whole suite: fmt, clippy, unit and root-only integration tests,
+    /// the quick benchmark and the short soak; ends with `N passed, M failed`.
     Test {
-        /// Extra arguments for `cargo test` (a test name filter, for example).
+        /// Extra arguments for `cargo test` (a test name filter, for example); with any, the
+        /// quick benchmark and the short soak are skipped.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }
 
 fn main() -> ExitCode {
+    cmd::extend_path();
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Bootstrap { test_tools } => bootstrap::run(test_tools).map(|_| ExitCode::SUCCESS),
