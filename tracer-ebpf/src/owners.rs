@@ -3,6 +3,7 @@
 //! where the current task is whoever happened to be on the CPU.
 
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_get_prandom_u32},
     macros::{map, tracepoint},
     maps::HashMap,
@@ -185,12 +186,40 @@ pub fn sock_io(ctx: TracePointContext) -> u32 {
     if protocol != tracer_common::IPPROTO_TCP {
         return 0;
     }
+    let cur = current();
     if let Some(info) = SOCKS.get_ptr_mut(sk) {
-        let cur = current();
         // SAFETY: entry pointer from the map; races only with the same socket's events.
         unsafe { claim(&mut *info, &cur) };
+    } else if keep_unowned(&cur) {
+        // First sight of this socket (an accepted one whose listener may already be gone):
+        // record the task doing I/O on it as its owner. Ports come with its next transition.
+        remember_io_owner(sk, &cur);
     }
     0
+}
+
+#[inline(always)]
+fn remember_io_owner(sk: u64, cur: &Current) {
+    let info = SockInfo {
+        conn_id: new_conn_id(),
+        state_since_ns: 0,
+        closed_by_call: 0,
+        pid: cur.pid,
+        tid: cur.tid,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        owner_source: owner_source::CURRENT,
+        rst_received: 0,
+        lport: 0,
+        rport: 0,
+        _pad: [0; 2],
+    };
+    // EEXIST: another event of the socket created the entry meanwhile; anything else: full.
+    const EEXIST: i32 = -17;
+    if let Err(e) = SOCKS.insert(sk, info, BPF_NOEXIST as u64) {
+        if e != EEXIST {
+            count(counter::OWNER_TABLE_FULL);
+        }
+    }
 }
 
 /// tcp:tcp_destroy_sock: the socket is gone; its address may be reused.

@@ -459,3 +459,27 @@ fn transitions_agree_with_tcpstates() {
         );
     }
 }
+
+#[test]
+fn an_accepted_socket_keeps_its_owner_after_the_listener_closes() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let mut tracer = tracer_for(port);
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "read-close");
+    let (mut server, _) = l.accept().unwrap();
+    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    drop(l); // the listener that would lend its owner is gone
+    server.write_all(b"y").unwrap(); // our first I/O on the socket; the peer reads it and closes
+    peer.wait(); // its FIN reaches our socket in softirq
+    let fin = tracer.wait_for(|v| is(v, "fin_received", port, peer_port), WAIT);
+    assert_eq!(
+        fin["pid"],
+        me(),
+        "owner recorded from our read/write: {fin}"
+    );
+    assert_eq!(fin["owner"], "task");
+    drop(server);
+    tracer.stop();
+}
