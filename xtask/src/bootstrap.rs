@@ -90,7 +90,8 @@ fn missing_packages<'a>(packages: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a st
         .collect()
 }
 
-fn install_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+/// Installs the Debian packages of `packages` that are missing (name, why it is needed).
+pub fn install_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing = missing_packages(packages);
     if missing.is_empty() {
         return Ok(());

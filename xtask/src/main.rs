@@ -7,6 +7,7 @@ mod cmd;
 mod run;
 mod soak;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -64,6 +65,9 @@ enum Task {
         #[arg(long, default_value_t = 2000)]
         rate: u64,
     },
+    /// The teardown scenarios on Debian 12's 6.1 kernel under qemu (with and without kprobes)
+    /// and on the host, compared line by line (as root; downloads the kernel once).
+    VmTest,
     /// Bootstrap, then the whole suite: fmt, clippy, unit and root-only integration tests,
     /// the quick benchmark and the short soak; ends with `N passed, M failed`.
     Test {
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
             .map(|_| ExitCode::SUCCESS),
         Task::Run { args } => run::run(&args),
         Task::Test { args } => test::run(&args),
+        Task::VmTest => vm::run_task(),
         Task::Soak { seconds, rate } => bootstrap::run(true)
             .and_then(|_| soak::run(&soak::Options { seconds, rate }))
             .and_then(|r| {

@@ -51,6 +51,14 @@ pub fn run(extra: &[String]) -> anyhow::Result<ExitCode> {
             counts.check(name, task());
         }
     }
+    if filtered {
+        eprintln!("xtask: SKIPPED vm: a test filter was given");
+        counts.skipped += 1;
+    } else if !root {
+        counts.root_only("vm", ci);
+    } else {
+        vm_checks(&mut counts, ci);
+    }
     if !root && !ci {
         eprintln!(
             "xtask: not root: the root-only tests returned early, and cargo counts them as passed"
@@ -125,6 +133,29 @@ fn short_soak() -> Result<String, String> {
         " ({} connections, RSS {:?} KiB)",
         r.connections, r.rss_kib
     ))
+}
+
+/// `cargo xtask vm-test`: one check per kernel and probe set. Without qemu (it cannot be
+/// installed here) it is skipped, except under CI, which must run it.
+fn vm_checks(counts: &mut Counts, ci: bool) {
+    if let Err(e) = bootstrap::install_packages(crate::vm::PACKAGES) {
+        let why = format!("qemu and busybox cannot be installed: {e:#}");
+        if ci {
+            counts.check("vm", Err(why));
+        } else {
+            eprintln!("xtask: SKIPPED vm: {why}");
+            counts.skipped += 1;
+        }
+        return;
+    }
+    match crate::vm::run() {
+        Ok(results) => {
+            for (name, result) in results {
+                counts.check(&name, result);
+            }
+        }
+        Err(e) => counts.check("vm", Err(format!("{e:#}"))),
+    }
 }
 
 /// Tests counted over the whole run.

@@ -1,0 +1,208 @@
+//! The reports' own checks, and the comparison of the VM's normalized lines with the host's:
+//! every difference must be listed in `EXPECTED` (and in docs/kernels.md); any other fails.
+
+use serde_json::Value;
+
+/// A known difference between the host kernel (6.18, tracepoints only) and Debian's 6.1: on
+/// the lines it selects, `field` is `host` on the host and `vm` in the VM.
+pub struct Expected {
+    /// The VM's probe set (`auto` attaches the kprobes there), or both.
+    pub probes: Option<&'static str>,
+    pub scenario: Option<&'static str>,
+    pub event: Option<&'static str>,
+    pub end: Option<&'static str>,
+    pub field: &'static str,
+    /// JSON values.
+    pub host: &'static str,
+    pub vm: &'static str,
+    pub why: &'static str,
+}
+
+pub const EXPECTED: &[Expected] = &[
+    Expected {
+        probes: None,
+        scenario: None,
+        event: None,
+        end: None,
+        field: "reason",
+        host: "\"TCP_ABORT_ON_CLOSE\"",
+        vm: "null",
+        why: "tcp:tcp_send_reset has no `reason` field before 6.10",
+    },
+    Expected {
+        probes: None,
+        scenario: None,
+        event: None,
+        end: None,
+        field: "reason",
+        host: "\"TCP_STATE\"",
+        vm: "null",
+        why: "tcp:tcp_send_reset has no `reason` field before 6.10",
+    },
+];
+
+/// The report's own pass/fail: every scenario's checks held.
+pub fn own_checks(report: &Value, label: &str) -> Result<String, String> {
+    let failures: Vec<String> = report["scenarios"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| {
+            let name = s["name"].as_str().unwrap_or("?").to_string();
+            s["failures"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |f| format!("{name}: {}", f.as_str().unwrap_or("?")))
+        })
+        .collect();
+    if report["pass"] != true || !failures.is_empty() {
+        return Err(format!("{label}: {}", failures.join("; ")));
+    }
+    let scenarios = report["scenarios"].as_array().map_or(0, Vec::len);
+    Ok(format!(
+        " ({scenarios} scenarios on {}, probes {})",
+        report["kernel"].as_str().unwrap_or("?"),
+        attached_kind(report)
+    ))
+}
+
+/// "tracepoints" or "tracepoints+kprobes", from the ready line.
+fn attached_kind(report: &Value) -> &'static str {
+    if kprobes_attached(report) {
+        "tracepoints+kprobes"
+    } else {
+        "tracepoints"
+    }
+}
+
+fn kprobes_attached(report: &Value) -> bool {
+    report["ready"]["probes"].as_array().is_some_and(|p| {
+        p.iter()
+            .any(|n| n.as_str().is_some_and(|n| n.starts_with("kprobe:")))
+    })
+}
+
+/// A VM report: its own checks, the probe set `mode` must pick there, and its lines against
+/// the host's.
+pub fn vm_checks(vm: &Value, host: Option<&Value>, mode: &str) -> Result<String, String> {
+    let note = own_checks(vm, mode)?;
+    let kprobes = kprobes_attached(vm);
+    let would = vm["check"]["would_attach"].to_string();
+    match mode {
+        "auto" if !kprobes || !would.contains("kprobe:tcp_close") => {
+            return Err(format!(
+                "--probes auto attached no kprobes on a kernel that has them (check: {would})"
+            ));
+        }
+        "tracepoint" if kprobes => return Err("--probes tracepoint attached kprobes".into()),
+        _ => {}
+    }
+    let host = host.ok_or("no host report to compare with")?;
+    let (diffs, applied) = differences(host, vm, mode);
+    if diffs.is_empty() {
+        let whys: Vec<&str> = applied.iter().map(|&i| EXPECTED[i].why).collect();
+        Ok(format!("{note}; expected differences: {}", whys.join(", ")))
+    } else {
+        Err(format!(
+            "unexpected differences from the host (add them to EXPECTED in xtask/src/vm/compare.rs \
+             and to docs/kernels.md only if the kernel is right): {}",
+            diffs.join("; ")
+        ))
+    }
+}
+
+/// Per scenario: the host's lines with the expected differences applied, against the VM's.
+/// Returns the unexpected differences and the indices of the `EXPECTED` entries that applied.
+fn differences(host: &Value, vm: &Value, mode: &str) -> (Vec<String>, Vec<usize>) {
+    let mut out = Vec::new();
+    let mut applied = Vec::new();
+    for h in host["scenarios"].as_array().into_iter().flatten() {
+        let name = h["name"].as_str().unwrap_or("?");
+        let Some(v) = vm["scenarios"]
+            .as_array()
+            .and_then(|all| all.iter().find(|s| s["name"] == name))
+        else {
+            out.push(format!("{name}: missing in the VM"));
+            continue;
+        };
+        let mut want: Vec<Value> = lines(h)
+            .iter()
+            .map(|l| expected_in_vm(l, name, mode, &mut applied))
+            .collect();
+        let mut got = lines(v);
+        // Lines common to both leave; what remains on either side is a difference.
+        want.retain(|w| match got.iter().position(|g| g == w) {
+            Some(i) => {
+                got.remove(i);
+                false
+            }
+            None => true,
+        });
+        out.extend(
+            want.iter()
+                .map(|w| format!("{name}: only on the host: {w}")),
+        );
+        out.extend(got.iter().map(|g| format!("{name}: only in the VM: {g}")));
+    }
+    applied.sort_unstable();
+    applied.dedup();
+    (out, applied)
+}
+
+fn lines(scenario: &Value) -> Vec<Value> {
+    scenario["lines"].as_array().cloned().unwrap_or_default()
+}
+
+/// A host line as the VM should print it.
+fn expected_in_vm(line: &Value, scenario: &str, mode: &str, applied: &mut Vec<usize>) -> Value {
+    let mut line = line.clone();
+    for (i, e) in EXPECTED.iter().enumerate() {
+        let selects = e.probes.is_none_or(|p| p == mode)
+            && e.scenario.is_none_or(|s| s == scenario)
+            && e.event.is_none_or(|ev| line["event"] == ev)
+            && e.end.is_none_or(|end| line["end"] == end);
+        let host: Value = serde_json::from_str(e.host).expect("EXPECTED holds JSON");
+        if selects && line.get(e.field) == Some(&host) {
+            line[e.field] = serde_json::from_str(e.vm).expect("EXPECTED holds JSON");
+            applied.push(i);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn report(lines: Vec<Value>) -> Value {
+        json!({"scenarios": [{"name": "unread_close", "lines": lines}]})
+    }
+
+    #[test]
+    fn an_expected_difference_passes_and_another_fails() {
+        let host = report(vec![
+            json!({"event": "close", "end": "server", "reason": "TCP_ABORT_ON_CLOSE"}),
+        ]);
+        let vm = report(vec![
+            json!({"event": "close", "end": "server", "reason": null}),
+        ]);
+        let (diffs, applied) = differences(&host, &vm, "auto");
+        assert!(diffs.is_empty(), "{diffs:?}");
+        assert_eq!(applied, [0]);
+        let odd = report(vec![
+            json!({"event": "close", "end": "server", "reason": "TCP_STATE"}),
+        ]);
+        let (diffs, _) = differences(&host, &odd, "auto");
+        assert_eq!(diffs.len(), 2, "{diffs:?}");
+    }
+
+    #[test]
+    fn every_expected_difference_is_json() {
+        for e in EXPECTED {
+            serde_json::from_str::<Value>(e.host).unwrap();
+            serde_json::from_str::<Value>(e.vm).unwrap();
+        }
+    }
+}
