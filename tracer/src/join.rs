@@ -118,10 +118,20 @@ struct PendingEvent<T> {
 }
 
 /// One packet (all its near-simultaneous copies) waiting to be claimed.
+///
+/// Once both ends have claimed it, the copies are dropped (the events hold their own): what
+/// stays for the rest of the window, to recognise retransmissions, is the segment's identity.
+/// Under churn this is most packets, and it keeps the joiner's memory small.
 struct PacketEntry {
     id: u64,
-    /// Copies by the capture's own direction: [out, in].
-    copies: [Option<WirePacket>; 2],
+    /// Copies by the capture's own direction: [out, in]; empty once both ends claimed it.
+    /// Boxed: an entry without them is a few dozen bytes.
+    copies: [Option<Box<WirePacket>>; 2],
+    /// Which copies were seen, kept after the copies themselves are dropped.
+    seen: [bool; 2],
+    flags: u8,
+    seq: u32,
+    ack: u32,
     first_mono: u64,
     /// Event ids that claimed it, as sender (0) and receiver (1).
     claimed: [Option<u64>; 2],
@@ -129,23 +139,56 @@ struct PacketEntry {
 }
 
 impl PacketEntry {
-    fn any_copy(&self) -> &WirePacket {
-        self.copies[0]
-            .as_ref()
-            .or(self.copies[1].as_ref())
-            .expect("an entry has a copy")
+    fn new(id: u64, pkt: &WirePacket, retransmit: bool) -> Self {
+        let mut entry = Self {
+            id,
+            copies: [None, None],
+            seen: [false, false],
+            flags: pkt.flags,
+            seq: pkt.seq,
+            ack: pkt.ack,
+            first_mono: pkt.mono_ns,
+            claimed: [None, None],
+            retransmit,
+        };
+        entry.seen[slot(pkt.dir)] = true;
+        entry.copies[slot(pkt.dir)] = Some(Box::new(pkt.clone()));
+        entry
     }
 
-    /// The copy an event on this end should carry: the one the capture saw going its way.
+    /// A copy; only called while the entry is not fully claimed (its copies are kept).
+    fn any_copy(&self) -> &WirePacket {
+        self.copies[0]
+            .as_deref()
+            .or(self.copies[1].as_deref())
+            .expect("a packet entry keeps a copy until both ends claimed it")
+    }
+
     fn copy_for(&self, role: Dir) -> &WirePacket {
         self.copies[slot(role)]
-            .as_ref()
+            .as_deref()
             .unwrap_or_else(|| self.any_copy())
     }
 
+    /// A RST is never retransmitted: once both ends have it, the entry is only needed for the
+    /// second copy an `any` capture may bring within DUPLICATE_NS.
+    fn done_early(&self) -> bool {
+        self.fully_claimed() && self.flags & tcp_flags::RST != 0
+    }
+
     fn same_segment(&self, p: &WirePacket) -> bool {
-        let c = self.any_copy();
-        c.seq == p.seq && c.ack == p.ack && c.flags == p.flags
+        self.seq == p.seq && self.ack == p.ack && self.flags == p.flags
+    }
+
+    fn fully_claimed(&self) -> bool {
+        self.claimed.iter().all(Option::is_some)
+    }
+
+    fn claim(&mut self, role: Dir, event: u64) {
+        self.claimed[slot(role)] = Some(event);
+        if self.fully_claimed() {
+            self.copies = [None, None];
+        }
     }
 }
 
@@ -162,8 +205,13 @@ pub struct Joiner<T> {
     /// Unjoined events waiting for a packet, by the packet path they expect.
     waiting: HashMap<PathKey, Vec<u64>>,
     packets: HashMap<PathKey, Vec<PacketEntry>>,
-    /// (expiry time, path, packet id).
+    /// (expiry time, path, packet id): every packet, at the end of its window.
     packet_order: VecDeque<(u64, PathKey, u64)>,
+    /// The same for RSTs both ends claimed, which expire after DUPLICATE_NS (see done_early).
+    /// A packet leaves at whichever expiry comes first; the other record then finds nothing.
+    early_order: VecDeque<(u64, PathKey, u64)>,
+    /// Packet entries stored (packet_order may also hold records of packets gone early).
+    stored_packets: usize,
     /// Outputs produced outside poll (overflow, retransmissions of released joins).
     out: Vec<Joined<T>>,
     dropped: u64,
@@ -183,6 +231,8 @@ impl<T> Joiner<T> {
             waiting: HashMap::default(),
             packets: HashMap::default(),
             packet_order: VecDeque::new(),
+            early_order: VecDeque::new(),
+            stored_packets: 0,
             out: Vec::new(),
             dropped: 0,
         }
@@ -242,15 +292,19 @@ impl<T> Joiner<T> {
         };
         let best = entries
             .iter_mut()
-            .filter(|e| e.claimed[s].is_none() && want.flag.matches(e.any_copy().flags))
+            .filter(|e| e.claimed[s].is_none() && want.flag.matches(e.flags))
             .filter(|e| e.first_mono.abs_diff(mono_ns) <= window)
             .min_by_key(|e| e.first_mono.abs_diff(mono_ns));
         let Some(entry) = best else {
             return false;
         };
-        entry.claimed[s] = Some(id);
         let packet = entry.copy_for(want.dir).clone();
+        entry.claim(want.dir, id);
         let packet_id = entry.id;
+        if entry.done_early() {
+            self.early_order
+                .push_back((entry.first_mono + DUPLICATE_NS, path, packet_id));
+        }
         self.attach(id, packet, packet_id, want.dir);
         true
     }
@@ -280,27 +334,29 @@ impl<T> Joiner<T> {
         self.make_room();
         let id = self.id();
         let retransmit = self.is_retransmission(&path, &pkt);
-        let mut entry = PacketEntry {
-            id,
-            copies: [None, None],
-            first_mono: pkt.mono_ns,
-            claimed: [None, None],
-            retransmit,
-        };
-        entry.copies[slot(pkt.dir)] = Some(pkt.clone());
+        let mut entry = PacketEntry::new(id, &pkt, retransmit);
         if !retransmit {
             for role in [Dir::Out, Dir::In] {
                 if let Some(ev_id) = self.nearest_waiting(&path, &pkt, role) {
-                    entry.claimed[slot(role)] = Some(ev_id);
                     self.unwait(&path, ev_id);
                     let copy = entry.copy_for(role).clone();
+                    entry.claim(role, ev_id);
                     self.attach(ev_id, copy, id, role);
                 }
             }
         }
         self.packet_order
             .push_back((pkt.mono_ns + self.window_ns, path, id));
-        self.packets.entry(path).or_default().push(entry);
+        if entry.done_early() {
+            self.early_order
+                .push_back((pkt.mono_ns + DUPLICATE_NS, path, id));
+        }
+        // Most paths carry one FIN or RST in a window: no room reserved for more.
+        self.packets
+            .entry(path)
+            .or_insert_with(|| Vec::with_capacity(1))
+            .push(entry);
+        self.stored_packets += 1;
     }
 
     /// A second copy of a packet already seen (interface `any`): keep it for the end it
@@ -316,10 +372,13 @@ impl<T> Joiner<T> {
             return false;
         };
         let s = slot(pkt.dir);
-        if entry.copies[s].is_some() {
+        if entry.seen[s] {
             return true; // the very same copy twice: nothing new
         }
-        entry.copies[s] = Some(pkt.clone());
+        entry.seen[s] = true;
+        if !entry.fully_claimed() {
+            entry.copies[s] = Some(Box::new(pkt.clone()));
+        }
         // An event on this end already joined another copy: give it the copy seen its way.
         if let Some(ev_id) = entry.claimed[s]
             && let Some(ev) = self.events.get_mut(&ev_id)
@@ -435,29 +494,42 @@ impl<T> Joiner<T> {
     }
 
     fn expire_packets(&mut self, now: u64, out: &mut Vec<Joined<T>>) {
-        while let Some(&(expiry, path, id)) = self.packet_order.front() {
-            // Keep claimed packets a little longer so late retransmissions are recognised.
-            if expiry > now {
-                break;
-            }
-            self.packet_order.pop_front();
-            let Some(entries) = self.packets.get_mut(&path) else {
-                continue;
-            };
-            let Some(pos) = entries.iter().position(|e| e.id == id) else {
-                continue;
-            };
-            let entry = entries.swap_remove(pos);
-            if entries.is_empty() {
-                self.packets.remove(&path);
-            }
-            if entry.claimed.iter().all(Option::is_none) {
-                out.push(Joined::Packet {
-                    packet: entry.any_copy().clone(),
-                    retransmit: entry.retransmit,
-                });
+        for early in [true, false] {
+            loop {
+                let queue = if early {
+                    &mut self.early_order
+                } else {
+                    &mut self.packet_order
+                };
+                let Some(&(expiry, path, id)) = queue.front() else {
+                    break;
+                };
+                if expiry > now {
+                    break;
+                }
+                queue.pop_front();
+                let Some(entry) = self.remove_packet(&path, id) else {
+                    continue; // gone already, through the other queue
+                };
+                if entry.claimed.iter().all(Option::is_none) {
+                    out.push(Joined::Packet {
+                        packet: entry.any_copy().clone(),
+                        retransmit: entry.retransmit,
+                    });
+                }
             }
         }
+    }
+
+    fn remove_packet(&mut self, path: &PathKey, id: u64) -> Option<PacketEntry> {
+        let entries = self.packets.get_mut(path)?;
+        let pos = entries.iter().position(|e| e.id == id)?;
+        let entry = entries.swap_remove(pos);
+        if entries.is_empty() {
+            self.packets.remove(path);
+        }
+        self.stored_packets -= 1;
+        Some(entry)
     }
 
     /// Everything, at exit: events with what they have, unclaimed packets as packets.
@@ -483,19 +555,15 @@ impl<T> Joiner<T> {
     /// Keeps events plus packets under the bound: the oldest packet is dropped, or the oldest
     /// event goes out now without waiting for its packet. Both are counted.
     fn make_room(&mut self) {
-        let stored = self.events.len() + self.packet_order.len();
+        let stored = self.events.len() + self.stored_packets;
         if stored < self.max_pending {
             return;
         }
         self.dropped += 1;
-        if let Some((_, path, id)) = self.packet_order.pop_front() {
-            if let Some(entries) = self.packets.get_mut(&path) {
-                entries.retain(|e| e.id != id);
-                if entries.is_empty() {
-                    self.packets.remove(&path);
-                }
+        while let Some((_, path, id)) = self.packet_order.pop_front() {
+            if self.remove_packet(&path, id).is_some() {
+                return;
             }
-            return;
         }
         if let Some(&(_, id)) = self.timers.first() {
             let conn = self.events.get(&id).map(|e| e.conn);

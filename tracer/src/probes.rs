@@ -394,6 +394,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Loads the programs with their configuration, fills the filter maps, attaches the hooks.
 pub fn load(opts: &LoadOptions<'_>, hooks: &[Hook]) -> anyhow::Result<Loaded> {
     let mut ebpf = EbpfLoader::new()
+        // The programs read fields at offsets from tracefs format files, never through CO-RE
+        // relocations, so the kernel's BTF is not needed; parsing it (several MB) would be the
+        // largest allocation of the whole run and set its peak RSS.
+        .btf(None)
         .override_global("CONFIG", &opts.config, true)
         .map_max_entries("EVENTS", opts.ringbuf_bytes)
         .load(EBPF_OBJECT)

@@ -197,6 +197,7 @@ fn open_capture(settings: &Settings) -> anyhow::Result<Option<CaptureHandle>> {
     let cfg = CaptureConfig {
         iface: iface.clone(),
         ports: settings.ports.clone(),
+        keep_headers: settings.pcapng.is_some(),
     };
     capture::open(&cfg, SharedClock::new())
         .with_context(|| format!("opening the packet capture on {iface}"))
