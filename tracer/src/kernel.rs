@@ -43,12 +43,12 @@ impl Family {
 }
 
 /// The process that owns the socket, or why none is known.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Owner {
     Known {
         pid: u32,
         tid: u32,
-        comm: String,
+        comm: Comm,
         /// How it was found: `task` (seen acting on the socket), `seeded`, `listener`, or
         /// `connection` (a TIME_WAIT socket's RST, owned by the connection it ended).
         how: &'static str,
@@ -140,9 +140,60 @@ fn owner_of(raw: &SockEvent) -> Owner {
     }
 }
 
-fn comm(bytes: &[u8; 16]) -> String {
+/// A task's command name, held inline: an event per connection should not cost an allocation
+/// for it, and the owner is copied into every line and connection record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Comm {
+    len: u8,
+    /// TASK_COMM_LEN is 16 bytes; decoded lossily, each may become a 3-byte U+FFFD.
+    text: [u8; 48],
+}
+
+impl Comm {
+    pub fn new(name: &str) -> Self {
+        let mut text = [0u8; 48];
+        let mut len = 0;
+        for ch in name.chars() {
+            if len + ch.len_utf8() > text.len() {
+                break;
+            }
+            len += ch.encode_utf8(&mut text[len..]).len();
+        }
+        Self {
+            len: len as u8,
+            text,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.text[..usize::from(self.len)]).expect("built from a str")
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&str> for Comm {
+    fn from(name: &str) -> Self {
+        Self::new(name)
+    }
+}
+
+fn comm(bytes: &[u8; 16]) -> Comm {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    match std::str::from_utf8(&bytes[..end]) {
+        Ok(name) => Comm::new(name),
+        Err(_) => Comm::new(&String::from_utf8_lossy(&bytes[..end])),
+    }
 }
 
 /// Kernel TCP state names without the `TCP_` prefix.

@@ -7,6 +7,7 @@ mod cli;
 mod clock;
 mod demo;
 mod join;
+mod jsonw;
 mod kernel;
 mod lines;
 mod metrics;
