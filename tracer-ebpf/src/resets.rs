@@ -132,9 +132,10 @@ pub fn receive_reset(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// kprobe tcp_send_active_reset(struct sock *sk, gfp_t priority, ...): on kernels before 6.10
-/// the tcp_send_reset tracepoint does not fire for resets sent by close() and friends. The
-/// daemon fills the addresses from the socket's earlier events (same conn_id).
+/// kprobe tcp_send_active_reset(struct sock *sk, gfp_t priority, ...): only for kernels
+/// without the tcp_send_reset tracepoint (which fires for active resets too where it exists;
+/// the daemon does not attach this then). The daemon fills the addresses from the socket's
+/// earlier events (same conn_id).
 #[kprobe]
 pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
     if noop() || setting!(reset_tp_covers_active) != 0 {
