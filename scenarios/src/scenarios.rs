@@ -211,6 +211,16 @@ impl Scenario {
             Kind::ProcessExit => {
                 self.connect_peer("exit")?;
                 self.wait(tracer, "fin_received", End::Server, None);
+                // This end still holds the peer's unread byte, so closing it sends a RST. Wait
+                // until the peer's FIN is acknowledged first: whether the (possibly delayed)
+                // ACK or the RST reaches the orphaned peer socket first is a race otherwise,
+                // and the lines would differ from run to run, not from kernel to kernel.
+                self.wait(
+                    tracer,
+                    "state",
+                    End::Client,
+                    Some(("new_state", "FIN_WAIT2")),
+                );
                 self.finish_peer()?;
                 self.mine.take();
                 Ok(())
