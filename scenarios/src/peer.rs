@@ -7,6 +7,8 @@
 //!
 //! - `wait-eof-close`: read until the other end's FIN, then close (graceful)
 //! - `linger0-close`: set SO_LINGER {1, 0} and close (RST)
+//! - `read-linger0-close`: read one byte, then as `linger0-close`: the other end is known to be
+//!   connected (its connect() has returned) before the RST
 //! - `send-wait`: send one byte, wait for stdin to close, then close
 //! - `hold`: keep the socket open until stdin closes, then close
 //! - `exit`: send one byte and exit without closing (the kernel closes at exit)
@@ -53,6 +55,10 @@ fn behave(mut sock: TcpStream, behaviour: &str) -> Result<(), String> {
     match behaviour {
         "wait-eof-close" => while sock.read(&mut buf).map_err(|e| e.to_string())? > 0 {},
         "linger0-close" => set_linger_zero(&sock),
+        "read-linger0-close" => {
+            sock.read_exact(&mut buf[..1]).map_err(|e| e.to_string())?;
+            set_linger_zero(&sock);
+        }
         "send-wait" => {
             sock.write_all(b"x").map_err(|e| e.to_string())?;
             wait_stdin_closed();

@@ -6,7 +6,7 @@
 //! for the lines that say each step happened before taking the next one.
 
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
     os::fd::AsRawFd,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
@@ -120,7 +120,9 @@ impl Scenario {
             failures: Vec::new(),
         };
         if kind == Kind::PeerReset {
-            let mut peer = Peer::spawn("server", 0, "linger0-close")?;
+            // The peer resets only after this end has written: a reset right after accept()
+            // can reach the client before its connect() returns (ECONNRESET; seen in the VM).
+            let mut peer = Peer::spawn("server", 0, "read-linger0-close")?;
             s.conn.server_port = peer.line()?["listening"].as_u64().ok_or("no port")? as u16;
             s.conn.server_pid = peer.pid;
             s.peer = Some(peer);
@@ -198,9 +200,10 @@ impl Scenario {
                 Ok(())
             }
             Kind::PeerReset => {
-                let client = TcpStream::connect(("127.0.0.1", self.conn.server_port))
+                let mut client = TcpStream::connect(("127.0.0.1", self.conn.server_port))
                     .map_err(|e| e.to_string())?;
                 self.conn.client_port = client.local_addr().unwrap().port();
+                client.write_all(b"x").map_err(|e| e.to_string())?;
                 self.conn.client_pid = std::process::id();
                 self.peer.as_mut().unwrap().line()?;
                 self.wait(tracer, "rst_received", End::Client, None);
