@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_get_prandom_u32},
     macros::{map, tracepoint},
-    maps::HashMap,
+    maps::{Array, HashMap},
     programs::TracePointContext,
 };
 use tracer_common::{SeedOwner, SockEvent, TupleKey, counter, owner_source};
@@ -52,6 +52,10 @@ pub static LISTENERS: HashMap<u32, SeedOwner> = HashMap::with_max_entries(4096, 
 #[map]
 pub static SEED: HashMap<TupleKey, SeedOwner> = HashMap::with_max_entries(16384, 0);
 
+/// Element 0 is non-zero once userspace has put anything into SEED.
+#[map]
+pub static SEEDED: Array<u32> = Array::with_max_entries(1, 0);
+
 pub struct Current {
     pub pid: u32,
     pub tid: u32,
@@ -85,6 +89,32 @@ pub fn keep_unowned(cur: &Current) -> bool {
     pid_passes(cur.pid)
 }
 
+/// With `--pid`, whether an event of `sk` may concern a traced process, decided before the
+/// event's addresses are read (under churn of other processes, reading them was most of the
+/// cost of an event that concerns nobody). It may when the socket has an entry (with `--pid`
+/// only traced processes' sockets get one), when the current task is traced, when seeded
+/// connections exist (they are found by address), or when the socket may inherit its owner
+/// from a traced listener: `family_port` reads just the family and local port for that.
+#[inline(always)]
+pub fn may_concern_traced(
+    sk: u64,
+    cur: &Current,
+    family_port: impl FnOnce() -> Option<(u16, u16)>,
+) -> bool {
+    if setting!(filter_pids) == 0 || pid_passes(cur.pid) {
+        return true;
+    }
+    // SAFETY: presence checks only.
+    if unsafe { SOCKS.get(sk).is_some() } || SEEDED.get(0).is_some_and(|s| *s != 0) {
+        return true;
+    }
+    let Some((family, port)) = family_port() else {
+        return false;
+    };
+    // SAFETY: the value is copied out at once.
+    unsafe { LISTENERS.get(listener_key(family, port)) }.is_some_and(|o| pid_passes(o.pid))
+}
+
 /// Looks the socket up, creating its entry (with an owner from the listener or the seed table
 /// when one is known) on first sight. With `--pid`, a socket that no traced process owns gets
 /// no entry unless `keep` says so.
@@ -94,7 +124,7 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut 
         return Some(info);
     }
     let mut info = SockInfo {
-        conn_id: new_conn_id(),
+        conn_id: 0, // drawn below, once the entry is known to be kept
         state_since_ns: 0,
         closed_by_call: 0,
         pid: 0,
@@ -128,6 +158,7 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut 
     if !keep && !traced_owner {
         return None; // the caller counts the event as filtered
     }
+    info.conn_id = new_conn_id();
     if let Some((owner, source)) = inherited {
         info.pid = owner.pid;
         info.tid = owner.tid;

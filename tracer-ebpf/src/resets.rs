@@ -14,9 +14,9 @@ use tracer_common::{
 use crate::{
     calls::call_acting_on,
     emit::{empty_event, field, noop, submit},
-    owners::{SOCKS, current, fill_owner, keep_unowned, lookup_or_create},
+    owners::{SOCKS, current, fill_owner, keep_unowned, lookup_or_create, may_concern_traced},
     setting,
-    state::read_tuple,
+    state::{family_and_port, read_tuple},
 };
 
 /// Reads a `struct sockaddr_in`/`sockaddr_in6` as stored by the tracepoint (28 bytes).
@@ -119,6 +119,9 @@ pub fn receive_reset(ctx: TracePointContext) -> u32 {
     let Some(sk) = field::<u64>(&ctx, layout.skaddr) else {
         return 0;
     };
+    if !may_concern_traced(sk, &current(), || family_and_port(&ctx, &layout)) {
+        return 0; // counted by the move to CLOSE that follows
+    }
     let mut ev = empty_event();
     if read_tuple(&ctx, &layout, &mut ev).is_none() {
         return 0;

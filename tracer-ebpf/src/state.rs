@@ -16,7 +16,7 @@ use crate::{
     emit::{count, empty_event, field, noop, ports_pass, submit},
     owners::{
         Current, LISTENERS, SockInfo, claim, current, fill_owner, keep_unowned, listener_key,
-        lookup_or_create, note_ports,
+        lookup_or_create, may_concern_traced, note_ports,
     },
     setting,
 };
@@ -48,6 +48,12 @@ pub fn read_tuple(ctx: &TracePointContext, layout: &TupleLayout, ev: &mut SockEv
         return None;
     }
     Some(())
+}
+
+/// Family and local port only: what finding a listener needs.
+#[inline(always)]
+pub fn family_and_port(ctx: &TracePointContext, layout: &TupleLayout) -> Option<(u16, u16)> {
+    Some((field(ctx, layout.family)?, field(ctx, layout.sport)?))
 }
 
 fn is_handshake(new: u8) -> bool {
@@ -88,6 +94,11 @@ fn handle(ctx: &TracePointContext) -> Option<()> {
     if is_handshake(new) && !records_owner && setting!(all_states) == 0 {
         return None;
     }
+    let cur = current();
+    if !may_concern_traced(sk, &cur, || family_and_port(ctx, layout)) {
+        count(counter::FILTERED);
+        return None;
+    }
     let mut ev = empty_event();
     read_tuple(ctx, layout, &mut ev)?;
     if !ports_pass(ev.lport, ev.rport) {
@@ -97,7 +108,6 @@ fn handle(ctx: &TracePointContext) -> Option<()> {
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.old_state = old;
     ev.new_state = new;
-    let cur = current();
 
     if is_handshake(new) {
         remember_process_context_owner(sk, old, new, &ev, &cur);

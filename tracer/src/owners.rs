@@ -79,6 +79,13 @@ fn write_seed(
         // A full table only loses attribution for the rest; say nothing per entry.
         let _ = seed.insert(tuple_key(sock), *owner, 0);
     }
+    if !conns.is_empty() {
+        // Tells the programs that sockets may be found in SEED by address (without it, with
+        // --pid, they skip reading the addresses of sockets no traced process owns).
+        let mut seeded: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(ebpf.map_mut("SEEDED").context("SEEDED map missing")?)?;
+        seeded.set(0, 1, 0)?;
+    }
     let mut table: BpfHashMap<_, u32, SeedOwner> =
         BpfHashMap::try_from(ebpf.map_mut("LISTENERS").context("LISTENERS map missing")?)?;
     for (sock, owner) in listeners {

@@ -4,6 +4,7 @@ connection is attributed to its own PID.
 
     peer.py server HOST PORT BEHAVIOUR   listen, accept one connection, then BEHAVIOUR
     peer.py client HOST PORT BEHAVIOUR   connect, then BEHAVIOUR
+    peer.py server-keep HOST PORT BEHAVIOUR   as server, but the listener stays open
 
 It prints one line of JSON {"pid", "laddr", "lport", "raddr", "rport"} once connected (PORT 0
 lets a server pick a port; it then prints {"listening": port} first), then follows BEHAVIOUR:
@@ -66,14 +67,15 @@ def behave(sock, behaviour):
 def main():
     role, host, port, behaviour = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if role == "server":
+    if role in ("server", "server-keep"):
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
         listener.listen(1)
         print(json.dumps({"listening": listener.getsockname()[1]}), flush=True)
         sock, _ = listener.accept()
-        listener.close()
+        if role == "server":
+            listener.close()
     else:
         sock = socket.create_connection((host, port))
     report(sock)

@@ -286,6 +286,38 @@ fn pid_filter_runs_in_the_kernel() {
     );
 }
 
+/// With `--pid`, events of sockets no traced process owns are dropped before their addresses
+/// are read, unless the socket may inherit a traced listener's owner. Here the traced server
+/// listens before the tracer starts and keeps listening; this (untraced) process connects
+/// after and closes first, so the server's move to CLOSE_WAIT runs in this process's context
+/// before the server has done anything with the socket: only its listener names the owner.
+#[test]
+fn pid_filter_keeps_what_a_traced_listener_accepts() {
+    if !common::require_root() {
+        return;
+    }
+    let mut server = Peer::spawn(None, "server-keep", "127.0.0.1", 0, "wait-eof-close");
+    let port = server.line()["listening"].as_u64().unwrap() as u16;
+    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &server.pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let my_port = client.local_addr().unwrap().port();
+    server.line();
+    drop(client);
+    let fin = tracer.wait_for(|v| is(v, "fin_received", port, my_port), WAIT);
+    assert_eq!(fin["pid"], server.pid);
+    assert_eq!(fin["owner"], "listener");
+    let close = tracer.wait_for(|v| is(v, "close", port, my_port), WAIT);
+    assert_eq!(close["pid"], server.pid);
+    assert_eq!(close["owner"], "task");
+    server.wait();
+    let out = tracer.stop();
+    assert!(
+        !out.lines.iter().any(|v| v["lport"] == my_port),
+        "the untraced client's end is not reported"
+    );
+}
+
 #[test]
 fn an_overfilled_ring_buffer_reports_lost_events() {
     if !common::require_root() {

@@ -71,3 +71,14 @@ impl Peer {
         assert!(status.success(), "peer failed: {status}");
     }
 }
+
+impl Drop for Peer {
+    /// A test that failed half-way must not leave its peer running: it would hold the test's
+    /// output pipe open and the whole run would wait for it.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
