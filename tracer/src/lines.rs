@@ -161,9 +161,16 @@ pub struct LostLine {
 
 impl SocketLine<'_> {
     /// The JSON line, written directly (see `jsonw`); the same bytes serde would write.
+    #[cfg(test)]
     pub fn to_json(&self) -> String {
-        let mut out = String::with_capacity(512);
-        let mut o = Object::begin(&mut out);
+        let mut out = String::new();
+        self.write_json(&mut out);
+        out
+    }
+
+    /// Appends the JSON line to `out`.
+    pub fn write_json(&self, out: &mut String) {
+        let mut o = Object::begin(out);
         o.name("event", self.event);
         o.display("time", self.time);
         o.uint("mono_ns", self.mono_ns);
@@ -201,7 +208,6 @@ impl SocketLine<'_> {
             o.name("derived", v);
         }
         o.end();
-        out
     }
 }
 
@@ -234,10 +240,18 @@ fn opt<'o, T>(
 }
 
 impl Format {
+    #[cfg(test)]
     pub fn socket(self, line: &SocketLine<'_>) -> String {
+        let mut out = String::new();
+        self.write_socket(line, &mut out);
+        out
+    }
+
+    /// Appends a socket line to `out`.
+    pub fn write_socket(self, line: &SocketLine<'_>, out: &mut String) {
         match self {
-            Format::Json => line.to_json(),
-            Format::Pretty { color } => pretty_socket(line, color),
+            Format::Json => line.write_json(out),
+            Format::Pretty { color } => out.push_str(&pretty_socket(line, color)),
         }
     }
 

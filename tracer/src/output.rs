@@ -45,8 +45,16 @@ pub struct OutputState {
     pub reopen: AtomicBool,
 }
 
+/// Lines as one text, each ending in a newline: encoded in place by the main loop, written
+/// with one call by the writer, and no allocation per line on either side.
+#[derive(Default)]
+struct Batch {
+    text: String,
+    lines: usize,
+}
+
 enum Message {
-    Lines(Vec<String>),
+    Lines(Batch),
     Stop,
 }
 
@@ -54,7 +62,7 @@ enum Message {
 pub struct Output {
     tx: Sender<Message>,
     /// Lines accepted since the last hand-over.
-    pending: RefCell<Vec<String>>,
+    pending: RefCell<Batch>,
     pub state: Arc<OutputState>,
     thread: Option<JoinHandle<io::Result<()>>>,
 }
@@ -90,24 +98,30 @@ impl Output {
             .spawn(move || write_loop(rx, sink, dest, thread_state))?;
         Ok(Self {
             tx,
-            pending: RefCell::new(Vec::new()),
+            pending: RefCell::new(Batch::default()),
             state,
             thread: Some(thread),
         })
     }
 
     fn has_room(&self) -> bool {
-        self.state.queued.load(Ordering::Relaxed) + self.pending.borrow().len() < QUEUE_LINES
+        self.state.queued.load(Ordering::Relaxed) + self.pending.borrow().lines < QUEUE_LINES
     }
 
     /// Queues a line; when the queue is full the line is dropped and counted. Returns whether
     /// the line was queued.
     pub fn try_line(&self, line: String) -> bool {
+        self.try_write(|text| text.push_str(&line))
+    }
+
+    /// Queues the line `write` appends (without its newline), encoded straight into the batch;
+    /// when the queue is full nothing is written and the line is counted as dropped.
+    pub fn try_write(&self, write: impl FnOnce(&mut String)) -> bool {
         if !self.has_room() {
             self.state.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        self.pending.borrow_mut().push(line);
+        self.push(write);
         true
     }
 
@@ -117,24 +131,37 @@ impl Output {
         if !self.has_room() {
             return false;
         }
-        self.pending.borrow_mut().push(line);
+        self.push(|text| text.push_str(&line));
         true
     }
 
     /// Queues a line that must not be lost (`ready`, `summary`), past the bound if need be, and
     /// hands everything over.
     pub fn line(&self, line: String) {
-        self.pending.borrow_mut().push(line);
+        self.push(|text| text.push_str(&line));
         self.hand_over();
+    }
+
+    fn push(&self, write: impl FnOnce(&mut String)) {
+        let mut batch = self.pending.borrow_mut();
+        write(&mut batch.text);
+        batch.text.push('\n');
+        batch.lines += 1;
     }
 
     /// Hands the lines accepted so far to the writer: the main loop calls this once per turn.
     pub fn hand_over(&self) {
-        let batch = std::mem::take(&mut *self.pending.borrow_mut());
-        if batch.is_empty() {
+        let mut pending = self.pending.borrow_mut();
+        if pending.lines == 0 {
             return;
         }
-        self.state.queued.fetch_add(batch.len(), Ordering::Relaxed);
+        // The next batch starts with room for as much as this one held.
+        let next = Batch {
+            text: String::with_capacity(pending.text.len()),
+            lines: 0,
+        };
+        let batch = std::mem::replace(&mut *pending, next);
+        self.state.queued.fetch_add(batch.lines, Ordering::Relaxed);
         let _ = self.tx.send(Message::Lines(batch)); // fails only when the writer ended (EPIPE)
     }
 
@@ -177,9 +204,10 @@ fn write_loop(
     // thread; the main thread drops its own once the probes are attached).
     crate::privileges::drop_all()?;
     loop {
-        let (batch, stop) = next_batch(&rx);
-        let result = write_batch(&mut sink, &batch).and_then(|_| sink.out.flush());
-        state.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+        let (batches, stop) = next_batches(&rx);
+        let result = write_batches(&mut sink, &batches).and_then(|_| sink.out.flush());
+        let lines: usize = batches.iter().map(|b| b.lines).sum();
+        state.queued.fetch_sub(lines, Ordering::Relaxed);
         let result = result.and_then(|_| {
             if state.reopen.swap(false, Ordering::Relaxed) {
                 sink = Sink::open(&dest)?;
@@ -192,33 +220,30 @@ fn write_loop(
     }
 }
 
-/// Waits up to 100 ms for a line, then takes whatever else is already queued (up to 100 ms
+/// Waits up to 100 ms for a batch, then takes whatever else is already queued (up to 100 ms
 /// worth of writing), so a busy stream is written in large chunks and a quiet one at once.
-fn next_batch(rx: &Receiver<Message>) -> (Vec<String>, bool) {
-    let mut batch = Vec::new();
+fn next_batches(rx: &Receiver<Message>) -> (Vec<Batch>, bool) {
+    let mut batches = Vec::new();
     match rx.recv_timeout(FLUSH_EVERY) {
-        Ok(Message::Lines(lines)) => batch = lines,
-        Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => return (batch, true),
-        Err(RecvTimeoutError::Timeout) => return (batch, false),
+        Ok(Message::Lines(batch)) => batches.push(batch),
+        Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => return (batches, true),
+        Err(RecvTimeoutError::Timeout) => return (batches, false),
     }
     let started = Instant::now();
     while started.elapsed() < FLUSH_EVERY {
         match rx.try_recv() {
-            Ok(Message::Lines(lines)) => batch.extend(lines),
-            Ok(Message::Stop) => return (batch, true),
+            Ok(Message::Lines(batch)) => batches.push(batch),
+            Ok(Message::Stop) => return (batches, true),
             Err(_) => break,
         }
     }
-    (batch, false)
+    (batches, false)
 }
 
-fn write_batch(sink: &mut Sink, batch: &[String]) -> io::Result<()> {
-    batch.iter().try_for_each(|line| write_line(sink, line))
-}
-
-fn write_line(sink: &mut Sink, line: &str) -> io::Result<()> {
-    sink.out.write_all(line.as_bytes())?;
-    sink.out.write_all(b"\n")
+fn write_batches(sink: &mut Sink, batches: &[Batch]) -> io::Result<()> {
+    batches
+        .iter()
+        .try_for_each(|b| sink.out.write_all(b.text.as_bytes()))
 }
 
 /// A closed stdout (`tracer | head -3`) is a normal way to end: no error, no message.

@@ -392,8 +392,7 @@ impl Pipeline {
             let comment = || packet_comment(&pending);
             self.record_packet(&w.packet, comment);
         }
-        let json = self.socket_line(&pending, wire.as_ref());
-        if !out.try_line(json) {
+        if !out.try_write(|text| self.write_socket_line(&pending, wire.as_ref(), text)) {
             return; // counted as lost output
         }
         self.stats.count_line(pending.event);
@@ -489,7 +488,7 @@ impl Pipeline {
         Some(line)
     }
 
-    fn socket_line(&self, p: &PendingLine, wire: Option<&WireMatch>) -> String {
+    fn write_socket_line(&self, p: &PendingLine, wire: Option<&WireMatch>, text: &mut String) {
         let ev = &p.ev;
         let (pid, tid, comm, owner) = match &ev.owner {
             Owner::Known {
@@ -526,7 +525,7 @@ impl Pipeline {
             wire: (p.event != "state").then(|| wire.map(|w| self.wire(w))),
             derived: p.derived_from_wire.then_some("wire"),
         };
-        self.format.socket(&line)
+        self.format.write_socket(&line, text);
     }
 
     fn wire<'a>(&self, w: &'a WireMatch) -> Wire<'a> {
