@@ -182,6 +182,9 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
         .open()
         .context("opening the capture (needs CAP_NET_RAW)")?;
     choose_cooked_linktype(&mut cap);
+    if cfg.iface == "lo" {
+        ignore_outgoing_copies(&cap);
+    }
     cap.filter(&filter_expression(&cfg.ports), true)
         .context("compiling the capture filter")?;
     // Non-blocking, waited on with poll(2): the thread must notice when it is told to stop.
@@ -218,6 +221,27 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
             thread: Some(thread),
         },
     })
+}
+
+/// On `lo` every packet passes the capture twice, leaving and arriving, and libpcap throws the
+/// leaving copy away after the kernel has cloned it and copied it into the ring. The kernel can
+/// skip it instead (PACKET_IGNORE_OUTGOING, Linux 4.20): half the capture's cost under loopback
+/// churn. Where the option is missing, libpcap still drops the copy, as before.
+fn ignore_outgoing_copies(cap: &Capture<Active>) {
+    use std::os::fd::AsRawFd;
+    const SOL_PACKET: libc::c_int = 263;
+    const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+    let on: libc::c_int = 1;
+    // SAFETY: an int option on the capture's own socket.
+    unsafe {
+        libc::setsockopt(
+            cap.as_raw_fd(),
+            SOL_PACKET,
+            PACKET_IGNORE_OUTGOING,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 /// Prefers the Linux "cooked" headers, which carry the direction (and, for SLL2, the
