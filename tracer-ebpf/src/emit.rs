@@ -79,6 +79,7 @@ pub fn submit(event: &SockEvent) {
         count(counter::FILTERED);
         return;
     }
+    crate::capture_filter::watch(event);
     match EVENTS.reserve::<SockEvent>(0) {
         Some(mut slot) => {
             slot.write(*event);
@@ -103,6 +104,25 @@ pub fn field<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
     }
     // SAFETY: bpf_probe_read_kernel checks the access; the offset comes from the format file.
     unsafe { ctx.read_at::<T>(offset as usize).ok() }
+}
+
+/// Per-CPU room for the event set_state builds, off its 512-byte stack (on 6.1 the verifier
+/// counts a program's stack plus that of the memset it calls; set_state was over). Safe to share
+/// per CPU: the kernel never nests tracepoint or kprobe programs on one CPU (bpf_prog_active).
+#[map]
+static EVENT_SCRATCH: PerCpuArray<SockEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's scratch event, reset to `empty_event()`'s values in place.
+#[inline(always)]
+pub fn scratch_event() -> Option<&'static mut SockEvent> {
+    let ptr = EVENT_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, used by one program at a time (see EVENT_SCRATCH).
+    let ev = unsafe { &mut *ptr };
+    // SAFETY: SockEvent is plain data; all-zero is a valid value.
+    unsafe { core::ptr::write_bytes(ptr, 0, 1) };
+    ev.fd = -1;
+    ev.reason = -1;
+    Some(ev)
 }
 
 pub fn empty_event() -> SockEvent {

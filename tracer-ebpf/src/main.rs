@@ -8,10 +8,13 @@
 //!   transition that merely happened while its task was on the CPU.
 //! - `owners`: the per-socket owner table, filled in process context and read everywhere else.
 //! - `emit`: the ring buffer, the filters and the loss counters.
+//! - `capture_filter`: with `--pid`, the capture socket's filter: only traced connections'
+//!   FIN and RST segments are copied to the daemon.
 #![no_std]
 #![no_main]
 
 mod calls;
+mod capture_filter;
 mod emit;
 mod owners;
 mod resets;

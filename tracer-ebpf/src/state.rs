@@ -13,10 +13,11 @@ use tracer_common::{
 
 use crate::{
     calls::call_acting_on,
-    emit::{count, empty_event, field, noop, ports_pass, submit},
+    capture_filter::watch,
+    emit::{count, field, noop, pid_passes, ports_pass, scratch_event, submit},
     owners::{
-        Current, LISTENERS, SockInfo, claim, current, fill_owner, keep_unowned, listener_key,
-        lookup_or_create, may_concern_traced, note_ports,
+        Current, LISTENERS, SOCKS, SockInfo, claim, current, fill_owner, keep_unowned,
+        listener_key, lookup_or_create, may_concern_traced, note_ports,
     },
     setting,
 };
@@ -48,6 +49,26 @@ pub fn read_tuple(ctx: &TracePointContext, layout: &TupleLayout, ev: &mut SockEv
         return None;
     }
     Some(())
+}
+
+/// With `--pid`, a traced process's connection is marked for the capture filter as soon as it
+/// is established: the first FIN or RST may be the peer's, seen on the wire before any event of
+/// this socket. A traced connect() made the socket's entry; an accepted socket has none yet and
+/// its listener names the owner. (Looked up, not created: a second inlined lookup_or_create
+/// put set_state over the 512-byte stack on 6.1.)
+#[inline(always)]
+fn watch_if_traced(sk: u64, ev: &SockEvent) {
+    // SAFETY: values copied out at once.
+    let owner = unsafe {
+        SOCKS.get(sk).map(|info| info.pid).or_else(|| {
+            LISTENERS
+                .get(listener_key(ev.family, ev.lport))
+                .map(|o| o.pid)
+        })
+    };
+    if owner.is_some_and(pid_passes) {
+        watch(ev);
+    }
 }
 
 /// Family and local port only: what finding a listener needs.
@@ -91,16 +112,20 @@ fn handle(ctx: &TracePointContext) -> Option<()> {
     // Most transitions are the handshake; unless they are shown, or connect()/listen() must
     // record an owner, they need nothing more: return before reading the tuple.
     let records_owner = old == CLOSE && matches!(new, SYN_SENT | LISTEN);
-    if is_handshake(new) && !records_owner && setting!(all_states) == 0 {
+    // With --pid, the capture filter learns a traced connection when it is established.
+    let watches = new == ESTABLISHED && setting!(filter_pids) != 0;
+    if is_handshake(new) && !records_owner && !watches && setting!(all_states) == 0 {
         return None;
     }
     let cur = current();
     if !may_concern_traced(sk, &cur, || family_and_port(ctx, layout)) {
-        count(counter::FILTERED);
+        if !is_handshake(new) {
+            count(counter::FILTERED);
+        }
         return None;
     }
-    let mut ev = empty_event();
-    read_tuple(ctx, layout, &mut ev)?;
+    let ev = scratch_event()?;
+    read_tuple(ctx, layout, ev)?;
     if !ports_pass(ev.lport, ev.rport) {
         return None; // cheapest exit for unrelated ports: no table work at all
     }
@@ -110,7 +135,10 @@ fn handle(ctx: &TracePointContext) -> Option<()> {
     ev.new_state = new;
 
     if is_handshake(new) {
-        remember_process_context_owner(sk, old, new, &ev, &cur);
+        remember_process_context_owner(sk, old, new, ev, &cur);
+        if watches {
+            watch_if_traced(sk, ev);
+        }
         if setting!(all_states) == 0 {
             return None;
         }
@@ -119,7 +147,7 @@ fn handle(ctx: &TracePointContext) -> Option<()> {
         let _ = LISTENERS.remove(listener_key(ev.family, ev.lport));
     }
 
-    let Some(info_ptr) = lookup_or_create(sk, &ev, keep_unowned(&cur)) else {
+    let Some(info_ptr) = lookup_or_create(sk, ev, keep_unowned(&cur)) else {
         if setting!(filter_pids) != 0 {
             count(counter::FILTERED);
         }
@@ -129,12 +157,12 @@ fn handle(ctx: &TracePointContext) -> Option<()> {
     let info = unsafe { &mut *info_ptr };
     ev.state_since_ns = info.state_since_ns;
     info.state_since_ns = ev.ts_ns;
-    note_ports(info, &ev);
+    note_ports(info, ev);
 
-    let kind = classify(sk, old, new, info, &cur, &mut ev)?;
+    let kind = classify(sk, old, new, info, &cur, ev)?;
     ev.kind = kind as u8;
-    fill_owner(&mut ev, info);
-    submit(&ev);
+    fill_owner(ev, info);
+    submit(ev);
     Some(())
 }
 

@@ -109,6 +109,8 @@ pub struct CaptureHandle {
     pub clock: SharedClock,
     /// The link-layer type of `WirePacket::headers`.
     pub linktype: i32,
+    /// The capture socket (owned by the capture thread; valid while this handle lives).
+    pub fd: std::os::fd::RawFd,
     guard: CaptureGuard,
 }
 
@@ -192,6 +194,10 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
         .setnonblock()
         .context("making the capture non-blocking")?;
     let linktype = cap.get_datalink().0;
+    let fd = {
+        use std::os::fd::AsRawFd;
+        cap.as_raw_fd()
+    };
     let (tx, rx) = mpsc::channel(QUEUE);
     let stats = Arc::new(CaptureStats::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -216,6 +222,7 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
         iface: cfg.iface.clone(),
         clock,
         linktype,
+        fd,
         guard: CaptureGuard {
             stop,
             thread: Some(thread),

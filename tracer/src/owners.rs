@@ -33,6 +33,7 @@ pub struct SeedReport {
 
 /// Seeds the kernel tables for `pids`, or for every process when `pids` is empty.
 pub fn seed(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<SeedReport> {
+    let only_traced = !pids.is_empty();
     let pids = if pids.is_empty() {
         all_pids()
     } else {
@@ -62,6 +63,9 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<SeedReport> {
         }
     }
     write_seed(ebpf, &conns, &listeners)?;
+    if only_traced {
+        watch_seeded(ebpf, &conns)?;
+    }
     Ok(SeedReport {
         connections: conns.len(),
         listeners: listeners.len(),
@@ -97,6 +101,31 @@ fn write_seed(
         let _ = table.insert(((family as u32) << 16) | sock.local.1 as u32, *owner, 0);
     }
     Ok(())
+}
+
+/// With `--pid`, the capture filter must pass the seeded connections' packets too: their
+/// 4-tuples go into WATCHED as the filter reads them from packets (IPv4-mapped as IPv4).
+fn watch_seeded(ebpf: &mut Ebpf, conns: &[(ProcSocket, SeedOwner)]) -> anyhow::Result<()> {
+    let mut watched: BpfHashMap<_, TupleKey, u8> =
+        BpfHashMap::try_from(ebpf.map_mut("WATCHED").context("WATCHED map missing")?)?;
+    for (sock, _) in conns {
+        let _ = watched.insert(wire_key(sock), 1, 0);
+    }
+    Ok(())
+}
+
+/// A connection's 4-tuple as its packets carry it: a dual-stack socket's IPv4-mapped
+/// addresses are IPv4 on the wire.
+pub fn wire_key(sock: &ProcSocket) -> TupleKey {
+    let unmap = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    tuple_key(&ProcSocket {
+        local: (unmap(sock.local.0), sock.local.1),
+        remote: (unmap(sock.remote.0), sock.remote.1),
+        ..sock.clone()
+    })
 }
 
 /// The key the kernel program builds for a socket from its tracepoint fields.

@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::HashMap as BpfHashMap,
-    programs::{KProbe, TracePoint},
+    programs::{KProbe, SocketFilter, TracePoint},
 };
 use tracer_common::Config;
 
@@ -420,6 +420,34 @@ pub fn load(opts: &LoadOptions<'_>, hooks: &[Hook]) -> anyhow::Result<Loaded> {
         attached.push(hook.name());
     }
     Ok(Loaded { ebpf, attached })
+}
+
+/// With `--pid`: the capture socket gets the kernel filter that passes only traced processes'
+/// connections (tracer-ebpf/src/capture_filter.rs), instead of every FIN and RST of the host.
+/// Where the kernel refuses it, the capture keeps its classic filter and the daemon sorts the
+/// packets itself: slower, never wrong. Returns whether it is in place.
+pub fn filter_capture_to_traced(ebpf: &mut Ebpf, capture: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut attach = || -> anyhow::Result<()> {
+        let program: &mut SocketFilter = ebpf
+            .program_mut("watched_packets")
+            .context("program watched_packets missing from the eBPF object")?
+            .try_into()?;
+        program
+            .load()
+            .map_err(|e| anyhow::anyhow!(explain_verifier(e)))?;
+        program.attach(capture)?;
+        Ok(())
+    };
+    match attach() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!(
+                "tracer: --pid: the capture keeps its plain filter ({e:#}): every FIN and RST \
+                 of the host is copied to the daemon and sorted there"
+            );
+            false
+        }
+    }
 }
 
 fn fill_filter<K: aya::Pod>(ebpf: &mut Ebpf, map: &str, keys: &[K]) -> anyhow::Result<()> {

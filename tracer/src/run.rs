@@ -118,6 +118,13 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     )?;
     let seeded = owners::seed(&mut loaded.ebpf, &settings.pids)
         .context("seeding owners of existing connections from /proc")?;
+    if let Some(capture) = &capture
+        && !settings.pids.is_empty()
+    {
+        // SAFETY: the capture socket stays open as long as `capture`, which outlives this call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(capture.fd) };
+        probes::filter_capture_to_traced(&mut loaded.ebpf, fd);
+    }
     let ring = RingBuf::try_from(
         loaded
             .ebpf
@@ -359,7 +366,8 @@ impl LossReporter {
         capture: Option<&capture::CaptureStats>,
         last: bool,
     ) {
-        let kernel = read_counters(counters);
+        let mut kernel = read_counters(counters);
+        kernel.captured = capture.map_or(0, |c| c.captured.load(Ordering::Relaxed));
         pipeline.stats.kernel = kernel;
         let capture_lost = capture.map_or(0, |c| {
             c.channel_dropped.load(Ordering::Relaxed) + c.pcap_dropped.load(Ordering::Relaxed)
@@ -413,6 +421,7 @@ fn read_counters(counters: &PerCpuArray<MapData, u64>) -> KernelCounts {
         emitted: sum_counter(counters, counter::EMITTED),
         filtered: sum_counter(counters, counter::FILTERED),
         owner_table_full: sum_counter(counters, counter::OWNER_TABLE_FULL),
+        captured: 0,
     }
 }
 

@@ -89,6 +89,8 @@ pub struct KernelCounts {
     pub filtered: u64,
     /// Sockets whose owner could not be recorded because the owner table was full.
     pub owner_table_full: u64,
+    /// FIN/RST packets the capture's kernel filter passed to the daemon.
+    pub captured: u64,
 }
 
 /// Running totals for the summary.

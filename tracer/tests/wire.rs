@@ -353,3 +353,51 @@ fn a_burst_of_closes_all_join() {
     assert_eq!(summary["lost"]["capture"], 0);
     assert_eq!(summary["lost"]["ringbuf"], 0);
 }
+
+/// Connections made and closed here (untraced) while a `--pid` trace runs.
+fn untraced_churn(n: usize) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    for _ in 0..n {
+        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        drop(c);
+        drop(s);
+    }
+}
+
+/// With `--pid`, the capture's kernel filter passes only the traced process's connections: the
+/// traced server's and the traced client's FINs still join their events, in both directions
+/// (including the peer's FIN that arrives before the traced socket has any event), while the
+/// FINs of hundreds of untraced connections never reach the daemon (`kernel.captured`).
+#[test]
+fn pid_capture_passes_only_the_traced_connections() {
+    if !common::require_root() {
+        return;
+    }
+    // Traced server: listening before the tracer starts (a seeded listener), connection after.
+    let mut server = Peer::spawn(None, "server-keep", "127.0.0.1", 0, "wait-eof-close");
+    let server_port = server.line()["listening"].as_u64().unwrap() as u16;
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &server.pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    let client = TcpStream::connect(("127.0.0.1", server_port)).unwrap();
+    let my_port = client.local_addr().unwrap().port();
+    server.line();
+    untraced_churn(300);
+    drop(client); // FIN into the traced server's socket, which has had no event yet
+    let fin = tracer.wait_for(|v| is(v, "fin_received", server_port, my_port), WAIT);
+    assert_eq!(fin["pid"], server.pid);
+    check_wire(&fin, "FIN", "in");
+    let close = tracer.wait_for(|v| is(v, "close", server_port, my_port), WAIT);
+    assert_eq!(close["pid"], server.pid);
+    check_wire(&close, "FIN", "out");
+    server.wait();
+    let out = tracer.stop();
+    let summary = out.lines.last().unwrap();
+    let captured = summary["kernel"]["captured"].as_u64().unwrap();
+    // The traced connection's two FINs; the 300 untraced connections' 600 stay in the kernel.
+    assert!(
+        (2..20).contains(&captured),
+        "captured {captured} packets; expected only the traced connection's: {summary}"
+    );
+}

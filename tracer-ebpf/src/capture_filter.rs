@@ -1,0 +1,146 @@
+//! With `--pid`, the capture's kernel filter: a socket filter on the capture socket that passes
+//! a FIN or RST only when its 4-tuple is a traced process's connection (WATCHED, filled by the
+//! other programs). Without it every FIN and RST of the host is copied into the capture ring and
+//! thrown away by the daemon: tracing one quiet service on a busy host should cost neither.
+
+use core::{ffi::c_void, mem::MaybeUninit};
+
+use aya_ebpf::{
+    helpers::generated::bpf_skb_load_bytes_relative,
+    macros::{map, socket_filter},
+    maps::{LruHashMap, PerCpuArray},
+    programs::SkBuffContext,
+};
+use tracer_common::{AF_INET, AF_INET6, SockEvent, TupleKey};
+
+use crate::{emit::ports_pass, setting};
+
+/// The 4-tuples of traced processes' connections, as their sockets see them (local first).
+/// LRU: entries are never removed one by one (late FINs and RSTs of a closed connection must
+/// still pass); the oldest go when the table is full.
+#[map]
+pub static WATCHED: LruHashMap<TupleKey, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// What a passing packet keeps: the capture's snap length (headers only).
+const SNAPLEN: i64 = 96;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FIN_OR_RST: u8 = 0x01 | 0x04;
+/// bpf_skb_load_bytes_relative: offsets from the network header, whatever the link layer.
+const BPF_HDR_START_NET: u32 = 1;
+
+/// Where `watch` builds its key: a per-CPU slot, not the stack, which every program that emits
+/// already fills nearly to the 512-byte limit.
+#[map]
+static KEY_SCRATCH: PerCpuArray<TupleKey> = PerCpuArray::with_max_entries(1, 0);
+
+/// Marks a traced connection's packets for the capture (with `--pid` only). An IPv4-mapped IPv6
+/// address (a dual-stack socket talking IPv4) is written as IPv4: that is what its packets carry.
+#[inline(always)]
+pub fn watch(ev: &SockEvent) {
+    if setting!(filter_pids) == 0 || ev.family == 0 || ev.lport == 0 {
+        return;
+    }
+    let Some(key) = KEY_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, used only until this program returns.
+    let key = unsafe { &mut *key };
+    key.lport = ev.lport;
+    key.rport = ev.rport;
+    key._pad = 0;
+    if ev.family == AF_INET6 && is_v4_mapped(&ev.laddr) && is_v4_mapped(&ev.raddr) {
+        key.family = AF_INET;
+        key.laddr = [0; 16];
+        key.raddr = [0; 16];
+        key.laddr[..4].copy_from_slice(&ev.laddr[12..]);
+        key.raddr[..4].copy_from_slice(&ev.raddr[12..]);
+    } else {
+        key.family = ev.family;
+        key.laddr = ev.laddr;
+        key.raddr = ev.raddr;
+    }
+    let _ = WATCHED.insert(&*key, &1, 0);
+}
+
+#[inline(always)]
+fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[..10].iter().all(|&b| b == 0) && a[10] == 0xff && a[11] == 0xff
+}
+
+#[socket_filter]
+pub fn watched_packets(ctx: SkBuffContext) -> i64 {
+    if passes(&ctx).unwrap_or(false) {
+        SNAPLEN
+    } else {
+        0
+    }
+}
+
+#[inline(always)]
+fn load<T>(ctx: &SkBuffContext, offset: u32) -> Option<T> {
+    let mut value = MaybeUninit::<T>::uninit();
+    // SAFETY: the helper writes exactly size_of::<T>() bytes into `value` or fails.
+    let ret = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.skb.skb as *const c_void,
+            offset,
+            value.as_mut_ptr() as *mut c_void,
+            size_of::<T>() as u32,
+            BPF_HDR_START_NET,
+        )
+    };
+    // SAFETY: initialised by the successful helper call.
+    (ret == 0).then(|| unsafe { value.assume_init() })
+}
+
+/// TCP with FIN or RST, on a watched 4-tuple in either direction (IPv6 without extension
+/// headers, like the classic filter).
+#[inline(always)]
+fn passes(ctx: &SkBuffContext) -> Option<bool> {
+    let mut key = TupleKey::default();
+    let tcp_offset = match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => {
+            let version_ihl: u8 = load(ctx, 0)?;
+            if load::<u8>(ctx, 9)? != IPPROTO_TCP {
+                return Some(false);
+            }
+            let src: [u8; 4] = load(ctx, 12)?;
+            let dst: [u8; 4] = load(ctx, 16)?;
+            key.laddr[..4].copy_from_slice(&src);
+            key.raddr[..4].copy_from_slice(&dst);
+            key.family = AF_INET;
+            u32::from(version_ihl & 0x0f) * 4
+        }
+        ETH_P_IPV6 => {
+            if load::<u8>(ctx, 6)? != IPPROTO_TCP {
+                return Some(false);
+            }
+            key.laddr = load(ctx, 8)?;
+            key.raddr = load(ctx, 24)?;
+            key.family = AF_INET6;
+            40
+        }
+        _ => return Some(false),
+    };
+    let ports: [u8; 4] = load(ctx, tcp_offset)?;
+    let flags: u8 = load(ctx, tcp_offset + 13)?;
+    if flags & TCP_FIN_OR_RST == 0 {
+        return Some(false);
+    }
+    key.lport = u16::from_be_bytes([ports[0], ports[1]]);
+    key.rport = u16::from_be_bytes([ports[2], ports[3]]);
+    if !ports_pass(key.lport, key.rport) {
+        return Some(false);
+    }
+    // Sent by the watched socket (source = local), or received by it.
+    // SAFETY: presence checks only.
+    if unsafe { WATCHED.get(&key) }.is_some() {
+        return Some(true);
+    }
+    core::mem::swap(&mut key.laddr, &mut key.raddr);
+    core::mem::swap(&mut key.lport, &mut key.rport);
+    // SAFETY: as above.
+    Some(unsafe { WATCHED.get(&key) }.is_some())
+}
