@@ -95,19 +95,39 @@ pub fn rfc3339_nanos(wall_ns: u64) -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rfc3339(pub u64);
 
-impl std::fmt::Display for Rfc3339 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Rfc3339 {
+    /// The 30 bytes of `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`, written digit by digit: every line
+    /// carries one or two of these, and `write!` with padded fields was a visible share of the
+    /// daemon's CPU. Years past 9999 are out of range for a u64 of nanoseconds anyway.
+    pub fn to_bytes(self) -> [u8; 30] {
         let secs = self.0 / 1_000_000_000;
         let nanos = self.0 % 1_000_000_000;
         let (days, rem) = (secs / 86_400, secs % 86_400);
         let (y, m, d) = civil_from_days(days as i64);
-        write!(
-            f,
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-            rem / 3600,
-            rem / 60 % 60,
-            rem % 60
-        )
+        let mut out = *b"0000-00-00T00:00:00.000000000Z";
+        put_digits(&mut out[0..4], y as u64);
+        put_digits(&mut out[5..7], m.into());
+        put_digits(&mut out[8..10], d.into());
+        put_digits(&mut out[11..13], rem / 3600);
+        put_digits(&mut out[14..16], rem / 60 % 60);
+        put_digits(&mut out[17..19], rem % 60);
+        put_digits(&mut out[20..29], nanos);
+        out
+    }
+}
+
+/// Writes `value` as decimal digits filling `out` (zero-padded on the left).
+fn put_digits(out: &mut [u8], mut value: u64) {
+    for slot in out.iter_mut().rev() {
+        *slot = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+}
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bytes = self.to_bytes();
+        f.write_str(std::str::from_utf8(&bytes).expect("ASCII digits"))
     }
 }
 

@@ -14,7 +14,12 @@ pub struct ConnId(pub u64);
 
 impl std::fmt::Display for ConnId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}", self.0)
+        // Digit by digit rather than `{:016x}`: it is on every line.
+        let mut hex = [b'0'; 16];
+        for (i, slot) in hex.iter_mut().enumerate() {
+            *slot = b"0123456789abcdef"[(self.0 >> (60 - 4 * i) & 0xf) as usize];
+        }
+        f.write_str(std::str::from_utf8(&hex).expect("hex digits"))
     }
 }
 
@@ -521,6 +526,13 @@ mod tests {
         );
         let colored = Format::Pretty { color: true }.socket(&close_line());
         assert!(colored.starts_with("\x1b[31m") && colored.ends_with("\x1b[0m"));
+    }
+
+    #[test]
+    fn conn_ids_are_16_hex_digits() {
+        for id in [0, 1, 0xdead_beef, u64::MAX, 0x0011_2233_4455_66aa] {
+            assert_eq!(ConnId(id).to_string(), format!("{id:016x}"));
+        }
     }
 
     #[test]

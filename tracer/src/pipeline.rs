@@ -284,15 +284,19 @@ impl Pipeline {
     /// Releases what is ready: staged closes whose RST never came, joined or expired events,
     /// unclaimed packets.
     pub fn poll(&mut self, now_ns: u64, out: &Output) {
-        let overdue: Vec<u64> = self
-            .staged
-            .iter()
-            .filter(|(_, s)| now_ns.saturating_sub(s.staged_at) >= STAGE_NS)
-            .map(|(&conn, _)| conn)
-            .collect();
-        for conn in overdue {
-            if let Some(staged) = self.staged.remove(&conn) {
-                self.release_unmatched_abort(staged.line);
+        // Usually empty (a close's RST event follows it at once); iterating a map that once
+        // grew walks its whole capacity, so look only when there is something.
+        if !self.staged.is_empty() {
+            let overdue: Vec<u64> = self
+                .staged
+                .iter()
+                .filter(|(_, s)| now_ns.saturating_sub(s.staged_at) >= STAGE_NS)
+                .map(|(&conn, _)| conn)
+                .collect();
+            for conn in overdue {
+                if let Some(staged) = self.staged.remove(&conn) {
+                    self.release_unmatched_abort(staged.line);
+                }
             }
         }
         let ready = self.joiner.poll(now_ns);
