@@ -15,6 +15,7 @@ lets a server pick a port; it then prints {"listening": port} first), then follo
     linger0-close    set SO_LINGER {1, 0} and close (RST)
     send-wait        send one byte, then wait for stdin to close, then close
     hold             keep the socket open until stdin closes, then close
+    close-hold       close at once, then stay alive until stdin closes
     exit             send one byte and exit without closing (the kernel closes at exit)
 """
 import json
@@ -57,6 +58,9 @@ def behave(sock, behaviour):
     elif behaviour == "hold":
         wait_stdin_closed()
         sock.close()
+    elif behaviour == "close-hold":
+        sock.close()
+        wait_stdin_closed()
     elif behaviour == "exit":
         sock.send(b"x")
         os._exit(0)

@@ -401,3 +401,33 @@ fn pid_capture_passes_only_the_traced_connections() {
         "captured {captured} packets; expected only the traced connection's: {summary}"
     );
 }
+
+/// The classic: a server closes a connection, the client writes into it anyway, and the
+/// server's kernel answers with a RST (the data reached a socket that can no longer read:
+/// TCP_ABORT_ON_DATA). With `--pid` of the server, that RST is reported on the server's
+/// connection with its wire packet, although no task of the server is running when it is sent.
+#[test]
+fn pid_trace_keeps_the_rst_a_closed_servers_kernel_sends() {
+    if !common::require_root() {
+        return;
+    }
+    let mut server = Peer::spawn(None, "server-keep", "127.0.0.1", 0, "close-hold");
+    let server_port = server.line()["listening"].as_u64().unwrap() as u16;
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &server.pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    let mut client = TcpStream::connect(("127.0.0.1", server_port)).unwrap();
+    let my_port = client.local_addr().unwrap().port();
+    server.line();
+    let mut buf = [0u8; 16];
+    assert_eq!(client.read(&mut buf).unwrap(), 0, "the server closed");
+    client.write_all(b"too late").unwrap();
+    let rst = tracer.wait_for(|v| is(v, "rst_sent", server_port, my_port), WAIT);
+    assert_eq!(rst["pid"], server.pid, "{rst}");
+    assert!(
+        rst["reason"].is_null() || rst["reason"] == "TCP_ABORT_ON_DATA",
+        "{rst}"
+    );
+    check_wire(&rst, "RST", "out");
+    server.wait();
+    tracer.stop();
+}
