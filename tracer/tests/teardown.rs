@@ -296,13 +296,13 @@ fn pid_filter_keeps_what_a_traced_listener_accepts() {
     if !common::require_root() {
         return;
     }
-    let mut server = Peer::spawn(None, "server-keep", "127.0.0.1", 0, "wait-eof-close");
-    let port = server.line()["listening"].as_u64().unwrap() as u16;
-    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &server.pid.to_string()]);
-    tracer.wait_ready(WAIT);
-    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let my_port = client.local_addr().unwrap().port();
-    server.line();
+    let common::TracedServer {
+        server,
+        server_port: port,
+        mut tracer,
+        client,
+        client_port: my_port,
+    } = common::TracedServer::start("wait-eof-close", &["--no-capture"], WAIT);
     drop(client);
     let fin = tracer.wait_for(|v| is(v, "fin_received", port, my_port), WAIT);
     assert_eq!(fin["pid"], server.pid);

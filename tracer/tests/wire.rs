@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{NetnsPeer, Peer, Tcpdump, Tracer, set_linger_zero, wait_readable};
+use common::{NetnsPeer, Peer, Tcpdump, TracedServer, Tracer, set_linger_zero, wait_readable};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -367,22 +367,21 @@ fn untraced_churn(n: usize) {
 }
 
 /// With `--pid`, the capture's kernel filter passes only the traced process's connections: the
-/// traced server's and the traced client's FINs still join their events, in both directions
-/// (including the peer's FIN that arrives before the traced socket has any event), while the
-/// FINs of hundreds of untraced connections never reach the daemon (`kernel.captured`).
+/// traced server's FINs still join its events in both directions (including the peer's FIN,
+/// which arrives before the traced socket has any event), while the FINs of hundreds of untraced
+/// connections never reach the daemon (`kernel.captured`).
 #[test]
 fn pid_capture_passes_only_the_traced_connections() {
     if !common::require_root() {
         return;
     }
-    // Traced server: listening before the tracer starts (a seeded listener), connection after.
-    let mut server = Peer::spawn(None, "server-keep", "127.0.0.1", 0, "wait-eof-close");
-    let server_port = server.line()["listening"].as_u64().unwrap() as u16;
-    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &server.pid.to_string()]);
-    tracer.wait_ready(WAIT);
-    let client = TcpStream::connect(("127.0.0.1", server_port)).unwrap();
-    let my_port = client.local_addr().unwrap().port();
-    server.line();
+    let TracedServer {
+        server,
+        server_port,
+        mut tracer,
+        client,
+        client_port: my_port,
+    } = TracedServer::start("wait-eof-close", &["-i", "lo"], WAIT);
     untraced_churn(300);
     drop(client); // FIN into the traced server's socket, which has had no event yet
     let fin = tracer.wait_for(|v| is(v, "fin_received", server_port, my_port), WAIT);
@@ -411,13 +410,13 @@ fn pid_trace_keeps_the_rst_a_closed_servers_kernel_sends() {
     if !common::require_root() {
         return;
     }
-    let mut server = Peer::spawn(None, "server-keep", "127.0.0.1", 0, "close-hold");
-    let server_port = server.line()["listening"].as_u64().unwrap() as u16;
-    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &server.pid.to_string()]);
-    tracer.wait_ready(WAIT);
-    let mut client = TcpStream::connect(("127.0.0.1", server_port)).unwrap();
-    let my_port = client.local_addr().unwrap().port();
-    server.line();
+    let TracedServer {
+        server,
+        server_port,
+        mut tracer,
+        mut client,
+        client_port: my_port,
+    } = TracedServer::start("close-hold", &["-i", "lo"], WAIT);
     let mut buf = [0u8; 16];
     assert_eq!(client.read(&mut buf).unwrap(), 0, "the server closed");
     client.write_all(b"too late").unwrap();

@@ -8,6 +8,7 @@ mod netns;
 mod peer;
 mod tcp;
 mod tcpdump;
+mod traced_server;
 mod tracer;
 
 use std::process::Command;
@@ -19,6 +20,7 @@ pub use tcp::{
     tcp_pair_on, wait_readable,
 };
 pub use tcpdump::{Segment, Tcpdump, parse_segment};
+pub use traced_server::TracedServer;
 pub use tracer::{Stopped, Tracer};
 
 /// Whether this test may run: as root, yes; otherwise it skips with a message, except under

@@ -127,13 +127,14 @@ pub fn vm_checks(vm: &Value, host: Option<&Value>, mode: &str) -> Result<String,
     let host = host.ok_or("no host report to compare with")?;
     let (diffs, applied) = differences(host, vm, mode);
     if diffs.is_empty() {
-        let whys: Vec<&str> = applied
+        let mut whys: Vec<&str> = applied
             .iter()
             .map(|&i| match i.checked_sub(EXPECTED.len()) {
                 Some(j) => VM_ONLY[j].why,
                 None => EXPECTED[i].why,
             })
             .collect();
+        whys.dedup(); // two EXPECTED entries (one per reason value) share one why
         Ok(format!("{note}; expected differences: {}", whys.join(", ")))
     } else {
         Err(format!(
