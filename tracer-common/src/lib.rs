@@ -170,10 +170,7 @@ pub struct Config {
     pub all_states: u8,
     /// 1 for the floor benchmark: the programs return at once, doing nothing.
     pub noop: u8,
-    /// 1 when tcp:tcp_send_reset also fires for active resets (kernels with the `reason`
-    /// field): the tcp_send_active_reset kprobe then stays quiet to avoid duplicates.
-    pub reset_tp_covers_active: u8,
-    pub _pad: [u8; 1],
+    pub _pad: [u8; 2],
     /// Wake the reader only once this many bytes wait in the ring buffer; below that the
     /// daemon drains on its own timer. One wakeup per event costs more than the event.
     pub wakeup_bytes: u32,
@@ -204,8 +201,7 @@ impl Config {
             filter_ports: 0,
             all_states: 0,
             noop: 0,
-            reset_tp_covers_active: 0,
-            _pad: [0; 1],
+            _pad: [0; 2],
             wakeup_bytes: 0,
         }
     }

@@ -141,7 +141,7 @@ pub fn receive_reset(ctx: TracePointContext) -> u32 {
 /// earlier events (same conn_id).
 #[kprobe]
 pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
-    if noop() || setting!(reset_tp_covers_active) != 0 {
+    if noop() {
         return 0;
     }
     let Some(sk) = ctx.arg::<u64>(0) else {
