@@ -99,6 +99,17 @@ impl Want {
     }
 }
 
+/// A RST both ends have claimed leaves after the duplicate window (see `done_early`).
+fn schedule_early_expiry(
+    early_order: &mut VecDeque<(u64, PathKey, u64)>,
+    entry: &PacketEntry,
+    path: PathKey,
+) {
+    if entry.done_early() {
+        early_order.push_back((entry.first_mono + DUPLICATE_NS, path, entry.id));
+    }
+}
+
 fn slot(dir: Dir) -> usize {
     match dir {
         Dir::Out => 0,
@@ -301,10 +312,7 @@ impl<T> Joiner<T> {
         let packet = entry.copy_for(want.dir).clone();
         entry.claim(want.dir, id);
         let packet_id = entry.id;
-        if entry.done_early() {
-            self.early_order
-                .push_back((entry.first_mono + DUPLICATE_NS, path, packet_id));
-        }
+        schedule_early_expiry(&mut self.early_order, entry, path);
         self.attach(id, packet, packet_id, want.dir);
         true
     }
@@ -347,10 +355,7 @@ impl<T> Joiner<T> {
         }
         self.packet_order
             .push_back((pkt.mono_ns + self.window_ns, path, id));
-        if entry.done_early() {
-            self.early_order
-                .push_back((pkt.mono_ns + DUPLICATE_NS, path, id));
-        }
+        schedule_early_expiry(&mut self.early_order, &entry, path);
         // Most paths carry one FIN or RST in a window: no room reserved for more.
         self.packets
             .entry(path)
