@@ -124,7 +124,9 @@ pub struct TupleLayout {
     pub oldstate: u16,
     pub newstate: u16,
     pub protocol: u16,
-    pub _pad: u16,
+    /// Where the record's last field ends: the programs copy this much of the record at once
+    /// (one probe read instead of one per field).
+    pub record_len: u16,
 }
 
 /// Layout of tcp:tcp_send_reset. Since 6.10 its addresses are `struct sockaddr_in6`-sized
@@ -139,9 +141,15 @@ pub struct ResetLayout {
     pub reason: u16,
     pub sockaddr_saddr: u16,
     pub sockaddr_daddr: u16,
-    pub _pad: [u16; 3],
+    /// As in `TupleLayout`.
+    pub record_len: u16,
+    pub _pad: [u16; 2],
     pub tuple: TupleLayout,
 }
+
+/// The most of a tracepoint record the programs copy at once; fields past it are read one by
+/// one.
+pub const RECORD_BYTES: usize = 128;
 
 /// Offset meaning "this kernel has no such field".
 pub const NONE: u16 = u16::MAX;
@@ -170,11 +178,20 @@ pub struct Config {
     pub all_states: u8,
     /// 1 for the floor benchmark: the programs return at once, doing nothing.
     pub noop: u8,
-    pub _pad: [u8; 2],
+    /// As `TupleLayout::record_len`, for sock_send_length / sock_recv_length.
+    pub io_record_len: u16,
     /// Wake the reader only once this many bytes wait in the ring buffer; below that the
     /// daemon drains on its own timer. One wakeup per event costs more than the event.
     pub wakeup_bytes: u32,
+    /// With `--pid` of at most `INLINE_PIDS` processes, the traced pids themselves (unused
+    /// slots 0, which never passes): the check runs on every close and shutdown of the host
+    /// and several times per connection, and comparing a few constants costs less than a hash
+    /// lookup. All 0 with more processes: the PIDS map decides.
+    pub inline_pids: [u32; INLINE_PIDS],
 }
+
+/// How many traced pids `Config::inline_pids` holds.
+pub const INLINE_PIDS: usize = 8;
 
 impl Config {
     pub const fn zeroed() -> Self {
@@ -189,7 +206,8 @@ impl Config {
                 reason: NONE,
                 sockaddr_saddr: NONE,
                 sockaddr_daddr: NONE,
-                _pad: [0; 3],
+                record_len: 0,
+                _pad: [0; 2],
                 tuple: T,
             },
             close_fd: NONE,
@@ -201,8 +219,9 @@ impl Config {
             filter_ports: 0,
             all_states: 0,
             noop: 0,
-            _pad: [0; 2],
+            io_record_len: 0,
             wakeup_bytes: 0,
+            inline_pids: [0; INLINE_PIDS],
         }
     }
 }
@@ -221,7 +240,7 @@ impl TupleLayout {
         oldstate: NONE,
         newstate: NONE,
         protocol: NONE,
-        _pad: 0,
+        record_len: 0,
     };
 }
 

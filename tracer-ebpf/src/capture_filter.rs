@@ -96,43 +96,49 @@ fn load<T>(ctx: &SkBuffContext, offset: u32) -> Option<T> {
 }
 
 /// TCP with FIN or RST, on a watched 4-tuple in either direction (IPv6 without extension
-/// headers, like the classic filter).
+/// headers, like the classic filter). The filter sees every packet of the interface: the flags
+/// are checked first, so the common packet (SYN, ACK, data) costs two or three small loads and
+/// only a FIN or RST has its addresses read.
 #[inline(always)]
 fn passes(ctx: &SkBuffContext) -> Option<bool> {
-    let mut key = TupleKey::default();
-    let tcp_offset = match u16::from_be(ctx.skb.protocol() as u16) {
+    let (family, tcp_offset) = match u16::from_be(ctx.skb.protocol() as u16) {
         ETH_P_IP => {
-            let version_ihl: u8 = load(ctx, 0)?;
-            if load::<u8>(ctx, 9)? != IPPROTO_TCP {
+            // Version/IHL at 0, protocol at 9: one 12-byte load gives both.
+            let head: [u8; 12] = load(ctx, 0)?;
+            if head[9] != IPPROTO_TCP {
                 return Some(false);
             }
-            let src: [u8; 4] = load(ctx, 12)?;
-            let dst: [u8; 4] = load(ctx, 16)?;
-            key.laddr[..4].copy_from_slice(&src);
-            key.raddr[..4].copy_from_slice(&dst);
-            key.family = AF_INET;
-            u32::from(version_ihl & 0x0f) * 4
+            (AF_INET, u32::from(head[0] & 0x0f) * 4)
         }
         ETH_P_IPV6 => {
             if load::<u8>(ctx, 6)? != IPPROTO_TCP {
                 return Some(false);
             }
-            key.laddr = load(ctx, 8)?;
-            key.raddr = load(ctx, 24)?;
-            key.family = AF_INET6;
-            40
+            (AF_INET6, 40)
         }
         _ => return Some(false),
     };
-    let ports: [u8; 4] = load(ctx, tcp_offset)?;
-    let flags: u8 = load(ctx, tcp_offset + 13)?;
-    if flags & TCP_FIN_OR_RST == 0 {
+    // Ports (0..4) and flags (13) in one load.
+    let tcp: [u8; 14] = load(ctx, tcp_offset)?;
+    if tcp[13] & TCP_FIN_OR_RST == 0 {
         return Some(false);
     }
-    key.lport = u16::from_be_bytes([ports[0], ports[1]]);
-    key.rport = u16::from_be_bytes([ports[2], ports[3]]);
+    let mut key = TupleKey {
+        lport: u16::from_be_bytes([tcp[0], tcp[1]]),
+        rport: u16::from_be_bytes([tcp[2], tcp[3]]),
+        family,
+        ..TupleKey::default()
+    };
     if !ports_pass(key.lport, key.rport) {
         return Some(false);
+    }
+    if family == AF_INET {
+        let addrs: [u8; 8] = load(ctx, 12)?;
+        key.laddr[..4].copy_from_slice(&addrs[..4]);
+        key.raddr[..4].copy_from_slice(&addrs[4..]);
+    } else {
+        key.laddr = load(ctx, 8)?;
+        key.raddr = load(ctx, 24)?;
     }
     // Sent by the watched socket (source = local), or received by it.
     // SAFETY: presence checks only.

@@ -1,12 +1,18 @@
 //! The ring buffer, the run-time configuration, the in-kernel filters and the counters.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::generated::bpf_probe_read_kernel,
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
-use tracer_common::{Config, DEFAULT_RINGBUF_BYTES, NONE, SockEvent, counter};
+use tracer_common::{
+    Config, DEFAULT_RINGBUF_BYTES, INLINE_PIDS, NONE, RECORD_BYTES, SockEvent, counter,
+};
 
 /// Written by the loader (EbpfLoader::override_global) before the programs load.
 #[unsafe(no_mangle)]
@@ -67,8 +73,27 @@ pub fn pid_passes(pid: u32) -> bool {
     if setting!(filter_pids) == 0 {
         return true;
     }
+    if pid == 0 {
+        return false;
+    }
+    if setting!(inline_pids[0]) != 0 {
+        return in_inline_pids(pid);
+    }
     // SAFETY: as above.
-    pid != 0 && unsafe { PIDS.get(pid).is_some() }
+    unsafe { PIDS.get(pid).is_some() }
+}
+
+#[inline(always)]
+fn in_inline_pids(pid: u32) -> bool {
+    let mut found = false;
+    for slot in 0..INLINE_PIDS {
+        // SAFETY: as in `setting!`; the index is below the array's length.
+        let traced = unsafe {
+            core::ptr::read_volatile((&raw const CONFIG.inline_pids as *const u32).add(slot))
+        };
+        found |= traced == pid;
+    }
+    found
 }
 
 /// Filters, then writes the event into the ring buffer; a full ring buffer is counted, never
@@ -104,6 +129,60 @@ pub fn field<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
     }
     // SAFETY: bpf_probe_read_kernel checks the access; the offset comes from the format file.
     unsafe { ctx.read_at::<T>(offset as usize).ok() }
+}
+
+/// Per-CPU room for one tracepoint record, copied at once (see `Record`).
+#[map]
+static RECORD: PerCpuArray<[u8; RECORD_BYTES]> = PerCpuArray::with_max_entries(1, 0);
+
+/// A tracepoint record copied with one probe read: a program that reads several fields pays
+/// one helper call instead of one per field. Fields past the copy (a record longer than
+/// `RECORD_BYTES`) are read from the record itself.
+pub struct Record<'a> {
+    ctx: &'a TracePointContext,
+    copy: &'static [u8; RECORD_BYTES],
+    len: usize,
+}
+
+impl<'a> Record<'a> {
+    /// Copies the first `len` bytes (the end of the last field, from the format file).
+    #[inline(always)]
+    pub fn copy(ctx: &'a TracePointContext, len: u16) -> Option<Self> {
+        let buf = RECORD.get_ptr_mut(0)?;
+        let len = (len as usize).min(RECORD_BYTES);
+        // SAFETY: this CPU's slot (tracing programs never nest on one CPU, see EVENT_SCRATCH);
+        // the helper writes at most `len` <= RECORD_BYTES bytes into it.
+        let ret = unsafe {
+            bpf_probe_read_kernel(
+                buf as *mut c_void,
+                len as u32,
+                ctx.as_ptr() as *const c_void,
+            )
+        };
+        if ret != 0 {
+            return None;
+        }
+        // SAFETY: as above; bytes past `len` are stale and never read (see `get`).
+        let copy = unsafe { &*buf };
+        Some(Self { ctx, copy, len })
+    }
+
+    /// The field at `offset`; `NONE` gives None.
+    #[inline(always)]
+    pub fn get<T>(&self, offset: u16) -> Option<T> {
+        if offset == NONE {
+            return None;
+        }
+        let end = offset as usize + size_of::<T>();
+        // Both bounds: `len` for the value, the constant for the verifier.
+        if end <= self.len && end <= RECORD_BYTES {
+            // SAFETY: in bounds of the copy (checked above); plain data, possibly unaligned.
+            return Some(unsafe {
+                core::ptr::read_unaligned(self.copy.as_ptr().add(offset as usize) as *const T)
+            });
+        }
+        field(self.ctx, offset)
+    }
 }
 
 /// Per-CPU room for the event set_state builds, off its 512-byte stack (on 6.1 the verifier

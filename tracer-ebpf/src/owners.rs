@@ -12,7 +12,7 @@ use aya_ebpf::{
 use tracer_common::{SeedOwner, SockEvent, TupleKey, counter, owner_source};
 
 use crate::{
-    emit::{count, field, noop, pid_passes},
+    emit::{Record, count, field, noop, pid_passes},
     setting,
 };
 
@@ -208,10 +208,13 @@ pub fn sock_io(ctx: TracePointContext) -> u32 {
     if noop() {
         return 0;
     }
-    let Some(sk) = field::<u64>(&ctx, setting!(io_skaddr)) else {
+    let Some(rec) = Record::copy(&ctx, setting!(io_record_len)) else {
         return 0;
     };
-    let Some(protocol) = field::<u16>(&ctx, setting!(io_protocol)) else {
+    let Some(sk) = rec.get::<u64>(setting!(io_skaddr)) else {
+        return 0;
+    };
+    let Some(protocol) = rec.get::<u16>(setting!(io_protocol)) else {
         return 0;
     };
     if protocol != tracer_common::IPPROTO_TCP {

@@ -7,13 +7,13 @@ use aya_ebpf::{
     programs::{ProbeContext, TracePointContext},
 };
 use tracer_common::{
-    AF_INET, AF_INET6, EventKind, NONE, ResetLayout, SockEvent, TupleLayout, owner_source,
+    AF_INET, AF_INET6, EventKind, NONE, ResetLayout, SockEvent, TupleLayout, counter, owner_source,
     tcp_state,
 };
 
 use crate::{
     calls::call_acting_on,
-    emit::{empty_event, field, noop, submit},
+    emit::{Record, count, empty_event, noop, submit},
     owners::{SOCKS, current, fill_owner, keep_unowned, lookup_or_create, may_concern_traced},
     setting,
     state::{family_and_port, read_tuple},
@@ -21,18 +21,18 @@ use crate::{
 
 /// Reads a `struct sockaddr_in`/`sockaddr_in6` as stored by the tracepoint (28 bytes).
 #[inline(always)]
-fn read_sockaddr(ctx: &TracePointContext, offset: u16) -> Option<(u16, u16, [u8; 16])> {
+fn read_sockaddr(rec: &Record, offset: u16) -> Option<(u16, u16, [u8; 16])> {
     if offset == NONE {
         return None;
     }
-    let family: u16 = field(ctx, offset)?;
-    let port = u16::from_be(field::<u16>(ctx, offset + 2)?);
+    let family: u16 = rec.get(offset)?;
+    let port = u16::from_be(rec.get::<u16>(offset + 2)?);
     let mut addr = [0u8; 16];
     if family == AF_INET {
-        let v4: [u8; 4] = field(ctx, offset + 4)?;
+        let v4: [u8; 4] = rec.get(offset + 4)?;
         addr[..4].copy_from_slice(&v4);
     } else if family == AF_INET6 {
-        addr = field(ctx, offset + 8)?;
+        addr = rec.get(offset + 8)?;
     } else {
         return None;
     }
@@ -41,16 +41,12 @@ fn read_sockaddr(ctx: &TracePointContext, offset: u16) -> Option<(u16, u16, [u8;
 
 /// Addresses of a sent reset, in whichever of the two layouts this kernel uses.
 #[inline(always)]
-fn read_reset_tuple(
-    ctx: &TracePointContext,
-    layout: &ResetLayout,
-    ev: &mut SockEvent,
-) -> Option<()> {
+fn read_reset_tuple(rec: &Record, layout: &ResetLayout, ev: &mut SockEvent) -> Option<()> {
     if layout.sockaddr_saddr == NONE {
-        return read_tuple(ctx, &layout.tuple, ev);
+        return read_tuple(rec, &layout.tuple, ev);
     }
-    let (family, lport, laddr) = read_sockaddr(ctx, layout.sockaddr_saddr)?;
-    let (_, rport, raddr) = read_sockaddr(ctx, layout.sockaddr_daddr)?;
+    let (family, lport, laddr) = read_sockaddr(rec, layout.sockaddr_saddr)?;
+    let (_, rport, raddr) = read_sockaddr(rec, layout.sockaddr_daddr)?;
     ev.family = family;
     ev.lport = lport;
     ev.rport = rport;
@@ -65,23 +61,48 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let layout: ResetLayout = setting!(send_reset);
+    let Some(rec) = Record::copy(&ctx, layout.record_len) else {
+        return 0;
+    };
+    let sk = rec.get::<u64>(layout.skaddr).unwrap_or(0);
+    if !may_concern_traced_reset(sk, &rec, &layout) {
+        count(counter::FILTERED);
+        return 0;
+    }
     let mut ev = empty_event();
     // SAFETY: plain helper call.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.kind = EventKind::RstSent as u8;
-    if read_reset_tuple(&ctx, &layout, &mut ev).is_none() {
+    if read_reset_tuple(&rec, &layout, &mut ev).is_none() {
         return 0;
     }
-    let state = field::<i32>(&ctx, layout.state).unwrap_or(0) as u8;
+    let state = rec.get::<i32>(layout.state).unwrap_or(0) as u8;
     ev.old_state = state;
     ev.new_state = state;
-    ev.reason = field::<u32>(&ctx, layout.reason)
+    ev.reason = rec
+        .get::<u32>(layout.reason)
         .map(|r| r as i32)
         .unwrap_or(-1);
-    let sk = field::<u64>(&ctx, layout.skaddr).unwrap_or(0);
     attribute_reset(sk, state, &mut ev);
     submit(&ev);
     0
+}
+
+/// With `--pid`, whether a sent reset may concern a traced process, decided before its
+/// addresses are read: one of no socket has no owner, so it cannot pass the filter.
+#[inline(always)]
+fn may_concern_traced_reset(sk: u64, rec: &Record, layout: &ResetLayout) -> bool {
+    if setting!(filter_pids) == 0 {
+        return true;
+    }
+    sk != 0
+        && may_concern_traced(sk, &current(), || {
+            if layout.sockaddr_saddr == NONE {
+                family_and_port(rec, &layout.tuple)
+            } else {
+                read_sockaddr(rec, layout.sockaddr_saddr).map(|(family, port, _)| (family, port))
+            }
+        })
 }
 
 /// Fills owner, conn and the close call (if this reset is part of one) for a sent reset.
@@ -116,14 +137,17 @@ pub fn receive_reset(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let layout: TupleLayout = setting!(receive_reset);
-    let Some(sk) = field::<u64>(&ctx, layout.skaddr) else {
+    let Some(rec) = Record::copy(&ctx, layout.record_len) else {
         return 0;
     };
-    if !may_concern_traced(sk, &current(), || family_and_port(&ctx, &layout)) {
+    let Some(sk) = rec.get::<u64>(layout.skaddr) else {
+        return 0;
+    };
+    if !may_concern_traced(sk, &current(), || family_and_port(&rec, &layout)) {
         return 0; // counted by the move to CLOSE that follows
     }
     let mut ev = empty_event();
-    if read_tuple(&ctx, &layout, &mut ev).is_none() {
+    if read_tuple(&rec, &layout, &mut ev).is_none() {
         return 0;
     }
     // The event itself is emitted by the move to CLOSE that tcp_reset() makes next, which also

@@ -14,7 +14,7 @@ use tracer_common::{
 use crate::{
     calls::call_acting_on,
     capture_filter::watch,
-    emit::{count, field, noop, pid_passes, ports_pass, scratch_event, submit},
+    emit::{Record, count, noop, pid_passes, ports_pass, scratch_event, submit},
     owners::{
         Current, LISTENERS, SOCKS, SockInfo, claim, current, fill_owner, keep_unowned,
         listener_key, lookup_or_create, may_concern_traced, note_ports,
@@ -33,18 +33,18 @@ pub fn set_state(ctx: TracePointContext) -> u32 {
 
 /// Reads family, ports and addresses with the layout found in the format file.
 #[inline(always)]
-pub fn read_tuple(ctx: &TracePointContext, layout: &TupleLayout, ev: &mut SockEvent) -> Option<()> {
-    ev.family = field::<u16>(ctx, layout.family)?;
-    ev.lport = field::<u16>(ctx, layout.sport)?;
-    ev.rport = field::<u16>(ctx, layout.dport)?;
+pub fn read_tuple(rec: &Record, layout: &TupleLayout, ev: &mut SockEvent) -> Option<()> {
+    ev.family = rec.get::<u16>(layout.family)?;
+    ev.lport = rec.get::<u16>(layout.sport)?;
+    ev.rport = rec.get::<u16>(layout.dport)?;
     if ev.family == AF_INET {
-        let l: [u8; 4] = field(ctx, layout.saddr)?;
-        let r: [u8; 4] = field(ctx, layout.daddr)?;
+        let l: [u8; 4] = rec.get(layout.saddr)?;
+        let r: [u8; 4] = rec.get(layout.daddr)?;
         ev.laddr[..4].copy_from_slice(&l);
         ev.raddr[..4].copy_from_slice(&r);
     } else if ev.family == AF_INET6 {
-        ev.laddr = field(ctx, layout.saddr_v6)?;
-        ev.raddr = field(ctx, layout.daddr_v6)?;
+        ev.laddr = rec.get(layout.saddr_v6)?;
+        ev.raddr = rec.get(layout.daddr_v6)?;
     } else {
         return None;
     }
@@ -73,8 +73,8 @@ fn watch_if_traced(sk: u64, ev: &SockEvent) {
 
 /// Family and local port only: what finding a listener needs.
 #[inline(always)]
-pub fn family_and_port(ctx: &TracePointContext, layout: &TupleLayout) -> Option<(u16, u16)> {
-    Some((field(ctx, layout.family)?, field(ctx, layout.sport)?))
+pub fn family_and_port(rec: &Record, layout: &TupleLayout) -> Option<(u16, u16)> {
+    Some((rec.get(layout.family)?, rec.get(layout.sport)?))
 }
 
 fn is_handshake(new: u8) -> bool {
@@ -101,31 +101,33 @@ fn is_fin_received(old: u8, new: u8) -> bool {
 fn handle(ctx: &TracePointContext) -> Option<()> {
     let layout: TupleLayout = setting!(set_state);
     let layout = &layout;
-    if let Some(protocol) = field::<u16>(ctx, layout.protocol) {
+    let rec = &Record::copy(ctx, layout.record_len)?;
+    if let Some(protocol) = rec.get::<u16>(layout.protocol) {
         if protocol != IPPROTO_TCP {
             return None;
         }
     }
-    let sk: u64 = field(ctx, layout.skaddr)?;
-    let old = field::<i32>(ctx, layout.oldstate)? as u8;
-    let new = field::<i32>(ctx, layout.newstate)? as u8;
+    let sk: u64 = rec.get(layout.skaddr)?;
+    let old = rec.get::<i32>(layout.oldstate)? as u8;
+    let new = rec.get::<i32>(layout.newstate)? as u8;
     // Most transitions are the handshake; unless they are shown, or connect()/listen() must
-    // record an owner, they need nothing more: return before reading the tuple.
-    let records_owner = old == CLOSE && matches!(new, SYN_SENT | LISTEN);
+    // record an owner (with --pid only a traced task's), they need nothing more: return before
+    // reading the tuple.
+    let cur = current();
+    let records_owner = old == CLOSE && matches!(new, SYN_SENT | LISTEN) && keep_unowned(&cur);
     // With --pid, the capture filter learns a traced connection when it is established.
     let watches = new == ESTABLISHED && setting!(filter_pids) != 0;
     if is_handshake(new) && !records_owner && !watches && setting!(all_states) == 0 {
         return None;
     }
-    let cur = current();
-    if !may_concern_traced(sk, &cur, || family_and_port(ctx, layout)) {
+    if !may_concern_traced(sk, &cur, || family_and_port(rec, layout)) {
         if !is_handshake(new) {
             count(counter::FILTERED);
         }
         return None;
     }
     let ev = scratch_event()?;
-    read_tuple(ctx, layout, ev)?;
+    read_tuple(rec, layout, ev)?;
     if !ports_pass(ev.lport, ev.rport) {
         return None; // cheapest exit for unrelated ports: no table work at all
     }

@@ -353,6 +353,7 @@ impl Formats {
             if same {
                 cfg.io_skaddr = send.offset("sk");
                 cfg.io_protocol = send.offset("protocol");
+                cfg.io_record_len = send.record_len().max(recv.record_len());
             }
         }
         Ok(cfg)
@@ -586,6 +587,9 @@ mod tests {
         };
         let cfg = formats.config().unwrap();
         assert_eq!(cfg.set_state.newstate, 20);
+        // The programs copy each record up to the end of its last field in one read.
+        assert_eq!(cfg.set_state.record_len, 72);
+        assert_eq!(cfg.send_reset.record_len, 74);
         assert_eq!(cfg.close_fd, 16);
         assert_eq!(cfg.send_reset.reason, NONE);
         assert_eq!(cfg.io_skaddr, NONE);

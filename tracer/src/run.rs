@@ -80,6 +80,9 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     let (hooks, missing) = support.plan(set)?;
     let mut config = support.formats.config()?;
     config.filter_pids = u8::from(!settings.pids.is_empty());
+    if settings.pids.len() <= config.inline_pids.len() {
+        config.inline_pids[..settings.pids.len()].copy_from_slice(&settings.pids);
+    }
     config.filter_ports = u8::from(!settings.ports.is_empty());
     config.all_states = u8::from(settings.all_states);
     config.noop = u8::from(settings.noop);

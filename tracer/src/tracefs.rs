@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tracer_common::{NONE, ResetLayout, TupleLayout};
+use tracer_common::{NONE, RECORD_BYTES, ResetLayout, TupleLayout};
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
@@ -73,6 +73,13 @@ pub struct Format {
 }
 
 impl Format {
+    /// Where the last field ends, at most `RECORD_BYTES`: how much of the record the
+    /// programs copy at once.
+    pub fn record_len(&self) -> u16 {
+        let end = self.fields.iter().map(|f| f.offset + f.size).max();
+        end.unwrap_or(0).min(RECORD_BYTES as u16)
+    }
+
     pub fn field(&self, name: &str) -> Option<&Field> {
         self.fields.iter().find(|f| f.name == name)
     }
@@ -197,7 +204,7 @@ pub fn tuple_layout(format: &Format) -> TupleLayout {
         oldstate: format.offset("oldstate"),
         newstate: format.offset("newstate"),
         protocol: format.offset("protocol"),
-        _pad: 0,
+        record_len: format.record_len(),
     }
 }
 
@@ -224,7 +231,8 @@ pub fn reset_layout(format: &Format) -> ResetLayout {
         reason: format.offset("reason"),
         sockaddr_saddr,
         sockaddr_daddr,
-        _pad: [0; 3],
+        record_len: format.record_len(),
+        _pad: [0; 2],
         tuple,
     }
 }
