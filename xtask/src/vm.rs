@@ -111,6 +111,13 @@ pub fn run() -> anyhow::Result<Results> {
         results.push((name, result));
     }
     results.push(("vm::debian-6.1-formats".to_string(), formats));
+    for (name, args) in initramfs::PID_RUNS {
+        let result = vm
+            .get(&format!("pid {name}"))
+            .ok_or_else(|| format!("the VM printed no `pid {name}` section"))
+            .and_then(|text| compare::pid_filter_checks(text, args));
+        results.push((format!("vm::debian-6.1-pid-{name}"), result));
+    }
     eprintln!(
         "xtask: vm-test took {:.0} s (host and VM)",
         started.elapsed().as_secs_f64()

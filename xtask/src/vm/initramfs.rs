@@ -29,6 +29,18 @@ pub const FORMATS: &[&str] = &[
 /// The probe sets run in the VM, each a `tracer-scenarios run --probes MODE`.
 pub const MODES: &[&str] = &["auto", "tracepoint"];
 
+/// The `--pid` runs: the kernel filter's code paths are only verified where they can run
+/// (the verifier prunes branches on the read-only settings), so each is loaded for real while
+/// the scenarios churn connections that belong to none of the traced pids. `inline` traces one
+/// pid (compared inline in the programs), `map` more than fit inline (the PIDS map decides).
+pub const PID_RUNS: &[(&str, &str)] = &[
+    ("inline", "--pid 1"),
+    (
+        "map",
+        "--pid 1 --pid 2 --pid 3 --pid 4 --pid 5 --pid 6 --pid 7 --pid 8 --pid 9",
+    ),
+];
+
 pub const BEGIN: &str = "=== tracer-vm begin ";
 pub const END: &str = "=== tracer-vm end ";
 
@@ -137,6 +149,32 @@ fn libraries(binaries: &[&Path]) -> anyhow::Result<BTreeSet<PathBuf>> {
     Ok(libs)
 }
 
+/// Both `--pid` tracers run through one more scenario pass (its report is not compared).
+fn pid_filter_run() -> String {
+    let mut s = String::new();
+    for (name, args) in PID_RUNS {
+        s += &format!(
+            "tracer {args} --interface lo --duration 8s -o /tmp/pid-{name}.json \
+             2>/tmp/pid-{name}.err &\n"
+        );
+    }
+    s += "sleep 2\n\
+          tracer-scenarios run --tracer /bin/tracer --probes tracepoint --out /tmp/pid-churn.json \
+          2>/dev/null\n\
+          wait\n";
+    for (name, _) in PID_RUNS {
+        s += &section(
+            &format!("pid {name}"),
+            &format!("cat /tmp/pid-{name}.json; cat /tmp/pid-{name}.err"),
+        );
+    }
+    s
+}
+
+fn section(name: &str, command: &str) -> String {
+    format!("echo '{BEGIN}{name} ==='\n{command}\necho '{END}{name} ==='\n")
+}
+
 /// Mounts what the tracer needs, brings lo up, saves the format files, runs the scenarios with
 /// each probe set, then powers off. Every result goes to the console between markers.
 fn init_script() -> String {
@@ -150,9 +188,6 @@ fn init_script() -> String {
          mount -t debugfs debugfs /sys/kernel/debug\n\
          ip link set lo up\n",
     );
-    let section = |name: &str, command: &str| {
-        format!("echo '{BEGIN}{name} ==='\n{command}\necho '{END}{name} ==='\n")
-    };
     s += &section("uname", "uname -r");
     s += &section("modules", "cat /proc/modules");
     for f in FORMATS {
@@ -171,6 +206,7 @@ fn init_script() -> String {
         s += &section(&format!("stderr {mode}"), &format!("cat /tmp/{mode}.err"));
         s += &section(&format!("report {mode}"), &format!("cat /tmp/{mode}.json"));
     }
+    s += &pid_filter_run();
     s += "poweroff -f\n";
     s
 }
