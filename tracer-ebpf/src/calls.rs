@@ -64,7 +64,11 @@ const AFTER_EXIT_NS: u64 = 20_000_000;
 
 #[inline(always)]
 fn end() {
-    if let Some(call) = CALLS.get_ptr_mut(current().tid) {
+    let cur = current();
+    if !pid_passes(cur.pid) {
+        return; // with --pid, other processes' calls never made an entry
+    }
+    if let Some(call) = CALLS.get_ptr_mut(cur.tid) {
         // SAFETY: this task's own entry; only this task writes it.
         unsafe {
             if (*call).kind != syscall::EXIT {

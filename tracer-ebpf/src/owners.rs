@@ -48,6 +48,23 @@ pub static SOCKS: HashMap<u64, SockInfo> = HashMap::with_max_entries(65536, 0);
 #[map]
 pub static LISTENERS: HashMap<u32, SeedOwner> = HashMap::with_max_entries(4096, 0);
 
+/// Ports that have (or had) a listener in LISTENERS, by port: 1 once one was recorded, never
+/// cleared (another listener may share the port). With `--pid`, an event of a socket on any
+/// other port cannot inherit a traced owner, and an array slot (inlined by the verifier) costs
+/// far less than a hash lookup that misses.
+#[map]
+pub static LISTEN_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+
+/// Records a listener's owner.
+#[inline(always)]
+pub fn remember_listener(family: u16, port: u16, owner: &SeedOwner) {
+    let _ = LISTENERS.insert(listener_key(family, port), owner, 0);
+    if let Some(slot) = LISTEN_PORTS.get_ptr_mut(port as u32) {
+        // SAFETY: an array slot; concurrent writers all store 1.
+        unsafe { *slot = 1 };
+    }
+}
+
 /// Owners of connections that existed before the tracer started, seeded from /proc.
 #[map]
 pub static SEED: HashMap<TupleKey, SeedOwner> = HashMap::with_max_entries(16384, 0);
@@ -111,6 +128,9 @@ pub fn may_concern_traced(
     let Some((family, port)) = family_port() else {
         return false;
     };
+    if LISTEN_PORTS.get(port as u32).is_none_or(|had| *had == 0) {
+        return false;
+    }
     // SAFETY: the value is copied out at once.
     unsafe { LISTENERS.get(listener_key(family, port)) }.is_some_and(|o| pid_passes(o.pid))
 }
@@ -208,6 +228,13 @@ pub fn sock_io(ctx: TracePointContext) -> u32 {
     if noop() {
         return 0;
     }
+    // This runs on every send and receive of every socket on the host. With --pid, an
+    // untraced task's I/O changes nothing worth knowing (it would only hand a traced socket's
+    // ownership to a process whose events are filtered out): return before reading anything.
+    let cur = current();
+    if setting!(filter_pids) != 0 && !pid_passes(cur.pid) {
+        return 0;
+    }
     let Some(rec) = Record::copy(&ctx, setting!(io_record_len)) else {
         return 0;
     };
@@ -220,7 +247,6 @@ pub fn sock_io(ctx: TracePointContext) -> u32 {
     if protocol != tracer_common::IPPROTO_TCP {
         return 0;
     }
-    let cur = current();
     if let Some(info) = SOCKS.get_ptr_mut(sk) {
         // SAFETY: entry pointer from the map; races only with the same socket's events.
         unsafe { claim(&mut *info, &cur) };
@@ -263,7 +289,12 @@ pub fn destroy_sock(ctx: TracePointContext) -> u32 {
         return 0;
     }
     if let Some(sk) = field::<u64>(&ctx, setting!(destroy_sock.skaddr)) {
-        let _ = SOCKS.remove(sk); // absent is fine: not every socket was seen.
+        // A lookup first: most sockets were never in the table (always so for other processes
+        // with --pid), and a delete takes the bucket lock even when there is nothing to delete.
+        // SAFETY: a presence check only.
+        if unsafe { SOCKS.get(sk).is_some() } {
+            let _ = SOCKS.remove(sk);
+        }
     }
     0
 }

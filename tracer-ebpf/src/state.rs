@@ -17,7 +17,7 @@ use crate::{
     emit::{Record, count, noop, pid_passes, ports_pass, scratch_event, submit},
     owners::{
         Current, LISTENERS, SOCKS, SockInfo, claim, current, fill_owner, keep_unowned,
-        listener_key, lookup_or_create, may_concern_traced, note_ports,
+        listener_key, lookup_or_create, may_concern_traced, note_ports, remember_listener,
     },
     setting,
 };
@@ -228,6 +228,6 @@ fn remember_process_context_owner(sk: u64, old: u8, new: u8, ev: &SockEvent, cur
             tid: cur.tid,
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
         };
-        let _ = LISTENERS.insert(listener_key(ev.family, ev.lport), owner, 0);
+        remember_listener(ev.family, ev.lport, &owner);
     }
 }

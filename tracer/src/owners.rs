@@ -100,6 +100,14 @@ fn write_seed(
         };
         let _ = table.insert(((family as u32) << 16) | sock.local.1 as u32, *owner, 0);
     }
+    // The programs look a listener up only on ports marked here (see LISTEN_PORTS).
+    let mut ports: aya::maps::Array<_, u8> = aya::maps::Array::try_from(
+        ebpf.map_mut("LISTEN_PORTS")
+            .context("LISTEN_PORTS map missing")?,
+    )?;
+    for (sock, _) in listeners {
+        ports.set(u32::from(sock.local.1), 1, 0)?;
+    }
     Ok(())
 }
 
