@@ -194,6 +194,8 @@ pub struct Pipeline {
     pcapng: Option<PcapngOut>,
     /// Without packet capture nothing waits for a packet: lines go out at once with `wire: null`.
     capturing: bool,
+    /// What the joiner released, reused every turn.
+    ready: Vec<Joined<PendingLine>>,
     pub clock: Clock,
     pub stats: Stats,
 }
@@ -216,6 +218,7 @@ impl Pipeline {
             metrics,
             pcapng: None,
             capturing: true,
+            ready: Vec::new(),
             clock: Clock::sample(),
             stats: Stats::default(),
         }
@@ -299,8 +302,10 @@ impl Pipeline {
                 }
             }
         }
-        let ready = self.joiner.poll(now_ns);
-        self.emit_all(ready, out);
+        let mut ready = std::mem::take(&mut self.ready);
+        self.joiner.poll_into(now_ns, &mut ready);
+        self.emit_all(&mut ready, out);
+        self.ready = ready; // emptied, capacity kept for the next turn
         self.conns.expire(now_ns);
     }
 
@@ -329,8 +334,8 @@ impl Pipeline {
         for s in staged {
             self.release_unmatched_abort(s.line);
         }
-        let rest = self.joiner.flush();
-        self.emit_all(rest, out);
+        let mut rest = self.joiner.flush();
+        self.emit_all(&mut rest, out);
         if let Some(file) = &mut self.pcapng
             && let Err(e) = file.flush()
         {
@@ -372,8 +377,8 @@ impl Pipeline {
         self.joiner.overflow_dropped()
     }
 
-    fn emit_all(&mut self, ready: Vec<Joined<PendingLine>>, out: &Output) {
-        for item in ready {
+    fn emit_all(&mut self, ready: &mut Vec<Joined<PendingLine>>, out: &Output) {
+        for item in ready.drain(..) {
             match item {
                 Joined::Event { item, wire } => self.emit_event(item, wire, out),
                 Joined::Packet { packet, retransmit } => self.emit_packet(packet, retransmit, out),
