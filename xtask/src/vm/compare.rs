@@ -210,6 +210,41 @@ fn expected_in_vm(line: &Value, scenario: &str, mode: &str, applied: &mut Vec<us
     line
 }
 
+/// A `--pid` run in the VM while processes it does not trace churned connections: it loaded
+/// (the 6.1 verifier accepted the filter's paths), its programs ran and filtered in the kernel,
+/// and nothing of the untraced processes came out: no event, no captured packet.
+pub fn pid_filter_checks(text: &str, args: &str) -> Result<String, String> {
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let event = |name: &str| lines.iter().find(|l| l["event"] == name);
+    let fail = |why: &str| Err(format!("tracer {args}: {why}; output: {}", text.trim()));
+    if event("ready").is_none() {
+        return fail("no ready line (did the programs load?)");
+    }
+    let Some(summary) = event("summary") else {
+        return fail("no summary line");
+    };
+    let kernel = &summary["kernel"];
+    let (filtered, emitted, captured) = (
+        kernel["filtered"].as_u64().unwrap_or(0),
+        kernel["emitted"].as_u64().unwrap_or(u64::MAX),
+        kernel["captured"].as_u64().unwrap_or(u64::MAX),
+    );
+    if filtered == 0 {
+        return fail("the kernel filtered nothing while other processes churned");
+    }
+    if emitted != 0 || captured != 0 {
+        return fail(&format!(
+            "untraced processes' events ({emitted}) or packets ({captured}) passed the filter"
+        ));
+    }
+    Ok(format!(
+        " ({filtered} events of untraced processes filtered in the kernel)"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,39 +296,4 @@ mod tests {
             serde_json::from_str::<Value>(e.vm).unwrap();
         }
     }
-}
-
-/// A `--pid` run in the VM while processes it does not trace churned connections: it loaded
-/// (the 6.1 verifier accepted the filter's paths), its programs ran and filtered in the kernel,
-/// and nothing of the untraced processes came out: no event, no captured packet.
-pub fn pid_filter_checks(text: &str, args: &str) -> Result<String, String> {
-    let lines: Vec<Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let event = |name: &str| lines.iter().find(|l| l["event"] == name);
-    let fail = |why: &str| Err(format!("tracer {args}: {why}; output: {}", text.trim()));
-    if event("ready").is_none() {
-        return fail("no ready line (did the programs load?)");
-    }
-    let Some(summary) = event("summary") else {
-        return fail("no summary line");
-    };
-    let kernel = &summary["kernel"];
-    let (filtered, emitted, captured) = (
-        kernel["filtered"].as_u64().unwrap_or(0),
-        kernel["emitted"].as_u64().unwrap_or(u64::MAX),
-        kernel["captured"].as_u64().unwrap_or(u64::MAX),
-    );
-    if filtered == 0 {
-        return fail("the kernel filtered nothing while other processes churned");
-    }
-    if emitted != 0 || captured != 0 {
-        return fail(&format!(
-            "untraced processes' events ({emitted}) or packets ({captured}) passed the filter"
-        ));
-    }
-    Ok(format!(
-        " ({filtered} events of untraced processes filtered in the kernel)"
-    ))
 }
