@@ -448,6 +448,7 @@ impl<T> Joiner<T> {
 
     /// Everything ready at `now`: joined events past their settle time, events whose window
     /// expired, events that never wanted a packet; packets nobody claimed in their window.
+    #[cfg(test)]
     pub fn poll(&mut self, now_mono_ns: u64) -> Vec<Joined<T>> {
         let mut out = Vec::new();
         self.poll_into(now_mono_ns, &mut out);
