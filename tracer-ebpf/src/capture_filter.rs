@@ -42,9 +42,33 @@ pub fn watch(ev: &SockEvent) {
     if setting!(filter_pids) == 0 || ev.family == 0 || ev.lport == 0 {
         return;
     }
-    let Some(key) = KEY_SCRATCH.get_ptr_mut(0) else {
-        return;
+    if let Some(key) = wire_key(ev) {
+        let _ = WATCHED.insert(&*key, &1, 0);
+    }
+}
+
+/// Whether the event's 4-tuple, either way round, is a traced connection's (with `--pid`): a
+/// reset sent by a time-wait socket or for no socket has no owner in the kernel, yet it may
+/// answer a traced connection.
+#[inline(always)]
+pub fn is_watched(ev: &SockEvent) -> bool {
+    let Some(key) = wire_key(ev) else {
+        return false;
     };
+    // SAFETY: presence checks only.
+    if unsafe { WATCHED.get(&*key) }.is_some() {
+        return true;
+    }
+    core::mem::swap(&mut key.laddr, &mut key.raddr);
+    core::mem::swap(&mut key.lport, &mut key.rport);
+    // SAFETY: as above.
+    unsafe { WATCHED.get(&*key) }.is_some()
+}
+
+/// The event's 4-tuple as its packets carry it, in this CPU's key slot.
+#[inline(always)]
+fn wire_key(ev: &SockEvent) -> Option<&'static mut TupleKey> {
+    let key = KEY_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot, used only until this program returns.
     let key = unsafe { &mut *key };
     key.lport = ev.lport;
@@ -61,7 +85,7 @@ pub fn watch(ev: &SockEvent) {
         key.laddr = ev.laddr;
         key.raddr = ev.raddr;
     }
-    let _ = WATCHED.insert(&*key, &1, 0);
+    Some(key)
 }
 
 #[inline(always)]

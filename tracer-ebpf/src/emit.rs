@@ -105,6 +105,22 @@ pub fn submit(event: &SockEvent) {
         return;
     }
     crate::capture_filter::watch(event);
+    write_event(event);
+}
+
+/// Writes an event that has no owner past `--pid` (the caller checked that it answers a traced
+/// connection); `--port` still applies.
+#[inline(always)]
+pub fn submit_unowned(event: &SockEvent) {
+    if !ports_pass(event.lport, event.rport) {
+        count(counter::FILTERED);
+        return;
+    }
+    write_event(event);
+}
+
+#[inline(always)]
+fn write_event(event: &SockEvent) {
     match EVENTS.reserve::<SockEvent>(0) {
         Some(mut slot) => {
             slot.write(*event);

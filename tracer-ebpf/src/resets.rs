@@ -13,7 +13,8 @@ use tracer_common::{
 
 use crate::{
     calls::call_acting_on,
-    emit::{Record, count, empty_event, noop, submit},
+    capture_filter::is_watched,
+    emit::{Record, count, empty_event, noop, submit, submit_unowned},
     owners::{SOCKS, current, fill_owner, keep_unowned, lookup_or_create, may_concern_traced},
     setting,
     state::{family_and_port, read_tuple},
@@ -65,7 +66,11 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let sk = rec.get::<u64>(layout.skaddr).unwrap_or(0);
-    if !may_concern_traced_reset(sk, &rec, &layout) {
+    let state = rec.get::<i32>(layout.state).unwrap_or(0) as u8;
+    // With --pid, a reset from a time-wait socket (no owner in the kernel) or for no socket at
+    // all may still answer a traced connection: its addresses decide, below.
+    let unowned = sk == 0 || state == tcp_state::TIME_WAIT;
+    if !unowned && !may_concern_traced_reset(sk, &rec, &layout) {
         count(counter::FILTERED);
         return 0;
     }
@@ -76,7 +81,6 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     if read_reset_tuple(&rec, &layout, &mut ev).is_none() {
         return 0;
     }
-    let state = rec.get::<i32>(layout.state).unwrap_or(0) as u8;
     ev.old_state = state;
     ev.new_state = state;
     ev.reason = rec
@@ -84,6 +88,15 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
         .map(|r| r as i32)
         .unwrap_or(-1);
     attribute_reset(sk, state, &mut ev);
+    if setting!(filter_pids) != 0 && unowned && ev.pid == 0 {
+        if is_watched(&ev) {
+            // The daemon attributes it to the traced connection with these addresses.
+            submit_unowned(&ev);
+        } else {
+            count(counter::FILTERED);
+        }
+        return 0;
+    }
     submit(&ev);
     0
 }

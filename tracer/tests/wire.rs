@@ -430,3 +430,38 @@ fn pid_trace_keeps_the_rst_a_closed_servers_kernel_sends() {
     server.wait();
     tracer.stop();
 }
+
+/// The same, later: once the server's FIN is acknowledged, its closed socket is a kernel-only
+/// time-wait socket that no process owns, even in the kernel's own tables. Data arriving then
+/// is answered with a RST by that socket (TCP_TIMEWAIT_SOCKET). With `--pid` of the server it
+/// must still be reported, on the server's connection (`owner: "connection"`, its pid).
+#[test]
+fn pid_trace_keeps_the_rst_a_closed_servers_time_wait_socket_sends() {
+    if !common::require_root() {
+        return;
+    }
+    let TracedServer {
+        server,
+        server_port,
+        mut tracer,
+        mut client,
+        client_port: my_port,
+    } = TracedServer::start("close-hold", &["-i", "lo"], WAIT);
+    let mut buf = [0u8; 16];
+    assert_eq!(client.read(&mut buf).unwrap(), 0, "the server closed");
+    // Let our ACK of the server's FIN go out (even a delayed one): the server's socket then
+    // leaves for its time-wait form.
+    std::thread::sleep(Duration::from_millis(500));
+    client.write_all(b"too late").unwrap();
+    let rst = tracer.wait_for(|v| is(v, "rst_sent", server_port, my_port), WAIT);
+    assert_eq!(rst["old_state"], "TIME_WAIT", "{rst}");
+    assert_eq!(rst["pid"], server.pid, "{rst}");
+    assert_eq!(rst["owner"], "connection", "{rst}");
+    assert!(
+        rst["reason"].is_null() || rst["reason"] == "TCP_TIMEWAIT_SOCKET",
+        "{rst}"
+    );
+    check_wire(&rst, "RST", "out");
+    server.wait();
+    tracer.stop();
+}
