@@ -17,6 +17,7 @@ mod pcapng;
 mod pipeline;
 mod privileges;
 mod probes;
+mod progstats;
 mod run;
 mod stats;
 mod tracefs;

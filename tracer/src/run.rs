@@ -30,6 +30,7 @@ use crate::{
     pipeline::Pipeline,
     privileges,
     probes::{self, Hook, KernelSupport, LoadOptions},
+    progstats::SkippedRuns,
     stats::{KernelCounts, Lost, Percentiles},
     tracefs,
 };
@@ -140,6 +141,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
             .take_map("COUNTERS")
             .context("COUNTERS map missing")?,
     )?;
+    let skipped = SkippedRuns::new(&loaded.ebpf);
     privileges::drop_all().context("dropping capabilities after attaching")?;
 
     let metrics = match settings.metrics {
@@ -180,7 +182,10 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         &mut pipeline,
         &output,
         ring,
-        &counters,
+        Kernel {
+            counters: &counters,
+            skipped: &skipped,
+        },
         capture,
         signals,
     )
@@ -220,7 +225,7 @@ async fn event_loop(
     pipeline: &mut Pipeline,
     output: &Output,
     ring: RingBuf<MapData>,
-    counters: &PerCpuArray<MapData, u64>,
+    kernel: Kernel<'_>,
     capture: Option<CaptureHandle>,
     mut signals: Signals,
 ) -> anyhow::Result<Stop> {
@@ -267,7 +272,7 @@ async fn event_loop(
                 drain_ring(ring.get_mut(), pipeline);
                 drain_packets(&mut packets, pipeline);
                 pipeline.poll(now_mono_ns(), output);
-                reporter.report(pipeline, output, counters, capture_stats.as_deref(), false);
+                reporter.report(pipeline, output, &kernel, capture_stats.as_deref(), false);
                 if last_clock.elapsed() >= CLOCK_REFRESH {
                     last_clock = Instant::now();
                     pipeline.clock = crate::clock::Clock::sample();
@@ -299,7 +304,7 @@ async fn event_loop(
         finish_joins(settings, pipeline, output, ring.get_mut(), &mut packets).await;
     }
     pipeline.flush(output);
-    reporter.report(pipeline, output, counters, capture_stats.as_deref(), true);
+    reporter.report(pipeline, output, &kernel, capture_stats.as_deref(), true);
     Ok(stop)
 }
 
@@ -350,6 +355,12 @@ async fn finish_joins(
     }
 }
 
+/// What the daemon reads of the kernel side's own accounting.
+struct Kernel<'a> {
+    counters: &'a PerCpuArray<MapData, u64>,
+    skipped: &'a SkippedRuns,
+}
+
 /// Turns counter increases into `lost` lines (output losses are reported by the writer).
 struct LossReporter {
     reported: Lost,
@@ -365,10 +376,11 @@ impl LossReporter {
         &mut self,
         pipeline: &mut Pipeline,
         output: &Output,
-        counters: &PerCpuArray<MapData, u64>,
+        kernel_side: &Kernel<'_>,
         capture: Option<&capture::CaptureStats>,
         last: bool,
     ) {
+        let counters = kernel_side.counters;
         let mut kernel = read_counters(counters);
         kernel.captured = capture.map_or(0, |c| c.captured.load(Ordering::Relaxed));
         pipeline.stats.kernel = kernel;
@@ -379,12 +391,14 @@ impl LossReporter {
             ringbuf: kernel_lost(counters),
             capture: capture_lost,
             output: output.state.dropped.load(Ordering::Relaxed),
+            hooks: kernel_side.skipped.total(),
         };
         let reported = &mut self.reported;
         for (source, total, seen) in [
             ("ringbuf", now.ringbuf, &mut reported.ringbuf),
             ("capture", now.capture, &mut reported.capture),
             ("output", now.output, &mut reported.output),
+            ("hooks", now.hooks, &mut reported.hooks),
         ] {
             if total <= *seen {
                 continue;

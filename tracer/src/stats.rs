@@ -71,6 +71,8 @@ pub struct Lost {
     pub ringbuf: u64,
     pub capture: u64,
     pub output: u64,
+    /// Program runs the kernel skipped: another BPF program was running on that CPU.
+    pub hooks: u64,
 }
 
 #[derive(Serialize)]

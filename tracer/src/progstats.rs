@@ -1,0 +1,64 @@
+//! Runs of the tracer's programs that the kernel skipped. A tracing program does not run while
+//! another BPF program is running on the same CPU (a softirq that changes a socket's state
+//! while a program was interrupted, say): the kernel counts each skipped run in the program's
+//! `recursion_misses` (5.12+) and the event is gone. Summed here, reported as a loss.
+
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd};
+
+use aya::Ebpf;
+use aya_obj::generated::bpf_prog_info;
+
+/// Duplicated descriptors of the loaded programs (they outlive the `Ebpf` handle's borrow).
+pub struct SkippedRuns {
+    programs: Vec<OwnedFd>,
+}
+
+impl SkippedRuns {
+    pub fn new(ebpf: &Ebpf) -> Self {
+        let programs = ebpf
+            .programs()
+            .filter_map(|(_, program)| program.fd().ok())
+            .filter_map(|fd| fd.as_fd().try_clone_to_owned().ok())
+            .collect();
+        Self { programs }
+    }
+
+    /// Skipped runs of all programs so far (0 where the kernel does not count them).
+    pub fn total(&self) -> u64 {
+        self.programs
+            .iter()
+            .filter_map(|fd| recursion_misses(fd.as_fd()))
+            .sum()
+    }
+}
+
+/// The `info` member of `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+struct InfoByFd {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+fn recursion_misses(fd: BorrowedFd<'_>) -> Option<u64> {
+    // SAFETY: bpf_prog_info is plain data; all-zero is valid.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<bpf_prog_info>() as u32,
+        info: &raw mut info as u64,
+    };
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`, which lives until the
+    // call returns; `attr` is the prefix of bpf_attr this command reads.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw const attr,
+            size_of::<InfoByFd>(),
+        )
+    };
+    (ret == 0).then_some(info.recursion_misses)
+}
