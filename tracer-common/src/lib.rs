@@ -147,6 +147,43 @@ pub struct ResetLayout {
     pub tuple: TupleLayout,
 }
 
+/// Where the fields the programs read sit in `struct sock`, from the kernel's BTF: what the
+/// raw tracepoint programs read instead of a tracepoint record. `NONE` where not found (then
+/// the classic tracepoints are used).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockLayout {
+    pub family: u16,
+    /// `inet_sport`: the local port, network order (what the tracepoint's record shows).
+    pub sport: u16,
+    /// `skc_dport`: the remote port, network order.
+    pub dport: u16,
+    /// `inet_saddr`: the local IPv4 address.
+    pub saddr: u16,
+    pub daddr: u16,
+    pub v6_rcv_saddr: u16,
+    pub v6_daddr: u16,
+    pub protocol: u16,
+    /// 1 or 2 bytes (a u8 bit-field before Linux 5.6, a u16 since).
+    pub protocol_size: u16,
+    pub _pad: u16,
+}
+
+impl SockLayout {
+    pub const NONE: Self = Self {
+        family: NONE,
+        sport: NONE,
+        dport: NONE,
+        saddr: NONE,
+        daddr: NONE,
+        v6_rcv_saddr: NONE,
+        v6_daddr: NONE,
+        protocol: NONE,
+        protocol_size: 0,
+        _pad: 0,
+    };
+}
+
 /// The most of a tracepoint record the programs copy at once; fields past it are read one by
 /// one.
 pub const RECORD_BYTES: usize = 128;
@@ -188,6 +225,8 @@ pub struct Config {
     /// and several times per connection, and comparing a few constants costs less than a hash
     /// lookup. All 0 with more processes: the PIDS map decides.
     pub inline_pids: [u32; INLINE_PIDS],
+    /// For the raw tracepoint programs (all NONE when they are not used).
+    pub sock: SockLayout,
 }
 
 /// How many traced pids `Config::inline_pids` holds.
@@ -222,6 +261,7 @@ impl Config {
             io_record_len: 0,
             wakeup_bytes: 0,
             inline_pids: [0; INLINE_PIDS],
+            sock: SockLayout::NONE,
         }
     }
 }
@@ -276,7 +316,10 @@ pub mod counter {
     pub const FILTERED: u32 = 2;
     /// Events written to the ring buffer.
     pub const EMITTED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Runs of a raw tracepoint program given up because programs were nested too deep on
+    /// one CPU (never expected; reported as lost with the kernel's own skipped runs).
+    pub const NESTED_TOO_DEEP: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Ring buffer size used unless the daemon overrides it (bytes, power of two).

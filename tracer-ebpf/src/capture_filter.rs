@@ -13,7 +13,10 @@ use aya_ebpf::{
 };
 use tracer_common::{AF_INET, AF_INET6, SockEvent, TupleKey};
 
-use crate::{emit::ports_pass, setting};
+use crate::{
+    emit::{SLOTS, ports_pass},
+    setting,
+};
 
 /// The 4-tuples of traced processes' connections, as their sockets see them (local first).
 /// LRU: entries are never removed one by one (late FINs and RSTs of a closed connection must
@@ -30,19 +33,19 @@ const TCP_FIN_OR_RST: u8 = 0x01 | 0x04;
 /// bpf_skb_load_bytes_relative: offsets from the network header, whatever the link layer.
 const BPF_HDR_START_NET: u32 = 1;
 
-/// Where `watch` builds its key: a per-CPU slot, not the stack, which every program that emits
-/// already fills nearly to the 512-byte limit.
+/// Where `watch` builds its key: a per-CPU slot per nesting level (see `emit::CLASSIC_SLOT`),
+/// not the stack, which every program that emits already fills well past half.
 #[map]
-static KEY_SCRATCH: PerCpuArray<TupleKey> = PerCpuArray::with_max_entries(1, 0);
+static KEY_SCRATCH: PerCpuArray<TupleKey> = PerCpuArray::with_max_entries(SLOTS, 0);
 
 /// Marks a traced connection's packets for the capture (with `--pid` only). An IPv4-mapped IPv6
 /// address (a dual-stack socket talking IPv4) is written as IPv4: that is what its packets carry.
 #[inline(always)]
-pub fn watch(ev: &SockEvent) {
+pub fn watch(ev: &SockEvent, slot: u32) {
     if setting!(filter_pids) == 0 || ev.family == 0 || ev.lport == 0 {
         return;
     }
-    if let Some(key) = wire_key(ev) {
+    if let Some(key) = wire_key(ev, slot) {
         let _ = WATCHED.insert(&*key, &1, 0);
     }
 }
@@ -51,8 +54,8 @@ pub fn watch(ev: &SockEvent) {
 /// reset sent by a time-wait socket or for no socket has no owner in the kernel, yet it may
 /// answer a traced connection.
 #[inline(always)]
-pub fn is_watched(ev: &SockEvent) -> bool {
-    let Some(key) = wire_key(ev) else {
+pub fn is_watched(ev: &SockEvent, slot: u32) -> bool {
+    let Some(key) = wire_key(ev, slot) else {
         return false;
     };
     // SAFETY: presence checks only.
@@ -67,9 +70,9 @@ pub fn is_watched(ev: &SockEvent) -> bool {
 
 /// The event's 4-tuple as its packets carry it, in this CPU's key slot.
 #[inline(always)]
-fn wire_key(ev: &SockEvent) -> Option<&'static mut TupleKey> {
-    let key = KEY_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's slot, used only until this program returns.
+fn wire_key(ev: &SockEvent, slot: u32) -> Option<&'static mut TupleKey> {
+    let key = KEY_SCRATCH.get_ptr_mut(slot)?;
+    // SAFETY: this CPU's slot for this nesting level, used only until the program returns.
     let key = unsafe { &mut *key };
     key.lport = ev.lport;
     key.rport = ev.rport;

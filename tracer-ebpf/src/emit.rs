@@ -99,12 +99,12 @@ fn in_inline_pids(pid: u32) -> bool {
 /// Filters, then writes the event into the ring buffer; a full ring buffer is counted, never
 /// silent.
 #[inline(always)]
-pub fn submit(event: &SockEvent) {
+pub fn submit(event: &SockEvent, slot: u32) {
     if !ports_pass(event.lport, event.rport) || !pid_passes(event.pid) {
         count(counter::FILTERED);
         return;
     }
-    crate::capture_filter::watch(event);
+    crate::capture_filter::watch(event, slot);
     write_event(event);
 }
 
@@ -201,17 +201,51 @@ impl<'a> Record<'a> {
     }
 }
 
-/// Per-CPU room for the event set_state builds, off its 512-byte stack (on 6.1 the verifier
-/// counts a program's stack plus that of the memset it calls; set_state was over). Safe to share
-/// per CPU: the kernel never nests tracepoint or kprobe programs on one CPU (bpf_prog_active).
-#[map]
-static EVENT_SCRATCH: PerCpuArray<SockEvent> = PerCpuArray::with_max_entries(1, 0);
+/// Which of a CPU's scratch slots a running program uses. The kernel never runs two classic
+/// tracepoint (or kprobe) programs at once on one CPU (bpf_prog_active), so they share slot 0.
+/// Raw tracepoint programs are outside that rule: one can interrupt a classic program, or
+/// another raw one (a softirq on top of a task), so each takes the slot of its nesting depth.
+pub const CLASSIC_SLOT: u32 = 0;
+pub const SLOTS: u32 = 4;
 
-/// This CPU's scratch event, reset to `empty_event()`'s values in place.
+/// How deep raw tracepoint programs are nested on this CPU right now.
+#[map]
+static RAW_DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Enters a raw tracepoint program: its scratch slot, or None (counted) when nested too deep.
 #[inline(always)]
-pub fn scratch_event() -> Option<&'static mut SockEvent> {
-    let ptr = EVENT_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's slot, used by one program at a time (see EVENT_SCRATCH).
+pub fn enter_raw() -> Option<u32> {
+    let depth = RAW_DEPTH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's counter; a program that interrupts us restores it before we resume.
+    let slot = unsafe { *depth } + 1;
+    if slot >= SLOTS {
+        count(counter::NESTED_TOO_DEEP);
+        return None;
+    }
+    // SAFETY: as above.
+    unsafe { *depth = slot };
+    Some(slot)
+}
+
+/// Leaves a raw tracepoint program entered with `enter_raw`.
+#[inline(always)]
+pub fn leave_raw(slot: u32) {
+    if let Some(depth) = RAW_DEPTH.get_ptr_mut(0) {
+        // SAFETY: as in `enter_raw`.
+        unsafe { *depth = slot - 1 };
+    }
+}
+
+/// Per-CPU room for the event set_state builds, off its 512-byte stack (on 6.1 the verifier
+/// counts a program's stack plus that of any subprogram it calls), one per slot.
+#[map]
+static EVENT_SCRATCH: PerCpuArray<SockEvent> = PerCpuArray::with_max_entries(SLOTS, 0);
+
+/// This CPU's scratch event for `slot`, reset to `empty_event()`'s values in place.
+#[inline(always)]
+pub fn scratch_event(slot: u32) -> Option<&'static mut SockEvent> {
+    let ptr = EVENT_SCRATCH.get_ptr_mut(slot)?;
+    // SAFETY: this CPU's slot for this nesting level (see CLASSIC_SLOT).
     let ev = unsafe { &mut *ptr };
     // SAFETY: SockEvent is plain data; all-zero is a valid value.
     unsafe { core::ptr::write_bytes(ptr, 0, 1) };

@@ -14,7 +14,7 @@ use tracer_common::{
 use crate::{
     calls::call_acting_on,
     capture_filter::is_watched,
-    emit::{Record, count, empty_event, noop, submit, submit_unowned},
+    emit::{CLASSIC_SLOT, Record, count, empty_event, noop, submit, submit_unowned},
     owners::{SOCKS, current, fill_owner, keep_unowned, lookup_or_create, may_concern_traced},
     setting,
     state::{family_and_port, read_tuple},
@@ -89,7 +89,7 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
         .unwrap_or(-1);
     attribute_reset(sk, state, &mut ev);
     if setting!(filter_pids) != 0 && unowned && ev.pid == 0 {
-        if is_watched(&ev) {
+        if is_watched(&ev, CLASSIC_SLOT) {
             // The daemon attributes it to the traced connection with these addresses.
             submit_unowned(&ev);
         } else {
@@ -97,7 +97,7 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
         }
         return 0;
     }
-    submit(&ev);
+    submit(&ev, CLASSIC_SLOT);
     0
 }
 
@@ -202,6 +202,6 @@ pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
         ev.syscall = call.kind;
         ev.fd = call.fd;
     }
-    submit(&ev);
+    submit(&ev, CLASSIC_SLOT);
     0
 }

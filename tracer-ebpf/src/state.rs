@@ -2,19 +2,22 @@
 //! is it known whether the owner was inside a close call.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, generated::bpf_ktime_get_ns},
-    macros::tracepoint,
-    programs::TracePointContext,
+    helpers::{bpf_get_current_comm, bpf_probe_read_kernel, generated::bpf_ktime_get_ns},
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    AF_INET, AF_INET6, EventKind, IPPROTO_TCP, SeedOwner, SockEvent, TupleLayout, counter,
-    owner_source, syscall, tcp_state::*,
+    AF_INET, AF_INET6, EventKind, IPPROTO_TCP, NONE, SeedOwner, SockEvent, SockLayout, TupleLayout,
+    counter, owner_source, syscall, tcp_state::*,
 };
 
 use crate::{
     calls::call_acting_on,
     capture_filter::watch,
-    emit::{Record, count, noop, pid_passes, ports_pass, scratch_event, submit},
+    emit::{
+        CLASSIC_SLOT, Record, count, enter_raw, leave_raw, noop, pid_passes, ports_pass,
+        scratch_event, submit,
+    },
     owners::{
         Current, LISTENERS, SOCKS, SockInfo, claim, current, fill_owner, keep_unowned,
         listener_key, lookup_or_create, may_concern_traced, note_ports, remember_listener,
@@ -27,8 +30,127 @@ pub fn set_state(ctx: TracePointContext) -> u32 {
     if noop() {
         return 0;
     }
-    let _ = handle(&ctx);
+    let _ = from_record(&ctx);
     0
+}
+
+/// The same tracepoint as a raw tracepoint, where the kernel's BTF gave `struct sock`'s
+/// offsets: no record is built for the program, and the socket and both states arrive as
+/// arguments, so most transitions (the handshake) cost no memory read at all.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn set_state_raw(ctx: RawTracePointContext) -> u32 {
+    if noop() {
+        return 0;
+    }
+    let Some(slot) = enter_raw() else {
+        return 0;
+    };
+    // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
+    let sk: u64 = ctx.arg(0);
+    let old: u64 = ctx.arg(1);
+    let new: u64 = ctx.arg(2);
+    let _ = handle(&SockFields { sk }, sk, old as u8, new as u8, slot);
+    leave_raw(slot);
+    0
+}
+
+#[inline(always)]
+fn from_record(ctx: &TracePointContext) -> Option<()> {
+    let layout: TupleLayout = setting!(set_state);
+    let rec = Record::copy(ctx, layout.record_len)?;
+    let sk: u64 = rec.get(layout.skaddr)?;
+    let old = rec.get::<i32>(layout.oldstate)? as u8;
+    let new = rec.get::<i32>(layout.newstate)? as u8;
+    let fields = RecordFields {
+        rec: &rec,
+        layout: &layout,
+    };
+    handle(&fields, sk, old, new, CLASSIC_SLOT)
+}
+
+/// Where a transition's protocol, family, ports and addresses are read from.
+pub trait TupleSource {
+    /// None when this kernel does not say (the old tracepoint had no protocol field).
+    fn protocol(&self) -> Option<u16>;
+    fn family_and_port(&self) -> Option<(u16, u16)>;
+    fn read_tuple(&self, ev: &mut SockEvent) -> Option<()>;
+}
+
+/// A classic tracepoint's record, with the layout from its format file.
+pub struct RecordFields<'a> {
+    pub rec: &'a Record<'a>,
+    pub layout: &'a TupleLayout,
+}
+
+impl TupleSource for RecordFields<'_> {
+    #[inline(always)]
+    fn protocol(&self) -> Option<u16> {
+        self.rec.get(self.layout.protocol)
+    }
+
+    #[inline(always)]
+    fn family_and_port(&self) -> Option<(u16, u16)> {
+        family_and_port(self.rec, self.layout)
+    }
+
+    #[inline(always)]
+    fn read_tuple(&self, ev: &mut SockEvent) -> Option<()> {
+        read_tuple(self.rec, self.layout, ev)
+    }
+}
+
+/// The socket itself, at the offsets the kernel's BTF gave (`Config::sock`).
+pub struct SockFields {
+    pub sk: u64,
+}
+
+impl SockFields {
+    #[inline(always)]
+    fn read<T>(&self, offset: u16) -> Option<T> {
+        if offset == NONE {
+            return None;
+        }
+        // SAFETY: bpf_probe_read_kernel checks the access; the offset comes from the BTF.
+        unsafe { bpf_probe_read_kernel((self.sk + offset as u64) as *const T).ok() }
+    }
+}
+
+impl TupleSource for SockFields {
+    #[inline(always)]
+    fn protocol(&self) -> Option<u16> {
+        let layout: SockLayout = setting!(sock);
+        if layout.protocol_size == 1 {
+            self.read::<u8>(layout.protocol).map(u16::from)
+        } else {
+            self.read::<u16>(layout.protocol)
+        }
+    }
+
+    #[inline(always)]
+    fn family_and_port(&self) -> Option<(u16, u16)> {
+        let port: u16 = self.read(setting!(sock.sport))?;
+        Some((self.read(setting!(sock.family))?, u16::from_be(port)))
+    }
+
+    #[inline(always)]
+    fn read_tuple(&self, ev: &mut SockEvent) -> Option<()> {
+        let layout: SockLayout = setting!(sock);
+        ev.family = self.read(layout.family)?;
+        ev.lport = u16::from_be(self.read(layout.sport)?);
+        ev.rport = u16::from_be(self.read(layout.dport)?);
+        if ev.family == AF_INET {
+            let l: [u8; 4] = self.read(layout.saddr)?;
+            let r: [u8; 4] = self.read(layout.daddr)?;
+            ev.laddr[..4].copy_from_slice(&l);
+            ev.raddr[..4].copy_from_slice(&r);
+        } else if ev.family == AF_INET6 {
+            ev.laddr = self.read(layout.v6_rcv_saddr)?;
+            ev.raddr = self.read(layout.v6_daddr)?;
+        } else {
+            return None;
+        }
+        Some(())
+    }
 }
 
 /// Reads family, ports and addresses with the layout found in the format file.
@@ -57,7 +179,7 @@ pub fn read_tuple(rec: &Record, layout: &TupleLayout, ev: &mut SockEvent) -> Opt
 /// its listener names the owner. (Looked up, not created: a second inlined lookup_or_create
 /// put set_state over the 512-byte stack on 6.1.)
 #[inline(always)]
-fn watch_if_traced(sk: u64, ev: &SockEvent) {
+fn watch_if_traced(sk: u64, ev: &SockEvent, slot: u32) {
     // SAFETY: values copied out at once.
     let owner = unsafe {
         SOCKS.get(sk).map(|info| info.pid).or_else(|| {
@@ -67,7 +189,7 @@ fn watch_if_traced(sk: u64, ev: &SockEvent) {
         })
     };
     if owner.is_some_and(pid_passes) {
-        watch(ev);
+        watch(ev, slot);
     }
 }
 
@@ -98,18 +220,7 @@ fn is_fin_received(old: u8, new: u8) -> bool {
 }
 
 #[inline(always)]
-fn handle(ctx: &TracePointContext) -> Option<()> {
-    let layout: TupleLayout = setting!(set_state);
-    let layout = &layout;
-    let rec = &Record::copy(ctx, layout.record_len)?;
-    if let Some(protocol) = rec.get::<u16>(layout.protocol) {
-        if protocol != IPPROTO_TCP {
-            return None;
-        }
-    }
-    let sk: u64 = rec.get(layout.skaddr)?;
-    let old = rec.get::<i32>(layout.oldstate)? as u8;
-    let new = rec.get::<i32>(layout.newstate)? as u8;
+fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Option<()> {
     // Most transitions are the handshake; unless they are shown, or connect()/listen() must
     // record an owner (with --pid only a traced task's), they need nothing more: return before
     // reading the tuple.
@@ -120,14 +231,18 @@ fn handle(ctx: &TracePointContext) -> Option<()> {
     if is_handshake(new) && !records_owner && !watches && setting!(all_states) == 0 {
         return None;
     }
-    if !may_concern_traced(sk, &cur, || family_and_port(rec, layout)) {
+    // inet_sock_set_state also fires for SCTP and MPTCP sockets.
+    if src.protocol().is_some_and(|p| p != IPPROTO_TCP) {
+        return None;
+    }
+    if !may_concern_traced(sk, &cur, || src.family_and_port()) {
         if !is_handshake(new) {
             count(counter::FILTERED);
         }
         return None;
     }
-    let ev = scratch_event()?;
-    read_tuple(rec, layout, ev)?;
+    let ev = scratch_event(slot)?;
+    src.read_tuple(ev)?;
     if !ports_pass(ev.lport, ev.rport) {
         return None; // cheapest exit for unrelated ports: no table work at all
     }
@@ -139,7 +254,7 @@ fn handle(ctx: &TracePointContext) -> Option<()> {
     if is_handshake(new) {
         remember_process_context_owner(sk, old, new, ev, &cur);
         if watches {
-            watch_if_traced(sk, ev);
+            watch_if_traced(sk, ev, slot);
         }
         if setting!(all_states) == 0 {
             return None;
@@ -164,7 +279,7 @@ fn handle(ctx: &TracePointContext) -> Option<()> {
     let kind = classify(sk, old, new, info, &cur, ev)?;
     ev.kind = kind as u8;
     fill_owner(ev, info);
-    submit(ev);
+    submit(ev, slot);
     Some(())
 }
 

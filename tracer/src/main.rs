@@ -1,6 +1,7 @@
 //! tracer: explains how TCP connections end. Parse, build the settings, run, map errors to the
 //! contract's exit codes (0 normal stop, 1 runtime failure, 2 bad usage or input).
 
+mod btf;
 mod capture;
 mod check;
 mod cli;

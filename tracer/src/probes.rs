@@ -7,11 +7,12 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::HashMap as BpfHashMap,
-    programs::{KProbe, SocketFilter, TracePoint},
+    programs::{KProbe, RawTracePoint, SocketFilter, TracePoint},
 };
-use tracer_common::Config;
+use tracer_common::{Config, SockLayout};
 
 use crate::{
+    btf,
     kernel::ResetReasons,
     tracefs::{self, Format},
 };
@@ -68,6 +69,10 @@ pub enum Attach {
     Kprobe {
         function: &'static str,
     },
+    /// The same tracepoint without its record: the program gets the tracepoint's arguments.
+    RawTracepoint {
+        name: &'static str,
+    },
 }
 
 /// One hook: a program of the eBPF object and where it goes.
@@ -86,6 +91,7 @@ impl Hook {
         match &self.attach {
             Attach::Tracepoint { group, name } => format!("tracepoint:{group}:{name}"),
             Attach::Kprobe { function } => format!("kprobe:{function}"),
+            Attach::RawTracepoint { name } => format!("raw_tracepoint:{name}"),
         }
     }
 }
@@ -186,6 +192,21 @@ pub const TRACEPOINT_HOOKS: &[Hook] = &[
     ),
 ];
 
+/// Raw tracepoint versions of classic hooks, used instead of them where the kernel's BTF gives
+/// `struct sock`'s offsets (not with `--probes tracepoint`): the hook `program` replaces the
+/// classic program named first.
+pub const RAW_HOOKS: &[(&str, Hook)] = &[(
+    "set_state",
+    Hook {
+        program: "set_state_raw",
+        attach: Attach::RawTracepoint {
+            name: "inet_sock_set_state",
+        },
+        required: true,
+        without: "no TCP state changes",
+    },
+)];
+
 /// The kprobes, used on kernels that have them.
 pub const KPROBE_HOOKS: &[Hook] = &[
     Hook {
@@ -211,6 +232,8 @@ pub const KPROBE_HOOKS: &[Hook] = &[
 pub struct KernelSupport {
     pub release: String,
     pub btf: bool,
+    /// `struct sock` offsets from the kernel's BTF, or why there are none.
+    pub sock: Result<SockLayout, String>,
     pub kprobes: bool,
     pub formats: Formats,
 }
@@ -241,7 +264,8 @@ impl KernelSupport {
             release: fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
-            btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
+            btf: Path::new(btf::VMLINUX).exists(),
+            sock: btf::sock_layout(Path::new(btf::VMLINUX)).map_err(|e| format!("{e:#}")),
             kprobes: kprobes_available(),
             formats,
         })
@@ -256,12 +280,28 @@ impl KernelSupport {
                 .iter()
                 .any(|p| *p == format!("{group}:{name}")),
             Attach::Kprobe { function } => self.kprobes && kernel_has_symbol(function),
+            // A raw tracepoint exists wherever the classic one does; its programs need the
+            // socket's layout.
+            Attach::RawTracepoint { name } => {
+                self.sock.is_ok() && self.formats.present.iter().any(|p| p.ends_with(name))
+            }
         }
     }
 
-    /// The hooks to attach for a probe set, and the ones this kernel lacks.
-    pub fn plan(&self, set: ProbeSet) -> anyhow::Result<(Vec<Hook>, Vec<Hook>)> {
-        let mut wanted: Vec<Hook> = TRACEPOINT_HOOKS.to_vec();
+    /// The hooks to attach for a probe set, and the ones this kernel lacks. With `raw`, the
+    /// raw tracepoint versions replace their classic hooks where this kernel allows them.
+    pub fn plan(&self, set: ProbeSet, raw: bool) -> anyhow::Result<(Vec<Hook>, Vec<Hook>)> {
+        let mut wanted: Vec<Hook> = TRACEPOINT_HOOKS
+            .iter()
+            .map(|hook| {
+                RAW_HOOKS
+                    .iter()
+                    .find(|(classic, raw_hook)| {
+                        raw && *classic == hook.program && self.has(raw_hook)
+                    })
+                    .map_or_else(|| hook.clone(), |(_, raw_hook)| raw_hook.clone())
+            })
+            .collect();
         if set == ProbeSet::TracepointsAndKprobes {
             // tcp_send_active_reset() has called trace_tcp_send_reset(sk, NULL) since long
             // before 6.10 (seen on Debian's 6.1 in the VM suite): where the tracepoint exists,
@@ -477,6 +517,14 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<()> {
             }
             kp.attach(function, 0)?;
         }
+        Attach::RawTracepoint { name } => {
+            let tp: &mut RawTracePoint = program.try_into()?;
+            if tp.fd().is_err() {
+                tp.load()
+                    .map_err(|e| anyhow::anyhow!(explain_verifier(e)))?;
+            }
+            tp.attach(name)?;
+        }
     }
     Ok(())
 }
@@ -540,6 +588,7 @@ mod tests {
         KernelSupport {
             release: "test".into(),
             btf: true,
+            sock: Err("not read in tests".into()),
             kprobes: false,
             formats: Formats {
                 present: present.iter().map(|s| s.to_string()).collect(),
@@ -551,7 +600,7 @@ mod tests {
     #[test]
     fn plan_reports_missing_optional_hooks_and_refuses_without_set_state() {
         let support = support_with(&["sock:inet_sock_set_state", "tcp:tcp_send_reset"]);
-        let (present, missing) = support.plan(ProbeSet::Tracepoints).unwrap();
+        let (present, missing) = support.plan(ProbeSet::Tracepoints, false).unwrap();
         let names: Vec<String> = present.iter().map(Hook::name).collect();
         assert_eq!(
             names,
@@ -567,7 +616,7 @@ mod tests {
         );
         assert!(
             support_with(&["tcp:tcp_send_reset"])
-                .plan(ProbeSet::Tracepoints)
+                .plan(ProbeSet::Tracepoints, false)
                 .is_err()
         );
     }
@@ -596,6 +645,22 @@ mod tests {
         assert!(formats.reset_reasons().is_empty());
     }
 
+    /// The raw tracepoint replaces the classic set_state hook only when asked for and when the
+    /// kernel's BTF gave the socket's layout; `--probes tracepoint` keeps the classic one.
+    #[test]
+    fn the_raw_set_state_hook_needs_the_sock_layout_and_is_not_forced() {
+        let mut support = support_with(&["sock:inet_sock_set_state"]);
+        let first =
+            |s: &KernelSupport, raw: bool| s.plan(ProbeSet::Tracepoints, raw).unwrap().0[0].name();
+        assert_eq!(first(&support, true), "tracepoint:sock:inet_sock_set_state");
+        support.sock = Ok(SockLayout::NONE);
+        assert_eq!(first(&support, true), "raw_tracepoint:inet_sock_set_state");
+        assert_eq!(
+            first(&support, false),
+            "tracepoint:sock:inet_sock_set_state"
+        );
+    }
+
     /// 6.1's tcp_send_reset tracepoint fires for active resets too (seen in the VM suite): where
     /// it exists, the tcp_send_active_reset kprobe would report each of them a second time.
     #[test]
@@ -611,7 +676,7 @@ mod tests {
                     .unwrap(),
                 );
             }
-            let (present, missing) = support.plan(ProbeSet::TracepointsAndKprobes).unwrap();
+            let (present, missing) = support.plan(ProbeSet::TracepointsAndKprobes, true).unwrap();
             present
                 .iter()
                 .chain(&missing)

@@ -78,8 +78,17 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     let tracefs = tracefs::ensure_mounted()?;
     let support = KernelSupport::detect(Some(&tracefs))?;
     let set = probes::choose(settings.probes, support.kprobes)?;
-    let (hooks, missing) = support.plan(set)?;
+    let raw = settings.probes != probes::ProbeMode::Tracepoint;
+    let (hooks, missing) = support.plan(set, raw)?;
     let mut config = support.formats.config()?;
+    match &support.sock {
+        Ok(layout) => config.sock = *layout,
+        Err(why) if raw => eprintln!(
+            "tracer: the kernel's BTF gave no struct sock layout ({why}): using the classic \
+             inet_sock_set_state tracepoint (it costs more per event)"
+        ),
+        Err(_) => {}
+    }
     config.filter_pids = u8::from(!settings.pids.is_empty());
     if settings.pids.len() <= config.inline_pids.len() {
         config.inline_pids[..settings.pids.len()].copy_from_slice(&settings.pids);
@@ -391,7 +400,7 @@ impl LossReporter {
             ringbuf: kernel_lost(counters),
             capture: capture_lost,
             output: output.state.dropped.load(Ordering::Relaxed),
-            hooks: kernel_side.skipped.total(),
+            hooks: kernel_side.skipped.total() + sum_counter(counters, counter::NESTED_TOO_DEEP),
         };
         let reported = &mut self.reported;
         for (source, total, seen) in [

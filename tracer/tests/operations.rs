@@ -111,10 +111,26 @@ fn check_reports_what_auto_would_attach() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["can_trace"], true);
     let attach = report["would_attach"].as_array().unwrap();
+    // As a raw tracepoint where the kernel's BTF describes struct sock (it does here when
+    // /sys/kernel/btf/vmlinux exists), else the classic one.
+    let set_state = if std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        "raw_tracepoint:inet_sock_set_state"
+    } else {
+        "tracepoint:sock:inet_sock_set_state"
+    };
+    assert!(attach.iter().any(|p| p == set_state), "{attach:?}");
+    let out = Command::new(TRACER)
+        .args(["check", "--json", "--probes", "tracepoint"])
+        .output()
+        .unwrap();
+    let classic: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
-        attach
+        classic["would_attach"]
+            .as_array()
+            .unwrap()
             .iter()
-            .any(|p| p == "tracepoint:sock:inet_sock_set_state")
+            .any(|p| p == "tracepoint:sock:inet_sock_set_state"),
+        "--probes tracepoint keeps the classic tracepoint: {classic}"
     );
     if report["kprobes"] == false {
         assert!(

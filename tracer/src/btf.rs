@@ -1,0 +1,367 @@
+//! `struct sock` (and `inet_sock`) member offsets from the kernel's BTF (`/sys/kernel/btf/vmlinux`), for the raw
+//! tracepoint programs, which get a `struct sock *` instead of a tracepoint record.
+//!
+//! aya can parse the whole BTF, but that costs tens of MB of memory for a handful of numbers
+//! (the reason the loader runs with `.btf(None)`). This reads the file in two streaming passes
+//! with a small buffer: the string section, to learn where the few names we need are, then the
+//! type section, keeping only where each type starts. Members of anonymous unions and structs
+//! (the ports and addresses of `struct sock_common` live in those) are followed from there.
+
+use std::{
+    fs::File,
+    io::{BufReader, Read, Seek, SeekFrom},
+    os::unix::fs::FileExt as _,
+    path::Path,
+};
+
+use anyhow::{Context as _, bail};
+use tracer_common::SockLayout;
+
+pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+const MAGIC: u16 = 0xeb9f;
+const KIND_INT: u32 = 1;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_TYPE_TAG: u32 = 18;
+
+/// The names looked up: the two structs, then the members (index into `Names::offsets`).
+const NAMES: &[&str] = &[
+    "sock",
+    "sock_common",
+    "inet_sock",
+    "__sk_common",
+    "sk",
+    "inet_sport",
+    "inet_saddr",
+    "skc_family",
+    "skc_dport",
+    "skc_daddr",
+    "skc_v6_rcv_saddr",
+    "skc_v6_daddr",
+    "sk_protocol",
+];
+
+/// Reads the offsets of the fields the programs need.
+pub fn sock_layout(path: &Path) -> anyhow::Result<SockLayout> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let btf = Btf::index(file).with_context(|| format!("reading {}", path.display()))?;
+    btf.sock_layout()
+}
+
+/// Where each type starts in the file, and the string offsets of `NAMES`.
+struct Btf {
+    file: File,
+    /// Byte offset of type id `i` (index 0 is the void type and unused).
+    type_at: Vec<u64>,
+    names: [Option<u32>; NAMES.len()],
+    sock: Option<u32>,
+    sock_common: Option<u32>,
+    inet_sock: Option<u32>,
+}
+
+/// One member of a struct or union.
+#[derive(Clone, Copy, Debug)]
+struct Member {
+    name_off: u32,
+    type_id: u32,
+    bit_offset: u32,
+    /// Non-zero for a bit-field.
+    bit_size: u32,
+}
+
+impl Btf {
+    fn index(mut file: File) -> anyhow::Result<Self> {
+        let mut header = [0u8; 24];
+        file.read_exact(&mut header)?;
+        let u32_at = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().unwrap());
+        if u16::from_le_bytes([header[0], header[1]]) != MAGIC {
+            bail!("not BTF (bad magic; big-endian BTF is not supported)");
+        }
+        let hdr_len = u64::from(u32_at(4));
+        let (type_off, type_len) = (u64::from(u32_at(8)), u64::from(u32_at(12)));
+        let (str_off, str_len) = (u64::from(u32_at(16)), u64::from(u32_at(20)));
+        let names = find_names(&file, hdr_len + str_off, str_len)?;
+        let mut btf = Self {
+            file,
+            type_at: vec![0],
+            names,
+            sock: None,
+            sock_common: None,
+            inet_sock: None,
+        };
+        btf.index_types(hdr_len + type_off, type_len)?;
+        Ok(btf)
+    }
+
+    /// One pass over the type section: where each type starts, and which ids are the structs.
+    fn index_types(&mut self, start: u64, len: u64) -> anyhow::Result<()> {
+        let mut file = &self.file;
+        file.seek(SeekFrom::Start(start))?;
+        let mut reader = BufReader::with_capacity(64 * 1024, file.take(len));
+        let mut at = start;
+        let mut head = [0u8; 12];
+        while at < start + len {
+            reader.read_exact(&mut head)?;
+            let name_off = u32::from_le_bytes(head[0..4].try_into().unwrap());
+            let info = u32::from_le_bytes(head[4..8].try_into().unwrap());
+            let kind = (info >> 24) & 0x1f;
+            let vlen = u64::from(info & 0xffff);
+            let extra = extra_bytes(kind, vlen)
+                .with_context(|| format!("unknown BTF kind {kind} at offset {at}"))?;
+            let id = self.type_at.len() as u32;
+            if kind == KIND_STRUCT {
+                if Some(name_off) == self.names[0] {
+                    self.sock = Some(id);
+                } else if Some(name_off) == self.names[1] {
+                    self.sock_common = Some(id);
+                } else if Some(name_off) == self.names[2] {
+                    self.inet_sock = Some(id);
+                }
+            }
+            self.type_at.push(at);
+            std::io::copy(&mut (&mut reader).take(extra), &mut std::io::sink())?;
+            at += 12 + extra;
+        }
+        Ok(())
+    }
+
+    fn sock_layout(&self) -> anyhow::Result<SockLayout> {
+        let sock = self.sock.context("no struct sock")?;
+        let common = self.sock_common.context("no struct sock_common")?;
+        let inet = self.inet_sock.context("no struct inet_sock")?;
+        // All three start at the socket's address: offsets in any of them are offsets from sk.
+        for (outer, member, inner, what) in [
+            (
+                sock,
+                "__sk_common",
+                common,
+                "struct sock does not start with its sock_common",
+            ),
+            (
+                inet,
+                "sk",
+                sock,
+                "struct inet_sock does not start with its sock",
+            ),
+        ] {
+            let m = self.find(outer, self.name(member))?.context(what)?;
+            if m.type_id != inner || m.bit_offset != 0 {
+                bail!("{what}");
+            }
+        }
+        let byte_offset = |within: u32, name: &str| -> anyhow::Result<u16> {
+            let m = self
+                .find(within, self.name(name))?
+                .with_context(|| format!("no member {name}"))?;
+            if m.bit_offset % 8 != 0 || m.bit_size != 0 {
+                bail!("{name} is not byte-aligned");
+            }
+            Ok((m.bit_offset / 8) as u16)
+        };
+        let protocol = self
+            .find(sock, self.name("sk_protocol"))?
+            .context("struct sock has no sk_protocol")?;
+        let protocol_size = match protocol.bit_size {
+            0 => self.int_size(protocol.type_id)?,
+            bits => bits / 8,
+        };
+        if protocol.bit_offset % 8 != 0 || !matches!(protocol_size, 1 | 2) {
+            bail!("sk_protocol is neither a byte nor a u16");
+        }
+        // The fields inet_sock_set_state's own record is filled from (skc_num and
+        // skc_rcv_saddr would not do: a socket's port is released, num set to 0, just before
+        // its move to CLOSE).
+        Ok(SockLayout {
+            family: byte_offset(common, "skc_family")?,
+            sport: byte_offset(inet, "inet_sport")?,
+            dport: byte_offset(common, "skc_dport")?,
+            saddr: byte_offset(inet, "inet_saddr")?,
+            daddr: byte_offset(common, "skc_daddr")?,
+            v6_rcv_saddr: byte_offset(common, "skc_v6_rcv_saddr")?,
+            v6_daddr: byte_offset(common, "skc_v6_daddr")?,
+            protocol: (protocol.bit_offset / 8) as u16,
+            protocol_size: protocol_size as u16,
+            _pad: 0,
+        })
+    }
+
+    fn name(&self, name: &str) -> Option<u32> {
+        NAMES
+            .iter()
+            .position(|n| *n == name)
+            .and_then(|i| self.names[i])
+    }
+
+    /// The member called `name` of a struct or union, looking inside anonymous members, with
+    /// its offset from the start of `type_id`.
+    fn find(&self, type_id: u32, name: Option<u32>) -> anyhow::Result<Option<Member>> {
+        let Some(name) = name else {
+            return Ok(None);
+        };
+        for m in self.members(type_id)? {
+            if m.name_off == name {
+                return Ok(Some(m));
+            }
+            if m.name_off == 0
+                && let Some(inner) = self.find(m.type_id, Some(name))?
+            {
+                return Ok(Some(Member {
+                    bit_offset: m.bit_offset + inner.bit_offset,
+                    ..inner
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    fn members(&self, type_id: u32) -> anyhow::Result<Vec<Member>> {
+        let (kind, kind_flag, vlen, _) = self.head(type_id)?;
+        if kind != KIND_STRUCT && kind != KIND_UNION {
+            return Ok(Vec::new());
+        }
+        let mut raw = vec![0u8; vlen as usize * 12];
+        self.file.read_exact_at(&mut raw, self.at(type_id)? + 12)?;
+        Ok(raw
+            .chunks_exact(12)
+            .map(|c| {
+                let word = |i: usize| u32::from_le_bytes(c[i..i + 4].try_into().unwrap());
+                let offset = word(8);
+                let (bit_offset, bit_size) = if kind_flag {
+                    (offset & 0x00ff_ffff, offset >> 24)
+                } else {
+                    (offset, 0)
+                };
+                Member {
+                    name_off: word(0),
+                    type_id: word(4),
+                    bit_offset,
+                    bit_size,
+                }
+            })
+            .collect())
+    }
+
+    /// Size in bytes of an integer type, through typedefs and qualifiers.
+    fn int_size(&self, mut type_id: u32) -> anyhow::Result<u32> {
+        for _ in 0..16 {
+            let (kind, _, _, size_or_type) = self.head(type_id)?;
+            match kind {
+                KIND_INT => return Ok(size_or_type),
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    type_id = size_or_type
+                }
+                _ => bail!("type {type_id} is not an integer"),
+            }
+        }
+        bail!("type chain too long at {type_id}")
+    }
+
+    /// Kind, kind flag, vlen and the size-or-type word of a type.
+    fn head(&self, type_id: u32) -> anyhow::Result<(u32, bool, u32, u32)> {
+        let mut head = [0u8; 12];
+        self.file.read_exact_at(&mut head, self.at(type_id)?)?;
+        let info = u32::from_le_bytes(head[4..8].try_into().unwrap());
+        Ok((
+            (info >> 24) & 0x1f,
+            info >> 31 == 1,
+            info & 0xffff,
+            u32::from_le_bytes(head[8..12].try_into().unwrap()),
+        ))
+    }
+
+    fn at(&self, type_id: u32) -> anyhow::Result<u64> {
+        self.type_at
+            .get(type_id as usize)
+            .copied()
+            .filter(|_| type_id != 0)
+            .with_context(|| format!("no BTF type {type_id}"))
+    }
+}
+
+/// Bytes that follow a type's 12-byte header, by kind (linux/btf.h).
+fn extra_bytes(kind: u32, vlen: u64) -> Option<u64> {
+    Some(match kind {
+        1 => 4,               // INT
+        2 | 7 | 16 | 18 => 0, // PTR, FWD, FLOAT, TYPE_TAG
+        3 => 12,              // ARRAY
+        4 | 5 => 12 * vlen,   // STRUCT, UNION: members
+        6 => 8 * vlen,        // ENUM
+        8..=12 => 0,          // TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC
+        13 => 8 * vlen,       // FUNC_PROTO: params
+        14 => 4,              // VAR
+        15 => 12 * vlen,      // DATASEC
+        17 => 4,              // DECL_TAG
+        19 => 12 * vlen,      // ENUM64
+        _ => return None,
+    })
+}
+
+/// The string-section offsets of `NAMES`, found in one pass over the section.
+fn find_names(file: &File, start: u64, len: u64) -> anyhow::Result<[Option<u32>; NAMES.len()]> {
+    let mut file = file;
+    file.seek(SeekFrom::Start(start))?;
+    let mut reader = BufReader::with_capacity(64 * 1024, file.take(len));
+    let mut found = [None; NAMES.len()];
+    let mut current = Vec::with_capacity(128);
+    let mut current_start = 0u32;
+    let mut offset = 0u32;
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for &byte in &buf[..n] {
+            if byte == 0 {
+                if let Some(i) = NAMES.iter().position(|name| name.as_bytes() == current) {
+                    found[i].get_or_insert(current_start);
+                }
+                current.clear();
+                current_start = offset + 1;
+            } else if current.len() < 64 {
+                current.push(byte);
+            }
+            offset += 1;
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On this machine's kernel (skipped where there is no BTF): the offsets of
+    /// `struct sock_common` have been the same on x86_64 for years.
+    #[test]
+    fn reads_sock_offsets_from_this_kernels_btf() {
+        let path = Path::new(VMLINUX);
+        if !path.exists() {
+            eprintln!("skipped: {VMLINUX} does not exist here");
+            return;
+        }
+        let layout = sock_layout(path).unwrap();
+        assert_eq!(layout.daddr, 0);
+        assert_eq!(layout.dport, 12);
+        assert_eq!(layout.family, 16);
+        // inet_sock's own fields come after struct sock.
+        assert!(layout.sport > layout.protocol && layout.saddr > layout.protocol);
+        assert!(layout.v6_daddr > layout.family && layout.v6_rcv_saddr == layout.v6_daddr + 16);
+        assert!(layout.protocol > layout.v6_rcv_saddr);
+        assert!(matches!(layout.protocol_size, 1 | 2));
+    }
+
+    #[test]
+    fn a_file_that_is_not_btf_is_refused() {
+        let path = std::env::temp_dir().join(format!("not-btf-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 64]).unwrap();
+        let err = sock_layout(&path).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(format!("{err:#}").contains("not BTF"), "{err:#}");
+    }
+}
