@@ -5,15 +5,16 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_get_prandom_u32},
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use tracer_common::{SeedOwner, SockEvent, TupleKey, counter, owner_source};
 
 use crate::{
     emit::{Record, count, field, noop, pid_passes},
     setting,
+    state::{SockFields, TupleSource},
 };
 
 /// What the kernel side knows about one live socket, keyed by its address (which never leaves
@@ -241,21 +242,38 @@ pub fn sock_io(ctx: TracePointContext) -> u32 {
     let Some(sk) = rec.get::<u64>(setting!(io_skaddr)) else {
         return 0;
     };
-    let Some(protocol) = rec.get::<u16>(setting!(io_protocol)) else {
-        return 0;
-    };
-    if protocol != tracer_common::IPPROTO_TCP {
+    io_seen(sk, &cur, || rec.get::<u16>(setting!(io_protocol)));
+    0
+}
+
+/// sock_io as a raw tracepoint (on both sock_send_length and sock_recv_length):
+/// TP_PROTO(struct sock *sk, int ret, int flags).
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn sock_io_raw(ctx: RawTracePointContext) -> u32 {
+    if noop() {
         return 0;
     }
+    let cur = current();
+    if setting!(filter_pids) != 0 && !pid_passes(cur.pid) {
+        return 0; // as in sock_io
+    }
+    let sk: u64 = ctx.arg(0);
+    io_seen(sk, &cur, || SockFields { sk }.protocol());
+    0
+}
+
+/// The current task did I/O on `sk`. Only TCP sockets are in the table, so the protocol is
+/// read only before making a new entry.
+#[inline(always)]
+fn io_seen(sk: u64, cur: &Current, protocol: impl FnOnce() -> Option<u16>) {
     if let Some(info) = SOCKS.get_ptr_mut(sk) {
         // SAFETY: entry pointer from the map; races only with the same socket's events.
-        unsafe { claim(&mut *info, &cur) };
-    } else if keep_unowned(&cur) {
+        unsafe { claim(&mut *info, cur) };
+    } else if keep_unowned(cur) && protocol() == Some(tracer_common::IPPROTO_TCP) {
         // First sight of this socket (an accepted one whose listener may already be gone):
         // record the task doing I/O on it as its owner. Ports come with its next transition.
-        remember_io_owner(sk, &cur);
+        remember_io_owner(sk, cur);
     }
-    0
 }
 
 #[inline(always)]
@@ -289,12 +307,27 @@ pub fn destroy_sock(ctx: TracePointContext) -> u32 {
         return 0;
     }
     if let Some(sk) = field::<u64>(&ctx, setting!(destroy_sock.skaddr)) {
-        // A lookup first: most sockets were never in the table (always so for other processes
-        // with --pid), and a delete takes the bucket lock even when there is nothing to delete.
-        // SAFETY: a presence check only.
-        if unsafe { SOCKS.get(sk).is_some() } {
-            let _ = SOCKS.remove(sk);
-        }
+        forget(sk);
     }
     0
+}
+
+/// tcp_destroy_sock as a raw tracepoint: TP_PROTO(struct sock *sk).
+#[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
+pub fn destroy_sock_raw(ctx: RawTracePointContext) -> u32 {
+    if noop() {
+        return 0;
+    }
+    forget(ctx.arg(0));
+    0
+}
+
+#[inline(always)]
+fn forget(sk: u64) {
+    // A lookup first: most sockets were never in the table (always so for other processes
+    // with --pid), and a delete takes the bucket lock even when there is nothing to delete.
+    // SAFETY: a presence check only.
+    if unsafe { SOCKS.get(sk).is_some() } {
+        let _ = SOCKS.remove(sk); // absent is fine: not every socket was seen.
+    }
 }

@@ -3,8 +3,8 @@
 
 use aya_ebpf::{
     helpers::generated::bpf_ktime_get_ns,
-    macros::{kprobe, tracepoint},
-    programs::{ProbeContext, TracePointContext},
+    macros::{kprobe, raw_tracepoint, tracepoint},
+    programs::{ProbeContext, RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
     AF_INET, AF_INET6, EventKind, NONE, ResetLayout, SockEvent, TupleLayout, counter, owner_source,
@@ -17,7 +17,7 @@ use crate::{
     emit::{CLASSIC_SLOT, Record, count, empty_event, noop, submit, submit_unowned},
     owners::{SOCKS, current, fill_owner, keep_unowned, lookup_or_create, may_concern_traced},
     setting,
-    state::{family_and_port, read_tuple},
+    state::{RecordFields, SockFields, TupleSource, family_and_port, read_tuple},
 };
 
 /// Reads a `struct sockaddr_in`/`sockaddr_in6` as stored by the tracepoint (28 bytes).
@@ -156,20 +156,40 @@ pub fn receive_reset(ctx: TracePointContext) -> u32 {
     let Some(sk) = rec.get::<u64>(layout.skaddr) else {
         return 0;
     };
-    if !may_concern_traced(sk, &current(), || family_and_port(&rec, &layout)) {
-        return 0; // counted by the move to CLOSE that follows
-    }
-    let mut ev = empty_event();
-    if read_tuple(&rec, &layout, &mut ev).is_none() {
+    let fields = RecordFields {
+        rec: &rec,
+        layout: &layout,
+    };
+    reset_received(&fields, sk);
+    0
+}
+
+/// tcp_receive_reset as a raw tracepoint: TP_PROTO(struct sock *sk).
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn receive_reset_raw(ctx: RawTracePointContext) -> u32 {
+    if noop() {
         return 0;
     }
-    // The event itself is emitted by the move to CLOSE that tcp_reset() makes next, which also
-    // knows the state the reset hit.
+    let sk: u64 = ctx.arg(0);
+    reset_received(&SockFields { sk }, sk);
+    0
+}
+
+/// Marks the socket: the move to CLOSE that tcp_reset() makes next emits the event (it also
+/// knows the state the reset hit).
+#[inline(always)]
+fn reset_received(src: &impl TupleSource, sk: u64) {
+    if !may_concern_traced(sk, &current(), || src.family_and_port()) {
+        return; // counted by the move to CLOSE that follows
+    }
+    let mut ev = empty_event();
+    if src.read_tuple(&mut ev).is_none() {
+        return;
+    }
     if let Some(info) = lookup_or_create(sk, &ev, keep_unowned(&current())) {
         // SAFETY: entry pointer from the map.
         unsafe { (*info).rst_received = 1 };
     }
-    0
 }
 
 /// kprobe tcp_send_active_reset(struct sock *sk, gfp_t priority, ...): only for kernels

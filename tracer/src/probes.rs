@@ -193,19 +193,65 @@ pub const TRACEPOINT_HOOKS: &[Hook] = &[
 ];
 
 /// Raw tracepoint versions of classic hooks, used instead of them where the kernel's BTF gives
-/// `struct sock`'s offsets (not with `--probes tracepoint`): the hook `program` replaces the
-/// classic program named first.
-pub const RAW_HOOKS: &[(&str, Hook)] = &[(
-    "set_state",
+/// `struct sock`'s offsets (not with `--probes tracepoint`): each replaces the classic hook on
+/// the tracepoint of the same name. No record is built for them and the socket arrives as an
+/// argument; the syscall and exit hooks stay classic (their records are what they read).
+pub const RAW_HOOKS: &[Hook] = &[
+    raw(
+        "set_state_raw",
+        "inet_sock_set_state",
+        true,
+        "no TCP state changes",
+    ),
+    raw(
+        "receive_reset_raw",
+        "tcp_receive_reset",
+        false,
+        "a peer's RST shows as a plain state change",
+    ),
+    raw(
+        "destroy_sock_raw",
+        "tcp_destroy_sock",
+        false,
+        "the owner table is cleaned only by eviction",
+    ),
+    raw(
+        "sock_io_raw",
+        "sock_send_length",
+        false,
+        "accepted sockets are attributed to the listener's owner until closed",
+    ),
+    raw(
+        "sock_io_raw",
+        "sock_recv_length",
+        false,
+        "accepted sockets are attributed to the listener's owner until closed",
+    ),
+];
+
+const fn raw(
+    program: &'static str,
+    name: &'static str,
+    required: bool,
+    without: &'static str,
+) -> Hook {
     Hook {
-        program: "set_state_raw",
-        attach: Attach::RawTracepoint {
-            name: "inet_sock_set_state",
-        },
-        required: true,
-        without: "no TCP state changes",
-    },
-)];
+        program,
+        attach: Attach::RawTracepoint { name },
+        required,
+        without,
+    }
+}
+
+/// The raw version of a classic tracepoint hook, if there is one.
+fn raw_version(hook: &Hook) -> Option<&'static Hook> {
+    let Attach::Tracepoint { name, .. } = hook.attach else {
+        return None;
+    };
+    RAW_HOOKS
+        .iter()
+        .find(|raw| raw.attach == Attach::RawTracepoint { name })
+}
 
 /// The kprobes, used on kernels that have them.
 pub const KPROBE_HOOKS: &[Hook] = &[
@@ -283,7 +329,8 @@ impl KernelSupport {
             // A raw tracepoint exists wherever the classic one does; its programs need the
             // socket's layout.
             Attach::RawTracepoint { name } => {
-                self.sock.is_ok() && self.formats.present.iter().any(|p| p.ends_with(name))
+                self.sock.is_ok()
+                    && (self.formats.present.iter()).any(|p| p.rsplit(':').next() == Some(name))
             }
         }
     }
@@ -293,13 +340,9 @@ impl KernelSupport {
     pub fn plan(&self, set: ProbeSet, raw: bool) -> anyhow::Result<(Vec<Hook>, Vec<Hook>)> {
         let mut wanted: Vec<Hook> = TRACEPOINT_HOOKS
             .iter()
-            .map(|hook| {
-                RAW_HOOKS
-                    .iter()
-                    .find(|(classic, raw_hook)| {
-                        raw && *classic == hook.program && self.has(raw_hook)
-                    })
-                    .map_or_else(|| hook.clone(), |(_, raw_hook)| raw_hook.clone())
+            .map(|hook| match raw_version(hook) {
+                Some(raw_hook) if raw && self.has(raw_hook) => raw_hook.clone(),
+                _ => hook.clone(),
             })
             .collect();
         if set == ProbeSet::TracepointsAndKprobes {

@@ -103,9 +103,13 @@ fn attached_kind(report: &Value) -> &'static str {
 }
 
 fn kprobes_attached(report: &Value) -> bool {
+    attached_any(report, "kprobe:")
+}
+
+fn attached_any(report: &Value, prefix: &str) -> bool {
     report["ready"]["probes"].as_array().is_some_and(|p| {
         p.iter()
-            .any(|n| n.as_str().is_some_and(|n| n.starts_with("kprobe:")))
+            .any(|n| n.as_str().is_some_and(|n| n.starts_with(prefix)))
     })
 }
 
@@ -122,6 +126,22 @@ pub fn vm_checks(vm: &Value, host: Option<&Value>, mode: &str) -> Result<String,
             ));
         }
         "tracepoint" if kprobes => return Err("--probes tracepoint attached kprobes".into()),
+        _ => {}
+    }
+    // Debian's 6.1 has BTF: auto takes the raw tracepoints, --probes tracepoint the classic
+    // ones, so both program sets run on 6.1.
+    let raw = attached_any(vm, "raw_tracepoint:inet_sock_set_state");
+    match mode {
+        "auto" if !raw => {
+            return Err(
+                "--probes auto did not attach inet_sock_set_state as a raw tracepoint \
+                        on a kernel with BTF"
+                    .into(),
+            );
+        }
+        "tracepoint" if attached_any(vm, "raw_tracepoint:") => {
+            return Err("--probes tracepoint attached raw tracepoints".into());
+        }
         _ => {}
     }
     let host = host.ok_or("no host report to compare with")?;
