@@ -21,11 +21,11 @@ use crate::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProbeMode {
-    /// kprobes where the kernel has them, else tracepoints.
+    /// kprobes where the kernel has them; tracepoints, raw where the kernel's BTF allows.
     Auto,
-    /// Tracepoints only.
+    /// Classic tracepoints only (records read at offsets from their format files).
     Tracepoint,
-    /// Tracepoints plus the tcp_close and tcp_send_active_reset kprobes.
+    /// Tracepoints (raw where BTF allows) plus the tcp_close and tcp_send_active_reset kprobes.
     Kprobe,
 }
 
