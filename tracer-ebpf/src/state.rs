@@ -231,14 +231,15 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
     if is_handshake(new) && !records_owner && !watches && setting!(all_states) == 0 {
         return None;
     }
-    // inet_sock_set_state also fires for SCTP and MPTCP sockets.
-    if src.protocol().is_some_and(|p| p != IPPROTO_TCP) {
-        return None;
-    }
     if !may_concern_traced(sk, &cur, || src.family_and_port()) {
         if !is_handshake(new) {
             count(counter::FILTERED);
         }
+        return None;
+    }
+    // inet_sock_set_state also fires for SCTP and MPTCP sockets. (Checked after the --pid
+    // decision: for a raw tracepoint it is one more read of the socket.)
+    if src.protocol().is_some_and(|p| p != IPPROTO_TCP) {
         return None;
     }
     let ev = scratch_event(slot)?;

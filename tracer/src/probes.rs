@@ -103,9 +103,23 @@ const fn tp(
     required: bool,
     without: &'static str,
 ) -> Hook {
+    hook(
+        program,
+        Attach::Tracepoint { group, name },
+        required,
+        without,
+    )
+}
+
+const fn hook(
+    program: &'static str,
+    attach: Attach,
+    required: bool,
+    without: &'static str,
+) -> Hook {
     Hook {
         program,
-        attach: Attach::Tracepoint { group, name },
+        attach,
         required,
         without,
     }
@@ -235,12 +249,7 @@ const fn raw(
     required: bool,
     without: &'static str,
 ) -> Hook {
-    Hook {
-        program,
-        attach: Attach::RawTracepoint { name },
-        required,
-        without,
-    }
+    hook(program, Attach::RawTracepoint { name }, required, without)
 }
 
 /// The raw version of a classic tracepoint hook, if there is one.

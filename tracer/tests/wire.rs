@@ -412,25 +412,12 @@ fn pid_trace_keeps_the_rst_a_closed_servers_kernel_sends() {
     if !common::require_root() {
         return;
     }
-    let TracedServer {
-        server,
-        server_port,
-        mut tracer,
-        mut client,
-        client_port: my_port,
-    } = TracedServer::start("close-hold", &["-i", "lo"], WAIT);
-    let mut buf = [0u8; 16];
-    assert_eq!(client.read(&mut buf).unwrap(), 0, "the server closed");
-    client.write_all(b"too late").unwrap();
-    let rst = tracer.wait_for(|v| is(v, "rst_sent", server_port, my_port), WAIT);
-    assert_eq!(rst["pid"], server.pid, "{rst}");
+    let (rst, server_pid) = rst_for_data_after_the_server_closed(Duration::ZERO);
+    assert_eq!(rst["pid"], server_pid, "{rst}");
     assert!(
         rst["reason"].is_null() || rst["reason"] == "TCP_ABORT_ON_DATA",
         "{rst}"
     );
-    check_wire(&rst, "RST", "out");
-    server.wait();
-    tracer.stop();
 }
 
 /// The same, later: once the server's FIN is acknowledged, its closed socket is a kernel-only
@@ -442,6 +429,22 @@ fn pid_trace_keeps_the_rst_a_closed_servers_time_wait_socket_sends() {
     if !common::require_root() {
         return;
     }
+    // Long enough for our ACK of the server's FIN to go out (even a delayed one): the server's
+    // socket then leaves for its time-wait form.
+    let (rst, server_pid) = rst_for_data_after_the_server_closed(Duration::from_millis(500));
+    assert_eq!(rst["old_state"], "TIME_WAIT", "{rst}");
+    assert_eq!(rst["pid"], server_pid, "{rst}");
+    assert_eq!(rst["owner"], "connection", "{rst}");
+    assert!(
+        rst["reason"].is_null() || rst["reason"] == "TCP_TIMEWAIT_SOCKET",
+        "{rst}"
+    );
+}
+
+/// Traces a server with `--pid`; it closes its connection, the client writes `after` the
+/// server's FIN arrived. Returns the server's `rst_sent` line (its wire packet checked) and
+/// the server's pid.
+fn rst_for_data_after_the_server_closed(after: Duration) -> (Value, u32) {
     let TracedServer {
         server,
         server_port,
@@ -451,19 +454,12 @@ fn pid_trace_keeps_the_rst_a_closed_servers_time_wait_socket_sends() {
     } = TracedServer::start("close-hold", &["-i", "lo"], WAIT);
     let mut buf = [0u8; 16];
     assert_eq!(client.read(&mut buf).unwrap(), 0, "the server closed");
-    // Let our ACK of the server's FIN go out (even a delayed one): the server's socket then
-    // leaves for its time-wait form.
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(after);
     client.write_all(b"too late").unwrap();
     let rst = tracer.wait_for(|v| is(v, "rst_sent", server_port, my_port), WAIT);
-    assert_eq!(rst["old_state"], "TIME_WAIT", "{rst}");
-    assert_eq!(rst["pid"], server.pid, "{rst}");
-    assert_eq!(rst["owner"], "connection", "{rst}");
-    assert!(
-        rst["reason"].is_null() || rst["reason"] == "TCP_TIMEWAIT_SOCKET",
-        "{rst}"
-    );
     check_wire(&rst, "RST", "out");
+    let pid = server.pid;
     server.wait();
     tracer.stop();
+    (rst, pid)
 }
