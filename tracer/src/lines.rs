@@ -185,9 +185,9 @@ impl SocketLine<'_> {
         o.name("owner", self.owner);
         opt(&mut o, "conn", self.conn, |o, k, v| o.display(k, v));
         o.name("family", self.family);
-        o.display("laddr", self.laddr);
+        o.ip("laddr", self.laddr);
         o.uint("lport", self.lport.into());
-        o.display("raddr", self.raddr);
+        o.ip("raddr", self.raddr);
         o.uint("rport", self.rport.into());
         o.name("old_state", self.old_state);
         o.name("new_state", self.new_state);
