@@ -507,10 +507,36 @@ pub fn load(opts: &LoadOptions<'_>, hooks: &[Hook]) -> anyhow::Result<Loaded> {
     fill_filter::<u16>(&mut ebpf, "PORTS", opts.ports)?;
     let mut attached = Vec::new();
     for hook in hooks {
-        attach(&mut ebpf, hook).with_context(|| format!("attaching {}", hook.name()))?;
+        let hook = match attach(&mut ebpf, hook) {
+            Ok(()) => hook,
+            // A kernel whose verifier or raw tracepoints refuse the raw program still has the
+            // classic tracepoint: slower, same lines.
+            Err(e) if classic_version(hook).is_some() => {
+                let classic = classic_version(hook).expect("checked");
+                eprintln!(
+                    "tracer: {} could not be attached ({e:#}): using {} instead",
+                    hook.name(),
+                    classic.name()
+                );
+                attach(&mut ebpf, classic)
+                    .with_context(|| format!("attaching {}", classic.name()))?;
+                classic
+            }
+            Err(e) => return Err(e.context(format!("attaching {}", hook.name()))),
+        };
         attached.push(hook.name());
     }
     Ok(Loaded { ebpf, attached })
+}
+
+/// The classic tracepoint hook a raw one stands for.
+fn classic_version(hook: &Hook) -> Option<&'static Hook> {
+    let Attach::RawTracepoint { name } = hook.attach else {
+        return None;
+    };
+    TRACEPOINT_HOOKS
+        .iter()
+        .find(|classic| matches!(classic.attach, Attach::Tracepoint { name: n, .. } if n == name))
 }
 
 /// With `--pid`: the capture socket gets the kernel filter that passes only traced processes'
@@ -711,6 +737,18 @@ mod tests {
             first(&support, false),
             "tracepoint:sock:inet_sock_set_state"
         );
+    }
+
+    /// A raw hook that a kernel refuses falls back to its classic hook, so each must have one
+    /// (and a raw hook stands in for exactly that classic hook when planned).
+    #[test]
+    fn every_raw_hook_stands_for_a_classic_one() {
+        for raw_hook in RAW_HOOKS {
+            let classic = classic_version(raw_hook)
+                .unwrap_or_else(|| panic!("{} has no classic hook", raw_hook.name()));
+            assert_eq!(raw_version(classic), Some(raw_hook), "{}", raw_hook.name());
+            assert_eq!(classic.required, raw_hook.required);
+        }
     }
 
     /// 6.1's tcp_send_reset tracepoint fires for active resets too (seen in the VM suite): where
