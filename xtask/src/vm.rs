@@ -93,16 +93,24 @@ pub fn run() -> anyhow::Result<Results> {
     let kernel = fetch_kernel(&dir)?;
     let initrd = dir.join("initramfs.cpio");
     initramfs::build(&bin.join("tracer"), &bin.join("tracer-scenarios"), &initrd)?;
-    let host = run_host(&bin, &dir);
+    let host = run_host(&bin, &dir, "auto");
+    // The host's auto set is the raw tracepoints: the classic programs run here too.
+    let host_classic = run_host(&bin, &dir, "tracepoint");
     let serial = boot(&kernel, &initrd, &dir.join("serial-6.1.log"))?;
     let vm = Sections::parse(&serial);
     let formats = save_formats(&vm, &dir.join("formats-6.1"));
-    let mut results = vec![(
-        "vm::host".to_string(),
-        host.as_ref()
-            .map_err(|e| e.clone())
-            .and_then(|r| compare::own_checks(r, "host")),
-    )];
+    let mut results = vec![
+        (
+            "vm::host".to_string(),
+            host.as_ref()
+                .map_err(|e| e.clone())
+                .and_then(|r| compare::own_checks(r, "host")),
+        ),
+        (
+            "vm::host-tracepoint".to_string(),
+            host_classic.and_then(|r| compare::own_checks(&r, "host, --probes tracepoint")),
+        ),
+    ];
     for mode in initramfs::MODES {
         let name = format!("vm::debian-6.1-{mode}");
         let result = vm
@@ -125,13 +133,13 @@ pub fn run() -> anyhow::Result<Results> {
     Ok(results)
 }
 
-/// The scenarios on this machine's kernel, with the probes `auto` picks here.
-fn run_host(bin: &Path, dir: &Path) -> Result<Value, String> {
-    let out = dir.join("report-host.json");
+/// The scenarios on this machine's kernel, with the probes `mode` picks here.
+fn run_host(bin: &Path, dir: &Path, mode: &str) -> Result<Value, String> {
+    let out = dir.join(format!("report-host-{mode}.json"));
     let status = Command::new(bin.join("tracer-scenarios"))
         .args(["run", "--tracer"])
         .arg(bin.join("tracer"))
-        .args(["--probes", "auto", "--out"])
+        .args(["--probes", mode, "--out"])
         .arg(&out)
         .status()
         .map_err(|e| format!("starting tracer-scenarios: {e}"))?;

@@ -93,12 +93,13 @@ pub fn own_checks(report: &Value, label: &str) -> Result<String, String> {
     ))
 }
 
-/// "tracepoints" or "tracepoints+kprobes", from the ready line.
+/// "tracepoints", "raw tracepoints", "... +kprobes", from the ready line.
 fn attached_kind(report: &Value) -> &'static str {
-    if kprobes_attached(report) {
-        "tracepoints+kprobes"
-    } else {
-        "tracepoints"
+    match (attached_any(report, "raw_tracepoint:"), kprobes_attached(report)) {
+        (true, true) => "raw tracepoints+kprobes",
+        (true, false) => "raw tracepoints",
+        (false, true) => "tracepoints+kprobes",
+        (false, false) => "tracepoints",
     }
 }
 
