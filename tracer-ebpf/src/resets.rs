@@ -101,21 +101,20 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// With `--pid`, whether a sent reset may concern a traced process, decided before its
-/// addresses are read: one of no socket has no owner, so it cannot pass the filter.
+/// With `--pid`, whether a reset sent by a full socket may concern a traced process, decided
+/// before its addresses are read (unowned resets are decided by their addresses instead).
 #[inline(always)]
 fn may_concern_traced_reset(sk: u64, rec: &Record, layout: &ResetLayout) -> bool {
     if setting!(filter_pids) == 0 {
         return true;
     }
-    sk != 0
-        && may_concern_traced(sk, &current(), || {
-            if layout.sockaddr_saddr == NONE {
-                family_and_port(rec, &layout.tuple)
-            } else {
-                read_sockaddr(rec, layout.sockaddr_saddr).map(|(family, port, _)| (family, port))
-            }
-        })
+    may_concern_traced(sk, &current(), || {
+        if layout.sockaddr_saddr == NONE {
+            family_and_port(rec, &layout.tuple)
+        } else {
+            read_sockaddr(rec, layout.sockaddr_saddr).map(|(family, port, _)| (family, port))
+        }
+    })
 }
 
 /// Fills owner, conn and the close call (if this reset is part of one) for a sent reset.

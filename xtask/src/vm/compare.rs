@@ -95,7 +95,10 @@ pub fn own_checks(report: &Value, label: &str) -> Result<String, String> {
 
 /// "tracepoints", "raw tracepoints", "... +kprobes", from the ready line.
 fn attached_kind(report: &Value) -> &'static str {
-    match (attached_any(report, "raw_tracepoint:"), kprobes_attached(report)) {
+    match (
+        attached_any(report, "raw_tracepoint:"),
+        kprobes_attached(report),
+    ) {
         (true, true) => "raw tracepoints+kprobes",
         (true, false) => "raw tracepoints",
         (false, true) => "tracepoints+kprobes",
