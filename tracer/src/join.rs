@@ -208,7 +208,9 @@ pub struct Joiner<T> {
     settle_ns: u64,
     max_pending: usize,
     next_id: u64,
-    events: HashMap<u64, PendingEvent<T>>,
+    /// Boxed: an event is ~480 bytes and the table keeps the capacity of its busiest moment;
+    /// boxed, the table costs 16 bytes a slot and only live events take the rest.
+    events: HashMap<u64, Box<PendingEvent<T>>>,
     /// Event ids per connection, in push order.
     by_conn: HashMap<u64, VecDeque<u64>>,
     /// (release-or-expiry time, event id).
@@ -274,7 +276,7 @@ impl<T> Joiner<T> {
         };
         self.events.insert(
             id,
-            PendingEvent {
+            Box::new(PendingEvent {
                 conn,
                 mono_ns,
                 want: want.clone(),
@@ -282,7 +284,7 @@ impl<T> Joiner<T> {
                 wire: None,
                 packet_id: None,
                 ready: false,
-            },
+            }),
         );
         self.by_conn.entry(conn).or_default().push_back(id);
         self.timers.insert((release_at, id));
@@ -492,7 +494,7 @@ impl<T> Joiner<T> {
     }
 
     fn release(&mut self, id: u64, out: &mut Vec<Joined<T>>) {
-        let Some(ev) = self.events.remove(&id) else {
+        let Some(ev) = self.events.remove(&id).map(|boxed| *boxed) else {
             return;
         };
         if let Some(want) = &ev.want
