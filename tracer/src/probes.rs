@@ -495,9 +495,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Loads the programs with their configuration, fills the filter maps, attaches the hooks.
 pub fn load(opts: &LoadOptions<'_>, hooks: &[Hook]) -> anyhow::Result<Loaded> {
     let mut ebpf = EbpfLoader::new()
-        // The programs read fields at offsets from tracefs format files, never through CO-RE
-        // relocations, so the kernel's BTF is not needed; parsing it (several MB) would be the
-        // largest allocation of the whole run and set its peak RSS.
+        // The programs read fields at offsets from tracefs format files and from our own BTF
+        // reader (btf.rs), never through CO-RE relocations: no relocation against the kernel's
+        // BTF. (aya 0.14's constructor has parsed it already, a transient few MB at start-up.)
         .btf(None)
         .override_global("CONFIG", &opts.config, true)
         .map_max_entries("EVENTS", opts.ringbuf_bytes)
