@@ -55,9 +55,14 @@ pub fn watch(ev: &SockEvent, slot: u32) {
 /// answer a traced connection.
 #[inline(always)]
 pub fn is_watched(ev: &SockEvent, slot: u32) -> bool {
-    let Some(key) = wire_key(ev, slot) else {
-        return false;
-    };
+    wire_key(ev, slot).is_some_and(|key| watched_either_way(key))
+}
+
+/// Whether `key`, as written or with its ends swapped, is in WATCHED (a packet sent by the
+/// watched socket has its local end as source, one it receives as destination). Leaves `key`
+/// swapped when the first lookup misses.
+#[inline(always)]
+fn watched_either_way(key: &mut TupleKey) -> bool {
     // SAFETY: presence checks only.
     if unsafe { WATCHED.get(&*key) }.is_some() {
         return true;
@@ -167,13 +172,5 @@ fn passes(ctx: &SkBuffContext) -> Option<bool> {
         key.laddr = load(ctx, 8)?;
         key.raddr = load(ctx, 24)?;
     }
-    // Sent by the watched socket (source = local), or received by it.
-    // SAFETY: presence checks only.
-    if unsafe { WATCHED.get(&key) }.is_some() {
-        return Some(true);
-    }
-    core::mem::swap(&mut key.laddr, &mut key.raddr);
-    core::mem::swap(&mut key.lport, &mut key.rport);
-    // SAFETY: as above.
-    Some(unsafe { WATCHED.get(&key) }.is_some())
+    Some(watched_either_way(&mut key))
 }

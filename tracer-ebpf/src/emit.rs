@@ -168,8 +168,9 @@ impl<'a> Record<'a> {
     pub fn copy(ctx: &'a TracePointContext, len: u16) -> Option<Self> {
         let buf = RECORD.get_ptr_mut(0)?;
         let len = (len as usize).min(RECORD_BYTES);
-        // SAFETY: this CPU's slot (tracing programs never nest on one CPU, see EVENT_SCRATCH);
-        // the helper writes at most `len` <= RECORD_BYTES bytes into it.
+        // SAFETY: this CPU's slot, used only by classic tracepoint programs, which the kernel
+        // never runs two at a time on one CPU (see CLASSIC_SLOT; the raw programs read the
+        // socket instead); the helper writes at most `len` <= RECORD_BYTES bytes into it.
         let ret = unsafe {
             bpf_probe_read_kernel(
                 buf as *mut c_void,

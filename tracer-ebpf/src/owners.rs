@@ -119,8 +119,8 @@ pub fn may_concern_traced(
     cur: &Current,
     family_port: impl FnOnce() -> Option<(u16, u16)>,
 ) -> bool {
-    if setting!(filter_pids) == 0 || pid_passes(cur.pid) {
-        return true;
+    if pid_passes(cur.pid) {
+        return true; // also without --pid
     }
     // SAFETY: presence checks only.
     if unsafe { SOCKS.get(sk).is_some() } || SEEDED.get(0).is_some_and(|s| *s != 0) {
@@ -229,13 +229,9 @@ pub fn sock_io(ctx: TracePointContext) -> u32 {
     if noop() {
         return 0;
     }
-    // This runs on every send and receive of every socket on the host. With --pid, an
-    // untraced task's I/O changes nothing worth knowing (it would only hand a traced socket's
-    // ownership to a process whose events are filtered out): return before reading anything.
-    let cur = current();
-    if setting!(filter_pids) != 0 && !pid_passes(cur.pid) {
+    let Some(cur) = io_task() else {
         return 0;
-    }
+    };
     let Some(rec) = Record::copy(&ctx, setting!(io_record_len)) else {
         return 0;
     };
@@ -253,23 +249,32 @@ pub fn sock_io_raw(ctx: RawTracePointContext) -> u32 {
     if noop() {
         return 0;
     }
-    let cur = current();
-    if setting!(filter_pids) != 0 && !pid_passes(cur.pid) {
-        return 0; // as in sock_io
-    }
+    let Some(cur) = io_task() else {
+        return 0;
+    };
     let sk: u64 = ctx.arg(0);
     io_seen(sk, &cur, || SockFields { sk }.protocol());
     0
 }
 
-/// The current task did I/O on `sk`. Only TCP sockets are in the table, so the protocol is
-/// read only before making a new entry.
+/// The task doing I/O, unless its I/O is of no interest. This runs on every send and receive
+/// of every socket on the host; with --pid, an untraced task's I/O changes nothing worth
+/// knowing (it would only hand a traced socket to a process whose events are filtered out),
+/// so the programs return before reading anything.
+#[inline(always)]
+fn io_task() -> Option<Current> {
+    let cur = current();
+    keep_unowned(&cur).then_some(cur)
+}
+
+/// The current task (from `io_task`) did I/O on `sk`. Only TCP sockets are in the table, so
+/// the protocol is read only before making a new entry.
 #[inline(always)]
 fn io_seen(sk: u64, cur: &Current, protocol: impl FnOnce() -> Option<u16>) {
     if let Some(info) = SOCKS.get_ptr_mut(sk) {
         // SAFETY: entry pointer from the map; races only with the same socket's events.
         unsafe { claim(&mut *info, cur) };
-    } else if keep_unowned(cur) && protocol() == Some(tracer_common::IPPROTO_TCP) {
+    } else if protocol() == Some(tracer_common::IPPROTO_TCP) {
         // First sight of this socket (an accepted one whose listener may already be gone):
         // record the task doing I/O on it as its owner. Ports come with its next transition.
         remember_io_owner(sk, cur);
