@@ -128,8 +128,9 @@ fn build(mode: ProbeMode) -> Report {
 
 fn plan(support: &KernelSupport, mode: ProbeMode) -> Result<Vec<String>, String> {
     let set = probes::choose(mode, support.kprobes).map_err(|e| e.to_string())?;
-    let raw = mode != probes::ProbeMode::Tracepoint;
-    let (hooks, _) = support.plan(set, raw).map_err(|e| e.to_string())?;
+    let (hooks, _) = support
+        .plan(set, mode.allows_raw())
+        .map_err(|e| e.to_string())?;
     Ok(hooks.iter().map(Hook::name).collect())
 }
 

@@ -30,6 +30,11 @@ pub enum ProbeMode {
 }
 
 impl ProbeMode {
+    /// Whether raw tracepoints may stand in for classic ones (where the kernel's BTF allows).
+    pub fn allows_raw(self) -> bool {
+        self != ProbeMode::Tracepoint
+    }
+
     /// As written on the command line.
     pub fn name(self) -> &'static str {
         match self {

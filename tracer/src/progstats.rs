@@ -3,14 +3,24 @@
 //! while a program was interrupted, say): the kernel counts each skipped run in the program's
 //! `recursion_misses` (5.12+) and the event is gone. Summed here, reported as a loss.
 
-use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd};
+use std::{
+    cell::Cell,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    time::{Duration, Instant},
+};
 
 use aya::Ebpf;
 use aya_obj::generated::bpf_prog_info;
 
+/// How often the counts are asked of the kernel: one syscall per program each time, and the
+/// daemon's loop turns every 20 ms.
+const REFRESH: Duration = Duration::from_secs(1);
+
 /// Duplicated descriptors of the loaded programs (they outlive the `Ebpf` handle's borrow).
 pub struct SkippedRuns {
     programs: Vec<OwnedFd>,
+    /// The last total, and when it was read.
+    last: Cell<Option<(Instant, u64)>>,
 }
 
 impl SkippedRuns {
@@ -20,15 +30,28 @@ impl SkippedRuns {
             .filter_map(|(_, program)| program.fd().ok())
             .filter_map(|fd| fd.as_fd().try_clone_to_owned().ok())
             .collect();
-        Self { programs }
+        Self {
+            programs,
+            last: Cell::new(None),
+        }
     }
 
-    /// Skipped runs of all programs so far (0 where the kernel does not count them).
-    pub fn total(&self) -> u64 {
-        self.programs
+    /// Skipped runs of all programs so far (0 where the kernel does not count them), read again
+    /// at most once per `REFRESH` unless `fresh`.
+    pub fn total(&self, fresh: bool) -> u64 {
+        if let Some((at, total)) = self.last.get()
+            && !fresh
+            && at.elapsed() < REFRESH
+        {
+            return total;
+        }
+        let total = self
+            .programs
             .iter()
             .filter_map(|fd| recursion_misses(fd.as_fd()))
-            .sum()
+            .sum();
+        self.last.set(Some((Instant::now(), total)));
+        total
     }
 }
 

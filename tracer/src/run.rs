@@ -78,14 +78,14 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     let tracefs = tracefs::ensure_mounted()?;
     let support = KernelSupport::detect(Some(&tracefs))?;
     let set = probes::choose(settings.probes, support.kprobes)?;
-    let raw = settings.probes != probes::ProbeMode::Tracepoint;
+    let raw = settings.probes.allows_raw();
     let (hooks, missing) = support.plan(set, raw)?;
     let mut config = support.formats.config()?;
     match &support.sock {
         Ok(layout) => config.sock = *layout,
         Err(why) if raw => eprintln!(
             "tracer: the kernel's BTF gave no struct sock layout ({why}): using the classic \
-             inet_sock_set_state tracepoint (it costs more per event)"
+             tracepoints, not raw ones (they cost more per event)"
         ),
         Err(_) => {}
     }
@@ -400,7 +400,8 @@ impl LossReporter {
             ringbuf: kernel_lost(counters),
             capture: capture_lost,
             output: output.state.dropped.load(Ordering::Relaxed),
-            hooks: kernel_side.skipped.total() + sum_counter(counters, counter::NESTED_TOO_DEEP),
+            hooks: kernel_side.skipped.total(last)
+                + sum_counter(counters, counter::NESTED_TOO_DEEP),
         };
         let reported = &mut self.reported;
         for (source, total, seen) in [

@@ -19,27 +19,23 @@ pub struct Expected {
 }
 
 pub const EXPECTED: &[Expected] = &[
-    Expected {
-        probes: None,
-        scenario: None,
-        event: None,
-        end: None,
-        field: "reason",
-        host: "\"TCP_ABORT_ON_CLOSE\"",
-        vm: "null",
-        why: "tcp:tcp_send_reset has no `reason` field before 6.10",
-    },
-    Expected {
-        probes: None,
-        scenario: None,
-        event: None,
-        end: None,
-        field: "reason",
-        host: "\"TCP_STATE\"",
-        vm: "null",
-        why: "tcp:tcp_send_reset has no `reason` field before 6.10",
-    },
+    no_reason_before_6_10("\"TCP_ABORT_ON_CLOSE\""),
+    no_reason_before_6_10("\"TCP_STATE\""),
 ];
+
+/// The host names an RST's `reason` (`host`, a JSON value); 6.1 cannot (null).
+const fn no_reason_before_6_10(host: &'static str) -> Expected {
+    Expected {
+        probes: None,
+        scenario: None,
+        event: None,
+        end: None,
+        field: "reason",
+        host,
+        vm: "null",
+        why: "tcp:tcp_send_reset has no `reason` field before 6.10",
+    }
+}
 
 /// Lines the VM may show that the host has no counterpart for, with why.
 pub struct VmOnly {
