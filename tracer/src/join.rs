@@ -9,7 +9,8 @@
 //! segment seen later is a retransmission. Events of one connection leave in the order they came.
 
 use std::{
-    collections::{BTreeSet, VecDeque},
+    cmp::Reverse,
+    collections::{BinaryHeap, VecDeque},
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
@@ -63,12 +64,10 @@ pub struct WireMatch {
     pub retransmits: u32,
 }
 
-#[derive(Debug)]
 pub enum Joined<T> {
-    Event {
-        item: T,
-        wire: Option<WireMatch>,
-    },
+    /// The allocation the event waited in, handed over as it is: an event is a few hundred
+    /// bytes, and moving it through the release path showed as memmove in the profile.
+    Event(Box<PendingEvent<T>>),
     Packet {
         packet: WirePacket,
         retransmit: bool,
@@ -117,14 +116,18 @@ fn slot(dir: Dir) -> usize {
     }
 }
 
-struct PendingEvent<T> {
+/// An event in the joiner; released as `Joined::Event` with the packet that joined it.
+pub struct PendingEvent<T> {
     conn: u64,
     mono_ns: u64,
     want: Option<Want>,
-    item: T,
-    wire: Option<WireMatch>,
+    pub item: T,
+    pub wire: Option<WireMatch>,
     /// The packet entry that joined it.
     packet_id: Option<u64>,
+    /// When it leaves (its window's end, or sooner once joined); a timer for another time is
+    /// stale.
+    release_at: u64,
     ready: bool,
 }
 
@@ -213,8 +216,9 @@ pub struct Joiner<T> {
     events: HashMap<u64, Box<PendingEvent<T>>>,
     /// Event ids per connection, in push order.
     by_conn: HashMap<u64, VecDeque<u64>>,
-    /// (release-or-expiry time, event id).
-    timers: BTreeSet<(u64, u64)>,
+    /// (release-or-expiry time, event id), earliest first. A heap rather than an ordered set
+    /// (cheaper per event): a re-timed event leaves its old timer behind, skipped as stale.
+    timers: BinaryHeap<Reverse<(u64, u64)>>,
     /// Unjoined events waiting for a packet, by the packet path they expect.
     waiting: HashMap<PathKey, Vec<u64>>,
     packets: HashMap<PathKey, Vec<PacketEntry>>,
@@ -240,7 +244,7 @@ impl<T> Joiner<T> {
             next_id: 0,
             events: HashMap::default(),
             by_conn: HashMap::default(),
-            timers: BTreeSet::new(),
+            timers: BinaryHeap::new(),
             waiting: HashMap::default(),
             packets: HashMap::default(),
             packet_order: VecDeque::new(),
@@ -283,11 +287,12 @@ impl<T> Joiner<T> {
                 item,
                 wire: None,
                 packet_id: None,
+                release_at,
                 ready: false,
             }),
         );
         self.by_conn.entry(conn).or_default().push_back(id);
-        self.timers.insert((release_at, id));
+        self.timers.push(Reverse((release_at, id)));
         if let Some(want) = want
             && !self.claim_waiting_packet(id, &want, mono_ns)
         {
@@ -323,7 +328,6 @@ impl<T> Joiner<T> {
         let Some(ev) = self.events.get_mut(&id) else {
             return;
         };
-        let old_release = ev.mono_ns + self.window_ns;
         let release = ev.mono_ns.max(packet.mono_ns) + self.settle_ns;
         ev.wire = Some(WireMatch {
             delay_ns: packet.mono_ns as i64 - ev.mono_ns as i64,
@@ -332,8 +336,10 @@ impl<T> Joiner<T> {
             retransmits: 0,
         });
         ev.packet_id = Some(packet_id);
-        self.timers.remove(&(old_release, id));
-        self.timers.insert((release.min(old_release), id));
+        if release < ev.release_at {
+            ev.release_at = release;
+            self.timers.push(Reverse((release, id)));
+        }
     }
 
     pub fn push_packet(&mut self, pkt: WirePacket) {
@@ -461,11 +467,11 @@ impl<T> Joiner<T> {
     /// growing a new one (the reallocations showed in its profile).
     pub fn poll_into(&mut self, now_mono_ns: u64, out: &mut Vec<Joined<T>>) {
         out.append(&mut self.out);
-        while let Some(&(at, id)) = self.timers.first() {
+        while let Some((at, id)) = self.next_timer() {
             if at > now_mono_ns {
                 break;
             }
-            self.timers.pop_first();
+            self.timers.pop();
             if let Some(ev) = self.events.get_mut(&id) {
                 ev.ready = true;
                 let conn = ev.conn;
@@ -473,6 +479,17 @@ impl<T> Joiner<T> {
             }
         }
         self.expire_packets(now_mono_ns, out);
+    }
+
+    /// The earliest live timer, dropping stale ones (events gone or re-timed) on the way.
+    fn next_timer(&mut self) -> Option<(u64, u64)> {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if self.events.get(&id).is_some_and(|e| e.release_at == at) {
+                return Some((at, id));
+            }
+            self.timers.pop();
+        }
+        None
     }
 
     /// Releases the ready events at the front of a connection's queue, in order.
@@ -494,7 +511,7 @@ impl<T> Joiner<T> {
     }
 
     fn release(&mut self, id: u64, out: &mut Vec<Joined<T>>) {
-        let Some(ev) = self.events.remove(&id).map(|boxed| *boxed) else {
+        let Some(ev) = self.events.remove(&id) else {
             return;
         };
         if let Some(want) = &ev.want
@@ -502,10 +519,7 @@ impl<T> Joiner<T> {
         {
             self.unwait(&want.path(), id);
         }
-        out.push(Joined::Event {
-            item: ev.item,
-            wire: ev.wire,
-        });
+        out.push(Joined::Event(ev));
     }
 
     fn expire_packets(&mut self, now: u64, out: &mut Vec<Joined<T>>) {
@@ -580,12 +594,12 @@ impl<T> Joiner<T> {
                 return;
             }
         }
-        if let Some(&(_, id)) = self.timers.first() {
+        if let Some((_, id)) = self.next_timer() {
             let conn = self.events.get(&id).map(|e| e.conn);
             if let Some(ev) = self.events.get_mut(&id) {
                 ev.ready = true;
             }
-            self.timers.pop_first();
+            self.timers.pop();
             if let Some(conn) = conn {
                 let mut out = std::mem::take(&mut self.out);
                 // Release this connection's events up to and including this one (into `out`,
@@ -652,7 +666,7 @@ mod tests {
     fn events(out: Vec<Joined<&'static str>>) -> Vec<(&'static str, Option<WireMatch>)> {
         out.into_iter()
             .filter_map(|j| match j {
-                Joined::Event { item, wire } => Some((item, wire)),
+                Joined::Event(ev) => Some((ev.item, ev.wire)),
                 Joined::Packet { .. } => None,
             })
             .collect()
@@ -662,7 +676,7 @@ mod tests {
         out.iter()
             .filter_map(|j| match j {
                 Joined::Packet { packet, retransmit } => Some((packet.clone(), *retransmit)),
-                Joined::Event { .. } => None,
+                Joined::Event(_) => None,
             })
             .collect()
     }

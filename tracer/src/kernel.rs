@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
 };
 
 use tracer_common::{AF_INET, AF_INET6, EventKind, SockEvent, owner_source, syscall, tcp_state};
@@ -216,19 +217,20 @@ pub fn state_name(state: u8) -> &'static str {
 }
 
 /// Names of `enum sk_rst_reason` values, read from this kernel's tcp_send_reset format file.
+/// Shared strings: every RST line carries one, and a clone is a reference count, not a copy.
 #[derive(Clone, Debug, Default)]
-pub struct ResetReasons(BTreeMap<i64, String>);
+pub struct ResetReasons(BTreeMap<i64, Arc<str>>);
 
 impl ResetReasons {
     pub fn new(names: BTreeMap<i64, String>) -> Self {
-        Self(names)
+        Self(names.into_iter().map(|(k, v)| (k, v.into())).collect())
     }
 
-    pub fn name(&self, value: i32) -> String {
+    pub fn name(&self, value: i32) -> Arc<str> {
         self.0
             .get(&(value as i64))
             .cloned()
-            .unwrap_or_else(|| format!("UNKNOWN_{value}"))
+            .unwrap_or_else(|| format!("UNKNOWN_{value}").into())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -317,7 +319,7 @@ mod tests {
         assert_eq!(state_name(tcp_state::FIN_WAIT2), "FIN_WAIT2");
         assert_eq!(state_name(99), "UNKNOWN");
         let reasons = ResetReasons::new([(11, "TCP_ABORT_ON_CLOSE".to_string())].into());
-        assert_eq!(reasons.name(11), "TCP_ABORT_ON_CLOSE");
-        assert_eq!(reasons.name(3), "UNKNOWN_3");
+        assert_eq!(&*reasons.name(11), "TCP_ABORT_ON_CLOSE");
+        assert_eq!(&*reasons.name(3), "UNKNOWN_3");
     }
 }

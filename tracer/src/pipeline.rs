@@ -15,7 +15,7 @@ use tracer_common::{EventKind, tcp_state};
 use crate::{
     capture::{Dir, WirePacket, tcp_flags},
     clock::Clock,
-    join::{Joined, Joiner, Want, WantFlag, WireMatch},
+    join::{Joined, Joiner, PendingEvent, Want, WantFlag, WireMatch},
     kernel::{Family, KernelEvent, Owner, ResetReasons, state_name},
     lines::{ConnId, Flags, Format, PacketLine, SocketLine, Time, Wire},
     metrics::Metrics,
@@ -42,7 +42,7 @@ pub struct PendingLine {
     event: &'static str,
     ev: KernelEvent,
     outcome: Option<&'static str>,
-    reason: Option<String>,
+    reason: Option<Arc<str>>,
     wants_wire: bool,
     /// Synthesised from the wire rather than from a kernel event (peer FIN into TIME_WAIT).
     derived_from_wire: bool,
@@ -380,13 +380,16 @@ impl Pipeline {
     fn emit_all(&mut self, ready: &mut Vec<Joined<PendingLine>>, out: &Output) {
         for item in ready.drain(..) {
             match item {
-                Joined::Event { item, wire } => self.emit_event(item, wire, out),
+                Joined::Event(mut ev) => {
+                    let PendingEvent { item, wire, .. } = &mut *ev;
+                    self.emit_event(item, wire.as_ref(), out);
+                }
                 Joined::Packet { packet, retransmit } => self.emit_packet(packet, retransmit, out),
             }
         }
     }
 
-    fn emit_event(&mut self, mut pending: PendingLine, wire: Option<WireMatch>, out: &Output) {
+    fn emit_event(&mut self, pending: &mut PendingLine, wire: Option<&WireMatch>, out: &Output) {
         if pending.outcome_from_wire && wire.is_some() {
             pending.outcome = Some("rst");
         }
@@ -397,16 +400,15 @@ impl Pipeline {
                 self.stats.unjoined += 1;
             }
         }
-        if let Some(w) = &wire {
-            let comment = || packet_comment(&pending);
+        if let Some(w) = wire {
+            let comment = || packet_comment(pending);
             self.record_packet(&w.packet, comment);
         }
-        if !out.try_write(|text| self.write_socket_line(&pending, wire.as_ref(), text)) {
+        if !out.try_write(|text| self.write_socket_line(pending, wire, text)) {
             return; // counted as lost output
         }
         self.stats.count_line(pending.event);
         let close_delay = wire
-            .as_ref()
             .filter(|_| pending.event == "close")
             .map(|w| w.delay_ns);
         if let Some(delay) = close_delay {
@@ -429,14 +431,14 @@ impl Pipeline {
 
     fn emit_packet(&mut self, packet: WirePacket, retransmit: bool, out: &Output) {
         let conn = self.conns.for_packet(&packet);
-        if let Some(line) = self.timewait_fin(&packet, conn) {
+        if let Some(mut line) = self.timewait_fin(&packet, conn) {
             let wire = WireMatch {
                 dir: Dir::In,
                 delay_ns: 0,
                 retransmits: 0,
                 packet,
             };
-            self.emit_event(line, Some(wire), out);
+            self.emit_event(&mut line, Some(&wire), out);
             return;
         }
         if self.filter_pids && conn.is_none() {
