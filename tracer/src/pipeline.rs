@@ -78,17 +78,22 @@ impl ConnTable {
         if ev.conn_id == 0 {
             return;
         }
-        let info = self.by_id.entry(ev.conn_id).or_insert_with(|| ConnInfo {
-            local: ev.local,
-            remote: ev.remote,
-            family: ev.family,
-            owner: ev.owner,
-            last_event_ns: ev.mono_ns,
-            timewait_since: None,
-            fw2_since: None,
-            fin_received: false,
+        let mut fresh = false;
+        let info = self.by_id.entry(ev.conn_id).or_insert_with(|| {
+            fresh = true;
+            ConnInfo {
+                local: ev.local,
+                remote: ev.remote,
+                family: ev.family,
+                owner: ev.owner,
+                last_event_ns: ev.mono_ns,
+                timewait_since: None,
+                fw2_since: None,
+                fin_received: false,
+            }
         });
-        if ev.local.port() != 0 {
+        let moved = ev.local.port() != 0 && (info.local != ev.local || info.remote != ev.remote);
+        if moved {
             info.local = ev.local;
             info.remote = ev.remote;
             info.family = ev.family;
@@ -106,8 +111,10 @@ impl ConnTable {
         if ev.kind == EventKind::FinReceived {
             info.fin_received = true;
         }
+        // The address index changes only with the addresses (hashing two of them for every
+        // event showed in the profile).
         let key = (info.local, info.remote);
-        if self.by_tuple.insert(key, ev.conn_id) != Some(ev.conn_id) {
+        if (fresh || moved) && self.by_tuple.insert(key, ev.conn_id) != Some(ev.conn_id) {
             self.order.push_back((ev.conn_id, ev.mono_ns));
         }
     }
