@@ -1,10 +1,12 @@
 //! `cargo xtask bench`: the tracer against the alternatives, under loopback connection churn,
 //! as ratios to the rate without tracing measured in the same run.
 //!
-//! Each round runs, in turn: no tracer; the floor (the same hooks, programs that do nothing);
+//! Each round runs, in turn (every other round in reverse order): no tracer; the floor (the same hooks, programs that do nothing);
 //! the tracer tracing everything, with capture; the tracer with `--pid` of an unrelated quiet
 //! process (the production case); and the alternative, libbpf-tools `tcpstates` plus `tcpdump`
-//! with a FIN/RST filter. Medians over the rounds; results as a markdown table, JSON and a PNG
+//! with a FIN/RST filter. Each ratio is against the same round's no-tracer rate; the table shows
+//! medians over the rounds, and the load's CPU time per connection beside them (the load is
+//! CPU-bound, so that shows the hooks' cost with less noise than the rate). Results as a markdown table, JSON and a PNG
 //! chart under `bench-results/`.
 
 use std::{
@@ -58,6 +60,11 @@ impl Setup {
 #[derive(Clone, Debug, Default)]
 struct Sample {
     rate: f64,
+    /// This rate over the no-tracer rate of the same round.
+    ratio: f64,
+    /// The load's own CPU time per connection (user + system, softirqs it ran included): the
+    /// load is CPU-bound here, so this shows what the hooks cost it more steadily than the rate.
+    load_cpu_us_per_conn: f64,
     connections: u64,
     close_lines: u64,
     lines: u64,
@@ -87,7 +94,16 @@ pub fn run(opts: &Options) -> anyhow::Result<Value> {
     }
     let mut samples: BTreeMap<Setup, Vec<Sample>> = BTreeMap::new();
     for round in 0..opts.rounds {
-        for &setup in &setups {
+        // Every other round in reverse order: a drift of the shared machine's speed during a
+        // round then favours no setup. Each ratio is taken against its own round's no-tracer
+        // run, and the table reports the medians.
+        let order: Vec<Setup> = if round % 2 == 0 {
+            setups.clone()
+        } else {
+            setups.iter().rev().copied().collect()
+        };
+        let mut round_samples = Vec::new();
+        for setup in order {
             eprintln!(
                 "xtask bench: round {} of {}: {}",
                 round + 1,
@@ -96,6 +112,14 @@ pub fn run(opts: &Options) -> anyhow::Result<Value> {
             );
             let sample = measure(&bin, setup, opts)
                 .with_context(|| format!("measuring {}", setup.name()))?;
+            round_samples.push((setup, sample));
+        }
+        let base = round_samples
+            .iter()
+            .find(|(setup, _)| *setup == Setup::NoTracer)
+            .map_or(0.0, |(_, s)| s.rate);
+        for (setup, mut sample) in round_samples {
+            sample.ratio = if base > 0.0 { sample.rate / base } else { 0.0 };
             samples.entry(setup).or_default().push(sample);
         }
     }
@@ -116,6 +140,10 @@ pub fn check_sane(report: &Value) -> Result<(), String> {
         let ratio = row["ratio"].as_f64().unwrap_or(-1.0);
         if !(ratio > 0.0 && ratio < 3.0) {
             return Err(format!("{name}: ratio {ratio}"));
+        }
+        let load_cpu = row["load_cpu_us_per_connection"].as_f64().unwrap_or(0.0);
+        if !(load_cpu > 0.0 && load_cpu < 100_000.0) {
+            return Err(format!("{name}: load CPU {load_cpu} µs per connection"));
         }
         if name.starts_with("tracer, everything") {
             let per_conn = row["close_lines_per_connection"].as_f64().unwrap_or(0.0);
@@ -172,6 +200,7 @@ fn measure(bin: &Path, setup: Setup, opts: &Options) -> anyhow::Result<Sample> {
     let report: Value = serde_json::from_slice(&load.stdout)?;
     let mut sample = Sample {
         rate: report["rate"].as_f64().unwrap_or(0.0),
+        load_cpu_us_per_conn: report["cpu_us_per_conn"].as_f64().unwrap_or(0.0),
         connections: report["connections"].as_u64().unwrap_or(0),
         ..Sample::default()
     };
@@ -286,7 +315,8 @@ fn summarise(samples: &BTreeMap<Setup, Vec<Sample>>, opts: &Options) -> Value {
             json!({
                 "setup": setup.name(),
                 "rate": rate,
-                "ratio": if base > 0.0 { rate / base } else { 0.0 },
+                "ratio": m(|s| s.ratio),
+                "load_cpu_us_per_connection": m(|s| s.load_cpu_us_per_conn),
                 "connections": m(|s| s.connections as f64),
                 "close_lines": traced.then(|| m(|s| s.close_lines as f64)),
                 "close_lines_per_connection": traced.then(|| m(|s| s.close_lines as f64 / s.connections.max(1) as f64)),
@@ -313,8 +343,8 @@ fn summarise(samples: &BTreeMap<Setup, Vec<Sample>>, opts: &Options) -> Value {
 fn table(report: &Value) -> String {
     let mut t = format!(
         "Mode {}, {} load threads, {} rounds of {} s; no-tracer rate {:.0} connections/s.\n\n\
-         | setup | conn/s | ratio | close lines/conn | joined | lost | CPU s / M lines | CPU s / M conns | peak RSS MiB |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | setup | conn/s | ratio | load CPU µs/conn | close lines/conn | joined | lost | CPU s / M lines | CPU s / M conns | peak RSS MiB |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         report["mode"].as_str().unwrap_or(""),
         report["threads"],
         report["rounds"],
@@ -327,10 +357,11 @@ fn table(report: &Value) -> String {
     };
     for row in report["rows"].as_array().into_iter().flatten() {
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             row["setup"].as_str().unwrap_or(""),
             num(&row["rate"], 0),
             num(&row["ratio"], 3),
+            num(&row["load_cpu_us_per_connection"], 1),
             num(&row["close_lines_per_connection"], 3),
             row["joined_fraction"]
                 .as_f64()

@@ -42,7 +42,7 @@ enum Task {
     /// Measure the tracer against no tracing, the floor and tcpstates+tcpdump (as root).
     Bench {
         /// Rounds per setup; medians are reported.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// Seconds of load per run.
         #[arg(long, default_value_t = 5)]
