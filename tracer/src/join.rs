@@ -219,10 +219,10 @@ enum Deadline {
 }
 
 /// Release deadlines, one FIFO queue per kind. Within a kind, deadlines are queued almost in
-/// time order (events arrive in time order up to a little disorder across CPUs; joins in the
-/// order packets are read), so a queue's front is its earliest deadline up to that disorder: a
-/// deadline queued behind a later one leaves when that one does, late by at most the disorder
-/// (well under the output's 100 ms flush), never early. Pushing and popping cost O(1): an ordered
+/// time order (events arrive in time order up to a little disorder across CPUs, and an abortive
+/// close the pipeline held up to 20 ms for its RST event; joins in the order packets are read),
+/// so a queue's front is its earliest deadline up to that disorder: a deadline queued behind a
+/// later one leaves when that one does, late by at most the disorder, never early. Pushing and popping cost O(1): an ordered
 /// set or a heap over every waiting event cost 4-10 % of the daemon's CPU under churn.
 /// A re-timed event (joined before its window ended) leaves its old deadline behind, skipped
 /// as stale when it reaches the front.
