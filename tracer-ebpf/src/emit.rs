@@ -244,40 +244,30 @@ pub fn leave_raw(slot: u32) {
 #[map]
 static EVENT_SCRATCH: PerCpuArray<SockEvent> = PerCpuArray::with_max_entries(SLOTS, 0);
 
-/// This CPU's scratch event for `slot`, reset to `empty_event()`'s values in place.
+/// This CPU's scratch event for `slot`, reset in place (`reset_event`).
 #[inline(always)]
 pub fn scratch_event(slot: u32) -> Option<&'static mut SockEvent> {
     let ptr = EVENT_SCRATCH.get_ptr_mut(slot)?;
     // SAFETY: this CPU's slot for this nesting level (see CLASSIC_SLOT).
     let ev = unsafe { &mut *ptr };
-    // SAFETY: SockEvent is plain data; all-zero is a valid value.
-    unsafe { core::ptr::write_bytes(ptr, 0, 1) };
-    ev.fd = -1;
-    ev.reason = -1;
+    reset_event(ev);
     Some(ev)
 }
 
+/// An event with nothing known yet (see `reset_event`).
 pub fn empty_event() -> SockEvent {
-    SockEvent {
-        ts_ns: 0,
-        conn_id: 0,
-        state_since_ns: 0,
-        call_id: 0,
-        pid: 0,
-        tid: 0,
-        comm: [0; 16],
-        fd: -1,
-        reason: -1,
-        laddr: [0; 16],
-        raddr: [0; 16],
-        lport: 0,
-        rport: 0,
-        family: 0,
-        kind: 0,
-        old_state: 0,
-        new_state: 0,
-        syscall: 0,
-        owner_source: 0,
-        _pad: [0; 5],
-    }
+    // SAFETY: SockEvent is plain data; all-zero is a valid value.
+    let mut ev: SockEvent = unsafe { core::mem::zeroed() };
+    reset_event(&mut ev);
+    ev
+}
+
+/// Resets an event in place to nothing known: all zero, but fd and reason -1 (0 is a real
+/// value of both). In place, so a scratch slot is not built on the stack and copied.
+#[inline(always)]
+pub fn reset_event(ev: &mut SockEvent) {
+    // SAFETY: SockEvent is plain data; all-zero is a valid value.
+    unsafe { core::ptr::write_bytes(ev as *mut SockEvent, 0, 1) };
+    ev.fd = -1;
+    ev.reason = -1;
 }
