@@ -390,8 +390,7 @@ impl LossReporter {
         last: bool,
     ) {
         let counters = kernel_side.counters;
-        let mut kernel = read_counters(counters);
-        kernel.captured = capture.map_or(0, |c| c.captured.load(Ordering::Relaxed));
+        let kernel = read_counters(counters, capture);
         pipeline.stats.kernel = kernel;
         let capture_lost = capture.map_or(0, |c| {
             c.channel_dropped.load(Ordering::Relaxed) + c.pcap_dropped.load(Ordering::Relaxed)
@@ -443,12 +442,16 @@ fn kernel_lost(counters: &PerCpuArray<MapData, u64>) -> u64 {
     sum_counter(counters, counter::RINGBUF_LOST)
 }
 
-fn read_counters(counters: &PerCpuArray<MapData, u64>) -> KernelCounts {
+fn read_counters(
+    counters: &PerCpuArray<MapData, u64>,
+    capture: Option<&capture::CaptureStats>,
+) -> KernelCounts {
     KernelCounts {
         emitted: sum_counter(counters, counter::EMITTED),
         filtered: sum_counter(counters, counter::FILTERED),
         owner_table_full: sum_counter(counters, counter::OWNER_TABLE_FULL),
-        captured: 0,
+        // What the capture socket's kernel filter passed.
+        captured: capture.map_or(0, |c| c.captured.load(Ordering::Relaxed)),
     }
 }
 
