@@ -264,6 +264,7 @@ pub fn check(kind: Kind, conn: &Conn, lines: &[&Value], ctx: Context) -> Vec<Str
             }
         }
     }
+    failures.extend(closed_twice(conn, lines));
     for (event, end) in absent {
         if lines
             .iter()
@@ -276,6 +277,37 @@ pub fn check(kind: Kind, conn: &Conn, lines: &[&Value], ctx: Context) -> Vec<Str
         }
     }
     failures
+}
+
+/// A socket's file is released once (close, exit, close_range...): a second `close` line on
+/// one end, other than a shutdown, is a transition taken for a close it was not (a softirq
+/// move that ran inside some other call of the task it interrupted).
+fn closed_twice(conn: &Conn, lines: &[&Value]) -> Vec<String> {
+    [End::Client, End::Server]
+        .into_iter()
+        .filter_map(|end| {
+            let closes: Vec<&&Value> = lines
+                .iter()
+                .filter(|v| {
+                    v["event"] == "close"
+                        && v["syscall"] != "shutdown"
+                        && conn.end_of(v) == Some(end)
+                })
+                .collect();
+            (closes.len() > 1).then(|| {
+                format!(
+                    "{} close lines on the {} end, which is released once: {}",
+                    closes.len(),
+                    end.name(),
+                    closes
+                        .iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )
+            })
+        })
+        .collect()
 }
 
 fn matches(got: &Value, want: &Want, conn: &Conn, end: End, ctx: Context) -> Result<(), String> {

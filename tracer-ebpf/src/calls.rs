@@ -17,7 +17,7 @@ use tracer_common::syscall;
 
 use crate::{
     emit::{field, noop, pid_passes},
-    owners::current,
+    owners::{SockInfo, current},
     setting,
 };
 
@@ -79,9 +79,11 @@ fn end() {
 }
 
 /// The call of the current task that acts on `sk`, claiming `sk` for the call when the call has
-/// not acted on any socket yet.
+/// not acted on any socket yet. `info` is what is known of `sk` (None: nothing): a socket
+/// whose file is already released can only be acted on by the call that released it; its later
+/// moves run in softirqs of whatever task they interrupt, inside calls on other files.
 #[inline(always)]
-pub fn call_acting_on(sk: u64) -> Option<PendingCall> {
+pub fn call_acting_on(sk: u64, info: Option<&SockInfo>) -> Option<PendingCall> {
     let tid = current().tid;
     let entry = CALLS.get_ptr_mut(tid)?;
     // SAFETY: this task's own entry; only this task writes it.
@@ -89,6 +91,9 @@ pub fn call_acting_on(sk: u64) -> Option<PendingCall> {
     // SAFETY: plain helper call.
     if call.exited_ns != 0 && unsafe { bpf_ktime_get_ns() } - call.exited_ns > AFTER_EXIT_NS {
         let _ = CALLS.remove(tid); // long returned: a later transition is not this call's
+        return None;
+    }
+    if info.is_some_and(|i| i.released != 0 && i.closed_by_call != call.started_ns) {
         return None;
     }
     if call.kind == syscall::EXIT || call.claimed_sk == sk {

@@ -38,7 +38,10 @@ pub struct SockInfo {
     /// Kept so that events which only know the socket (the kprobe path) still pass --port.
     pub lport: u16,
     pub rport: u16,
-    pub _pad: [u8; 2],
+    /// Its last file reference is gone (a close, an exit, or a close no call showed):
+    /// tcp_close runs once per socket, so no later call can be the one closing it.
+    pub released: u8,
+    pub _pad: [u8; 1],
 }
 
 #[map]
@@ -148,6 +151,7 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut 
         conn_id: 0, // drawn below, once the entry is known to be kept
         state_since_ns: 0,
         closed_by_call: 0,
+        released: 0,
         pid: 0,
         tid: 0,
         comm: [0; 16],
@@ -155,7 +159,7 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut 
         rst_received: 0,
         lport: ev.lport,
         rport: ev.rport,
-        _pad: [0; 2],
+        _pad: [0; 1],
     };
     let key = TupleKey {
         laddr: ev.laddr,
@@ -287,6 +291,7 @@ fn remember_io_owner(sk: u64, cur: &Current) {
         conn_id: new_conn_id(),
         state_since_ns: 0,
         closed_by_call: 0,
+        released: 0,
         pid: cur.pid,
         tid: cur.tid,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
@@ -294,7 +299,7 @@ fn remember_io_owner(sk: u64, cur: &Current) {
         rst_received: 0,
         lport: 0,
         rport: 0,
-        _pad: [0; 2],
+        _pad: [0; 1],
     };
     // EEXIST: another event of the socket created the entry meanwhile; anything else: full.
     const EEXIST: i32 = -17;

@@ -132,11 +132,15 @@ fn attribute_reset(sk: u64, state: u8, ev: &mut SockEvent) {
     } else {
         SOCKS.get_ptr_mut(sk)
     };
+    // SAFETY: entry pointer from the map.
+    let info = info.map(|i| unsafe { &*i });
     if let Some(info) = info {
-        // SAFETY: entry pointer from the map.
-        fill_owner(ev, unsafe { &*info });
+        fill_owner(ev, info);
     }
-    if let Some(call) = call_acting_on(sk) {
+    if !full_socket {
+        return; // no file refers to a time-wait or request socket: no call acts on it
+    }
+    if let Some(call) = call_acting_on(sk, info) {
         ev.call_id = call.started_ns;
         ev.syscall = call.kind;
         ev.fd = call.fd;
@@ -207,16 +211,15 @@ pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
     // SAFETY: plain helper call.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.kind = EventKind::RstSent as u8;
-    if let Some(info) = SOCKS.get_ptr_mut(sk) {
-        // SAFETY: entry pointer from the map.
-        let info = unsafe { &*info };
-        fill_owner(&mut ev, info);
-        ev.lport = info.lport;
-        ev.rport = info.rport;
-    } else {
+    let Some(info) = SOCKS.get_ptr_mut(sk) else {
         return 0; // without the socket's earlier events its addresses are unknown here
-    }
-    if let Some(call) = call_acting_on(sk) {
+    };
+    // SAFETY: entry pointer from the map.
+    let info = unsafe { &*info };
+    fill_owner(&mut ev, info);
+    ev.lport = info.lport;
+    ev.rport = info.rport;
+    if let Some(call) = call_acting_on(sk, Some(info)) {
         ev.call_id = call.started_ns;
         ev.syscall = call.kind;
         ev.fd = call.fd;

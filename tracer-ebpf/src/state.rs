@@ -300,11 +300,12 @@ fn classify(
     }
     let local = is_local_close(old, new);
     if local || new == CLOSE || old == new {
-        if let Some(call) = call_acting_on(sk) {
+        if let Some(call) = call_acting_on(sk, Some(info)) {
             let same_process = info.owner_source == owner_source::UNKNOWN || info.pid == cur.pid;
             let first_in_call = info.closed_by_call != call.started_ns;
             if first_in_call && (call.kind != syscall::EXIT || same_process) {
                 info.closed_by_call = call.started_ns;
+                info.released = (call.kind != syscall::SHUTDOWN) as u8;
                 ev.syscall = call.kind;
                 ev.fd = call.fd;
                 ev.call_id = call.started_ns;
@@ -314,6 +315,8 @@ fn classify(
         }
         if local {
             // A close with no visible call (io_uring, close_range, a deferred fput).
+            info.closed_by_call = 0;
+            info.released = 1;
             claim(info, cur);
             return Some(EventKind::Close);
         }
