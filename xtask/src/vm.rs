@@ -38,9 +38,11 @@ pub const PACKAGES: &[(&str, &str)] = &[
 /// The metapackage whose dependency is the current Debian 12 kernel image.
 const KERNEL_META: &str = "linux-image-amd64";
 const KERNEL_SERIES: &str = "linux-image-6.1.";
-/// A TCG boot takes ~5 s and each probe set's run well under a minute; anything beyond this
-/// is a hang.
-const VM_TIMEOUT: Duration = Duration::from_secs(300);
+/// A TCG boot takes ~5 s and the whole run ~30 s here. The init script bounds each step and
+/// powers off by its watchdog; this is for a VM that hangs beyond that (a kernel stuck).
+const VM_TIMEOUT: Duration = Duration::from_secs(initramfs::WATCHDOG_S as u64 + 60);
+/// Lines of the console quoted when the VM fails: where it was.
+const CONSOLE_TAIL: usize = 30;
 
 /// One named result per kernel and probe set, in the order they ran.
 pub type Results = Vec<(String, Result<String, String>)>;
@@ -97,6 +99,11 @@ pub fn run() -> anyhow::Result<Results> {
     // The host's auto set is the raw tracepoints: the classic programs run here too.
     let host_classic = run_host(&bin, &dir, "tracepoint");
     let serial = boot(&kernel, &initrd, &dir.join("serial-6.1.log"))?;
+    // The VM's timeline (each step's start in its uptime), for a slow or stopped run.
+    serial
+        .lines()
+        .filter(|l| l.starts_with(initramfs::STAMP))
+        .for_each(|l| eprintln!("xtask: {}", l.trim_end_matches('\r')));
     let vm = Sections::parse(&serial);
     let formats = save_formats(&vm, &dir.join("formats-6.1"));
     let mut results = vec![
@@ -265,7 +272,13 @@ fn boot(kernel: &Path, initrd: &Path, log: &Path) -> anyhow::Result<String> {
         "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init",
     ])
     .stdin(Stdio::null());
-    eprintln!("xtask: booting {} under qemu (TCG)", kernel.display());
+    // TCG runs several times slower on a busy host: say how busy it is.
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!(
+        "xtask: booting {} under qemu (TCG); host load average {}",
+        kernel.display(),
+        load.split(' ').take(3).collect::<Vec<_>>().join(" ")
+    );
     let started = Instant::now();
     let mut child = cmd.spawn().context("starting qemu")?;
     let status = loop {
@@ -276,8 +289,10 @@ fn boot(kernel: &Path, initrd: &Path, log: &Path) -> anyhow::Result<String> {
             let _ = child.kill();
             let _ = child.wait();
             bail!(
-                "the VM did not power off within {VM_TIMEOUT:?}: see {}",
-                log.display()
+                "the VM did not power off within {VM_TIMEOUT:?}: see {}; its console ended \
+                 with:\n{}",
+                log.display(),
+                console_tail(log)
             );
         }
         thread::sleep(Duration::from_millis(200));
@@ -287,6 +302,19 @@ fn boot(kernel: &Path, initrd: &Path, log: &Path) -> anyhow::Result<String> {
         started.elapsed().as_secs_f64()
     );
     fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))
+}
+
+/// The last lines of the console and the last step it began (`initramfs::STAMP` lines).
+fn console_tail(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
+    let last_step = lines
+        .iter()
+        .rev()
+        .find(|l| l.starts_with(initramfs::STAMP))
+        .unwrap_or(&"(no step began)");
+    let tail = &lines[lines.len().saturating_sub(CONSOLE_TAIL)..];
+    format!("last step: {last_step}\n{}", tail.join("\n"))
 }
 
 /// The console's marked sections, by name.

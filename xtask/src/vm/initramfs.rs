@@ -43,6 +43,16 @@ pub const PID_RUNS: &[(&str, &str)] = &[
 
 pub const BEGIN: &str = "=== tracer-vm begin ";
 pub const END: &str = "=== tracer-vm end ";
+pub const STAMP: &str = "tracer-vm at ";
+
+/// Bounds inside the VM, so that one stuck step costs its own time and says so instead of
+/// ending the whole run at the host's timeout (`super::VM_TIMEOUT`, above their sum). A
+/// scenario pass takes ~10 s under TCG here; a shared CI machine may be several times slower.
+const STEP_TIMEOUT_S: u32 = 240;
+const READY_WAIT_S: u32 = 120;
+const STOP_WAIT_S: u32 = 30;
+/// Powers the VM off whatever still runs: the sections printed until then still count.
+pub const WATCHDOG_S: u32 = 3 * STEP_TIMEOUT_S + READY_WAIT_S + STOP_WAIT_S + 60;
 
 /// Writes the archive to `out`.
 pub fn build(tracer: &Path, scenarios: &Path, out: &Path) -> anyhow::Result<()> {
@@ -149,19 +159,38 @@ fn libraries(binaries: &[&Path]) -> anyhow::Result<BTreeSet<PathBuf>> {
     Ok(libs)
 }
 
-/// Both `--pid` tracers run through one more scenario pass (its report is not compared).
+/// Both `--pid` tracers run through one more scenario pass (its report is not compared). The
+/// pass starts once both have said `ready` (a slow VM may take seconds to load them) and the
+/// tracers are stopped by SIGINT after it, so that each writes its summary.
 fn pid_filter_run() -> String {
     let mut s = String::new();
-    for (name, args) in PID_RUNS {
+    let mut pids = Vec::new();
+    let mut files = Vec::new();
+    for (i, (name, args)) in PID_RUNS.iter().enumerate() {
         s += &format!(
-            "tracer {args} --interface lo --duration 8s -o /tmp/pid-{name}.json \
-             2>/tmp/pid-{name}.err &\n"
+            "tracer {args} --interface lo -o /tmp/pid-{name}.json 2>/tmp/pid-{name}.err &\n\
+             pid{i}=$!\n"
         );
+        pids.push(format!("$pid{i}"));
+        files.push(format!("/tmp/pid-{name}.json"));
     }
-    s += "sleep 2\n\
-          tracer-scenarios run --tracer /bin/tracer --probes tracepoint --out /tmp/pid-churn.json \
-          2>/dev/null\n\
-          wait\n";
+    let pids = pids.join(" ");
+    s += &stamp("pid runs: waiting for ready");
+    s += &format!(
+        "n=0; while [ $n -lt {READY_WAIT_S} ] && [ \"$(cat {} 2>/dev/null | grep -c '\"ready\"')\" -lt {} ]; \
+         do sleep 1; n=$((n+1)); done\n",
+        files.join(" "),
+        files.len()
+    );
+    s += &stamp("pid runs: churn");
+    s += &format!(
+        "timeout {STEP_TIMEOUT_S} tracer-scenarios run --tracer /bin/tracer --probes tracepoint \
+         --out /tmp/pid-churn.json 2>/dev/null\n\
+         kill -INT {pids}\n\
+         (sleep {STOP_WAIT_S}; kill -KILL {pids}) 2>/dev/null &\n\
+         wait {pids}\n"
+    );
+    s += &stamp("pid runs: stopped");
     for (name, _) in PID_RUNS {
         s += &section(
             &format!("pid {name}"),
@@ -169,6 +198,11 @@ fn pid_filter_run() -> String {
         );
     }
     s
+}
+
+/// A line with the VM's uptime before a step: where a slow or stuck run spent its time.
+fn stamp(step: &str) -> String {
+    format!("echo \"{STAMP}$(cut -d' ' -f1 /proc/uptime) s: {step}\"\n")
 }
 
 fn section(name: &str, command: &str) -> String {
@@ -188,6 +222,10 @@ fn init_script() -> String {
          mount -t debugfs debugfs /sys/kernel/debug\n\
          ip link set lo up\n",
     );
+    s += &format!(
+        "(sleep {WATCHDOG_S}; echo '{STAMP}watchdog: still running after {WATCHDOG_S} s, powering off'; \
+         poweroff -f) &\n"
+    );
     s += &section("uname", "uname -r");
     s += &section("modules", "cat /proc/modules");
     for f in FORMATS {
@@ -197,9 +235,12 @@ fn init_script() -> String {
         );
     }
     for mode in MODES {
+        s += &stamp(&format!("scenarios, probes {mode}"));
+        // After a timeout, the tracer the driver started may still run: stop it.
         let run = format!(
-            "tracer-scenarios run --tracer /bin/tracer --probes {mode} --out /tmp/{mode}.json \
-             2>/tmp/{mode}.err; echo \"exit $?\" >>/tmp/{mode}.err"
+            "timeout {STEP_TIMEOUT_S} tracer-scenarios run --tracer /bin/tracer --probes {mode} \
+             --out /tmp/{mode}.json 2>/tmp/{mode}.err; echo \"exit $?\" >>/tmp/{mode}.err; \
+             killall -q tracer"
         );
         s += &run;
         s.push('\n');
@@ -207,6 +248,7 @@ fn init_script() -> String {
         s += &section(&format!("report {mode}"), &format!("cat /tmp/{mode}.json"));
     }
     s += &pid_filter_run();
+    s += &stamp("done");
     s += "poweroff -f\n";
     s
 }
