@@ -41,6 +41,8 @@ const KERNEL_SERIES: &str = "linux-image-6.1.";
 /// A TCG boot takes ~5 s and the whole run ~30 s here. The init script bounds each step and
 /// powers off by its watchdog; this is for a VM that hangs beyond that (a kernel stuck).
 const VM_TIMEOUT: Duration = Duration::from_secs(initramfs::WATCHDOG_S as u64 + 60);
+/// The kernel reaches init in ~4 s here under TCG.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Lines of the console quoted when the VM fails: where it was.
 const CONSOLE_TAIL: usize = 30;
 
@@ -98,11 +100,33 @@ pub fn run() -> anyhow::Result<Results> {
     let host = run_host(&bin, &dir, "auto");
     // The host's auto set is the raw tracepoints: the classic programs run here too.
     let host_classic = run_host(&bin, &dir, "tracepoint");
-    let serial = boot(&kernel, &initrd, &dir.join("serial-6.1.log"))?;
+    let log = dir.join("serial-6.1.log");
+    let serial = match boot(&kernel, &initrd, &log)? {
+        Boot::Done(serial) => serial,
+        Boot::Hung => {
+            // Seen once on CI: an emulated kernel that never reached init says nothing about
+            // the tracer. A second hang fails.
+            eprintln!(
+                "xtask: the VM's kernel did not reach init within {BOOT_TIMEOUT:?}, booting \
+                 once more; its console:\n{}",
+                console_tail(&log)
+            );
+            match boot(&kernel, &initrd, &log)? {
+                Boot::Done(serial) => serial,
+                Boot::Hung => bail!(
+                    "the VM's kernel did not reach init within {BOOT_TIMEOUT:?}, twice: see {}; \
+                     its console ended with:\n{}",
+                    log.display(),
+                    console_tail(&log)
+                ),
+            }
+        }
+    };
     // The VM's timeline (each step's start in its uptime), for a slow or stopped run.
+    // (The first line follows the console's reset sequences.)
     serial
         .lines()
-        .filter(|l| l.starts_with(initramfs::STAMP))
+        .filter_map(|l| l.find(initramfs::STAMP).map(|at| &l[at..]))
         .for_each(|l| eprintln!("xtask: {}", l.trim_end_matches('\r')));
     let vm = Sections::parse(&serial);
     let formats = save_formats(&vm, &dir.join("formats-6.1"));
@@ -243,9 +267,16 @@ fn unpack_boot(deb: &Path, into: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Boots the kernel under qemu (TCG: no KVM needed), serial console to `log`; returns the
-/// console text. Killed after `VM_TIMEOUT`.
-fn boot(kernel: &Path, initrd: &Path, log: &Path) -> anyhow::Result<String> {
+/// How a boot ended: powered off (the console text), or stuck before init's first step.
+enum Boot {
+    Done(String),
+    Hung,
+}
+
+/// Boots the kernel under qemu (TCG: no KVM needed), serial console to `log`. Killed when init
+/// has not begun its first step within `BOOT_TIMEOUT`, or has not powered off within
+/// `VM_TIMEOUT`.
+fn boot(kernel: &Path, initrd: &Path, log: &Path) -> anyhow::Result<Boot> {
     let qemu = cmd::which("qemu-system-x86_64")
         .context("qemu-system-x86_64 is missing: apt-get install qemu-system-x86")?;
     let _ = fs::remove_file(log);
@@ -285,6 +316,11 @@ fn boot(kernel: &Path, initrd: &Path, log: &Path) -> anyhow::Result<String> {
         if let Some(status) = child.try_wait()? {
             break status;
         }
+        if started.elapsed() > BOOT_TIMEOUT && !init_began(log) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(Boot::Hung);
+        }
         if started.elapsed() > VM_TIMEOUT {
             let _ = child.kill();
             let _ = child.wait();
@@ -301,7 +337,13 @@ fn boot(kernel: &Path, initrd: &Path, log: &Path) -> anyhow::Result<String> {
         "xtask: VM ran {:.0} s ({status})",
         started.elapsed().as_secs_f64()
     );
-    fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))
+    let serial = fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    Ok(Boot::Done(serial))
+}
+
+/// Whether init printed its first step (`initramfs::STAMP`) on the console.
+fn init_began(log: &Path) -> bool {
+    fs::read_to_string(log).is_ok_and(|text| text.contains(initramfs::STAMP))
 }
 
 /// The last lines of the console and the last step it began (`initramfs::STAMP` lines).
@@ -311,8 +353,8 @@ fn console_tail(log: &Path) -> String {
     let last_step = lines
         .iter()
         .rev()
-        .find(|l| l.starts_with(initramfs::STAMP))
-        .unwrap_or(&"(no step began)");
+        .find_map(|l| l.find(initramfs::STAMP).map(|at| &l[at..]))
+        .unwrap_or("(no step began)");
     let tail = &lines[lines.len().saturating_sub(CONSOLE_TAIL)..];
     format!("last step: {last_step}\n{}", tail.join("\n"))
 }

@@ -226,6 +226,7 @@ fn init_script() -> String {
         "(sleep {WATCHDOG_S}; echo '{STAMP}watchdog: still running after {WATCHDOG_S} s, powering off'; \
          poweroff -f) &\n"
     );
+    s += &stamp("init"); // the host's sign that the kernel booted
     s += &section("uname", "uname -r");
     s += &section("modules", "cat /proc/modules");
     for f in FORMATS {
