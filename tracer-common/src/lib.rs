@@ -184,6 +184,37 @@ impl SockLayout {
     };
 }
 
+/// Offsets (from the kernel's BTF) of the pointers from the current task to the socket behind
+/// one of its file descriptors: task_struct.files -> files_struct.fdt -> fdtable.fd[fd] ->
+/// file.private_data -> socket.sk, with fdtable.max_fds to bound the index and socket.file to
+/// check the file is a socket's. With them a close(2) or shutdown(2) knows the one socket it
+/// acts on; all NONE where the BTF does not say.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdLayout {
+    pub task_files: u16,
+    pub files_fdt: u16,
+    pub fdt_max_fds: u16,
+    pub fdt_fd: u16,
+    pub file_private_data: u16,
+    pub socket_sk: u16,
+    pub socket_file: u16,
+    pub _pad: u16,
+}
+
+impl FdLayout {
+    pub const NONE: Self = Self {
+        task_files: NONE,
+        files_fdt: NONE,
+        fdt_max_fds: NONE,
+        fdt_fd: NONE,
+        file_private_data: NONE,
+        socket_sk: NONE,
+        socket_file: NONE,
+        _pad: 0,
+    };
+}
+
 /// The most of a tracepoint record the programs copy at once; fields past it are read one by
 /// one.
 pub const RECORD_BYTES: usize = 128;
@@ -227,6 +258,8 @@ pub struct Config {
     pub inline_pids: [u32; INLINE_PIDS],
     /// For the raw tracepoint programs (all NONE when they are not used).
     pub sock: SockLayout,
+    /// For close(2) and shutdown(2): the socket behind the descriptor.
+    pub fd: FdLayout,
 }
 
 /// How many traced pids `Config::inline_pids` holds.
@@ -262,6 +295,7 @@ impl Config {
             wakeup_bytes: 0,
             inline_pids: [0; INLINE_PIDS],
             sock: SockLayout::NONE,
+            fd: FdLayout::NONE,
         }
     }
 }

@@ -1,19 +1,24 @@
 //! Which call the current task is in: close(2), shutdown(2) or process exit.
 //!
-//! On loopback, a close() runs the peer's softirq processing in the closer's own task, so "the
-//! current task is in close()" does not mean "this socket is being closed". A call claims the
-//! first socket whose state it changes (tcp_close and tcp_shutdown change the state before they
-//! send anything), or exactly the socket that the tcp_close kprobe names when kprobes exist.
-//! Process exit closes every file of the task, so an exit claims each socket the exiting
-//! process owns.
+//! On loopback, a close() runs the peer's softirq processing in the closer's own task, and any
+//! softirq may run inside any call of the task it interrupts, so "the current task is in
+//! close()" does not mean "this socket is being closed". Where the kernel's BTF gives the way,
+//! a call knows its socket from the start: the one behind its descriptor, read from the task's
+//! file table (or none, for a pipe or a file). Without it, a call claims the first socket whose
+//! state it changes (tcp_close and tcp_shutdown change the state before they send anything),
+//! or exactly the socket that the tcp_close kprobe names when kprobes exist. Process exit
+//! closes every file of the task, so an exit claims each socket the exiting process owns.
 
 use aya_ebpf::{
-    helpers::generated::bpf_ktime_get_ns,
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_get_current_task, bpf_ktime_get_ns},
+    },
     macros::{kprobe, map, tracepoint},
     maps::LruHashMap,
     programs::{ProbeContext, TracePointContext},
 };
-use tracer_common::syscall;
+use tracer_common::{NONE, syscall};
 
 use crate::{
     emit::{field, noop, pid_passes},
@@ -25,7 +30,8 @@ use crate::{
 #[derive(Clone, Copy)]
 pub struct PendingCall {
     pub started_ns: u64,
-    /// The socket this call acts on, once known (0 until then).
+    /// The socket this call acts on, once known (0 until then; `NOT_A_SOCKET` when its
+    /// descriptor is not a socket's).
     pub claimed_sk: u64,
     /// When the syscall returned (0 while inside it). Kernels before 6.x defer the final fput
     /// of close(2) to task_work, which runs right after sys_exit_close: the call still counts
@@ -39,6 +45,9 @@ pub struct PendingCall {
 #[map]
 static CALLS: LruHashMap<u32, PendingCall> = LruHashMap::with_max_entries(16384, 0);
 
+/// `claimed_sk` of a call whose descriptor is not a socket's: matches no socket.
+const NOT_A_SOCKET: u64 = u64::MAX;
+
 #[inline(always)]
 fn begin(kind: u8, fd: i32) {
     let cur = current();
@@ -48,13 +57,50 @@ fn begin(kind: u8, fd: i32) {
     let call = PendingCall {
         // SAFETY: plain helper call.
         started_ns: unsafe { bpf_ktime_get_ns() },
-        claimed_sk: 0,
+        claimed_sk: socket_behind(fd).map_or(0, |sk| if sk == 0 { NOT_A_SOCKET } else { sk }),
         exited_ns: 0,
         fd,
         kind,
         _pad: [0; 3],
     };
     let _ = CALLS.insert(cur.tid, call, 0); // LRU: insertion evicts, never fails for space.
+}
+
+/// The socket behind the current task's descriptor `fd`: Some(0) when the descriptor is not
+/// a socket's (or not open), None when that cannot be told (no layout from the BTF, a read
+/// that failed). Walks task->files->fdt->fd[fd]->private_data, and checks the socket's own
+/// `file` points back: private_data of other files is something else.
+#[inline(always)]
+fn socket_behind(fd: i32) -> Option<u64> {
+    let files_at = setting!(fd.task_files);
+    if files_at == NONE || fd < 0 {
+        return None;
+    }
+    // SAFETY: plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = read(task, files_at)?;
+    let fdt: u64 = read(files, setting!(fd.files_fdt))?;
+    let max_fds: u32 = read(fdt, setting!(fd.fdt_max_fds))?;
+    if fd as u32 >= max_fds {
+        return Some(0);
+    }
+    let fds: u64 = read(fdt, setting!(fd.fdt_fd))?;
+    let file: u64 = read(fds + fd as u64 * 8, 0)?;
+    if file == 0 {
+        return Some(0);
+    }
+    let socket: u64 = read(file, setting!(fd.file_private_data))?;
+    if socket == 0 || read::<u64>(socket, setting!(fd.socket_file)) != Some(file) {
+        return Some(0);
+    }
+    read(socket, setting!(fd.socket_sk))
+}
+
+/// A kernel value at `base + offset`.
+#[inline(always)]
+fn read<T>(base: u64, offset: u16) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel checks the access.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
 }
 
 /// How long after close(2) returned its deferred fput may still act on the socket. It runs

@@ -1,5 +1,7 @@
-//! `struct sock` (and `inet_sock`) member offsets from the kernel's BTF (`/sys/kernel/btf/vmlinux`), for the raw
-//! tracepoint programs, which get a `struct sock *` instead of a tracepoint record.
+//! Member offsets from the kernel's BTF (`/sys/kernel/btf/vmlinux`): `struct sock` (and
+//! `inet_sock`) for the raw tracepoint programs, which get a `struct sock *` instead of a
+//! tracepoint record, and the chain from a task to the socket behind a descriptor for the
+//! close(2) and shutdown(2) programs.
 //!
 //! aya can parse the whole BTF, but that costs tens of MB of memory for a handful of numbers
 //! (the reason the loader runs with `.btf(None)`). This reads the file in two streaming passes
@@ -15,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tracer_common::SockLayout;
+use tracer_common::{FdLayout, SockLayout};
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -29,11 +31,37 @@ const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
 
-/// The names looked up: the two structs, then the members (index into `Names::offsets`).
+/// The structs looked up, first in `NAMES` (their index there is their index in
+/// `Btf::structs`).
+const STRUCTS: &[&str] = &[
+    "sock",
+    "sock_common",
+    "inet_sock",
+    "task_struct",
+    "files_struct",
+    "fdtable",
+    "file",
+    "socket",
+];
+const SOCK: usize = 0;
+const SOCK_COMMON: usize = 1;
+const INET_SOCK: usize = 2;
+const TASK_STRUCT: usize = 3;
+const FILES_STRUCT: usize = 4;
+const FDTABLE: usize = 5;
+const FILE: usize = 6;
+const SOCKET: usize = 7;
+
+/// The names looked up: the structs, then their members (`file` is both).
 const NAMES: &[&str] = &[
     "sock",
     "sock_common",
     "inet_sock",
+    "task_struct",
+    "files_struct",
+    "fdtable",
+    "file",
+    "socket",
     "__sk_common",
     "sk",
     "inet_sport",
@@ -44,13 +72,36 @@ const NAMES: &[&str] = &[
     "skc_v6_rcv_saddr",
     "skc_v6_daddr",
     "sk_protocol",
+    "files",
+    "fdt",
+    "max_fds",
+    "fd",
+    "private_data",
 ];
 
+/// What the programs need from the kernel's BTF; each part is missing with why.
+pub struct Layouts {
+    /// For the raw tracepoint programs.
+    pub sock: Result<SockLayout, String>,
+    /// For close(2) and shutdown(2) to know their socket.
+    pub fd: Result<FdLayout, String>,
+}
+
 /// Reads the offsets of the fields the programs need.
-pub fn sock_layout(path: &Path) -> anyhow::Result<SockLayout> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let btf = Btf::index(file).with_context(|| format!("reading {}", path.display()))?;
-    btf.sock_layout()
+pub fn layouts(path: &Path) -> Layouts {
+    let btf = File::open(path)
+        .with_context(|| format!("opening {}", path.display()))
+        .and_then(|file| Btf::index(file).with_context(|| format!("reading {}", path.display())));
+    match btf {
+        Ok(btf) => Layouts {
+            sock: btf.sock_layout().map_err(|e| format!("{e:#}")),
+            fd: btf.fd_layout().map_err(|e| format!("{e:#}")),
+        },
+        Err(e) => Layouts {
+            sock: Err(format!("{e:#}")),
+            fd: Err(format!("{e:#}")),
+        },
+    }
 }
 
 /// Where each type starts in the file, and the string offsets of `NAMES`.
@@ -59,9 +110,8 @@ struct Btf {
     /// Byte offset of type id `i` (index 0 is the void type and unused).
     type_at: Vec<u64>,
     names: [Option<u32>; NAMES.len()],
-    sock: Option<u32>,
-    sock_common: Option<u32>,
-    inet_sock: Option<u32>,
+    /// Type ids of `STRUCTS`.
+    structs: [Option<u32>; STRUCTS.len()],
 }
 
 /// One member of a struct or union.
@@ -90,9 +140,7 @@ impl Btf {
             file,
             type_at: vec![0],
             names,
-            sock: None,
-            sock_common: None,
-            inet_sock: None,
+            structs: [None; STRUCTS.len()],
         };
         btf.index_types(hdr_len + type_off, type_len)?;
         Ok(btf)
@@ -114,14 +162,10 @@ impl Btf {
             let extra = extra_bytes(kind, vlen)
                 .with_context(|| format!("unknown BTF kind {kind} at offset {at}"))?;
             let id = self.type_at.len() as u32;
-            if kind == KIND_STRUCT {
-                if Some(name_off) == self.names[0] {
-                    self.sock = Some(id);
-                } else if Some(name_off) == self.names[1] {
-                    self.sock_common = Some(id);
-                } else if Some(name_off) == self.names[2] {
-                    self.inet_sock = Some(id);
-                }
+            if kind == KIND_STRUCT
+                && let Some(i) = (0..STRUCTS.len()).find(|&i| Some(name_off) == self.names[i])
+            {
+                self.structs[i].get_or_insert(id);
             }
             self.type_at.push(at);
             std::io::copy(&mut (&mut reader).take(extra), &mut std::io::sink())?;
@@ -130,10 +174,14 @@ impl Btf {
         Ok(())
     }
 
+    fn struct_id(&self, index: usize) -> anyhow::Result<u32> {
+        self.structs[index].with_context(|| format!("no struct {}", STRUCTS[index]))
+    }
+
     fn sock_layout(&self) -> anyhow::Result<SockLayout> {
-        let sock = self.sock.context("no struct sock")?;
-        let common = self.sock_common.context("no struct sock_common")?;
-        let inet = self.inet_sock.context("no struct inet_sock")?;
+        let sock = self.struct_id(SOCK)?;
+        let common = self.struct_id(SOCK_COMMON)?;
+        let inet = self.struct_id(INET_SOCK)?;
         // All three start at the socket's address: offsets in any of them are offsets from sk.
         for (outer, member, inner, what) in [
             (
@@ -154,15 +202,7 @@ impl Btf {
                 bail!("{what}");
             }
         }
-        let byte_offset = |within: u32, name: &str| -> anyhow::Result<u16> {
-            let m = self
-                .find(within, self.name(name))?
-                .with_context(|| format!("no member {name}"))?;
-            if m.bit_offset % 8 != 0 || m.bit_size != 0 {
-                bail!("{name} is not byte-aligned");
-            }
-            Ok((m.bit_offset / 8) as u16)
-        };
+        let byte_offset = |within, name| self.byte_offset(within, name);
         let protocol = self
             .find(sock, self.name("sk_protocol"))?
             .context("struct sock has no sk_protocol")?;
@@ -188,6 +228,35 @@ impl Btf {
             protocol_size: protocol_size as u16,
             _pad: 0,
         })
+    }
+
+    fn fd_layout(&self) -> anyhow::Result<FdLayout> {
+        let task = self.struct_id(TASK_STRUCT)?;
+        let files = self.struct_id(FILES_STRUCT)?;
+        let fdtable = self.struct_id(FDTABLE)?;
+        let file = self.struct_id(FILE)?;
+        let socket = self.struct_id(SOCKET)?;
+        Ok(FdLayout {
+            task_files: self.byte_offset(task, "files")?,
+            files_fdt: self.byte_offset(files, "fdt")?,
+            fdt_max_fds: self.byte_offset(fdtable, "max_fds")?,
+            fdt_fd: self.byte_offset(fdtable, "fd")?,
+            file_private_data: self.byte_offset(file, "private_data")?,
+            socket_sk: self.byte_offset(socket, "sk")?,
+            socket_file: self.byte_offset(socket, "file")?,
+            _pad: 0,
+        })
+    }
+
+    /// A member's offset in bytes from the start of `within` (not a bit-field, below 64 KiB).
+    fn byte_offset(&self, within: u32, name: &str) -> anyhow::Result<u16> {
+        let m = self
+            .find(within, self.name(name))?
+            .with_context(|| format!("no member {name}"))?;
+        if m.bit_offset % 8 != 0 || m.bit_size != 0 {
+            bail!("{name} is not byte-aligned");
+        }
+        u16::try_from(m.bit_offset / 8).with_context(|| format!("{name} is past 64 KiB"))
     }
 
     fn name(&self, name: &str) -> Option<u32> {
@@ -345,7 +414,7 @@ mod tests {
             eprintln!("skipped: {VMLINUX} does not exist here");
             return;
         }
-        let layout = sock_layout(path).unwrap();
+        let layout = layouts(path).sock.unwrap();
         assert_eq!(layout.daddr, 0);
         assert_eq!(layout.dport, 12);
         assert_eq!(layout.family, 16);
@@ -360,8 +429,31 @@ mod tests {
     fn a_file_that_is_not_btf_is_refused() {
         let path = std::env::temp_dir().join(format!("not-btf-{}", std::process::id()));
         std::fs::write(&path, [0u8; 64]).unwrap();
-        let err = sock_layout(&path).unwrap_err();
+        let found = layouts(&path);
         std::fs::remove_file(&path).unwrap();
-        assert!(format!("{err:#}").contains("not BTF"), "{err:#}");
+        for err in [found.sock.unwrap_err(), found.fd.unwrap_err()] {
+            assert!(err.contains("not BTF"), "{err}");
+        }
+    }
+
+    /// The chain from a task to the socket behind its descriptor, on this machine's kernel.
+    #[test]
+    fn reads_the_descriptor_chain_from_this_kernels_btf() {
+        let path = Path::new(VMLINUX);
+        if !path.exists() {
+            eprintln!("skipped: {VMLINUX} does not exist here");
+            return;
+        }
+        let fd = layouts(path).fd.unwrap();
+        // struct fdtable { unsigned int max_fds; struct file __rcu **fd; ... } and struct
+        // socket's file and sk pointers have kept these places for years.
+        assert_eq!((fd.fdt_max_fds, fd.fdt_fd), (0, 8));
+        assert_eq!(fd.socket_sk, fd.socket_file + 8);
+        assert!(
+            fd.task_files > 1000,
+            "task_struct.files at {}",
+            fd.task_files
+        );
+        assert!(fd.file_private_data > 0 && fd.files_fdt > 0);
     }
 }

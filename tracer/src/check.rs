@@ -23,6 +23,9 @@ struct Report {
     privileges: Privileges,
     tracepoints: Vec<TracepointReport>,
     rst_reasons: bool,
+    /// How a close(2) or shutdown(2) is tied to its socket: "descriptor" (the socket behind
+    /// the fd, from the BTF) or "first socket moved" (without BTF).
+    close_attribution: &'static str,
     probe_mode: ProbeMode,
     /// The probes `tracer` would attach with this mode.
     would_attach: Option<Vec<String>>,
@@ -118,6 +121,11 @@ fn build(mode: ProbeMode) -> Report {
             })
             .collect(),
         rst_reasons: !support.formats.reset_reasons().is_empty(),
+        close_attribution: if support.fd.is_ok() {
+            "descriptor"
+        } else {
+            "first socket moved"
+        },
         probe_mode: mode,
         would_attach: plan.ok(),
         problem: (!problem.is_empty()).then(|| problem.join("; ")),
@@ -145,6 +153,10 @@ fn print_human(r: &Report) {
         r.ringbuf.map_or("unknown (needs privileges to probe)", yes)
     );
     println!("RST reasons   {}", yes(r.rst_reasons));
+    println!(
+        "close calls   tied to their socket by {}",
+        r.close_attribution
+    );
     println!(
         "privileges    euid {}{}",
         r.privileges.euid,

@@ -9,7 +9,7 @@ use aya::{
     maps::HashMap as BpfHashMap,
     programs::{KProbe, RawTracePoint, SocketFilter, TracePoint},
 };
-use tracer_common::{Config, SockLayout};
+use tracer_common::{Config, FdLayout, SockLayout};
 
 use crate::{
     btf,
@@ -294,6 +294,8 @@ pub struct KernelSupport {
     pub btf: bool,
     /// `struct sock` offsets from the kernel's BTF, or why there are none.
     pub sock: Result<SockLayout, String>,
+    /// The chain from a task to the socket behind its descriptor, or why there is none.
+    pub fd: Result<FdLayout, String>,
     pub kprobes: bool,
     pub formats: Formats,
 }
@@ -320,12 +322,14 @@ impl KernelSupport {
             Some(root) => Formats::read(root)?,
             None => Formats::default(),
         };
+        let layouts = btf::layouts(Path::new(btf::VMLINUX));
         Ok(Self {
             release: fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
             btf: Path::new(btf::VMLINUX).exists(),
-            sock: btf::sock_layout(Path::new(btf::VMLINUX)).map_err(|e| format!("{e:#}")),
+            sock: layouts.sock,
+            fd: layouts.fd,
             kprobes: kprobes_available(),
             formats,
         })
@@ -672,6 +676,7 @@ mod tests {
             release: "test".into(),
             btf: true,
             sock: Err("not read in tests".into()),
+            fd: Err("not read in tests".into()),
             kprobes: false,
             formats: Formats {
                 present: present.iter().map(|s| s.to_string()).collect(),

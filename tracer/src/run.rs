@@ -89,6 +89,13 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         ),
         Err(_) => {}
     }
+    match &support.fd {
+        Ok(layout) => config.fd = *layout,
+        Err(why) => eprintln!(
+            "tracer: the kernel's BTF gave no path from a descriptor to its socket ({why}): a \
+             close(2) or shutdown(2) is taken to act on the first socket that moves during it"
+        ),
+    }
     config.filter_pids = u8::from(!settings.pids.is_empty());
     if settings.pids.len() <= config.inline_pids.len() {
         config.inline_pids[..settings.pids.len()].copy_from_slice(&settings.pids);

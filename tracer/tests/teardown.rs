@@ -224,6 +224,53 @@ fn process_exit_closes_are_attributed_to_the_exiting_process() {
     tracer.stop();
 }
 
+/// A close(2) of a pipe is not the close of a socket the same task resets right after it:
+/// the call's descriptor says which socket it acts on (before, a call claimed the first
+/// socket that moved during it or within 20 ms after it returned, so this disconnect came out
+/// as a `close` of the pipe's fd). connect(AF_UNSPEC) disconnects in the task's own context,
+/// which makes the sequence deterministic; a softirq that moves a socket inside an unrelated
+/// call is the same case, by chance.
+#[test]
+fn a_reset_right_after_closing_a_pipe_is_not_that_close() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let mut tracer = tracer_for(port);
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let my_port = client.local_addr().unwrap().port();
+    let (server, _) = l.accept().unwrap();
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe(2) into a two-int array, then closing the descriptors it made; connect(2)
+    // with a zeroed sockaddr of family AF_UNSPEC, the documented way to disconnect.
+    let pipe_fd = unsafe {
+        assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+        assert_eq!(libc::close(pipe[0]), 0);
+        let mut unspec: libc::sockaddr = std::mem::zeroed();
+        unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        let len = std::mem::size_of::<libc::sockaddr>() as libc::socklen_t;
+        assert_eq!(libc::connect(client.as_raw_fd(), &unspec, len), 0);
+        libc::close(pipe[1]);
+        pipe[0]
+    };
+    let moved = tracer.wait_for(
+        |v| v["lport"] == my_port && v["rport"] == port && v["new_state"] == "CLOSE",
+        WAIT,
+    );
+    assert_eq!(moved["old_state"], "ESTABLISHED");
+    assert_ne!(moved["event"], "close", "not the pipe's close: {moved}");
+    assert_eq!(moved["syscall"], Value::Null, "{moved}");
+    let reset = tracer.wait_for(|v| is(v, "rst_received", port, my_port), WAIT);
+    assert_eq!(reset["pid"], me());
+    drop((client, server));
+    let out = tracer.stop();
+    let pipe_close = out.lines.iter().find(|v| v["fd"] == pipe_fd);
+    assert!(
+        pipe_close.is_none(),
+        "a line names the pipe: {pipe_close:?}"
+    );
+}
+
 #[test]
 fn a_connection_opened_before_the_tracer_is_attributed() {
     if !common::require_root() {
