@@ -255,7 +255,11 @@ impl Pipeline {
             }
             return;
         }
-        let sends_fin = matches!(ev.new_state, tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK);
+        // Only a move into these states sends the FIN: a close(2) after a shutdown(2) finds
+        // the socket already there (FIN_WAIT1 -> FIN_WAIT1) and sends nothing; waiting for a
+        // FIN would count it unjoined and call its outcome `fin`.
+        let sends_fin = ev.old_state != ev.new_state
+            && matches!(ev.new_state, tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK);
         let mut pending = line("close", ev, sends_fin);
         pending.outcome = sends_fin.then_some("fin");
         self.push(pending);
@@ -758,6 +762,45 @@ mod tests {
         assert_eq!(out[0]["reason"], "TCP_ABORT_ON_CLOSE");
         assert_eq!(out[0]["wire"]["delay_ns"], 9_000);
         assert_eq!(out[0]["wire"]["seq"], 42);
+    }
+
+    /// python's http.server: shutdown(SHUT_WR), then close(2) before the peer's ACK.
+    #[test]
+    fn a_close_after_a_shutdown_sends_nothing_and_waits_for_nothing() {
+        let fin = WirePacket {
+            flags: tcp_flags::FIN | tcp_flags::ACK,
+            ..rst_packet(100 * MS + 9_000)
+        };
+        let mut shutdown = event(
+            EventKind::Close,
+            tcp_state::ESTABLISHED,
+            tcp_state::FIN_WAIT1,
+            100 * MS,
+            98,
+            None,
+        );
+        shutdown.syscall = tracer_common::syscall::SHUTDOWN;
+        let out = lines(|p| {
+            p.kernel_event(shutdown);
+            p.packet(fin);
+            p.kernel_event(event(
+                EventKind::Close,
+                tcp_state::FIN_WAIT1,
+                tcp_state::FIN_WAIT1,
+                100 * MS + 20_000,
+                99,
+                None,
+            ));
+        });
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(
+            (&out[0]["syscall"], &out[0]["outcome"]),
+            (&"shutdown".into(), &"fin".into())
+        );
+        assert!(out[0]["wire"].is_object(), "{out:?}");
+        assert_eq!(out[1]["syscall"], "close");
+        assert_eq!(out[1]["outcome"], serde_json::Value::Null);
+        assert_eq!(out[1]["wire"], serde_json::Value::Null);
     }
 
     #[test]
