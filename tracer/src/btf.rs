@@ -31,8 +31,7 @@ const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
 
-/// The structs looked up, first in `NAMES` (their index there is their index in
-/// `Btf::structs`).
+/// The structs looked up (an index here is the index in `Btf::structs` and in `Btf::names`).
 const STRUCTS: &[&str] = &[
     "sock",
     "sock_common",
@@ -52,16 +51,8 @@ const FDTABLE: usize = 5;
 const FILE: usize = 6;
 const SOCKET: usize = 7;
 
-/// The names looked up: the structs, then their members (`file` is both).
-const NAMES: &[&str] = &[
-    "sock",
-    "sock_common",
-    "inet_sock",
-    "task_struct",
-    "files_struct",
-    "fdtable",
-    "file",
-    "socket",
+/// Their members looked up (`file` is also a member: `socket.file`, found under STRUCTS).
+const MEMBERS: &[&str] = &[
     "__sk_common",
     "sk",
     "inet_sport",
@@ -78,6 +69,13 @@ const NAMES: &[&str] = &[
     "fd",
     "private_data",
 ];
+
+/// How many names are looked up: the structs, then the members.
+const NAMES: usize = STRUCTS.len() + MEMBERS.len();
+
+fn names() -> impl Iterator<Item = &'static str> {
+    STRUCTS.iter().chain(MEMBERS).copied()
+}
 
 /// What the programs need from the kernel's BTF; each part is missing with why.
 pub struct Layouts {
@@ -104,12 +102,12 @@ pub fn layouts(path: &Path) -> Layouts {
     }
 }
 
-/// Where each type starts in the file, and the string offsets of `NAMES`.
+/// Where each type starts in the file, and the string offsets of the names looked up.
 struct Btf {
     file: File,
     /// Byte offset of type id `i` (index 0 is the void type and unused).
     type_at: Vec<u64>,
-    names: [Option<u32>; NAMES.len()],
+    names: [Option<u32>; NAMES],
     /// Type ids of `STRUCTS`.
     structs: [Option<u32>; STRUCTS.len()],
 }
@@ -260,10 +258,7 @@ impl Btf {
     }
 
     fn name(&self, name: &str) -> Option<u32> {
-        NAMES
-            .iter()
-            .position(|n| *n == name)
-            .and_then(|i| self.names[i])
+        names().position(|n| n == name).and_then(|i| self.names[i])
     }
 
     /// The member called `name` of a struct or union, looking inside anonymous members, with
@@ -370,12 +365,12 @@ fn extra_bytes(kind: u32, vlen: u64) -> Option<u64> {
     })
 }
 
-/// The string-section offsets of `NAMES`, found in one pass over the section.
-fn find_names(file: &File, start: u64, len: u64) -> anyhow::Result<[Option<u32>; NAMES.len()]> {
+/// The string-section offsets of the names looked up, found in one pass over the section.
+fn find_names(file: &File, start: u64, len: u64) -> anyhow::Result<[Option<u32>; NAMES]> {
     let mut file = file;
     file.seek(SeekFrom::Start(start))?;
     let mut reader = BufReader::with_capacity(64 * 1024, file.take(len));
-    let mut found = [None; NAMES.len()];
+    let mut found = [None; NAMES];
     let mut current = Vec::with_capacity(128);
     let mut current_start = 0u32;
     let mut offset = 0u32;
@@ -387,7 +382,7 @@ fn find_names(file: &File, start: u64, len: u64) -> anyhow::Result<[Option<u32>;
         }
         for &byte in &buf[..n] {
             if byte == 0 {
-                if let Some(i) = NAMES.iter().position(|name| name.as_bytes() == current) {
+                if let Some(i) = names().position(|name| name.as_bytes() == current) {
                     found[i].get_or_insert(current_start);
                 }
                 current.clear();
