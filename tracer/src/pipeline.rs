@@ -63,7 +63,16 @@ struct ConnInfo {
     timewait_since: Option<u64>,
     fw2_since: Option<u64>,
     fin_received: bool,
+    /// Sequence numbers of the FINs seen on the wire: [to this socket, from it], valid where
+    /// `fin_seen` has bit 1 << index. A FIN seen again later than the join window remembers
+    /// its first copy (is a retransmission): the joiner forgets packets after the window.
+    fin_seq: [u32; 2],
+    fin_seen: u8,
 }
+
+/// Index into `ConnInfo::fin_seq`.
+const FIN_TO: usize = 0;
+const FIN_FROM: usize = 1;
 
 /// Connections by conn id and by address pair.
 #[derive(Default)]
@@ -90,6 +99,8 @@ impl ConnTable {
                 timewait_since: None,
                 fw2_since: None,
                 fin_received: false,
+                fin_seq: [0; 2],
+                fin_seen: 0,
             }
         });
         let moved = ev.local.port() != 0 && (info.local != ev.local || info.remote != ev.remote);
@@ -158,6 +169,38 @@ impl ConnTable {
                 .get(&(pkt.src, pkt.dst))
                 .map(|&id| (id, Dir::Out))
         })
+    }
+
+    /// Records a FIN on the connection it reached and the one that sent it, where known.
+    fn note_fin(&mut self, pkt: &WirePacket) {
+        if pkt.flags & tcp_flags::FIN == 0 {
+            return;
+        }
+        for (key, side) in [((pkt.dst, pkt.src), FIN_TO), ((pkt.src, pkt.dst), FIN_FROM)] {
+            if let Some(info) = self
+                .by_tuple
+                .get(&key)
+                .and_then(|id| self.by_id.get_mut(id))
+            {
+                info.fin_seq[side] = pkt.seq;
+                info.fin_seen |= 1 << side;
+            }
+        }
+    }
+
+    /// Whether this FIN was seen before (on either end's connection).
+    fn fin_seen_before(&self, pkt: &WirePacket) -> bool {
+        pkt.flags & tcp_flags::FIN != 0
+            && [((pkt.dst, pkt.src), FIN_TO), ((pkt.src, pkt.dst), FIN_FROM)]
+                .into_iter()
+                .any(|(key, side)| {
+                    self.by_tuple
+                        .get(&key)
+                        .and_then(|id| self.by_id.get(id))
+                        .is_some_and(|i| {
+                            i.fin_seen & (1 << side) != 0 && i.fin_seq[side] == pkt.seq
+                        })
+                })
     }
 
     fn expire(&mut self, now_ns: u64) {
@@ -412,6 +455,7 @@ impl Pipeline {
             }
         }
         if let Some(w) = wire {
+            self.conns.note_fin(&w.packet);
             let comment = || packet_comment(pending);
             self.record_packet(&w.packet, comment);
         }
@@ -442,7 +486,16 @@ impl Pipeline {
 
     fn emit_packet(&mut self, packet: WirePacket, retransmit: bool, out: &Output) {
         let conn = self.conns.for_packet(&packet);
-        if let Some(mut line) = self.timewait_fin(&packet, conn) {
+        // A FIN sent again after the join window: a retransmission, never the peer's FIN
+        // reaching TIME_WAIT (on loopback the first copy went to the sender's close line).
+        let retransmit = retransmit || self.conns.fin_seen_before(&packet);
+        self.conns.note_fin(&packet);
+        let derived = if retransmit {
+            None
+        } else {
+            self.timewait_fin(&packet, conn)
+        };
+        if let Some(mut line) = derived {
             let wire = WireMatch {
                 dir: Dir::In,
                 delay_ns: 0,
@@ -708,7 +761,7 @@ mod tests {
     }
 
     /// Runs events and packets through a pipeline; returns the lines written.
-    fn lines(feed: impl FnOnce(&mut Pipeline)) -> Vec<serde_json::Value> {
+    fn lines(feed: impl FnOnce(&mut Pipeline, &Output)) -> Vec<serde_json::Value> {
         let path = std::env::temp_dir().join(format!(
             "tracer-pipeline-{}-{:?}.jsonl",
             std::process::id(),
@@ -724,7 +777,7 @@ mod tests {
             Format::Json,
             None,
         );
-        feed(&mut p);
+        feed(&mut p, &out);
         p.poll(10_000 * MS, &out);
         p.flush(&out);
         out.finish().unwrap();
@@ -737,7 +790,7 @@ mod tests {
 
     #[test]
     fn an_abortive_close_and_its_rst_event_make_one_line() {
-        let out = lines(|p| {
+        let out = lines(|p, _| {
             p.kernel_event(event(
                 EventKind::Close,
                 tcp_state::ESTABLISHED,
@@ -780,7 +833,7 @@ mod tests {
             None,
         );
         shutdown.syscall = tracer_common::syscall::SHUTDOWN;
-        let out = lines(|p| {
+        let out = lines(|p, _| {
             p.kernel_event(shutdown);
             p.packet(fin);
             p.kernel_event(event(
@@ -803,9 +856,81 @@ mod tests {
         assert_eq!(out[1]["wire"], serde_json::Value::Null);
     }
 
+    fn fin_packet(src: &str, dst: &str, seq: u32, mono: u64) -> WirePacket {
+        WirePacket {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            flags: tcp_flags::FIN | tcp_flags::ACK,
+            seq,
+            ..rst_packet(mono)
+        }
+    }
+
+    /// Our FIN_WAIT2 socket went to TIME_WAIT; the peer's FIN is derived from the wire once,
+    /// and the same FIN seen again seconds later (past the join window) is a retransmission.
+    #[test]
+    fn a_fin_seen_again_past_the_window_is_a_retransmission() {
+        let out = lines(|p, out| {
+            p.kernel_event(event(
+                EventKind::State,
+                tcp_state::FIN_WAIT2,
+                tcp_state::CLOSE,
+                100 * MS,
+                0,
+                None,
+            ));
+            p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 101 * MS));
+            p.poll(2_000 * MS, out);
+            p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 3_000 * MS));
+        });
+        let events: Vec<_> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
+        assert_eq!(events, ["state", "fin_received", "packet"], "{out:?}");
+        assert_eq!(out[1]["derived"], "wire");
+        assert_eq!(out[2]["retransmit"], true, "{out:?}");
+    }
+
+    /// On loopback the first copy of the peer's FIN went to the peer's own close line; a copy
+    /// sent again is not the FIN reaching our TIME_WAIT socket.
+    #[test]
+    fn a_fin_joined_to_the_peers_close_and_sent_again_derives_nothing() {
+        let mut ours = event(
+            EventKind::State,
+            tcp_state::FIN_WAIT2,
+            tcp_state::CLOSE,
+            100 * MS,
+            0,
+            None,
+        );
+        ours.conn_id = 1;
+        let mut peer_close = event(
+            EventKind::Close,
+            tcp_state::CLOSE_WAIT,
+            tcp_state::LAST_ACK,
+            101 * MS,
+            5,
+            None,
+        );
+        peer_close.conn_id = 2;
+        (peer_close.local, peer_close.remote) = (ours.remote, ours.local);
+        let out = lines(|p, out| {
+            p.kernel_event(ours);
+            p.kernel_event(peer_close);
+            p.packet(WirePacket {
+                dir: Dir::Out,
+                ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 101 * MS + 10_000)
+            });
+            p.poll(2_000 * MS, out);
+            p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 3_000 * MS));
+        });
+        let events: Vec<_> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
+        assert_eq!(events, ["state", "close", "packet"], "{out:?}");
+        assert!(out[1]["wire"].is_object(), "{out:?}");
+        assert_eq!(out[2]["retransmit"], true, "{out:?}");
+    }
+
     #[test]
     fn without_its_rst_event_the_wire_gives_the_outcome() {
-        let out = lines(|p| {
+        let out = lines(|p, _| {
             p.kernel_event(event(
                 EventKind::Close,
                 tcp_state::ESTABLISHED,
@@ -854,7 +979,7 @@ mod tests {
 
     #[test]
     fn a_time_wait_rst_is_attributed_to_its_connection() {
-        let out = lines(|p| {
+        let out = lines(|p, _| {
             p.kernel_event(event(
                 EventKind::State,
                 tcp_state::FIN_WAIT2,
@@ -883,7 +1008,7 @@ mod tests {
 
     #[test]
     fn a_rst_of_another_call_is_its_own_line() {
-        let out = lines(|p| {
+        let out = lines(|p, _| {
             p.kernel_event(event(
                 EventKind::Close,
                 tcp_state::ESTABLISHED,

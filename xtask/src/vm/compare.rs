@@ -40,26 +40,23 @@ const fn no_reason_before_6_10(host: &'static str) -> Expected {
 /// Lines the VM may show that the host has no counterpart for, with why.
 pub struct VmOnly {
     pub event: &'static str,
-    /// A flag the line's `flags` (or its wire packet's) must hold.
+    /// A flag the line's `flags` must hold.
     pub flag: &'static str,
-    /// Only a line the tracer derived from the wire (`"derived": "wire"`).
-    pub derived: bool,
     pub why: &'static str,
 }
 
 /// A FIN sent again: under TCG a starved VM (a busy host) can stall past the 200 ms
 /// retransmission timeout before the ACK is processed. The copy arrives after the join window
-/// of the first, as a `packet` line, or, reaching a socket already in TIME_WAIT, as the
-/// `fin_received` the tracer derives from the wire. Seen once in graceful_close while the host
-/// compiled.
-const RETRANSMITTED_FIN: &str = "a FIN retransmitted while the emulated VM stalled (TCG on a \
-                                 busy host): a packet line, or a fin_received derived from it";
+/// of the first, as a `packet` line (`retransmit: true`). Seen once in graceful_close while the
+/// host compiled (the tracer then also took the copy for the peer's FIN reaching TIME_WAIT, a
+/// derived `fin_received`: no longer, it knows the FIN's sequence number).
+const RETRANSMITTED_FIN: &str =
+    "a FIN retransmitted while the emulated VM stalled (TCG on a busy host): a packet line";
 
 pub const VM_ONLY: &[VmOnly] = &[
     VmOnly {
         event: "packet",
         flag: "RST",
-        derived: false,
         why: "RSTs from a TIME_WAIT socket or for a segment that matched no socket fire \
               tcp:tcp_send_reset only since 6.10: on 6.1 they are seen only on the wire (a \
               `packet` line). Seen once in graceful_close under TCG, when the VM's timing made \
@@ -68,28 +65,17 @@ pub const VM_ONLY: &[VmOnly] = &[
     VmOnly {
         event: "packet",
         flag: "FIN",
-        derived: false,
-        why: RETRANSMITTED_FIN,
-    },
-    VmOnly {
-        event: "fin_received",
-        flag: "FIN",
-        derived: true,
         why: RETRANSMITTED_FIN,
     },
 ];
 
 /// The index in VM_ONLY of the rule that allows a VM-only line, if any.
 fn allowed_vm_only(line: &Value) -> Option<usize> {
-    let has_flag = |flags: &Value, flag: &str| {
-        flags
-            .as_array()
-            .is_some_and(|f| f.iter().any(|x| x == flag))
-    };
     VM_ONLY.iter().position(|rule| {
         line["event"] == rule.event
-            && (has_flag(&line["flags"], rule.flag) || has_flag(&line["wire"]["flags"], rule.flag))
-            && (!rule.derived || line["derived"] == "wire")
+            && line["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == rule.flag))
     })
 }
 
@@ -335,7 +321,8 @@ mod tests {
         let vm = report(vec![
             json!({"event": "close", "end": "server"}),
             json!({"event": "packet", "end": "client", "dir": "in", "flags": ["SYN"]}),
-            json!({"event": "fin_received", "end": "server", "wire": {"flags": ["FIN"]}}),
+            json!({"event": "fin_received", "end": "server", "derived": "wire",
+                   "wire": {"flags": ["FIN"]}}),
         ]);
         assert_eq!(differences(&host, &vm, "auto").0.len(), 2);
     }
@@ -346,12 +333,10 @@ mod tests {
         let vm = report(vec![
             json!({"event": "close", "end": "server"}),
             json!({"event": "packet", "end": "client", "dir": "in", "flags": ["FIN", "ACK"]}),
-            json!({"event": "fin_received", "end": "server", "derived": "wire",
-                   "wire": {"dir": "in", "flags": ["FIN", "ACK"]}}),
         ]);
         let (diffs, applied) = differences(&host, &vm, "auto");
         assert!(diffs.is_empty(), "{diffs:?}");
-        assert_eq!(applied, [EXPECTED.len() + 1, EXPECTED.len() + 2]);
+        assert_eq!(applied, [EXPECTED.len() + 1]);
     }
 
     #[test]
