@@ -10,10 +10,7 @@
 //! closes every file of the task, so an exit claims each socket the exiting process owns.
 
 use aya_ebpf::{
-    helpers::{
-        bpf_probe_read_kernel,
-        generated::{bpf_get_current_task, bpf_ktime_get_ns},
-    },
+    helpers::generated::{bpf_get_current_task, bpf_ktime_get_ns},
     macros::{kprobe, map, tracepoint},
     maps::LruHashMap,
     programs::{ProbeContext, TracePointContext},
@@ -21,7 +18,7 @@ use aya_ebpf::{
 use tracer_common::{NONE, syscall};
 
 use crate::{
-    emit::{field, noop, pid_passes},
+    emit::{field, kernel_read, noop, pid_passes},
     owners::{SockInfo, current},
     setting,
 };
@@ -78,29 +75,22 @@ fn socket_behind(fd: i32) -> Option<u64> {
     }
     // SAFETY: plain helper call.
     let task = unsafe { bpf_get_current_task() };
-    let files: u64 = read(task, files_at)?;
-    let fdt: u64 = read(files, setting!(fd.files_fdt))?;
-    let max_fds: u32 = read(fdt, setting!(fd.fdt_max_fds))?;
+    let files: u64 = kernel_read(task, files_at)?;
+    let fdt: u64 = kernel_read(files, setting!(fd.files_fdt))?;
+    let max_fds: u32 = kernel_read(fdt, setting!(fd.fdt_max_fds))?;
     if fd as u32 >= max_fds {
         return Some(0);
     }
-    let fds: u64 = read(fdt, setting!(fd.fdt_fd))?;
-    let file: u64 = read(fds + fd as u64 * 8, 0)?;
+    let fds: u64 = kernel_read(fdt, setting!(fd.fdt_fd))?;
+    let file: u64 = kernel_read(fds + fd as u64 * 8, 0)?;
     if file == 0 {
         return Some(0);
     }
-    let socket: u64 = read(file, setting!(fd.file_private_data))?;
-    if socket == 0 || read::<u64>(socket, setting!(fd.socket_file)) != Some(file) {
+    let socket: u64 = kernel_read(file, setting!(fd.file_private_data))?;
+    if socket == 0 || kernel_read::<u64>(socket, setting!(fd.socket_file)) != Some(file) {
         return Some(0);
     }
-    read(socket, setting!(fd.socket_sk))
-}
-
-/// A kernel value at `base + offset`.
-#[inline(always)]
-fn read<T>(base: u64, offset: u16) -> Option<T> {
-    // SAFETY: bpf_probe_read_kernel checks the access.
-    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+    kernel_read(socket, setting!(fd.socket_sk))
 }
 
 /// How long after close(2) returned its deferred fput may still act on the socket. It runs

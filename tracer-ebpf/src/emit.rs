@@ -149,6 +149,17 @@ pub fn field<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
     unsafe { ctx.read_at::<T>(offset as usize).ok() }
 }
 
+/// Reads a kernel value at `base + offset`, an offset found at run time (the BTF); `NONE` or a
+/// failed read gives None.
+#[inline(always)]
+pub fn kernel_read<T>(base: u64, offset: u16) -> Option<T> {
+    if offset == NONE {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the access.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+}
+
 /// Per-CPU room for one tracepoint record, copied at once (see `Record`).
 #[map]
 static RECORD: PerCpuArray<[u8; RECORD_BYTES]> = PerCpuArray::with_max_entries(1, 0);

@@ -2,12 +2,12 @@
 //! is it known whether the owner was inside a close call.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_probe_read_kernel, generated::bpf_ktime_get_ns},
+    helpers::{bpf_get_current_comm, generated::bpf_ktime_get_ns},
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    AF_INET, AF_INET6, EventKind, IPPROTO_TCP, NONE, SeedOwner, SockEvent, SockLayout, TupleLayout,
+    AF_INET, AF_INET6, EventKind, IPPROTO_TCP, SeedOwner, SockEvent, SockLayout, TupleLayout,
     counter, owner_source, syscall, tcp_state::*,
 };
 
@@ -15,8 +15,8 @@ use crate::{
     calls::call_acting_on,
     capture_filter::watch,
     emit::{
-        CLASSIC_SLOT, Record, count, enter_raw, leave_raw, noop, pid_passes, ports_pass,
-        scratch_event, submit,
+        CLASSIC_SLOT, Record, count, enter_raw, kernel_read, leave_raw, noop, pid_passes,
+        ports_pass, scratch_event, submit,
     },
     owners::{
         Current, LISTENERS, SOCKS, SockInfo, claim, current, fill_owner, keep_unowned,
@@ -107,11 +107,7 @@ pub struct SockFields {
 impl SockFields {
     #[inline(always)]
     fn read<T>(&self, offset: u16) -> Option<T> {
-        if offset == NONE {
-            return None;
-        }
-        // SAFETY: bpf_probe_read_kernel checks the access; the offset comes from the BTF.
-        unsafe { bpf_probe_read_kernel((self.sk + offset as u64) as *const T).ok() }
+        kernel_read(self.sk, offset)
     }
 }
 
