@@ -63,16 +63,22 @@ struct ConnInfo {
     timewait_since: Option<u64>,
     fw2_since: Option<u64>,
     fin_received: bool,
-    /// Sequence numbers of the FINs seen on the wire: [to this socket, from it], valid where
-    /// `fin_seen` has bit 1 << index. A FIN seen again later than the join window remembers
-    /// its first copy (is a retransmission): the joiner forgets packets after the window.
+    /// Sequence numbers of the FINs seen on the wire, by `Dir` as this socket sees them (sent,
+    /// received), valid where `fin_seen` has bit 1 << index. A FIN seen again later than the
+    /// join window is a retransmission: the joiner forgets packets after the window.
     fin_seq: [u32; 2],
     fin_seen: u8,
 }
 
-/// Index into `ConnInfo::fin_seq`.
-const FIN_TO: usize = 0;
-const FIN_FROM: usize = 1;
+/// The connections a packet can belong to, by their (local, remote) key, each with the way
+/// it went for that socket: the one it reached, then the one that sent it (on loopback both
+/// are here).
+fn ends(pkt: &WirePacket) -> [((SocketAddr, SocketAddr), Dir); 2] {
+    [
+        ((pkt.dst, pkt.src), Dir::In),
+        ((pkt.src, pkt.dst), Dir::Out),
+    ]
+}
 
 /// Connections by conn id and by address pair.
 #[derive(Default)]
@@ -160,15 +166,9 @@ impl ConnTable {
 
     /// The connection a packet belongs to, and whether this host's socket received it.
     fn for_packet(&self, pkt: &WirePacket) -> Option<(u64, Dir)> {
-        let received = self
-            .by_tuple
-            .get(&(pkt.dst, pkt.src))
-            .map(|&id| (id, Dir::In));
-        received.or_else(|| {
-            self.by_tuple
-                .get(&(pkt.src, pkt.dst))
-                .map(|&id| (id, Dir::Out))
-        })
+        ends(pkt)
+            .into_iter()
+            .find_map(|(key, dir)| self.by_tuple.get(&key).map(|&id| (id, dir)))
     }
 
     /// Records a FIN on the connection it reached and the one that sent it, where known.
@@ -176,14 +176,14 @@ impl ConnTable {
         if pkt.flags & tcp_flags::FIN == 0 {
             return;
         }
-        for (key, side) in [((pkt.dst, pkt.src), FIN_TO), ((pkt.src, pkt.dst), FIN_FROM)] {
+        for (key, dir) in ends(pkt) {
             if let Some(info) = self
                 .by_tuple
                 .get(&key)
                 .and_then(|id| self.by_id.get_mut(id))
             {
-                info.fin_seq[side] = pkt.seq;
-                info.fin_seen |= 1 << side;
+                info.fin_seq[dir as usize] = pkt.seq;
+                info.fin_seen |= 1 << dir as usize;
             }
         }
     }
@@ -191,16 +191,13 @@ impl ConnTable {
     /// Whether this FIN was seen before (on either end's connection).
     fn fin_seen_before(&self, pkt: &WirePacket) -> bool {
         pkt.flags & tcp_flags::FIN != 0
-            && [((pkt.dst, pkt.src), FIN_TO), ((pkt.src, pkt.dst), FIN_FROM)]
-                .into_iter()
-                .any(|(key, side)| {
-                    self.by_tuple
-                        .get(&key)
-                        .and_then(|id| self.by_id.get(id))
-                        .is_some_and(|i| {
-                            i.fin_seen & (1 << side) != 0 && i.fin_seq[side] == pkt.seq
-                        })
-                })
+            && ends(pkt).into_iter().any(|(key, dir)| {
+                let i = dir as usize;
+                self.by_tuple
+                    .get(&key)
+                    .and_then(|id| self.by_id.get(id))
+                    .is_some_and(|c| c.fin_seen & (1 << i) != 0 && c.fin_seq[i] == pkt.seq)
+            })
     }
 
     fn expire(&mut self, now_ns: u64) {
