@@ -123,10 +123,9 @@ pub fn run() -> anyhow::Result<Results> {
         }
     };
     // The VM's timeline (each step's start in its uptime), for a slow or stopped run.
-    // (The first line follows the console's reset sequences.)
     serial
         .lines()
-        .filter_map(|l| l.find(initramfs::STAMP).map(|at| &l[at..]))
+        .filter_map(step_of)
         .for_each(|l| eprintln!("xtask: {}", l.trim_end_matches('\r')));
     let vm = Sections::parse(&serial);
     let formats = save_formats(&vm, &dir.join("formats-6.1"));
@@ -312,14 +311,19 @@ fn boot(kernel: &Path, initrd: &Path, log: &Path) -> anyhow::Result<Boot> {
     );
     let started = Instant::now();
     let mut child = cmd.spawn().context("starting qemu")?;
+    let mut began = false;
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
         }
-        if started.elapsed() > BOOT_TIMEOUT && !init_began(log) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(Boot::Hung);
+        if started.elapsed() > BOOT_TIMEOUT && !began {
+            // Looked at once the boot is due, until init is seen: not the whole run long.
+            began = init_began(log);
+            if !began {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok(Boot::Hung);
+            }
         }
         if started.elapsed() > VM_TIMEOUT {
             let _ = child.kill();
@@ -346,6 +350,12 @@ fn init_began(log: &Path) -> bool {
     fs::read_to_string(log).is_ok_and(|text| text.contains(initramfs::STAMP))
 }
 
+/// A console line's step stamp (`initramfs::STAMP` onwards; the first line follows the
+/// console's reset sequences), if it has one.
+fn step_of(line: &str) -> Option<&str> {
+    line.find(initramfs::STAMP).map(|at| &line[at..])
+}
+
 /// The last lines of the console and the last step it began (`initramfs::STAMP` lines).
 fn console_tail(log: &Path) -> String {
     let text = fs::read_to_string(log).unwrap_or_default();
@@ -353,7 +363,7 @@ fn console_tail(log: &Path) -> String {
     let last_step = lines
         .iter()
         .rev()
-        .find_map(|l| l.find(initramfs::STAMP).map(|at| &l[at..]))
+        .find_map(|l| step_of(l))
         .unwrap_or("(no step began)");
     let tail = &lines[lines.len().saturating_sub(CONSOLE_TAIL)..];
     format!("last step: {last_step}\n{}", tail.join("\n"))
