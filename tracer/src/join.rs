@@ -73,6 +73,13 @@ pub enum Joined<T> {
         packet: WirePacket,
         retransmit: bool,
     },
+    /// A FIN its sender's event claimed and no event on the receiving end did: on loopback (or
+    /// between namespaces of one host) the receiver may be a socket that already left for
+    /// TIME_WAIT or an orphaned FIN_WAIT2, which no kernel event shows receiving it.
+    FinUnreceived {
+        packet: WirePacket,
+        retransmit: bool,
+    },
 }
 
 /// (source, destination) of a packet, IPv4-mapped IPv6 addresses written as IPv4.
@@ -585,11 +592,18 @@ impl<T> Joiner<T> {
                 let Some(entry) = self.remove_packet(&path, id) else {
                     continue; // gone already, through the other queue
                 };
-                if entry.claimed.iter().all(Option::is_none) {
-                    out.push(Joined::Packet {
+                match entry.claimed {
+                    [None, None] => out.push(Joined::Packet {
                         packet: entry.any_copy().clone(),
                         retransmit: entry.retransmit,
-                    });
+                    }),
+                    [Some(_), None] if entry.flags & tcp_flags::FIN != 0 => {
+                        out.push(Joined::FinUnreceived {
+                            packet: entry.any_copy().clone(),
+                            retransmit: entry.retransmit,
+                        })
+                    }
+                    _ => {}
                 }
             }
         }
@@ -712,7 +726,7 @@ mod tests {
         out.into_iter()
             .filter_map(|j| match j {
                 Joined::Event(ev) => Some((ev.item, ev.wire)),
-                Joined::Packet { .. } => None,
+                Joined::Packet { .. } | Joined::FinUnreceived { .. } => None,
             })
             .collect()
     }
@@ -721,7 +735,7 @@ mod tests {
         out.iter()
             .filter_map(|j| match j {
                 Joined::Packet { packet, retransmit } => Some((packet.clone(), *retransmit)),
-                Joined::Event(_) => None,
+                Joined::Event(_) | Joined::FinUnreceived { .. } => None,
             })
             .collect()
     }

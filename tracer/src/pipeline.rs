@@ -436,6 +436,9 @@ impl Pipeline {
                     self.emit_event(item, wire.as_ref(), out);
                 }
                 Joined::Packet { packet, retransmit } => self.emit_packet(packet, retransmit, out),
+                Joined::FinUnreceived { packet, retransmit } => {
+                    self.emit_unreceived_fin(packet, retransmit, out)
+                }
             }
         }
     }
@@ -492,14 +495,8 @@ impl Pipeline {
         } else {
             self.timewait_fin(&packet, conn)
         };
-        if let Some(mut line) = derived {
-            let wire = WireMatch {
-                dir: Dir::In,
-                delay_ns: 0,
-                retransmits: 0,
-                packet,
-            };
-            self.emit_event(&mut line, Some(&wire), out);
+        if let Some(line) = derived {
+            self.emit_derived(line, packet, out);
             return;
         }
         if self.filter_pids && conn.is_none() {
@@ -522,6 +519,31 @@ impl Pipeline {
                 m.line("packet", None);
             }
         }
+    }
+
+    /// A FIN that joined its sender's close and no receiver's event (both ends on this host):
+    /// the receiver may be our socket in TIME_WAIT, which the wire alone shows receiving it.
+    /// Anything else it reached already has its line (or is not traced), and its sender's
+    /// line carries it: no `packet` line. A copy sent again is not the FIN arriving.
+    fn emit_unreceived_fin(&mut self, packet: WirePacket, retransmit: bool, out: &Output) {
+        if retransmit {
+            return;
+        }
+        let conn = self.conns.for_packet(&packet);
+        if let Some(line) = self.timewait_fin(&packet, conn) {
+            self.emit_derived(line, packet, out);
+        }
+    }
+
+    /// A line derived from the packet the socket received.
+    fn emit_derived(&mut self, mut line: PendingLine, packet: WirePacket, out: &Output) {
+        let wire = WireMatch {
+            dir: Dir::In,
+            delay_ns: 0,
+            retransmits: 0,
+            packet,
+        };
+        self.emit_event(&mut line, Some(&wire), out);
     }
 
     /// The peer's FIN reaching a socket that already left for TIME_WAIT: no kernel event shows
@@ -886,10 +908,11 @@ mod tests {
         assert_eq!(out[2]["retransmit"], true, "{out:?}");
     }
 
-    /// On loopback the first copy of the peer's FIN went to the peer's own close line; a copy
-    /// sent again is not the FIN reaching our TIME_WAIT socket.
+    /// On loopback the peer's FIN joins the peer's own close line (`out`) and also reaches our
+    /// socket, gone to TIME_WAIT, which no kernel event shows: the same packet derives our
+    /// `fin_received` (`in`), once; a copy sent again is a retransmission, not a second arrival.
     #[test]
-    fn a_fin_joined_to_the_peers_close_and_sent_again_derives_nothing() {
+    fn a_fin_joined_to_the_peers_close_also_reaches_our_time_wait_socket_once() {
         let mut ours = event(
             EventKind::State,
             tcp_state::FIN_WAIT2,
@@ -920,9 +943,61 @@ mod tests {
             p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 3_000 * MS));
         });
         let events: Vec<_> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
-        assert_eq!(events, ["state", "close", "packet"], "{out:?}");
-        assert!(out[1]["wire"].is_object(), "{out:?}");
-        assert_eq!(out[2]["retransmit"], true, "{out:?}");
+        assert_eq!(
+            events,
+            ["state", "close", "fin_received", "packet"],
+            "{out:?}"
+        );
+        assert_eq!(out[1]["wire"]["dir"], "out", "{out:?}");
+        let fin = &out[2];
+        assert_eq!(
+            (fin["conn"].as_str(), &fin["derived"]),
+            (Some("0000000000000001"), &"wire".into())
+        );
+        assert_eq!(
+            (&fin["old_state"], &fin["new_state"]),
+            (&"FIN_WAIT2".into(), &"TIME_WAIT".into())
+        );
+        assert_eq!(fin["wire"]["dir"], "in", "{out:?}");
+        assert_eq!(fin["wire"]["seq"], out[1]["wire"]["seq"], "{out:?}");
+        assert_eq!(out[3]["retransmit"], true, "{out:?}");
+    }
+
+    /// The same, but our socket never went to TIME_WAIT (it received the FIN in ESTABLISHED,
+    /// and its kernel event was lost or is not traced): the sender's line carries the packet
+    /// and nothing is derived.
+    #[test]
+    fn a_fin_joined_to_the_senders_close_derives_nothing_for_an_open_socket() {
+        let mut ours = event(
+            EventKind::State,
+            tcp_state::FIN_WAIT1,
+            tcp_state::FIN_WAIT2,
+            100 * MS,
+            0,
+            None,
+        );
+        ours.conn_id = 1;
+        let mut peer_close = event(
+            EventKind::Close,
+            tcp_state::CLOSE_WAIT,
+            tcp_state::LAST_ACK,
+            101 * MS,
+            5,
+            None,
+        );
+        peer_close.conn_id = 2;
+        (peer_close.local, peer_close.remote) = (ours.remote, ours.local);
+        let out = lines(|p, out| {
+            p.kernel_event(ours);
+            p.kernel_event(peer_close);
+            p.packet(WirePacket {
+                dir: Dir::Out,
+                ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 101 * MS + 10_000)
+            });
+            p.poll(2_000 * MS, out);
+        });
+        let events: Vec<_> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
+        assert_eq!(events, ["state", "close"], "{out:?}");
     }
 
     #[test]

@@ -290,6 +290,59 @@ fn loopback_reset(iface: &str, host: &str) {
     );
 }
 
+/// Both ends on this host: we close first, and our socket, orphaned in FIN_WAIT2, is handed to
+/// a mini socket at once (the kernel shows FIN_WAIT2 -> CLOSE); the peer closes 300 ms later.
+/// Its FIN joins the peer's close (`out`) and also reaches our mini socket, which no kernel
+/// event shows: the same packet gives our `fin_received` (`in`, derived from the wire) with the
+/// time our end really waited in FIN_WAIT2. tcpdump witnesses the FIN.
+#[test]
+fn loopback_peer_fin_reaches_our_fin_wait2_socket() {
+    if !common::require_root() {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut dump = Tcpdump::start("lo", &format!("port {port}"));
+    let mut tracer = Tracer::start(&["-i", "lo", "--port", &port.to_string()]);
+    tracer.wait_ready(WAIT);
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "hold");
+    let (server, _) = l.accept().unwrap();
+    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    drop(server);
+    tracer.wait_for(
+        |v| is(v, "state", port, peer_port) && v["old_state"] == "FIN_WAIT2",
+        WAIT,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    peer.release(); // the peer closes: its FIN goes to our FIN_WAIT2 mini socket
+
+    let fin = tracer.wait_for(|v| is(v, "fin_received", port, peer_port), WAIT);
+    assert_eq!(fin["pid"], std::process::id(), "{fin}");
+    assert_eq!(fin["derived"], "wire", "{fin}");
+    assert_eq!(fin["old_state"], "FIN_WAIT2", "{fin}");
+    assert_eq!(fin["new_state"], "TIME_WAIT", "{fin}");
+    let waited = fin["duration_ns"].as_u64().expect("time in FIN_WAIT2");
+    assert!(
+        (250_000_000..5_000_000_000).contains(&waited),
+        "FIN_WAIT2 for {waited} ns; the peer closed 300 ms after us: {fin}"
+    );
+    let (seq_in, _) = check_wire(&fin, "FIN", "in");
+    let peer_close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
+    let (seq_out, _) = check_wire(&peer_close, "FIN", "out");
+    assert_eq!(seq_in, seq_out, "one packet, two ends");
+    let seen = dump.wait_for(|s| s.sport == peer_port && s.is_fin(), WAIT);
+    assert_eq!(seen.seq, seq_in, "tcpdump saw the same FIN: {seen:?}");
+    peer.wait();
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    let fins = out
+        .lines
+        .iter()
+        .filter(|v| is(v, "fin_received", port, peer_port))
+        .count();
+    assert_eq!(fins, 1, "one arrival, one line");
+}
+
 #[test]
 fn loopback_any_ipv4() {
     loopback_reset("any", "127.0.0.1");
