@@ -101,19 +101,46 @@ impl Rfc3339 {
     /// daemon's CPU. Years past 9999 are out of range for a u64 of nanoseconds anyway.
     pub fn to_bytes(self) -> [u8; 30] {
         let secs = self.0 / 1_000_000_000;
-        let nanos = self.0 % 1_000_000_000;
+        let mut out = *b"0000-00-00T00:00:00.000000000Z";
+        out[..SECOND_PREFIX].copy_from_slice(&second_prefix(secs));
+        put_digits(&mut out[20..29], self.0 % 1_000_000_000);
+        out
+    }
+
+    /// The same as text.
+    pub fn as_text(self, buf: &mut [u8; 30]) -> &str {
+        *buf = self.to_bytes();
+        std::str::from_utf8(buf).expect("ASCII digits")
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.`
+const SECOND_PREFIX: usize = 20;
+
+/// The date and time of day of a Unix second, remembered for the last second asked: lines
+/// written in one second (tens of thousands under churn) share it.
+fn second_prefix(secs: u64) -> [u8; SECOND_PREFIX] {
+    thread_local! {
+        static LAST: std::cell::Cell<(u64, [u8; SECOND_PREFIX])> =
+            const { std::cell::Cell::new((u64::MAX, [0; SECOND_PREFIX])) };
+    }
+    LAST.with(|last| {
+        let (cached_secs, cached) = last.get();
+        if cached_secs == secs {
+            return cached;
+        }
         let (days, rem) = (secs / 86_400, secs % 86_400);
         let (y, m, d) = civil_from_days(days as i64);
-        let mut out = *b"0000-00-00T00:00:00.000000000Z";
+        let mut out = *b"0000-00-00T00:00:00.";
         put_digits(&mut out[0..4], y as u64);
         put_digits(&mut out[5..7], m.into());
         put_digits(&mut out[8..10], d.into());
         put_digits(&mut out[11..13], rem / 3600);
         put_digits(&mut out[14..16], rem / 60 % 60);
         put_digits(&mut out[17..19], rem % 60);
-        put_digits(&mut out[20..29], nanos);
+        last.set((secs, out));
         out
-    }
+    })
 }
 
 /// Writes `value` as decimal digits filling `out` (zero-padded on the left).
@@ -126,8 +153,7 @@ fn put_digits(out: &mut [u8], mut value: u64) {
 
 impl std::fmt::Display for Rfc3339 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let bytes = self.to_bytes();
-        f.write_str(std::str::from_utf8(&bytes).expect("ASCII digits"))
+        f.write_str(self.as_text(&mut [0; 30]))
     }
 }
 
@@ -166,6 +192,22 @@ mod tests {
             rfc3339_nanos(1_795_528_302_123_456_789),
             "2026-11-24T13:51:42.123456789Z"
         );
+    }
+
+    /// The remembered second serves only that second: neighbours and going back are exact.
+    #[test]
+    fn the_remembered_second_is_only_used_for_that_second() {
+        let t = 1_795_528_302_000_000_000;
+        for (ns, text) in [
+            (t + 5, "2026-11-24T13:51:42.000000005Z"),
+            (t + 999_999_999, "2026-11-24T13:51:42.999999999Z"),
+            (t + 1_000_000_000, "2026-11-24T13:51:43.000000000Z"),
+            (t - 1, "2026-11-24T13:51:41.999999999Z"),
+            (t + 86_400_000_000_000, "2026-11-25T13:51:42.000000000Z"),
+            (t + 7, "2026-11-24T13:51:42.000000007Z"),
+        ] {
+            assert_eq!(rfc3339_nanos(ns), text);
+        }
     }
 
     #[test]

@@ -54,6 +54,14 @@ impl<'o> Object<'o> {
         self.out.push('"');
     }
 
+    /// A wall-clock time, RFC 3339 (on every line, once or twice: written without `fmt`).
+    pub fn time(&mut self, key: &str, value: crate::clock::Rfc3339) {
+        self.key(key);
+        self.out.push('"');
+        self.out.push_str(value.as_text(&mut [0; 30]));
+        self.out.push('"');
+    }
+
     /// An IP address. IPv4 is written octet by octet: through `fmt` it was the largest single
     /// cost of writing a line. IPv6 (rarer, and with its compression rules) uses `Display`.
     pub fn ip(&mut self, key: &str, value: std::net::IpAddr) {

@@ -177,7 +177,7 @@ impl SocketLine<'_> {
     pub fn write_json(&self, out: &mut String) {
         let mut o = Object::begin(out);
         o.name("event", self.event);
-        o.display("time", self.time);
+        o.time("time", self.time);
         o.uint("mono_ns", self.mono_ns);
         opt(&mut o, "pid", self.pid, |o, k, v| o.uint(k, v.into()));
         opt(&mut o, "tid", self.tid, |o, k, v| o.uint(k, v.into()));
@@ -218,7 +218,7 @@ impl SocketLine<'_> {
 
 impl Wire<'_> {
     fn write(&self, mut o: Object<'_>) {
-        o.display("time", self.time);
+        o.time("time", self.time);
         o.uint("mono_ns", self.mono_ns);
         o.int("delay_ns", self.delay_ns);
         o.names("flags", self.flags.names());

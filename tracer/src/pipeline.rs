@@ -434,6 +434,7 @@ impl Pipeline {
                 Joined::Event(mut ev) => {
                     let PendingEvent { item, wire, .. } = &mut *ev;
                     self.emit_event(item, wire.as_ref(), out);
+                    self.joiner.recycle(ev);
                 }
                 Joined::Packet { packet, retransmit } => self.emit_packet(packet, retransmit, out),
                 Joined::FinUnreceived { packet, retransmit } => {
