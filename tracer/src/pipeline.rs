@@ -540,7 +540,7 @@ impl Pipeline {
     fn emit_derived(&mut self, mut line: PendingLine, packet: WirePacket, out: &Output) {
         let wire = WireMatch {
             dir: Dir::In,
-            delay_ns: 0,
+            delay_ns: packet.mono_ns as i64 - line.ev.mono_ns as i64,
             retransmits: 0,
             packet,
         };
@@ -562,9 +562,14 @@ impl Pipeline {
             return None;
         }
         info.fin_received = true;
+        // A FIN that came with the ACK of ours was processed by the full socket itself
+        // (FIN_WAIT1 -> FIN_WAIT2 -> TIME_WAIT in one segment): it reached TIME_WAIT at the
+        // kernel's FIN_WAIT2 -> CLOSE, microseconds after the capture saw the packet. A FIN
+        // for the mini socket that took over an orphaned FIN_WAIT2 comes after that move.
+        let arrived = pkt.mono_ns.max(since);
         let ev = KernelEvent {
             kind: EventKind::FinReceived,
-            mono_ns: pkt.mono_ns,
+            mono_ns: arrived,
             conn_id: id,
             state_since_ns: info.fw2_since.unwrap_or(since),
             call_id: 0,
@@ -884,6 +889,50 @@ mod tests {
             seq,
             ..rst_packet(mono)
         }
+    }
+
+    /// The peer's FIN came with the ACK of ours (seen by node's http server closing at once):
+    /// our socket went FIN_WAIT1 -> FIN_WAIT2 -> CLOSE microseconds after the capture saw the
+    /// packet. The derived line is at that move, with the time really spent in FIN_WAIT2 (it
+    /// was null: the packet predates the FIN_WAIT2 transition).
+    #[test]
+    fn a_fin_that_acked_ours_reaches_time_wait_at_the_kernels_move() {
+        let ours = |old, new, mono| {
+            let mut e = event(EventKind::State, old, new, mono, 0, None);
+            e.conn_id = 1;
+            e
+        };
+        let (fw2, tw) = (
+            ours(tcp_state::FIN_WAIT1, tcp_state::FIN_WAIT2, 100 * MS + 5_000),
+            ours(tcp_state::FIN_WAIT2, tcp_state::CLOSE, 100 * MS + 14_000),
+        );
+        let mut peer_close = event(
+            EventKind::Close,
+            tcp_state::CLOSE_WAIT,
+            tcp_state::LAST_ACK,
+            100 * MS - 2_000,
+            5,
+            None,
+        );
+        peer_close.conn_id = 2;
+        (peer_close.local, peer_close.remote) = (fw2.remote, fw2.local);
+        let out = lines(|p, out| {
+            p.kernel_event(peer_close);
+            p.packet(WirePacket {
+                dir: Dir::Out,
+                ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 100 * MS)
+            });
+            p.kernel_event(fw2);
+            p.kernel_event(tw);
+            p.poll(2_000 * MS, out);
+        });
+        let fin = out
+            .iter()
+            .find(|v| v["event"] == "fin_received")
+            .unwrap_or_else(|| panic!("{out:?}"));
+        assert_eq!(fin["mono_ns"], 100 * MS + 14_000, "{fin}");
+        assert_eq!(fin["duration_ns"], 9_000, "{fin}");
+        assert_eq!(fin["wire"]["delay_ns"], -14_000, "{fin}");
     }
 
     /// Our FIN_WAIT2 socket went to TIME_WAIT; the peer's FIN is derived from the wire once,
