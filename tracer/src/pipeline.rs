@@ -464,6 +464,9 @@ impl Pipeline {
             return; // counted as lost output
         }
         self.stats.count_line(pending.event);
+        if let Some(w) = wire.filter(|w| w.dir == Dir::Out) {
+            self.derive_local_receiver(&w.packet, out);
+        }
         let close_delay = wire
             .filter(|_| pending.event == "close")
             .map(|w| w.delay_ns);
@@ -519,6 +522,20 @@ impl Pipeline {
             if let Some(m) = &self.metrics {
                 m.line("packet", None);
             }
+        }
+    }
+
+    /// Both ends on this host: the FIN a line just sent may have reached our socket that is
+    /// already in TIME_WAIT (or an orphaned FIN_WAIT2). Decided as the sender's line leaves
+    /// (tens of milliseconds after the packet), while the receiver is surely still in the
+    /// connection table even under churn; `emit_unreceived_fin` is the later second chance.
+    fn derive_local_receiver(&mut self, packet: &WirePacket, out: &Output) {
+        if packet.flags & tcp_flags::FIN == 0 {
+            return;
+        }
+        let conn = self.conns.for_packet(packet);
+        if let Some(line) = self.timewait_fin(packet, conn) {
+            self.emit_derived(line, packet.clone(), out);
         }
     }
 
@@ -924,7 +941,7 @@ mod tests {
             });
             p.kernel_event(fw2);
             p.kernel_event(tw);
-            p.poll(2_000 * MS, out);
+            p.poll(130 * MS, out); // the peer's close leaves (settled), ours is derived with it
         });
         let fin = out
             .iter()
@@ -933,6 +950,53 @@ mod tests {
         assert_eq!(fin["mono_ns"], 100 * MS + 14_000, "{fin}");
         assert_eq!(fin["duration_ns"], 9_000, "{fin}");
         assert_eq!(fin["wire"]["delay_ns"], -14_000, "{fin}");
+    }
+
+    /// Our move to TIME_WAIT is read only after the peer's close left: the packet, which
+    /// nobody received, derives the line when its window ends.
+    #[test]
+    fn a_receiver_seen_after_the_senders_line_left_is_derived_at_the_windows_end() {
+        let ours = |old, new, mono| {
+            let mut e = event(EventKind::State, old, new, mono, 0, None);
+            e.conn_id = 1;
+            e
+        };
+        let mut peer_close = event(
+            EventKind::Close,
+            tcp_state::CLOSE_WAIT,
+            tcp_state::LAST_ACK,
+            100 * MS,
+            5,
+            None,
+        );
+        peer_close.conn_id = 2;
+        (peer_close.local, peer_close.remote) = (
+            "10.0.0.2:4000".parse().unwrap(),
+            "10.0.0.1:80".parse().unwrap(),
+        );
+        let out = lines(|p, out| {
+            p.kernel_event(ours(tcp_state::FIN_WAIT1, tcp_state::FIN_WAIT2, 90 * MS));
+            p.kernel_event(peer_close);
+            p.packet(WirePacket {
+                dir: Dir::Out,
+                ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 100 * MS + 10_000)
+            });
+            p.poll(130 * MS, out);
+            p.kernel_event(ours(
+                tcp_state::FIN_WAIT2,
+                tcp_state::CLOSE,
+                100 * MS + 20_000,
+            ));
+            p.poll(2_000 * MS, out);
+        });
+        let events: Vec<_> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
+        assert_eq!(
+            events,
+            ["state", "close", "state", "fin_received"],
+            "{out:?}"
+        );
+        assert_eq!(out[3]["derived"], "wire", "{out:?}");
+        assert_eq!(out[3]["duration_ns"], 10 * MS + 20_000, "{out:?}");
     }
 
     /// Our FIN_WAIT2 socket went to TIME_WAIT; the peer's FIN is derived from the wire once,
