@@ -98,11 +98,12 @@ fn in_inline_pids(pid: u32) -> bool {
     found
 }
 
-/// Filters, then writes the event into the ring buffer; a full ring buffer is counted, never
-/// silent.
+/// Filters, then writes a socket's event into the ring buffer (a full ring buffer is counted,
+/// never silent): past `--pid` when its owner is traced, or when a traced process
+/// owned the socket before (`SockInfo::traced`); `--port` still applies.
 #[inline(always)]
-pub fn submit(event: &SockEvent, slot: u32) {
-    if !ports_pass(event.lport, event.rport) || !pid_passes(event.pid) {
+pub fn submit_socket(event: &SockEvent, traced: bool, slot: u32) {
+    if !ports_pass(event.lport, event.rport) || !(traced || pid_passes(event.pid)) {
         count(counter::FILTERED);
         return;
     }

@@ -41,7 +41,9 @@ pub struct SockInfo {
     /// Its last file reference is gone (a close, an exit, or a close no call showed):
     /// tcp_close runs once per socket, so no later call can be the one closing it.
     pub released: u8,
-    pub _pad: [u8; 1],
+    /// A traced process owned it (with `--pid`): its teardown stays traced whoever acts on it,
+    /// such as a forked child closing a connection its traced parent accepted.
+    pub traced: u8,
 }
 
 #[map]
@@ -159,7 +161,7 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut 
         rst_received: 0,
         lport: ev.lport,
         rport: ev.rport,
-        _pad: [0; 1],
+        traced: 0,
     };
     let key = TupleKey {
         laddr: ev.laddr,
@@ -205,6 +207,15 @@ pub fn claim(info: &mut SockInfo, cur: &Current) {
         info.tid = cur.tid;
         info.comm = bpf_get_current_comm().unwrap_or([0; 16]);
         info.owner_source = owner_source::CURRENT;
+    }
+}
+
+/// Remembers that a traced process owns the socket now (a later claim by an untraced task
+/// does not make it untraced). Without `--pid` every socket passes.
+#[inline(always)]
+pub fn note_traced(info: &mut SockInfo) {
+    if info.traced == 0 && pid_passes(info.pid) {
+        info.traced = 1;
     }
 }
 
@@ -299,7 +310,7 @@ fn remember_io_owner(sk: u64, cur: &Current) {
         rst_received: 0,
         lport: 0,
         rport: 0,
-        _pad: [0; 1],
+        traced: 0,
     };
     // EEXIST: another event of the socket created the entry meanwhile; anything else: full.
     const EEXIST: i32 = -17;

@@ -14,8 +14,10 @@ use tracer_common::{
 use crate::{
     calls::call_acting_on,
     capture_filter::is_watched,
-    emit::{CLASSIC_SLOT, Record, count, empty_event, noop, submit, submit_unowned},
-    owners::{SOCKS, current, fill_owner, keep_unowned, lookup_or_create, may_concern_traced},
+    emit::{CLASSIC_SLOT, Record, count, empty_event, noop, submit_socket, submit_unowned},
+    owners::{
+        SOCKS, current, fill_owner, keep_unowned, lookup_or_create, may_concern_traced, note_traced,
+    },
     setting,
     state::{RecordFields, SockFields, TupleSource, family_and_port, read_tuple},
 };
@@ -87,7 +89,7 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
         .get::<u32>(layout.reason)
         .map(|r| r as i32)
         .unwrap_or(-1);
-    attribute_reset(sk, state, &mut ev);
+    let traced = attribute_reset(sk, state, &mut ev);
     if setting!(filter_pids) != 0 && unowned && ev.pid == 0 {
         if is_watched(&ev, CLASSIC_SLOT) {
             // The daemon attributes it to the traced connection with these addresses.
@@ -97,7 +99,7 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
         }
         return 0;
     }
-    submit(&ev, CLASSIC_SLOT);
+    submit_socket(&ev, traced, CLASSIC_SLOT);
     0
 }
 
@@ -117,13 +119,14 @@ fn may_concern_traced_reset(sk: u64, rec: &Record, layout: &ResetLayout) -> bool
     })
 }
 
-/// Fills owner, conn and the close call (if this reset is part of one) for a sent reset.
+/// Fills owner, conn and the close call (if this reset is part of one) for a sent reset;
+/// says whether a traced process owned the socket (see `SockInfo::traced`).
 #[inline(always)]
-fn attribute_reset(sk: u64, state: u8, ev: &mut SockEvent) {
+fn attribute_reset(sk: u64, state: u8, ev: &mut SockEvent) -> bool {
     if sk == 0 {
         // A reply to a segment that matched no socket: nobody owns it.
         ev.owner_source = owner_source::NO_SOCKET;
-        return;
+        return false;
     }
     // Time-wait and request sockets never reach tcp_destroy_sock: do not make entries for them.
     let full_socket = state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV;
@@ -133,18 +136,22 @@ fn attribute_reset(sk: u64, state: u8, ev: &mut SockEvent) {
         SOCKS.get_ptr_mut(sk)
     };
     // SAFETY: entry pointer from the map.
-    let info = info.map(|i| unsafe { &*i });
-    if let Some(info) = info {
-        fill_owner(ev, info);
-    }
-    if !full_socket {
-        return; // no file refers to a time-wait or request socket: no call acts on it
-    }
-    if let Some(call) = call_acting_on(sk, info) {
+    let mut info = info.map(|i| unsafe { &mut *i });
+    let traced = match info.as_deref_mut() {
+        Some(info) => {
+            note_traced(info);
+            fill_owner(ev, info);
+            info.traced != 0
+        }
+        None => false,
+    };
+    // No file refers to a time-wait or request socket: no call acts on it.
+    if full_socket && let Some(call) = call_acting_on(sk, info.as_deref()) {
         ev.call_id = call.started_ns;
         ev.syscall = call.kind;
         ev.fd = call.fd;
     }
+    traced
 }
 
 #[tracepoint]
@@ -215,7 +222,8 @@ pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
         return 0; // without the socket's earlier events its addresses are unknown here
     };
     // SAFETY: entry pointer from the map.
-    let info = unsafe { &*info };
+    let info = unsafe { &mut *info };
+    note_traced(info);
     fill_owner(&mut ev, info);
     ev.lport = info.lport;
     ev.rport = info.rport;
@@ -224,6 +232,6 @@ pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
         ev.syscall = call.kind;
         ev.fd = call.fd;
     }
-    submit(&ev, CLASSIC_SLOT);
+    submit_socket(&ev, info.traced != 0, CLASSIC_SLOT);
     0
 }

@@ -16,11 +16,12 @@ use crate::{
     capture_filter::watch,
     emit::{
         CLASSIC_SLOT, Record, count, enter_raw, kernel_read, leave_raw, noop, pid_passes,
-        ports_pass, scratch_event, submit,
+        ports_pass, scratch_event, submit_socket,
     },
     owners::{
         Current, LISTENERS, SOCKS, SockInfo, claim, current, fill_owner, keep_unowned,
-        listener_key, lookup_or_create, may_concern_traced, note_ports, remember_listener,
+        listener_key, lookup_or_create, may_concern_traced, note_ports, note_traced,
+        remember_listener,
     },
     setting,
 };
@@ -273,10 +274,13 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
     info.state_since_ns = ev.ts_ns;
     note_ports(info, ev);
 
+    // The owner before this event: a close by a forked, untraced child claims it below.
+    note_traced(info);
     let kind = classify(sk, old, new, info, &cur, ev)?;
     ev.kind = kind as u8;
     fill_owner(ev, info);
-    submit(ev, slot);
+    note_traced(info);
+    submit_socket(ev, info.traced != 0, slot);
     Some(())
 }
 

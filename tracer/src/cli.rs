@@ -49,7 +49,8 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct TraceArgs {
-    /// Only sockets owned by these processes (all their threads); repeatable.
+    /// Only sockets owned by these processes (all their threads; a socket they owned stays
+    /// traced when a forked child closes it); repeatable.
     #[arg(short, long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
     /// Only connections whose local or remote port is PORT; repeatable.

@@ -333,6 +333,79 @@ fn pid_filter_runs_in_the_kernel() {
     );
 }
 
+/// A forking server (inetd, Apache prefork, many Python servers): it accepts, forks a child for
+/// the connection and closes its own copy of the socket, which does nothing to the connection.
+/// Prints its pid, waits for a line on stdin, then prints the child's pid and the ports.
+const FORKING_SERVER: &str = r#"
+import json, os, socket, sys, time
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(1)
+print(json.dumps({"pid": os.getpid()}), flush=True)
+sys.stdin.readline()
+c = socket.create_connection(l.getsockname())
+s, _ = l.accept()
+child = os.fork()
+if child == 0:
+    time.sleep(0.2)
+    s.close()
+    os._exit(0)
+s.close()
+print(json.dumps({"child": child, "sport": l.getsockname()[1], "cport": c.getsockname()[1]}),
+      flush=True)
+os.waitpid(child, 0)
+c.recv(1)
+c.close()
+"#;
+
+/// With `--pid` of the forking server, the connection it accepted stays traced after the
+/// hand-over: the child's close is reported, naming the child, and so are the socket's later
+/// moves. (They were filtered out: the close made the untraced child its owner.)
+#[test]
+fn a_forked_child_closing_what_a_traced_parent_accepted_is_reported() {
+    if !common::require_root() {
+        return;
+    }
+    let mut server = Command::new("python3")
+        .args(["-c", FORKING_SERVER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut stdout = BufReader::new(server.stdout.take().unwrap()).lines();
+    let mut next = || -> Value { serde_json::from_str(&stdout.next().unwrap().unwrap()).unwrap() };
+    let parent = next()["pid"].as_u64().unwrap();
+    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &parent.to_string()]);
+    tracer.wait_ready(WAIT);
+    writeln!(server.stdin.as_mut().unwrap(), "go").unwrap();
+    let info = next();
+    let (child, sport, cport) = (
+        info["child"].as_u64().unwrap(),
+        info["sport"].as_u64().unwrap() as u16,
+        info["cport"].as_u64().unwrap() as u16,
+    );
+    let close = tracer.wait_for(|v| is(v, "close", sport, cport), WAIT);
+    assert_eq!(close["pid"], child, "the child closed it: {close}");
+    // With --pid, the calls of untraced processes are not followed (that would cost every
+    // close(2) on the host): the child's call is unknown, its process is not.
+    assert_eq!(close["syscall"], Value::Null, "{close}");
+    assert_eq!(close["outcome"], "fin", "{close}");
+    assert_eq!(close["new_state"], "FIN_WAIT1", "{close}");
+    let later = tracer.wait_for(
+        |v| is(v, "state", sport, cport) && v["new_state"] == "FIN_WAIT2",
+        WAIT,
+    );
+    assert_eq!(later["conn"], close["conn"], "{later}");
+    // The parent's own end of the connection, for comparison.
+    tracer.wait_for(
+        |v| is(v, "fin_received", cport, sport) && v["pid"] == parent,
+        WAIT,
+    );
+    assert!(server.wait().unwrap().success());
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+}
+
 /// With `--pid`, events of sockets no traced process owns are dropped before their addresses
 /// are read, unless the socket may inherit a traced listener's owner. Here the traced server
 /// listens before the tracer starts and keeps listening; this (untraced) process connects
