@@ -301,9 +301,14 @@ fn classify(
     let local = is_local_close(old, new);
     if local || new == CLOSE || old == new {
         if let Some(call) = call_acting_on(sk, Some(info)) {
+            // An exit's call takes only what the exiting task itself closes: a softirq running
+            // in its context may move anyone's socket. Its own close shows as the owner being
+            // this process, or as a move only a close makes (a child that inherited the socket
+            // and never used it).
             let same_process = info.owner_source == owner_source::UNKNOWN || info.pid == cur.pid;
+            let exit_closes_it = call.kind != syscall::EXIT || same_process || local;
             let first_in_call = info.closed_by_call != call.started_ns;
-            if first_in_call && (call.kind != syscall::EXIT || same_process) {
+            if first_in_call && exit_closes_it {
                 info.closed_by_call = call.started_ns;
                 info.released = (call.kind != syscall::SHUTDOWN) as u8;
                 ev.syscall = call.kind;

@@ -224,6 +224,53 @@ fn process_exit_closes_are_attributed_to_the_exiting_process() {
     tracer.stop();
 }
 
+/// A child that inherited a socket and never used it (a helper started with the descriptor
+/// open) closes the connection when it exits, after its parent closed its own copy. The line
+/// names the child and the call: `syscall` was null, since the socket's recorded owner is the
+/// parent and an exit claimed only its own process's sockets; but ESTABLISHED -> FIN_WAIT1 in
+/// the exiting task is a move only a close makes, so it is the exit's own.
+#[test]
+fn an_inherited_socket_closed_by_its_exit_names_the_exiting_child() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let mut tracer = tracer_for(port);
+    let script = r#"
+import json, socket, subprocess, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+lport = c.getsockname()[1]
+child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                         pass_fds=[c.fileno()], stdin=subprocess.PIPE)
+c.close()  # the parent's copy: nothing happens to the connection
+print(json.dumps({"child": child.pid, "lport": lport}), flush=True)
+sys.stdin.readline()
+child.stdin.close()  # the child exits, closing the last copy
+child.wait()
+"#;
+    let mut parent = Command::new("python3")
+        .args(["-c", script, &port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let (server, _) = l.accept().unwrap();
+    let mut stdout = BufReader::new(parent.stdout.take().unwrap()).lines();
+    let info: Value = serde_json::from_str(&stdout.next().unwrap().unwrap()).unwrap();
+    let (child, lport) = (
+        info["child"].as_u64().unwrap(),
+        info["lport"].as_u64().unwrap() as u16,
+    );
+    writeln!(parent.stdin.as_mut().unwrap(), "go").unwrap();
+    let close = tracer.wait_for(|v| is(v, "close", lport, port), WAIT);
+    assert_eq!(close["pid"], child, "{close}");
+    assert_eq!(close["syscall"], "exit", "{close}");
+    assert_eq!(close["outcome"], "fin", "{close}");
+    assert!(parent.wait().unwrap().success());
+    drop(server);
+    tracer.stop();
+}
+
 /// A close(2) of a pipe is not the close of a socket the same task resets right after it:
 /// the call's descriptor says which socket it acts on (before, a call claimed the first
 /// socket that moved during it or within 20 ms after it returned, so this disconnect came out
