@@ -85,7 +85,7 @@ pub enum Joined<T> {
 /// (source, destination) of a packet, IPv4-mapped IPv6 addresses written as IPv4.
 type PathKey = (SocketAddr, SocketAddr);
 
-fn normalise(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn normalise(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),

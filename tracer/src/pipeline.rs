@@ -80,6 +80,15 @@ fn ends(pkt: &WirePacket) -> [((SocketAddr, SocketAddr), Dir); 2] {
     ]
 }
 
+/// A socket's (local, remote) as the address index keys it: IPv4-mapped IPv6 addresses (a
+/// dual-stack socket's IPv4 peers) written as IPv4, as its packets show them on the wire.
+fn addr_key(local: SocketAddr, remote: SocketAddr) -> (SocketAddr, SocketAddr) {
+    (
+        crate::join::normalise(local),
+        crate::join::normalise(remote),
+    )
+}
+
 /// Connections by conn id and by address pair.
 #[derive(Default)]
 struct ConnTable {
@@ -130,7 +139,7 @@ impl ConnTable {
         }
         // The address index changes only with the addresses (hashing two of them for every
         // event showed in the profile).
-        let key = (info.local, info.remote);
+        let key = addr_key(info.local, info.remote);
         if (fresh || moved) && self.by_tuple.insert(key, ev.conn_id) != Some(ev.conn_id) {
             self.order.push_back((ev.conn_id, ev.mono_ns));
         }
@@ -149,7 +158,7 @@ impl ConnTable {
         // connection it belonged to was seen, with its owner, moments before.
         if ev.conn_id == 0
             && ev.old_state == tcp_state::TIME_WAIT
-            && let Some(&id) = self.by_tuple.get(&(ev.local, ev.remote))
+            && let Some(&id) = self.by_tuple.get(&addr_key(ev.local, ev.remote))
             && let Some(info) = self.by_id.get(&id)
         {
             ev.conn_id = id;
@@ -211,7 +220,7 @@ impl ConnTable {
                 continue;
             };
             if !stale || now_ns.saturating_sub(info.last_event_ns) > CONN_MEMORY_NS {
-                let key = (info.local, info.remote);
+                let key = addr_key(info.local, info.remote);
                 if self.by_tuple.get(&key) == Some(&id) {
                     self.by_tuple.remove(&key);
                 }

@@ -297,10 +297,22 @@ fn loopback_reset(iface: &str, host: &str) {
 /// time our end really waited in FIN_WAIT2. tcpdump witnesses the FIN.
 #[test]
 fn loopback_peer_fin_reaches_our_fin_wait2_socket() {
+    peer_fin_reaches_our_fin_wait2_socket("127.0.0.1:0");
+}
+
+/// The same with a dual-stack listener: our socket's addresses are IPv4-mapped IPv6
+/// (`::ffff:127.0.0.1`) while its packets are IPv4 (the connection table keyed the socket by
+/// the mapped form and never found it from the packet, so the line was missing).
+#[test]
+fn dual_stack_peer_fin_reaches_our_fin_wait2_socket() {
+    peer_fin_reaches_our_fin_wait2_socket("[::]:0");
+}
+
+fn peer_fin_reaches_our_fin_wait2_socket(bind: &str) {
     if !common::require_root() {
         return;
     }
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l = TcpListener::bind(bind).unwrap();
     let port = l.local_addr().unwrap().port();
     let mut dump = Tcpdump::start("lo", &format!("port {port}"));
     let mut tracer = Tracer::start(&["-i", "lo", "--port", &port.to_string()]);
@@ -319,6 +331,9 @@ fn loopback_peer_fin_reaches_our_fin_wait2_socket() {
     let fin = tracer.wait_for(|v| is(v, "fin_received", port, peer_port), WAIT);
     assert_eq!(fin["pid"], std::process::id(), "{fin}");
     assert_eq!(fin["derived"], "wire", "{fin}");
+    if bind.starts_with('[') {
+        assert_eq!(fin["laddr"], "::ffff:127.0.0.1", "{fin}");
+    }
     assert_eq!(fin["old_state"], "FIN_WAIT2", "{fin}");
     assert_eq!(fin["new_state"], "TIME_WAIT", "{fin}");
     let waited = fin["duration_ns"].as_u64().expect("time in FIN_WAIT2");
