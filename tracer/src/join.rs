@@ -73,10 +73,10 @@ pub enum Joined<T> {
         packet: WirePacket,
         retransmit: bool,
     },
-    /// A FIN its sender's event claimed and no event on the receiving end did: on loopback (or
-    /// between namespaces of one host) the receiver may be a socket that already left for
-    /// TIME_WAIT or an orphaned FIN_WAIT2, which no kernel event shows receiving it.
-    FinUnreceived {
+    /// A FIN or RST its sender's event claimed and no event on the receiving end did: on
+    /// loopback (or between namespaces of one host) the receiver may be a socket that already
+    /// left for TIME_WAIT or an orphaned FIN_WAIT2, which no kernel event shows receiving it.
+    Unreceived {
         packet: WirePacket,
         retransmit: bool,
     },
@@ -615,12 +615,10 @@ impl<T> Joiner<T> {
                         packet: entry.any_copy().clone(),
                         retransmit: entry.retransmit,
                     }),
-                    [Some(_), None] if entry.flags & tcp_flags::FIN != 0 => {
-                        out.push(Joined::FinUnreceived {
-                            packet: entry.any_copy().clone(),
-                            retransmit: entry.retransmit,
-                        })
-                    }
+                    [Some(_), None] => out.push(Joined::Unreceived {
+                        packet: entry.any_copy().clone(),
+                        retransmit: entry.retransmit,
+                    }),
                     _ => {}
                 }
             }
@@ -744,7 +742,7 @@ mod tests {
         out.into_iter()
             .filter_map(|j| match j {
                 Joined::Event(ev) => Some((ev.item, ev.wire)),
-                Joined::Packet { .. } | Joined::FinUnreceived { .. } => None,
+                Joined::Packet { .. } | Joined::Unreceived { .. } => None,
             })
             .collect()
     }
@@ -753,7 +751,7 @@ mod tests {
         out.iter()
             .filter_map(|j| match j {
                 Joined::Packet { packet, retransmit } => Some((packet.clone(), *retransmit)),
-                Joined::Event(_) | Joined::FinUnreceived { .. } => None,
+                Joined::Event(_) | Joined::Unreceived { .. } => None,
             })
             .collect()
     }

@@ -63,6 +63,7 @@ struct ConnInfo {
     timewait_since: Option<u64>,
     fw2_since: Option<u64>,
     fin_received: bool,
+    rst_received: bool,
     /// Sequence numbers of the FINs seen on the wire, by `Dir` as this socket sees them (sent,
     /// received), valid where `fin_seen` has bit 1 << index. A FIN seen again later than the
     /// join window is a retransmission: the joiner forgets packets after the window.
@@ -114,6 +115,7 @@ impl ConnTable {
                 timewait_since: None,
                 fw2_since: None,
                 fin_received: false,
+                rst_received: false,
                 fin_seq: [0; 2],
                 fin_seen: 0,
             }
@@ -131,11 +133,13 @@ impl ConnTable {
         if ev.new_state == tcp_state::FIN_WAIT2 {
             info.fw2_since = Some(ev.mono_ns);
         }
-        if ev.old_state == tcp_state::FIN_WAIT2 && ev.new_state == tcp_state::CLOSE {
-            info.timewait_since = Some(ev.mono_ns);
-        }
-        if ev.kind == EventKind::FinReceived {
-            info.fin_received = true;
+        match ev.kind {
+            EventKind::FinReceived => info.fin_received = true,
+            EventKind::RstReceived => info.rst_received = true,
+            _ if ev.old_state == tcp_state::FIN_WAIT2 && ev.new_state == tcp_state::CLOSE => {
+                info.timewait_since = Some(ev.mono_ns)
+            }
+            _ => {}
         }
         // The address index changes only with the addresses (hashing two of them for every
         // event showed in the profile).
@@ -446,8 +450,8 @@ impl Pipeline {
                     self.joiner.recycle(ev);
                 }
                 Joined::Packet { packet, retransmit } => self.emit_packet(packet, retransmit, out),
-                Joined::FinUnreceived { packet, retransmit } => {
-                    self.emit_unreceived_fin(packet, retransmit, out)
+                Joined::Unreceived { packet, retransmit } => {
+                    self.emit_unreceived(packet, retransmit, out)
                 }
             }
         }
@@ -506,7 +510,7 @@ impl Pipeline {
         let derived = if retransmit {
             None
         } else {
-            self.timewait_fin(&packet, conn)
+            self.timewait_arrival(&packet, conn)
         };
         if let Some(line) = derived {
             self.emit_derived(line, packet, out);
@@ -534,30 +538,30 @@ impl Pipeline {
         }
     }
 
-    /// Both ends on this host: the FIN a line just sent may have reached our socket that is
-    /// already in TIME_WAIT (or an orphaned FIN_WAIT2). Decided as the sender's line leaves
-    /// (tens of milliseconds after the packet), while the receiver is surely still in the
-    /// connection table even under churn; `emit_unreceived_fin` is the later second chance.
+    /// Both ends on this host: the FIN or RST a line just sent may have reached our socket
+    /// that is already in TIME_WAIT (or an orphaned FIN_WAIT2). Decided as the sender's line
+    /// leaves (tens of milliseconds after the packet), while the receiver is surely still in
+    /// the connection table even under churn; `emit_unreceived` is the later second chance.
     fn derive_local_receiver(&mut self, packet: &WirePacket, out: &Output) {
-        if packet.flags & tcp_flags::FIN == 0 {
+        if packet.flags & (tcp_flags::FIN | tcp_flags::RST) == 0 {
             return;
         }
         let conn = self.conns.for_packet(packet);
-        if let Some(line) = self.timewait_fin(packet, conn) {
+        if let Some(line) = self.timewait_arrival(packet, conn) {
             self.emit_derived(line, packet.clone(), out);
         }
     }
 
-    /// A FIN that joined its sender's close and no receiver's event (both ends on this host):
-    /// the receiver may be our socket in TIME_WAIT, which the wire alone shows receiving it.
-    /// Anything else it reached already has its line (or is not traced), and its sender's
-    /// line carries it: no `packet` line. A copy sent again is not the FIN arriving.
-    fn emit_unreceived_fin(&mut self, packet: WirePacket, retransmit: bool, out: &Output) {
+    /// A FIN or RST that joined its sender's line and no receiver's event (both ends on this
+    /// host): the receiver may be our socket in TIME_WAIT, which the wire alone shows
+    /// receiving it. Anything else it reached already has its line (or is not traced), and its
+    /// sender's line carries it: no `packet` line. A copy sent again is not a second arrival.
+    fn emit_unreceived(&mut self, packet: WirePacket, retransmit: bool, out: &Output) {
         if retransmit {
             return;
         }
         let conn = self.conns.for_packet(&packet);
-        if let Some(line) = self.timewait_fin(&packet, conn) {
+        if let Some(line) = self.timewait_arrival(&packet, conn) {
             self.emit_derived(line, packet, out);
         }
     }
@@ -573,12 +577,20 @@ impl Pipeline {
         self.emit_event(&mut line, Some(&wire), out);
     }
 
-    /// The peer's FIN reaching a socket that already left for TIME_WAIT: no kernel event shows
-    /// it (the mini socket has no tracepoint), so the wire is the witness.
-    fn timewait_fin(&mut self, pkt: &WirePacket, conn: Option<(u64, Dir)>) -> Option<PendingLine> {
+    /// The peer's FIN or RST reaching a socket that already left for TIME_WAIT (or an orphaned
+    /// FIN_WAIT2): no kernel event shows it (the mini socket has no tracepoint), so the wire is
+    /// the witness.
+    fn timewait_arrival(
+        &mut self,
+        pkt: &WirePacket,
+        conn: Option<(u64, Dir)>,
+    ) -> Option<PendingLine> {
         let (id, Dir::In) = conn? else {
             return None;
         };
+        if pkt.flags & tcp_flags::RST != 0 {
+            return self.timewait_rst(pkt, id);
+        }
         if pkt.flags & tcp_flags::FIN == 0 {
             return None;
         }
@@ -610,6 +622,40 @@ impl Pipeline {
             reason: None,
         };
         let mut line = line("fin_received", ev, false);
+        line.derived_from_wire = true;
+        Some(line)
+    }
+
+    /// The peer's RST reaching our socket in TIME_WAIT, or in an orphaned FIN_WAIT2 (the peer
+    /// aborted while we waited for its FIN): the mini socket dies with it.
+    fn timewait_rst(&mut self, pkt: &WirePacket, id: u64) -> Option<PendingLine> {
+        let info = self.conns.by_id.get_mut(&id)?;
+        let since = info.timewait_since?;
+        if info.rst_received {
+            return None;
+        }
+        info.rst_received = true;
+        let ev = KernelEvent {
+            kind: EventKind::RstReceived,
+            mono_ns: pkt.mono_ns.max(since),
+            conn_id: id,
+            state_since_ns: 0,
+            call_id: 0,
+            owner: info.owner,
+            family: info.family,
+            local: info.local,
+            remote: info.remote,
+            old_state: if info.fin_received {
+                tcp_state::TIME_WAIT
+            } else {
+                tcp_state::FIN_WAIT2
+            },
+            new_state: tcp_state::CLOSE,
+            syscall: 0,
+            fd: None,
+            reason: None,
+        };
+        let mut line = line("rst_received", ev, false);
         line.derived_from_wire = true;
         Some(line)
     }
@@ -1006,6 +1052,57 @@ mod tests {
         );
         assert_eq!(out[3]["derived"], "wire", "{out:?}");
         assert_eq!(out[3]["duration_ns"], 10 * MS + 20_000, "{out:?}");
+    }
+
+    /// A remote peer's FIN, then its RST (TIME_WAIT assassination), reach our socket in
+    /// TIME_WAIT: both derived from the wire, the RST once; a full socket reset in FIN_WAIT2
+    /// has the kernel's own line and derives nothing.
+    #[test]
+    fn a_reset_into_time_wait_is_derived_once_and_only_for_a_mini_socket() {
+        let rst_in = |mono| WirePacket {
+            dir: Dir::In,
+            flags: tcp_flags::RST,
+            ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 9, mono)
+        };
+        let out = lines(|p, out| {
+            p.kernel_event(event(
+                EventKind::State,
+                tcp_state::FIN_WAIT2,
+                tcp_state::CLOSE,
+                100 * MS,
+                0,
+                None,
+            ));
+            p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 150 * MS));
+            p.packet(rst_in(200 * MS));
+            p.packet(rst_in(210 * MS));
+            p.poll(2_000 * MS, out);
+        });
+        let events: Vec<_> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
+        assert_eq!(
+            events,
+            ["state", "fin_received", "rst_received", "packet"],
+            "{out:?}"
+        );
+        assert_eq!(out[2]["old_state"], "TIME_WAIT", "{out:?}");
+        assert_eq!(out[2]["derived"], "wire", "{out:?}");
+
+        let mut reset = event(
+            EventKind::RstReceived,
+            tcp_state::FIN_WAIT2,
+            tcp_state::CLOSE,
+            100 * MS,
+            0,
+            None,
+        );
+        reset.conn_id = 5;
+        let out = lines(|p, out| {
+            p.kernel_event(reset);
+            p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 150 * MS));
+            p.poll(2_000 * MS, out);
+        });
+        let events: Vec<_> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
+        assert_eq!(events, ["rst_received", "packet"], "{out:?}");
     }
 
     /// Our FIN_WAIT2 socket went to TIME_WAIT; the peer's FIN is derived from the wire once,

@@ -55,6 +55,10 @@ def behave(sock, behaviour):
         sock.send(b"x")
         wait_stdin_closed()
         sock.close()
+    elif behaviour == "hold-linger0":
+        wait_stdin_closed()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
     elif behaviour == "hold":
         wait_stdin_closed()
         sock.close()

@@ -358,6 +358,46 @@ fn peer_fin_reaches_our_fin_wait2_socket(bind: &str) {
     assert_eq!(fins, 1, "one arrival, one line");
 }
 
+/// Both ends on this host again, but the peer aborts (SO_LINGER 0) while our closed socket
+/// waits in FIN_WAIT2: its RST joins the peer's close (`out`) and kills our mini socket, which
+/// no kernel event shows; the same packet gives our `rst_received` (`in`, derived from the
+/// wire, FIN_WAIT2 -> CLOSE). tcpdump witnesses the RST.
+#[test]
+fn loopback_peer_reset_reaches_our_fin_wait2_socket() {
+    if !common::require_root() {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut dump = Tcpdump::start("lo", &format!("port {port}"));
+    let mut tracer = Tracer::start(&["-i", "lo", "--port", &port.to_string()]);
+    tracer.wait_ready(WAIT);
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "hold-linger0");
+    let (server, _) = l.accept().unwrap();
+    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    drop(server);
+    tracer.wait_for(
+        |v| is(v, "state", port, peer_port) && v["old_state"] == "FIN_WAIT2",
+        WAIT,
+    );
+    peer.release(); // the peer aborts: its RST goes to our FIN_WAIT2 mini socket
+    let reset = tracer.wait_for(|v| is(v, "rst_received", port, peer_port), WAIT);
+    assert_eq!(reset["pid"], std::process::id(), "{reset}");
+    assert_eq!(reset["derived"], "wire", "{reset}");
+    assert_eq!(reset["old_state"], "FIN_WAIT2", "{reset}");
+    assert_eq!(reset["new_state"], "CLOSE", "{reset}");
+    let (seq_in, _) = check_wire(&reset, "RST", "in");
+    let peer_close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
+    assert_eq!(peer_close["outcome"], "rst", "{peer_close}");
+    let (seq_out, _) = check_wire(&peer_close, "RST", "out");
+    assert_eq!(seq_in, seq_out, "one packet, two ends");
+    let seen = dump.wait_for(|s| s.sport == peer_port && s.is_rst(), WAIT);
+    assert_eq!(seen.seq, seq_in, "tcpdump saw the same RST: {seen:?}");
+    peer.wait();
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+}
+
 #[test]
 fn loopback_any_ipv4() {
     loopback_reset("any", "127.0.0.1");
