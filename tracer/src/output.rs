@@ -22,6 +22,10 @@ use std::{
 /// Lines that may wait for a slow consumer before new ones are dropped (and counted): about
 /// 4 MB of JSON at most.
 pub const QUEUE_LINES: usize = 8192;
+/// A batch goes to the writer once it holds this much, even within one turn of the main loop:
+/// a turn that drained a full ring buffer made one batch of ~5 MB, and the next batch kept
+/// that capacity.
+const BATCH_BYTES: usize = 256 * 1024;
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// Where lines go.
@@ -143,10 +147,16 @@ impl Output {
     }
 
     fn push(&self, write: impl FnOnce(&mut String)) {
-        let mut batch = self.pending.borrow_mut();
-        write(&mut batch.text);
-        batch.text.push('\n');
-        batch.lines += 1;
+        let full = {
+            let mut batch = self.pending.borrow_mut();
+            write(&mut batch.text);
+            batch.text.push('\n');
+            batch.lines += 1;
+            batch.text.len() >= BATCH_BYTES
+        };
+        if full {
+            self.hand_over();
+        }
     }
 
     /// Hands the lines accepted so far to the writer: the main loop calls this once per turn.
@@ -155,9 +165,9 @@ impl Output {
         if pending.lines == 0 {
             return;
         }
-        // The next batch starts with room for as much as this one held.
+        // The next batch starts with room for as much as this one held (up to a full one).
         let next = Batch {
-            text: String::with_capacity(pending.text.len()),
+            text: String::with_capacity(pending.text.len().min(BATCH_BYTES + 1024)),
             lines: 0,
         };
         let batch = std::mem::replace(&mut *pending, next);
