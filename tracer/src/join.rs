@@ -22,6 +22,9 @@ use rustc_hash::FxHashMap as HashMap;
 
 use crate::capture::{Dir, WirePacket, tcp_flags};
 
+/// The claim of a packet's end whose line did not come through the joiner (event ids start
+/// at 1).
+const NO_EVENT: u64 = 0;
 /// Copies of a segment closer than this are one packet seen twice, not a retransmission.
 const DUPLICATE_NS: u64 = 5_000_000;
 /// A joined event waits this long (at most the window) for duplicate copies and immediate
@@ -454,6 +457,24 @@ impl<T> Joiner<T> {
         schedule_early_expiry(&mut self.early_order, &entry, path);
         self.packets.entry(path).or_default().push(entry);
         self.stored_packets += 1;
+    }
+
+    /// The packet's receiving end got a line of its own outside the joiner (the pipeline
+    /// derived it from the wire): the entry then needs no more than one both ends claimed,
+    /// and leaves as soon (under loopback FIN churn these held ~5 MB for the whole window).
+    pub fn mark_received(&mut self, pkt: &WirePacket) {
+        let path = (normalise(pkt.src), normalise(pkt.dst));
+        let Some(entry) = self.packets.get_mut(&path).and_then(|entries| {
+            entries.iter_mut().find(|e| {
+                e.same_segment(pkt) && e.first_mono.abs_diff(pkt.mono_ns) <= DUPLICATE_NS
+            })
+        }) else {
+            return;
+        };
+        if entry.claimed[slot(Dir::In)].is_none() {
+            entry.claim(Dir::In, NO_EVENT);
+            schedule_early_expiry(&mut self.early_order, entry, path);
+        }
     }
 
     /// A second copy of a packet already seen (interface `any`): keep it for the end it

@@ -548,6 +548,7 @@ impl Pipeline {
         }
         let conn = self.conns.for_packet(packet);
         if let Some(line) = self.timewait_arrival(packet, conn) {
+            self.joiner.mark_received(packet);
             self.emit_derived(line, packet.clone(), out);
         }
     }
