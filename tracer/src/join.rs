@@ -465,9 +465,9 @@ impl<T> Joiner<T> {
     pub fn mark_received(&mut self, pkt: &WirePacket) {
         let path = (normalise(pkt.src), normalise(pkt.dst));
         let Some(entry) = self.packets.get_mut(&path).and_then(|entries| {
-            entries.iter_mut().find(|e| {
-                e.same_segment(pkt) && e.first_mono.abs_diff(pkt.mono_ns) <= DUPLICATE_NS
-            })
+            entries
+                .iter_mut()
+                .find(|e| e.same_segment(pkt) && e.first_mono.abs_diff(pkt.mono_ns) <= DUPLICATE_NS)
         }) else {
             return;
         };

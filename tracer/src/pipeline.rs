@@ -970,33 +970,19 @@ mod tests {
     /// was null: the packet predates the FIN_WAIT2 transition).
     #[test]
     fn a_fin_that_acked_ours_reaches_time_wait_at_the_kernels_move() {
-        let ours = |old, new, mono| {
-            let mut e = event(EventKind::State, old, new, mono, 0, None);
-            e.conn_id = 1;
-            e
-        };
-        let (fw2, tw) = (
-            ours(tcp_state::FIN_WAIT1, tcp_state::FIN_WAIT2, 100 * MS + 5_000),
-            ours(tcp_state::FIN_WAIT2, tcp_state::CLOSE, 100 * MS + 14_000),
-        );
-        let mut peer_close = event(
-            EventKind::Close,
-            tcp_state::CLOSE_WAIT,
-            tcp_state::LAST_ACK,
-            100 * MS - 2_000,
-            5,
-            None,
-        );
-        peer_close.conn_id = 2;
-        (peer_close.local, peer_close.remote) = (fw2.remote, fw2.local);
         let out = lines(|p, out| {
-            p.kernel_event(peer_close);
-            p.packet(WirePacket {
-                dir: Dir::Out,
-                ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 100 * MS)
-            });
-            p.kernel_event(fw2);
-            p.kernel_event(tw);
+            p.kernel_event(peer_close(100 * MS - 2_000));
+            p.packet(peer_fin_out(100 * MS));
+            p.kernel_event(ours(
+                tcp_state::FIN_WAIT1,
+                tcp_state::FIN_WAIT2,
+                100 * MS + 5_000,
+            ));
+            p.kernel_event(ours(
+                tcp_state::FIN_WAIT2,
+                tcp_state::CLOSE,
+                100 * MS + 14_000,
+            ));
             p.poll(130 * MS, out); // the peer's close leaves (settled), ours is derived with it
         });
         let fin = out
@@ -1012,31 +998,10 @@ mod tests {
     /// nobody received, derives the line when its window ends.
     #[test]
     fn a_receiver_seen_after_the_senders_line_left_is_derived_at_the_windows_end() {
-        let ours = |old, new, mono| {
-            let mut e = event(EventKind::State, old, new, mono, 0, None);
-            e.conn_id = 1;
-            e
-        };
-        let mut peer_close = event(
-            EventKind::Close,
-            tcp_state::CLOSE_WAIT,
-            tcp_state::LAST_ACK,
-            100 * MS,
-            5,
-            None,
-        );
-        peer_close.conn_id = 2;
-        (peer_close.local, peer_close.remote) = (
-            "10.0.0.2:4000".parse().unwrap(),
-            "10.0.0.1:80".parse().unwrap(),
-        );
         let out = lines(|p, out| {
             p.kernel_event(ours(tcp_state::FIN_WAIT1, tcp_state::FIN_WAIT2, 90 * MS));
-            p.kernel_event(peer_close);
-            p.packet(WirePacket {
-                dir: Dir::Out,
-                ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 100 * MS + 10_000)
-            });
+            p.kernel_event(peer_close(100 * MS));
+            p.packet(peer_fin_out(100 * MS + 10_000));
             p.poll(130 * MS, out);
             p.kernel_event(ours(
                 tcp_state::FIN_WAIT2,
@@ -1045,9 +1010,8 @@ mod tests {
             ));
             p.poll(2_000 * MS, out);
         });
-        let events: Vec<_> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
         assert_eq!(
-            events,
+            names(&out),
             ["state", "close", "state", "fin_received"],
             "{out:?}"
         );
@@ -1102,8 +1066,41 @@ mod tests {
             p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 150 * MS));
             p.poll(2_000 * MS, out);
         });
-        let events: Vec<_> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
-        assert_eq!(events, ["rst_received", "packet"], "{out:?}");
+        assert_eq!(names(&out), ["rst_received", "packet"], "{out:?}");
+    }
+
+    /// A transition of our socket (conn 1, 10.0.0.1:80 <-> 10.0.0.2:4000).
+    fn ours(old: u8, new: u8, mono: u64) -> KernelEvent {
+        let mut e = event(EventKind::State, old, new, mono, 0, None);
+        e.conn_id = 1;
+        e
+    }
+
+    /// The peer's close (conn 2, on this host too: CLOSE_WAIT -> LAST_ACK, a FIN out).
+    fn peer_close(mono: u64) -> KernelEvent {
+        let mut e = event(
+            EventKind::Close,
+            tcp_state::CLOSE_WAIT,
+            tcp_state::LAST_ACK,
+            mono,
+            5,
+            None,
+        );
+        e.conn_id = 2;
+        (e.local, e.remote) = (e.remote, e.local);
+        e
+    }
+
+    /// The peer's FIN, as the capture saw it leave the peer.
+    fn peer_fin_out(mono: u64) -> WirePacket {
+        WirePacket {
+            dir: Dir::Out,
+            ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, mono)
+        }
+    }
+
+    fn names(out: &[serde_json::Value]) -> Vec<&str> {
+        out.iter().map(|v| v["event"].as_str().unwrap()).collect()
     }
 
     /// Our FIN_WAIT2 socket went to TIME_WAIT; the peer's FIN is derived from the wire once,
@@ -1123,8 +1120,7 @@ mod tests {
             p.poll(2_000 * MS, out);
             p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 3_000 * MS));
         });
-        let events: Vec<_> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
-        assert_eq!(events, ["state", "fin_received", "packet"], "{out:?}");
+        assert_eq!(names(&out), ["state", "fin_received", "packet"], "{out:?}");
         assert_eq!(out[1]["derived"], "wire");
         assert_eq!(out[2]["retransmit"], true, "{out:?}");
     }
@@ -1134,38 +1130,15 @@ mod tests {
     /// `fin_received` (`in`), once; a copy sent again is a retransmission, not a second arrival.
     #[test]
     fn a_fin_joined_to_the_peers_close_also_reaches_our_time_wait_socket_once() {
-        let mut ours = event(
-            EventKind::State,
-            tcp_state::FIN_WAIT2,
-            tcp_state::CLOSE,
-            100 * MS,
-            0,
-            None,
-        );
-        ours.conn_id = 1;
-        let mut peer_close = event(
-            EventKind::Close,
-            tcp_state::CLOSE_WAIT,
-            tcp_state::LAST_ACK,
-            101 * MS,
-            5,
-            None,
-        );
-        peer_close.conn_id = 2;
-        (peer_close.local, peer_close.remote) = (ours.remote, ours.local);
         let out = lines(|p, out| {
-            p.kernel_event(ours);
-            p.kernel_event(peer_close);
-            p.packet(WirePacket {
-                dir: Dir::Out,
-                ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 101 * MS + 10_000)
-            });
+            p.kernel_event(ours(tcp_state::FIN_WAIT2, tcp_state::CLOSE, 100 * MS));
+            p.kernel_event(peer_close(101 * MS));
+            p.packet(peer_fin_out(101 * MS + 10_000));
             p.poll(2_000 * MS, out);
             p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 3_000 * MS));
         });
-        let events: Vec<_> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
         assert_eq!(
-            events,
+            names(&out),
             ["state", "close", "fin_received", "packet"],
             "{out:?}"
         );
@@ -1189,36 +1162,13 @@ mod tests {
     /// and nothing is derived.
     #[test]
     fn a_fin_joined_to_the_senders_close_derives_nothing_for_an_open_socket() {
-        let mut ours = event(
-            EventKind::State,
-            tcp_state::FIN_WAIT1,
-            tcp_state::FIN_WAIT2,
-            100 * MS,
-            0,
-            None,
-        );
-        ours.conn_id = 1;
-        let mut peer_close = event(
-            EventKind::Close,
-            tcp_state::CLOSE_WAIT,
-            tcp_state::LAST_ACK,
-            101 * MS,
-            5,
-            None,
-        );
-        peer_close.conn_id = 2;
-        (peer_close.local, peer_close.remote) = (ours.remote, ours.local);
         let out = lines(|p, out| {
-            p.kernel_event(ours);
-            p.kernel_event(peer_close);
-            p.packet(WirePacket {
-                dir: Dir::Out,
-                ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 101 * MS + 10_000)
-            });
+            p.kernel_event(ours(tcp_state::FIN_WAIT1, tcp_state::FIN_WAIT2, 100 * MS));
+            p.kernel_event(peer_close(101 * MS));
+            p.packet(peer_fin_out(101 * MS + 10_000));
             p.poll(2_000 * MS, out);
         });
-        let events: Vec<_> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
-        assert_eq!(events, ["state", "close"], "{out:?}");
+        assert_eq!(names(&out), ["state", "close"], "{out:?}");
     }
 
     #[test]
