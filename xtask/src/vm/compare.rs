@@ -40,8 +40,10 @@ const fn no_reason_before_6_10(host: &'static str) -> Expected {
 /// Lines the VM may show that the host has no counterpart for, with why.
 pub struct VmOnly {
     pub event: &'static str,
-    /// A flag the line's `flags` must hold.
+    /// A flag the line's `flags` (a `packet` line) or its wire's flags must hold.
     pub flag: &'static str,
+    /// Only a line derived from the wire (`"derived":"wire"`), not one from a kernel event.
+    pub derived: bool,
     pub why: &'static str,
 }
 
@@ -53,18 +55,30 @@ pub struct VmOnly {
 const RETRANSMITTED_FIN: &str =
     "a FIN retransmitted while the emulated VM stalled (TCG on a busy host): a packet line";
 
+/// A RST the VM's timing made, from a TIME_WAIT socket or for a segment that matched no
+/// socket: 6.1 has no tcp:tcp_send_reset for it.
+const TIMING_RST: &str = "RSTs from a TIME_WAIT socket or for a segment that matched no socket \
+     fire tcp:tcp_send_reset only since 6.10: on 6.1 they are seen only on the wire (a `packet` \
+     line, or the `rst_received` derived for a peer in TIME_WAIT). Seen under TCG, when the \
+     VM's timing made such a RST (graceful_close, shutdown_write)";
+
 pub const VM_ONLY: &[VmOnly] = &[
     VmOnly {
         event: "packet",
         flag: "RST",
-        why: "RSTs from a TIME_WAIT socket or for a segment that matched no socket fire \
-              tcp:tcp_send_reset only since 6.10: on 6.1 they are seen only on the wire (a \
-              `packet` line). Seen once in graceful_close under TCG, when the VM's timing made \
-              such a RST",
+        derived: false,
+        why: TIMING_RST,
+    },
+    VmOnly {
+        event: "rst_received",
+        flag: "RST",
+        derived: true,
+        why: TIMING_RST,
     },
     VmOnly {
         event: "packet",
         flag: "FIN",
+        derived: false,
         why: RETRANSMITTED_FIN,
     },
 ];
@@ -72,8 +86,14 @@ pub const VM_ONLY: &[VmOnly] = &[
 /// The index in VM_ONLY of the rule that allows a VM-only line, if any.
 fn allowed_vm_only(line: &Value) -> Option<usize> {
     VM_ONLY.iter().position(|rule| {
+        let flags = if rule.derived {
+            &line["wire"]["flags"]
+        } else {
+            &line["flags"]
+        };
         line["event"] == rule.event
-            && line["flags"]
+            && (line["derived"] == "wire") == rule.derived
+            && flags
                 .as_array()
                 .is_some_and(|f| f.iter().any(|x| x == rule.flag))
     })
@@ -320,11 +340,20 @@ mod tests {
         assert_eq!(applied, [EXPECTED.len()]);
         let vm = report(vec![
             json!({"event": "close", "end": "server"}),
+            json!({"event": "rst_received", "end": "server", "derived": "wire",
+                   "wire": {"dir": "in", "flags": ["RST"]}}),
+        ]);
+        let (diffs, applied) = differences(&host, &vm, "auto");
+        assert!(diffs.is_empty(), "{diffs:?}");
+        assert_eq!(applied, [EXPECTED.len() + 1]);
+        let vm = report(vec![
+            json!({"event": "close", "end": "server"}),
             json!({"event": "packet", "end": "client", "dir": "in", "flags": ["SYN"]}),
             json!({"event": "fin_received", "end": "server", "derived": "wire",
                    "wire": {"flags": ["FIN"]}}),
+            json!({"event": "rst_received", "end": "server", "wire": {"flags": ["RST"]}}),
         ]);
-        assert_eq!(differences(&host, &vm, "auto").0.len(), 2);
+        assert_eq!(differences(&host, &vm, "auto").0.len(), 3);
     }
 
     #[test]
@@ -336,7 +365,7 @@ mod tests {
         ]);
         let (diffs, applied) = differences(&host, &vm, "auto");
         assert!(diffs.is_empty(), "{diffs:?}");
-        assert_eq!(applied, [EXPECTED.len() + 1]);
+        assert_eq!(applied, [EXPECTED.len() + 2]);
     }
 
     #[test]
