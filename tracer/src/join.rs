@@ -120,6 +120,18 @@ fn schedule_early_expiry(
     }
 }
 
+/// The stored packet `pkt` is a copy of (the same segment within DUPLICATE_NS), if any.
+fn copy_of<'a>(
+    packets: &'a mut HashMap<PathKey, SmallVec<[PacketEntry; 1]>>,
+    path: &PathKey,
+    pkt: &WirePacket,
+) -> Option<&'a mut PacketEntry> {
+    packets
+        .get_mut(path)?
+        .iter_mut()
+        .find(|e| e.same_segment(pkt) && e.first_mono.abs_diff(pkt.mono_ns) <= DUPLICATE_NS)
+}
+
 fn slot(dir: Dir) -> usize {
     match dir {
         Dir::Out => 0,
@@ -464,11 +476,7 @@ impl<T> Joiner<T> {
     /// and leaves as soon (under loopback FIN churn these held ~5 MB for the whole window).
     pub fn mark_received(&mut self, pkt: &WirePacket) {
         let path = (normalise(pkt.src), normalise(pkt.dst));
-        let Some(entry) = self.packets.get_mut(&path).and_then(|entries| {
-            entries
-                .iter_mut()
-                .find(|e| e.same_segment(pkt) && e.first_mono.abs_diff(pkt.mono_ns) <= DUPLICATE_NS)
-        }) else {
+        let Some(entry) = copy_of(&mut self.packets, &path, pkt) else {
             return;
         };
         if entry.claimed[slot(Dir::In)].is_none() {
@@ -480,13 +488,7 @@ impl<T> Joiner<T> {
     /// A second copy of a packet already seen (interface `any`): keep it for the end it
     /// belongs to. Returns whether `pkt` was such a copy.
     fn merge_copy(&mut self, path: &PathKey, pkt: &WirePacket) -> bool {
-        let Some(entries) = self.packets.get_mut(path) else {
-            return false;
-        };
-        let Some(entry) = entries
-            .iter_mut()
-            .find(|e| e.same_segment(pkt) && e.first_mono.abs_diff(pkt.mono_ns) <= DUPLICATE_NS)
-        else {
+        let Some(entry) = copy_of(&mut self.packets, path, pkt) else {
             return false;
         };
         let s = slot(pkt.dir);

@@ -546,8 +546,7 @@ impl Pipeline {
         if packet.flags & (tcp_flags::FIN | tcp_flags::RST) == 0 {
             return;
         }
-        let conn = self.conns.for_packet(packet);
-        if let Some(line) = self.timewait_arrival(packet, conn) {
+        if let Some(line) = self.receiver_line(packet) {
             self.joiner.mark_received(packet);
             self.emit_derived(line, packet.clone(), out);
         }
@@ -561,10 +560,16 @@ impl Pipeline {
         if retransmit {
             return;
         }
-        let conn = self.conns.for_packet(&packet);
-        if let Some(line) = self.timewait_arrival(&packet, conn) {
+        if let Some(line) = self.receiver_line(&packet) {
             self.emit_derived(line, packet, out);
         }
+    }
+
+    /// The line of the connection a packet reached, derived from the wire, if it reached one
+    /// of ours that no kernel event shows receiving it.
+    fn receiver_line(&mut self, packet: &WirePacket) -> Option<PendingLine> {
+        let conn = self.conns.for_packet(packet);
+        self.timewait_arrival(packet, conn)
     }
 
     /// A line derived from the packet the socket received.
@@ -580,7 +585,7 @@ impl Pipeline {
 
     /// The peer's FIN or RST reaching a socket that already left for TIME_WAIT (or an orphaned
     /// FIN_WAIT2): no kernel event shows it (the mini socket has no tracepoint), so the wire is
-    /// the witness.
+    /// the witness. Each arrives once: a copy sent again derives nothing.
     fn timewait_arrival(
         &mut self,
         pkt: &WirePacket,
@@ -589,74 +594,55 @@ impl Pipeline {
         let (id, Dir::In) = conn? else {
             return None;
         };
-        if pkt.flags & tcp_flags::RST != 0 {
-            return self.timewait_rst(pkt, id);
-        }
-        if pkt.flags & tcp_flags::FIN == 0 {
+        let rst = pkt.flags & tcp_flags::RST != 0;
+        if !rst && pkt.flags & tcp_flags::FIN == 0 {
             return None;
         }
         let info = self.conns.by_id.get_mut(&id)?;
         let since = info.timewait_since?;
-        if info.fin_received {
-            return None;
-        }
-        info.fin_received = true;
-        // A FIN that came with the ACK of ours was processed by the full socket itself
-        // (FIN_WAIT1 -> FIN_WAIT2 -> TIME_WAIT in one segment): it reached TIME_WAIT at the
-        // kernel's FIN_WAIT2 -> CLOSE, microseconds after the capture saw the packet. A FIN
-        // for the mini socket that took over an orphaned FIN_WAIT2 comes after that move.
-        let arrived = pkt.mono_ns.max(since);
-        let ev = KernelEvent {
-            kind: EventKind::FinReceived,
-            mono_ns: arrived,
-            conn_id: id,
-            state_since_ns: info.fw2_since.unwrap_or(since),
-            call_id: 0,
-            owner: info.owner,
-            family: info.family,
-            local: info.local,
-            remote: info.remote,
-            old_state: tcp_state::FIN_WAIT2,
-            new_state: tcp_state::TIME_WAIT,
-            syscall: 0,
-            fd: None,
-            reason: None,
-        };
-        let mut line = line("fin_received", ev, false);
-        line.derived_from_wire = true;
-        Some(line)
-    }
-
-    /// The peer's RST reaching our socket in TIME_WAIT, or in an orphaned FIN_WAIT2 (the peer
-    /// aborted while we waited for its FIN): the mini socket dies with it.
-    fn timewait_rst(&mut self, pkt: &WirePacket, id: u64) -> Option<PendingLine> {
-        let info = self.conns.by_id.get_mut(&id)?;
-        let since = info.timewait_since?;
-        if info.rst_received {
-            return None;
-        }
-        info.rst_received = true;
-        let ev = KernelEvent {
-            kind: EventKind::RstReceived,
-            mono_ns: pkt.mono_ns.max(since),
-            conn_id: id,
-            state_since_ns: 0,
-            call_id: 0,
-            owner: info.owner,
-            family: info.family,
-            local: info.local,
-            remote: info.remote,
-            old_state: if info.fin_received {
+        // (line, kind, the states it moved between, since when it was in the old one)
+        let (event, kind, old_state, new_state, state_since_ns) = if rst {
+            // The peer aborted while we waited for its FIN (or reset our TIME_WAIT): the mini
+            // socket dies with it.
+            if std::mem::replace(&mut info.rst_received, true) {
+                return None;
+            }
+            let old = if info.fin_received {
                 tcp_state::TIME_WAIT
             } else {
                 tcp_state::FIN_WAIT2
-            },
-            new_state: tcp_state::CLOSE,
+            };
+            let kind = EventKind::RstReceived;
+            ("rst_received", kind, old, tcp_state::CLOSE, 0)
+        } else {
+            if std::mem::replace(&mut info.fin_received, true) {
+                return None;
+            }
+            let fw2_since = info.fw2_since.unwrap_or(since);
+            let (old, new) = (tcp_state::FIN_WAIT2, tcp_state::TIME_WAIT);
+            ("fin_received", EventKind::FinReceived, old, new, fw2_since)
+        };
+        let ev = KernelEvent {
+            kind,
+            // A FIN that came with the ACK of ours was processed by the full socket itself
+            // (FIN_WAIT1 -> FIN_WAIT2 -> TIME_WAIT in one segment): it reached TIME_WAIT at the
+            // kernel's FIN_WAIT2 -> CLOSE, microseconds after the capture saw the packet. What
+            // reaches the mini socket that took over an orphaned FIN_WAIT2 comes after that.
+            mono_ns: pkt.mono_ns.max(since),
+            conn_id: id,
+            state_since_ns,
+            call_id: 0,
+            owner: info.owner,
+            family: info.family,
+            local: info.local,
+            remote: info.remote,
+            old_state,
+            new_state,
             syscall: 0,
             fd: None,
             reason: None,
         };
-        let mut line = line("rst_received", ev, false);
+        let mut line = line(event, ev, false);
         line.derived_from_wire = true;
         Some(line)
     }
