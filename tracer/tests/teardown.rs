@@ -224,6 +224,40 @@ fn process_exit_closes_are_attributed_to_the_exiting_process() {
     tracer.stop();
 }
 
+/// A python script run with piped stdin and stdout: it prints JSON lines and waits for a line
+/// on stdin where the test says when to go on.
+struct Script {
+    child: std::process::Child,
+    stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Script {
+    fn start(code: &str, args: &[&str]) -> Self {
+        let mut child = Command::new("python3")
+            .args(["-c", code])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self { child, stdout }
+    }
+
+    /// Its next JSON line.
+    fn line(&mut self) -> Value {
+        serde_json::from_str(&self.stdout.next().unwrap().unwrap()).unwrap()
+    }
+
+    fn go(&mut self) {
+        writeln!(self.child.stdin.as_mut().unwrap(), "go").unwrap();
+    }
+
+    fn succeeds(mut self) {
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
 /// A child that inherited a socket and never used it (a helper started with the descriptor
 /// open) closes the connection when it exits, after its parent closed its own copy. The line
 /// names the child and the call: `syscall` was null, since the socket's recorded owner is the
@@ -248,25 +282,19 @@ sys.stdin.readline()
 child.stdin.close()  # the child exits, closing the last copy
 child.wait()
 "#;
-    let mut parent = Command::new("python3")
-        .args(["-c", script, &port.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
+    let mut parent = Script::start(script, &[&port.to_string()]);
     let (server, _) = l.accept().unwrap();
-    let mut stdout = BufReader::new(parent.stdout.take().unwrap()).lines();
-    let info: Value = serde_json::from_str(&stdout.next().unwrap().unwrap()).unwrap();
+    let info = parent.line();
     let (child, lport) = (
         info["child"].as_u64().unwrap(),
         info["lport"].as_u64().unwrap() as u16,
     );
-    writeln!(parent.stdin.as_mut().unwrap(), "go").unwrap();
+    parent.go();
     let close = tracer.wait_for(|v| is(v, "close", lport, port), WAIT);
     assert_eq!(close["pid"], child, "{close}");
     assert_eq!(close["syscall"], "exit", "{close}");
     assert_eq!(close["outcome"], "fin", "{close}");
-    assert!(parent.wait().unwrap().success());
+    parent.succeeds();
     drop(server);
     tracer.stop();
 }
@@ -413,19 +441,12 @@ fn a_forked_child_closing_what_a_traced_parent_accepted_is_reported() {
     if !common::require_root() {
         return;
     }
-    let mut server = Command::new("python3")
-        .args(["-c", FORKING_SERVER])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut stdout = BufReader::new(server.stdout.take().unwrap()).lines();
-    let mut next = || -> Value { serde_json::from_str(&stdout.next().unwrap().unwrap()).unwrap() };
-    let parent = next()["pid"].as_u64().unwrap();
+    let mut server = Script::start(FORKING_SERVER, &[]);
+    let parent = server.line()["pid"].as_u64().unwrap();
     let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &parent.to_string()]);
     tracer.wait_ready(WAIT);
-    writeln!(server.stdin.as_mut().unwrap(), "go").unwrap();
-    let info = next();
+    server.go();
+    let info = server.line();
     let (child, sport, cport) = (
         info["child"].as_u64().unwrap(),
         info["sport"].as_u64().unwrap() as u16,
@@ -448,7 +469,7 @@ fn a_forked_child_closing_what_a_traced_parent_accepted_is_reported() {
         |v| is(v, "fin_received", cport, sport) && v["pid"] == parent,
         WAIT,
     );
-    assert!(server.wait().unwrap().success());
+    server.succeeds();
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
 }

@@ -308,29 +308,88 @@ fn dual_stack_peer_fin_reaches_our_fin_wait2_socket() {
     peer_fin_reaches_our_fin_wait2_socket("[::]:0");
 }
 
+/// Our end of a loopback connection waiting in FIN_WAIT2 (we closed first, the socket is
+/// orphaned), traced with capture on `lo` and witnessed by tcpdump; the peer, a `peer.py`
+/// client with `behaviour`, acts when released.
+struct OursInFinWait2 {
+    tracer: Tracer,
+    dump: Tcpdump,
+    peer: Peer,
+    port: u16,
+    peer_port: u16,
+}
+
+impl OursInFinWait2 {
+    fn start(bind: &str, behaviour: &str) -> Self {
+        let l = TcpListener::bind(bind).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let dump = Tcpdump::start("lo", &format!("port {port}"));
+        let mut tracer = Tracer::start(&["-i", "lo", "--port", &port.to_string()]);
+        tracer.wait_ready(WAIT);
+        let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, behaviour);
+        let (server, _) = l.accept().unwrap();
+        let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+        drop(server);
+        tracer.wait_for(
+            |v| is(v, "state", port, peer_port) && v["old_state"] == "FIN_WAIT2",
+            WAIT,
+        );
+        Self {
+            tracer,
+            dump,
+            peer,
+            port,
+            peer_port,
+        }
+    }
+
+    /// Our line for what the released peer sent: derived from the wire, ours, `in`; the
+    /// peer's `close` carries the same packet `out`, and tcpdump saw it.
+    fn received(&mut self, event: &str, flag: &str) -> Value {
+        let (port, peer_port) = (self.port, self.peer_port);
+        let ours = self
+            .tracer
+            .wait_for(|v| is(v, event, port, peer_port), WAIT);
+        assert_eq!(ours["pid"], std::process::id(), "{ours}");
+        assert_eq!(ours["derived"], "wire", "{ours}");
+        let (seq_in, _) = check_wire(&ours, flag, "in");
+        let peer_close = self
+            .tracer
+            .wait_for(|v| is(v, "close", peer_port, port), WAIT);
+        let (seq_out, _) = check_wire(&peer_close, flag, "out");
+        assert_eq!(seq_in, seq_out, "one packet, two ends");
+        let seen = self.dump.wait_for(
+            |s| {
+                s.sport == peer_port
+                    && if flag == "FIN" {
+                        s.is_fin()
+                    } else {
+                        s.is_rst()
+                    }
+            },
+            WAIT,
+        );
+        assert_eq!(seen.seq, seq_in, "tcpdump saw the same {flag}: {seen:?}");
+        ours
+    }
+
+    /// Stops everything; the tracer's lines.
+    fn finish(self) -> Vec<Value> {
+        self.peer.wait();
+        let out = self.tracer.stop();
+        assert!(out.status.success(), "{}", out.stderr);
+        out.lines
+    }
+}
+
 fn peer_fin_reaches_our_fin_wait2_socket(bind: &str) {
     if !common::require_root() {
         return;
     }
-    let l = TcpListener::bind(bind).unwrap();
-    let port = l.local_addr().unwrap().port();
-    let mut dump = Tcpdump::start("lo", &format!("port {port}"));
-    let mut tracer = Tracer::start(&["-i", "lo", "--port", &port.to_string()]);
-    tracer.wait_ready(WAIT);
-    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "hold");
-    let (server, _) = l.accept().unwrap();
-    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
-    drop(server);
-    tracer.wait_for(
-        |v| is(v, "state", port, peer_port) && v["old_state"] == "FIN_WAIT2",
-        WAIT,
-    );
+    let mut ours = OursInFinWait2::start(bind, "hold");
     std::thread::sleep(Duration::from_millis(300));
-    peer.release(); // the peer closes: its FIN goes to our FIN_WAIT2 mini socket
-
-    let fin = tracer.wait_for(|v| is(v, "fin_received", port, peer_port), WAIT);
-    assert_eq!(fin["pid"], std::process::id(), "{fin}");
-    assert_eq!(fin["derived"], "wire", "{fin}");
+    ours.peer.release(); // the peer closes: its FIN goes to our FIN_WAIT2 mini socket
+    let fin = ours.received("fin_received", "FIN");
     if bind.starts_with('[') {
         assert_eq!(fin["laddr"], "::ffff:127.0.0.1", "{fin}");
     }
@@ -341,17 +400,9 @@ fn peer_fin_reaches_our_fin_wait2_socket(bind: &str) {
         (250_000_000..5_000_000_000).contains(&waited),
         "FIN_WAIT2 for {waited} ns; the peer closed 300 ms after us: {fin}"
     );
-    let (seq_in, _) = check_wire(&fin, "FIN", "in");
-    let peer_close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
-    let (seq_out, _) = check_wire(&peer_close, "FIN", "out");
-    assert_eq!(seq_in, seq_out, "one packet, two ends");
-    let seen = dump.wait_for(|s| s.sport == peer_port && s.is_fin(), WAIT);
-    assert_eq!(seen.seq, seq_in, "tcpdump saw the same FIN: {seen:?}");
-    peer.wait();
-    let out = tracer.stop();
-    assert!(out.status.success(), "{}", out.stderr);
-    let fins = out
-        .lines
+    let (port, peer_port) = (ours.port, ours.peer_port);
+    let fins = ours
+        .finish()
         .iter()
         .filter(|v| is(v, "fin_received", port, peer_port))
         .count();
@@ -367,35 +418,18 @@ fn loopback_peer_reset_reaches_our_fin_wait2_socket() {
     if !common::require_root() {
         return;
     }
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let mut dump = Tcpdump::start("lo", &format!("port {port}"));
-    let mut tracer = Tracer::start(&["-i", "lo", "--port", &port.to_string()]);
-    tracer.wait_ready(WAIT);
-    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "hold-linger0");
-    let (server, _) = l.accept().unwrap();
-    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
-    drop(server);
-    tracer.wait_for(
-        |v| is(v, "state", port, peer_port) && v["old_state"] == "FIN_WAIT2",
-        WAIT,
-    );
-    peer.release(); // the peer aborts: its RST goes to our FIN_WAIT2 mini socket
-    let reset = tracer.wait_for(|v| is(v, "rst_received", port, peer_port), WAIT);
-    assert_eq!(reset["pid"], std::process::id(), "{reset}");
-    assert_eq!(reset["derived"], "wire", "{reset}");
+    let mut ours = OursInFinWait2::start("127.0.0.1:0", "hold-linger0");
+    ours.peer.release(); // the peer aborts: its RST goes to our FIN_WAIT2 mini socket
+    let reset = ours.received("rst_received", "RST");
     assert_eq!(reset["old_state"], "FIN_WAIT2", "{reset}");
     assert_eq!(reset["new_state"], "CLOSE", "{reset}");
-    let (seq_in, _) = check_wire(&reset, "RST", "in");
-    let peer_close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
+    let (port, peer_port) = (ours.port, ours.peer_port);
+    let peer_close = ours
+        .finish()
+        .into_iter()
+        .find(|v| is(v, "close", peer_port, port))
+        .expect("the peer's close");
     assert_eq!(peer_close["outcome"], "rst", "{peer_close}");
-    let (seq_out, _) = check_wire(&peer_close, "RST", "out");
-    assert_eq!(seq_in, seq_out, "one packet, two ends");
-    let seen = dump.wait_for(|s| s.sport == peer_port && s.is_rst(), WAIT);
-    assert_eq!(seen.seq, seq_in, "tcpdump saw the same RST: {seen:?}");
-    peer.wait();
-    let out = tracer.stop();
-    assert!(out.status.success(), "{}", out.stderr);
 }
 
 #[test]
