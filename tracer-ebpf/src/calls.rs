@@ -15,7 +15,7 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{ProbeContext, TracePointContext},
 };
-use tracer_common::{NONE, syscall};
+use tracer_common::{NONE, SockEvent, syscall};
 
 use crate::{
     emit::{field, kernel_read, noop, pid_passes},
@@ -37,6 +37,16 @@ pub struct PendingCall {
     pub fd: i32,
     pub kind: u8,
     pub _pad: [u8; 3],
+}
+
+impl PendingCall {
+    /// Names this call on an event it caused: its id, which syscall, which descriptor.
+    #[inline(always)]
+    pub fn stamp(&self, ev: &mut SockEvent) {
+        ev.call_id = self.started_ns;
+        ev.syscall = self.kind;
+        ev.fd = self.fd;
+    }
 }
 
 #[map]

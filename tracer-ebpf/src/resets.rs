@@ -147,9 +147,7 @@ fn attribute_reset(sk: u64, state: u8, ev: &mut SockEvent) -> bool {
     };
     // No file refers to a time-wait or request socket: no call acts on it.
     if full_socket && let Some(call) = call_acting_on(sk, info.as_deref()) {
-        ev.call_id = call.started_ns;
-        ev.syscall = call.kind;
-        ev.fd = call.fd;
+        call.stamp(ev);
     }
     traced
 }
@@ -228,9 +226,7 @@ pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
     ev.lport = info.lport;
     ev.rport = info.rport;
     if let Some(call) = call_acting_on(sk, Some(info)) {
-        ev.call_id = call.started_ns;
-        ev.syscall = call.kind;
-        ev.fd = call.fd;
+        call.stamp(&mut ev);
     }
     submit_socket(&ev, info.traced != 0, CLASSIC_SLOT);
     0

@@ -311,9 +311,7 @@ fn classify(
             if first_in_call && exit_closes_it {
                 info.closed_by_call = call.started_ns;
                 info.released = (call.kind != syscall::SHUTDOWN) as u8;
-                ev.syscall = call.kind;
-                ev.fd = call.fd;
-                ev.call_id = call.started_ns;
+                call.stamp(ev);
                 claim(info, cur);
                 return Some(EventKind::Close);
             }
