@@ -44,6 +44,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "tshark",
         "tests read the pcapng the tracer writes back, with its packet comments",
     ),
+    (
+        "python3",
+        "tests' peers (tests/peer.py) and their forking and inheriting servers are python scripts",
+    ),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

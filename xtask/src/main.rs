@@ -24,8 +24,8 @@ struct Cli {
 enum Task {
     /// Install what building and testing need (Debian packages, rust-src, bpf-linker).
     Bootstrap {
-        /// Also the tools the tests use (tcpdump, bpftrace, libbpf-tools, iproute2, tshark):
-        /// `test`, `bench` and `soak` install them; `build` and `run` need only the rest.
+        /// Also the tools the tests use (tcpdump, bpftrace, libbpf-tools, iproute2, tshark,
+        /// python3): `test`, `bench` and `soak` install them; `build` and `run` need only the rest.
         #[arg(long)]
         test_tools: bool,
     },
