@@ -260,6 +260,10 @@ pub struct Config {
     pub sock: SockLayout,
     /// For close(2) and shutdown(2): the socket behind the descriptor.
     pub fd: FdLayout,
+    /// The loopback interface's index in the daemon's network namespace (0: none). A capture on
+    /// `any` sees every loopback packet twice, leaving and arriving; the `--pid` capture filter
+    /// drops the leaving copy before reading a byte of it.
+    pub loopback_ifindex: u32,
 }
 
 /// How many traced pids `Config::inline_pids` holds.
@@ -296,6 +300,7 @@ impl Config {
             inline_pids: [0; INLINE_PIDS],
             sock: SockLayout::NONE,
             fd: FdLayout::NONE,
+            loopback_ifindex: 0,
         }
     }
 }

@@ -8,7 +8,7 @@ use core::{ffi::c_void, mem::MaybeUninit};
 use aya_ebpf::{
     helpers::generated::bpf_skb_load_bytes_relative,
     macros::{map, socket_filter},
-    maps::{LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray},
     programs::SkBuffContext,
 };
 use tracer_common::{AF_INET, AF_INET6, SockEvent, TupleKey};
@@ -24,12 +24,27 @@ use crate::{
 #[map]
 pub static WATCHED: LruHashMap<TupleKey, u8> = LruHashMap::with_max_entries(65536, 0);
 
+/// The local ports of WATCHED's 4-tuples, by port: 1 once one was watched, never cleared (the
+/// LRU drops tuples without telling, and another tuple may share the port). A packet neither of
+/// whose ports is marked cannot be a watched connection's: two array slots (inlined by the
+/// verifier, 64 KiB that stay in cache) instead of two hash lookups that each miss the cache
+/// on the bucket array, for every FIN and RST of every other process.
+#[map]
+pub static WATCHED_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+
 /// What a passing packet keeps: the capture's snap length (headers only).
 const SNAPLEN: i64 = 96;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
 const TCP_FIN_OR_RST: u8 = 0x01 | 0x04;
+/// An IPv4 header without options, an IPv6 header, and the part of the TCP header the filter
+/// reads (ports at 0..4, flags at 13).
+const IPV4_MIN: usize = 20;
+const IPV6_LEN: usize = 40;
+const TCP_NEEDED: usize = 14;
+/// `__sk_buff.pkt_type` of a packet this host sends.
+const PACKET_OUTGOING: u32 = 4;
 /// bpf_skb_load_bytes_relative: offsets from the network header, whatever the link layer.
 const BPF_HDR_START_NET: u32 = 1;
 
@@ -46,6 +61,7 @@ pub fn watch(ev: &SockEvent, slot: u32) {
         return;
     }
     if let Some(key) = wire_key(ev, slot) {
+        mark_watched_port(key.lport);
         let _ = WATCHED.insert(&*key, &1, 0);
     }
 }
@@ -58,11 +74,29 @@ pub fn is_watched(ev: &SockEvent, slot: u32) -> bool {
     wire_key(ev, slot).is_some_and(|key| watched_either_way(key))
 }
 
+#[inline(always)]
+fn mark_watched_port(port: u16) {
+    if let Some(slot) = WATCHED_PORTS.get_ptr_mut(u32::from(port)) {
+        // SAFETY: an array slot; concurrent writers all store 1.
+        unsafe { *slot = 1 };
+    }
+}
+
+#[inline(always)]
+fn is_watched_port(port: u16) -> bool {
+    WATCHED_PORTS
+        .get(u32::from(port))
+        .is_some_and(|marked| *marked != 0)
+}
+
 /// Whether `key`, as written or with its ends swapped, is in WATCHED (a packet sent by the
 /// watched socket has its local end as source, one it receives as destination). Leaves `key`
 /// swapped when the first lookup misses.
 #[inline(always)]
 fn watched_either_way(key: &mut TupleKey) -> bool {
+    if !is_watched_port(key.lport) && !is_watched_port(key.rport) {
+        return false;
+    }
     // SAFETY: presence checks only.
     if unsafe { WATCHED.get(&*key) }.is_some() {
         return true;
@@ -103,7 +137,7 @@ fn is_v4_mapped(a: &[u8; 16]) -> bool {
 
 #[socket_filter]
 pub fn watched_packets(ctx: SkBuffContext) -> i64 {
-    if passes(&ctx).unwrap_or(false) {
+    if !is_loopback_leaving_copy(&ctx) && passes(&ctx).unwrap_or(false) {
         SNAPLEN
     } else {
         0
@@ -127,50 +161,63 @@ fn load<T>(ctx: &SkBuffContext, offset: u32) -> Option<T> {
     (ret == 0).then(|| unsafe { value.assume_init() })
 }
 
+/// On `any`, a loopback packet passes the filter twice: leaving, then arriving. The arriving
+/// copy is kept (on `lo` itself the kernel skips the leaving one, PACKET_IGNORE_OUTGOING). Two
+/// context fields decide, before any helper call: this halves the filter's cost under loopback
+/// traffic with the default interface.
+#[inline(always)]
+fn is_loopback_leaving_copy(ctx: &SkBuffContext) -> bool {
+    // SAFETY: reads of the program's context, which the verifier rewrites to the skb's fields.
+    let (pkt_type, ifindex) = unsafe { ((*ctx.skb.skb).pkt_type, (*ctx.skb.skb).ifindex) };
+    pkt_type == PACKET_OUTGOING && ifindex == setting!(loopback_ifindex) && ifindex != 0
+}
+
 /// TCP with FIN or RST, on a watched 4-tuple in either direction (IPv6 without extension
-/// headers, like the classic filter). The filter sees every packet of the interface: the flags
-/// are checked first, so the common packet (SYN, ACK, data) costs two or three small loads and
-/// only a FIN or RST has its addresses read.
+/// headers, like the classic filter). The filter sees every packet of the interface: one load
+/// takes the network header and the TCP ports and flags together (for IPv4 with options, a
+/// second load the TCP part), so the common packet (SYN, ACK, data) costs a single helper call
+/// and a FIN or RST has its addresses already.
 #[inline(always)]
 fn passes(ctx: &SkBuffContext) -> Option<bool> {
-    let (family, tcp_offset) = match u16::from_be(ctx.skb.protocol() as u16) {
+    let (family, ports_and_flags, mut key) = match u16::from_be(ctx.skb.protocol() as u16) {
         ETH_P_IP => {
-            // Version/IHL at 0, protocol at 9: one 12-byte load gives both.
-            let head: [u8; 12] = load(ctx, 0)?;
+            // Version/IHL at 0, protocol at 9, addresses at 12 and 16, TCP at 4 * IHL.
+            let head: [u8; IPV4_MIN + TCP_NEEDED] = load(ctx, 0)?;
             if head[9] != IPPROTO_TCP {
                 return Some(false);
             }
-            (AF_INET, u32::from(head[0] & 0x0f) * 4)
+            let ihl = u32::from(head[0] & 0x0f) * 4;
+            let tcp: [u8; TCP_NEEDED] = if ihl as usize == IPV4_MIN {
+                head[IPV4_MIN..].try_into().ok()?
+            } else {
+                load(ctx, ihl)?
+            };
+            let mut key = TupleKey::default();
+            key.laddr[..4].copy_from_slice(&head[12..16]);
+            key.raddr[..4].copy_from_slice(&head[16..20]);
+            (AF_INET, tcp, key)
         }
         ETH_P_IPV6 => {
-            if load::<u8>(ctx, 6)? != IPPROTO_TCP {
+            // Next header at 6, addresses at 8 and 24, TCP at 40.
+            let head: [u8; IPV6_LEN + TCP_NEEDED] = load(ctx, 0)?;
+            if head[6] != IPPROTO_TCP {
                 return Some(false);
             }
-            (AF_INET6, 40)
+            let mut key = TupleKey::default();
+            key.laddr.copy_from_slice(&head[8..24]);
+            key.raddr.copy_from_slice(&head[24..40]);
+            (AF_INET6, head[IPV6_LEN..].try_into().ok()?, key)
         }
         _ => return Some(false),
     };
-    // Ports (0..4) and flags (13) in one load.
-    let tcp: [u8; 14] = load(ctx, tcp_offset)?;
-    if tcp[13] & TCP_FIN_OR_RST == 0 {
+    if ports_and_flags[13] & TCP_FIN_OR_RST == 0 {
         return Some(false);
     }
-    let mut key = TupleKey {
-        lport: u16::from_be_bytes([tcp[0], tcp[1]]),
-        rport: u16::from_be_bytes([tcp[2], tcp[3]]),
-        family,
-        ..TupleKey::default()
-    };
+    key.family = family;
+    key.lport = u16::from_be_bytes([ports_and_flags[0], ports_and_flags[1]]);
+    key.rport = u16::from_be_bytes([ports_and_flags[2], ports_and_flags[3]]);
     if !ports_pass(key.lport, key.rport) {
         return Some(false);
-    }
-    if family == AF_INET {
-        let addrs: [u8; 8] = load(ctx, 12)?;
-        key.laddr[..4].copy_from_slice(&addrs[..4]);
-        key.raddr[..4].copy_from_slice(&addrs[4..]);
-    } else {
-        key.laddr = load(ctx, 8)?;
-        key.raddr = load(ctx, 24)?;
     }
     Some(watched_either_way(&mut key))
 }

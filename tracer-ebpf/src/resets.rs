@@ -16,7 +16,8 @@ use crate::{
     capture_filter::is_watched,
     emit::{CLASSIC_SLOT, Record, count, empty_event, noop, submit_socket, submit_unowned},
     owners::{
-        SOCKS, current, fill_owner, keep_unowned, lookup_or_create, may_concern_traced, note_traced,
+        current, fill_owner, keep_unowned, lookup_or_create, may_concern_traced, note_traced,
+        sock_entry,
     },
     setting,
     state::{RecordFields, SockFields, TupleSource, family_and_port, read_tuple},
@@ -133,7 +134,7 @@ fn attribute_reset(sk: u64, state: u8, ev: &mut SockEvent) -> bool {
     let info = if full_socket {
         lookup_or_create(sk, ev, keep_unowned(&current()))
     } else {
-        SOCKS.get_ptr_mut(sk)
+        sock_entry(sk)
     };
     // SAFETY: entry pointer from the map.
     let mut info = info.map(|i| unsafe { &mut *i });
@@ -216,7 +217,7 @@ pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
     // SAFETY: plain helper call.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.kind = EventKind::RstSent as u8;
-    let Some(info) = SOCKS.get_ptr_mut(sk) else {
+    let Some(info) = sock_entry(sk) else {
         return 0; // without the socket's earlier events its addresses are unknown here
     };
     // SAFETY: entry pointer from the map.

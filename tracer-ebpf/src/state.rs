@@ -19,9 +19,9 @@ use crate::{
         ports_pass, scratch_event, submit_socket,
     },
     owners::{
-        Current, LISTENERS, SOCKS, SockInfo, claim, current, fill_owner, keep_unowned,
-        listener_key, lookup_or_create, may_concern_traced, note_ports, note_traced,
-        remember_listener,
+        Current, LISTENERS, SockInfo, claim, current, fill_owner, keep_unowned, listener_key,
+        lookup_or_create, may_concern_traced, note_ports, note_traced, remember_listener,
+        sock_entry,
     },
     setting,
 };
@@ -179,7 +179,7 @@ pub fn read_tuple(rec: &Record, layout: &TupleLayout, ev: &mut SockEvent) -> Opt
 fn watch_if_traced(sk: u64, ev: &SockEvent, slot: u32) {
     // SAFETY: values copied out at once.
     let owner = unsafe {
-        SOCKS.get(sk).map(|info| info.pid).or_else(|| {
+        sock_entry(sk).map(|info| (*info).pid).or_else(|| {
             LISTENERS
                 .get(listener_key(ev.family, ev.lport))
                 .map(|o| o.pid)

@@ -251,6 +251,13 @@ fn ignore_outgoing_copies(cap: &Capture<Active>) {
     }
 }
 
+/// The loopback interface's index here (0 when there is none): on `any`, the kernel filter
+/// drops loopback's leaving copies by it (`Config::loopback_ifindex`).
+pub fn loopback_ifindex() -> u32 {
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    unsafe { libc::if_nametoindex(c"lo".as_ptr()) }
+}
+
 /// Prefers the Linux "cooked" headers, which carry the direction (and, for SLL2, the
 /// interface) on every interface, including `any` and `lo`.
 fn choose_cooked_linktype(cap: &mut Capture<Active>) {

@@ -84,12 +84,14 @@ fn write_seed(
         // A full table only loses attribution for the rest; say nothing per entry.
         let _ = seed.insert(tuple_key(sock), *owner, 0);
     }
-    if !conns.is_empty() {
-        // Tells the programs that sockets may be found in SEED by address (without it, with
-        // --pid, they skip reading the addresses of sockets no traced process owns).
-        let mut seeded: aya::maps::Array<_, u32> =
-            aya::maps::Array::try_from(ebpf.map_mut("SEEDED").context("SEEDED map missing")?)?;
-        seeded.set(0, 1, 0)?;
+    // With --pid, the programs look in SEED only for sockets on these ports (other sockets of
+    // the host are not looked up by address at all).
+    let mut seed_ports: aya::maps::Array<_, u8> = aya::maps::Array::try_from(
+        ebpf.map_mut("SEED_PORTS")
+            .context("SEED_PORTS map missing")?,
+    )?;
+    for (sock, _) in conns {
+        seed_ports.set(u32::from(sock.local.1), 1, 0)?;
     }
     let mut table: BpfHashMap<_, u32, SeedOwner> =
         BpfHashMap::try_from(ebpf.map_mut("LISTENERS").context("LISTENERS map missing")?)?;
@@ -113,8 +115,16 @@ fn write_seed(
 }
 
 /// With `--pid`, the capture filter must pass the seeded connections' packets too: their
-/// 4-tuples go into WATCHED as the filter reads them from packets (IPv4-mapped as IPv4).
+/// 4-tuples go into WATCHED as the filter reads them from packets (IPv4-mapped as IPv4), their
+/// local ports into WATCHED_PORTS, which the filter checks first.
 fn watch_seeded(ebpf: &mut Ebpf, conns: &[(ProcSocket, SeedOwner)]) -> anyhow::Result<()> {
+    let mut ports: aya::maps::Array<_, u8> = aya::maps::Array::try_from(
+        ebpf.map_mut("WATCHED_PORTS")
+            .context("WATCHED_PORTS map missing")?,
+    )?;
+    for (sock, _) in conns {
+        ports.set(u32::from(sock.local.1), 1, 0)?;
+    }
     let mut watched: BpfHashMap<_, TupleKey, u8> =
         BpfHashMap::try_from(ebpf.map_mut("WATCHED").context("WATCHED map missing")?)?;
     for (sock, _) in conns {

@@ -103,6 +103,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     config.filter_ports = u8::from(!settings.ports.is_empty());
     config.all_states = u8::from(settings.all_states);
     config.noop = u8::from(settings.noop);
+    config.loopback_ifindex = crate::capture::loopback_ifindex();
     // Wake the reader when a quarter of the ring is used; below that it drains every tick.
     config.wakeup_bytes = settings.ringbuf_bytes / 4;
     for hook in &missing {

@@ -545,6 +545,40 @@ fn pid_capture_passes_only_the_traced_connections() {
     );
 }
 
+/// With `--pid`, a connection the traced process opened before the tracer started is known only
+/// from /proc: the daemon must hand it to the capture's kernel filter itself (its 4-tuple and
+/// its local port, which the filter checks first), or its FINs never reach the join. Untraced
+/// churn on other ports meanwhile stays in the kernel.
+#[test]
+fn pid_capture_passes_a_connection_opened_before_the_tracer() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = common::listener("127.0.0.1:0");
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "hold");
+    let (server, _) = l.accept().unwrap();
+    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &peer.pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    untraced_churn(100);
+    drop(server); // our FIN into the traced (seeded) socket
+    let fin = tracer.wait_for(|v| is(v, "fin_received", peer_port, port), WAIT);
+    assert_eq!(fin["owner"], "seeded", "{fin}");
+    check_wire(&fin, "FIN", "in");
+    peer.release();
+    let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
+    assert_eq!(close["pid"], peer.pid);
+    check_wire(&close, "FIN", "out");
+    peer.wait();
+    let out = tracer.stop();
+    let summary = out.lines.last().unwrap();
+    let captured = summary["kernel"]["captured"].as_u64().unwrap();
+    assert!(
+        (2..20).contains(&captured),
+        "captured {captured} packets; expected only the traced connection's: {summary}"
+    );
+}
+
 /// The classic: a server closes a connection, the client writes into it anyway, and the
 /// server's kernel answers with a RST (the data reached a socket that can no longer read:
 /// TCP_ABORT_ON_DATA). With `--pid` of the server, that RST is reported on the server's
