@@ -45,6 +45,11 @@ struct Args {
     /// Listen address (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// No churn: be a quiet service until killed, with a listener and one idle established
+    /// connection (the benchmark's "other process" for `--pid`: the tracer finds both in /proc
+    /// when it starts, as it would a real service's).
+    #[arg(long)]
+    quiet_service: bool,
 }
 
 #[derive(Serialize)]
@@ -63,6 +68,17 @@ struct Report {
     cpu_us_per_conn: f64,
     pid: u32,
     port: u16,
+}
+
+fn be_a_quiet_service(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).context("binding the listener")?;
+    let _client = TcpStream::connect(listener.local_addr()?).context("connecting to itself")?;
+    let _accepted = listener.accept().context("accepting")?;
+    println!("{{\"quiet_service\":{}}}", listener.local_addr()?.port());
+    std::io::stdout().flush()?;
+    loop {
+        thread::park();
+    }
 }
 
 /// User plus system CPU seconds of this process so far.
@@ -84,6 +100,9 @@ struct Counts {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.quiet_service {
+        return be_a_quiet_service(args.listen);
+    }
     let counts = Arc::new(Counts::default());
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();

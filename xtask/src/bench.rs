@@ -3,7 +3,8 @@
 //!
 //! Each round runs, in turn (every other round in reverse order): no tracer; the floor (the same hooks, programs that do nothing);
 //! the tracer tracing everything, with capture; the tracer with `--pid` of an unrelated quiet
-//! process (the production case); and the alternative, libbpf-tools `tcpstates` plus `tcpdump`
+//! service (`loadgen --quiet-service`: a listener and an idle connection, which the tracer seeds
+//! from /proc; the production case); and the alternative, libbpf-tools `tcpstates` plus `tcpdump`
 //! with a FIN/RST filter. Each ratio is against the same round's no-tracer rate; the table shows
 //! medians over the rounds, and the load's CPU time per connection beside them (the load is
 //! CPU-bound, so that shows the hooks' cost with less noise than the rate). Results as a markdown table, JSON and a PNG
@@ -163,7 +164,17 @@ fn measure(bin: &Path, setup: Setup, opts: &Options) -> anyhow::Result<Sample> {
     fs::create_dir_all(&scratch)?;
     let out_file = scratch.join("events.jsonl");
     let _ = fs::remove_file(&out_file);
-    let quiet = Command::new("sleep").arg("3600").spawn()?; // the "other process" for --pid
+    // The "other process" for --pid: a quiet service with a listener and an idle connection.
+    let mut quiet = Command::new(bin.join("loadgen"))
+        .args(["--quiet-service"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    // Its line says both sockets exist: the tracer's /proc seeding must find them.
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(quiet.stdout.take().context("quiet service stdout")?),
+        &mut line,
+    )?;
     let mut observers: Vec<Child> = Vec::new();
     let tracer = match setup {
         Setup::NoTracer => None,
