@@ -70,7 +70,35 @@ fn begin(kind: u8, fd: i32) {
         kind,
         _pad: [0; 3],
     };
-    let _ = CALLS.insert(cur.tid, call, 0); // LRU: insertion evicts, never fails for space.
+    match CALLS.get_ptr_mut(cur.tid) {
+        // SAFETY: this task's own entry: only this task (and softirqs interrupting it, on this
+        // CPU) touch it.
+        Some(entry) => unsafe { overwrite(entry, &call) },
+        None => {
+            let _ = CALLS.insert(cur.tid, call, 0); // LRU: insertion evicts, never fails for space.
+        }
+    }
+}
+
+/// Replaces a task's previous call in place: an LRU insert allocates a new element and frees
+/// the old one (a large share of a close's hook time when tracing everything), and a task's
+/// entry stays from one call to the next. A softirq interrupting the task between the stores
+/// must not take a half-written call for a whole one: `started_ns` is 0 (no call) while the
+/// others are written.
+///
+/// # Safety
+/// `entry` is the current task's entry in CALLS.
+#[inline(always)]
+unsafe fn overwrite(entry: *mut PendingCall, call: &PendingCall) {
+    use core::ptr::{addr_of_mut, write_volatile};
+    unsafe {
+        write_volatile(addr_of_mut!((*entry).started_ns), 0);
+        write_volatile(addr_of_mut!((*entry).claimed_sk), call.claimed_sk);
+        write_volatile(addr_of_mut!((*entry).exited_ns), call.exited_ns);
+        write_volatile(addr_of_mut!((*entry).fd), call.fd);
+        write_volatile(addr_of_mut!((*entry).kind), call.kind);
+        write_volatile(addr_of_mut!((*entry).started_ns), call.started_ns);
+    }
 }
 
 /// The socket behind the current task's descriptor `fd`: Some(0) when the descriptor is not
@@ -124,6 +152,17 @@ fn end() {
     }
 }
 
+/// Whether a task's entry is a call still going on: not one being overwritten by the task's
+/// next call (see `overwrite`), nor one long returned (a later transition is not its). A
+/// returned call's entry stays until the task's next call overwrites it: removing it here,
+/// in a softirq, could free it under the task's own `begin`.
+#[inline(always)]
+fn is_current(call: &PendingCall) -> bool {
+    // SAFETY: plain helper call.
+    call.started_ns != 0
+        && (call.exited_ns == 0 || unsafe { bpf_ktime_get_ns() } - call.exited_ns <= AFTER_EXIT_NS)
+}
+
 /// The call of the current task that acts on `sk`, claiming `sk` for the call when the call has
 /// not acted on any socket yet. `info` is what is known of `sk` (None: nothing): a socket
 /// whose file is already released can only be acted on by the call that released it; its later
@@ -134,9 +173,7 @@ pub fn call_acting_on(sk: u64, info: Option<&SockInfo>) -> Option<PendingCall> {
     let entry = CALLS.get_ptr_mut(tid)?;
     // SAFETY: this task's own entry; only this task writes it.
     let call = unsafe { &mut *entry };
-    // SAFETY: plain helper call.
-    if call.exited_ns != 0 && unsafe { bpf_ktime_get_ns() } - call.exited_ns > AFTER_EXIT_NS {
-        let _ = CALLS.remove(tid); // long returned: a later transition is not this call's
+    if !is_current(call) {
         return None;
     }
     if info.is_some_and(|i| i.released != 0 && i.closed_by_call != call.started_ns) {
@@ -202,8 +239,12 @@ pub fn tcp_close(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let tid = current().tid;
-    match CALLS.get_ptr_mut(tid) {
-        // SAFETY: this task's own entry.
+    // SAFETY: this task's own entry.
+    match CALLS
+        .get_ptr_mut(tid)
+        .filter(|call| is_current(unsafe { &**call }))
+    {
+        // SAFETY: as above.
         Some(call) => unsafe { (*call).claimed_sk = sk },
         None => {
             // close_range(), io_uring, or a dup'd fd's last close: a close with no known call.
