@@ -180,11 +180,18 @@ pub fn may_concern_traced(
     if is_marked(&SEED_PORTS, u32::from(port)) {
         return true; // it may be a seeded connection: lookup_or_create looks in SEED
     }
+    listener_pid(family, port).is_some_and(pid_passes)
+}
+
+/// The pid recorded for the listener on (family, port), if any. Looked up only on a port that
+/// ever had one (LISTEN_PORTS): most sockets' ports never did.
+#[inline(always)]
+pub fn listener_pid(family: u16, port: u16) -> Option<u32> {
     if !is_marked(&LISTEN_PORTS, u32::from(port)) {
-        return false;
+        return None;
     }
     // SAFETY: the value is copied out at once.
-    unsafe { LISTENERS.get(listener_key(family, port)) }.is_some_and(|o| pid_passes(o.pid))
+    unsafe { LISTENERS.get(listener_key(family, port)) }.map(|o| o.pid)
 }
 
 /// Looks the socket up, creating its entry (with an owner from the listener or the seed table
@@ -217,13 +224,20 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut 
         family: ev.family,
         _pad: 0,
     };
+    // Each table is looked in only on a port it has entries on (a new socket of the host
+    // otherwise pays two hash lookups that miss, one of them hashing a 40-byte key).
+    let seeded = is_marked(&SEED_PORTS, u32::from(ev.lport));
+    let listened = is_marked(&LISTEN_PORTS, u32::from(ev.lport));
     // SAFETY: values are plain data copied out immediately.
     let inherited = unsafe {
-        SEED.get(&key)
+        seeded
+            .then(|| SEED.get(&key))
+            .flatten()
             .map(|o| (*o, owner_source::SEEDED))
             .or_else(|| {
-                LISTENERS
-                    .get(listener_key(ev.family, ev.lport))
+                listened
+                    .then(|| LISTENERS.get(listener_key(ev.family, ev.lport)))
+                    .flatten()
                     .map(|o| (*o, owner_source::LISTENER))
             })
     };

@@ -20,8 +20,8 @@ use crate::{
     },
     owners::{
         Current, LISTENERS, SockInfo, claim, current, fill_owner, keep_unowned, listener_key,
-        lookup_or_create, may_concern_traced, note_ports, note_traced, remember_listener,
-        sock_entry,
+        listener_pid, lookup_or_create, may_concern_traced, note_ports, note_traced,
+        remember_listener, sock_entry,
     },
     setting,
 };
@@ -177,14 +177,10 @@ pub fn read_tuple(rec: &Record, layout: &TupleLayout, ev: &mut SockEvent) -> Opt
 /// put set_state over the 512-byte stack on 6.1.)
 #[inline(always)]
 fn watch_if_traced(sk: u64, ev: &SockEvent, slot: u32) {
-    // SAFETY: values copied out at once.
-    let owner = unsafe {
-        sock_entry(sk).map(|info| (*info).pid).or_else(|| {
-            LISTENERS
-                .get(listener_key(ev.family, ev.lport))
-                .map(|o| o.pid)
-        })
-    };
+    // SAFETY: a value copied out at once.
+    let owner = sock_entry(sk)
+        .map(|info| unsafe { (*info).pid })
+        .or_else(|| listener_pid(ev.family, ev.lport));
     if owner.is_some_and(pid_passes) {
         watch(ev, slot);
     }
@@ -258,7 +254,8 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
             return None;
         }
     }
-    if old == LISTEN && new == CLOSE {
+    if old == LISTEN && new == CLOSE && listener_pid(ev.family, ev.lport).is_some() {
+        // Looked up first: a delete takes the bucket lock even when there is nothing to delete.
         let _ = LISTENERS.remove(listener_key(ev.family, ev.lport));
     }
 
