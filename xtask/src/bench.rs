@@ -263,17 +263,18 @@ fn finish_tracer(mut child: Child, out: &Path, sample: &mut Sample) -> anyhow::R
     child.wait()?;
     sample.cpu_secs = cpu;
     sample.peak_rss_kib = rss;
-    let text = fs::read_to_string(out)?;
-    let lines: Vec<Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let summary = lines
-        .iter()
-        .rev()
-        .find(|v| v["event"] == "summary")
-        .context("no summary line")?;
-    sample.lines = lines.len() as u64;
+    // A line at a time: a run tracing everything writes ~100 MB of lines, which parsed all
+    // at once took the bench itself over 1 GB.
+    let mut summary = None;
+    sample.lines = 0;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(fs::File::open(out)?)) {
+        let line = line?;
+        sample.lines += 1;
+        if line.contains("\"event\":\"summary\"") {
+            summary = serde_json::from_str::<Value>(&line).ok();
+        }
+    }
+    let summary = summary.context("no summary line")?;
     sample.close_lines = summary["counts"]["close"].as_u64().unwrap_or(0);
     sample.joined = summary["joined"].as_u64().unwrap_or(0);
     sample.unjoined = summary["unjoined"].as_u64().unwrap_or(0);
@@ -338,6 +339,9 @@ fn summarise(samples: &BTreeMap<Setup, Vec<Sample>>, opts: &Options) -> Value {
                 "cpu_secs_per_million_lines": (traced && events > 10_000.0).then(|| m(|s| s.cpu_secs) / events * 1e6),
                 "cpu_secs_per_million_connections": traced.then(|| m(|s| s.cpu_secs) / m(|s| s.connections as f64).max(1.0) * 1e6),
                 "peak_rss_mib": traced.then(|| m(|s| s.peak_rss_kib as f64) / 1024.0),
+                // Every round's ratio, in round order: how far apart they are says how much
+                // the median can be trusted on a shared machine.
+                "round_ratios": runs.iter().map(|s| (s.ratio * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -354,8 +358,8 @@ fn summarise(samples: &BTreeMap<Setup, Vec<Sample>>, opts: &Options) -> Value {
 fn table(report: &Value) -> String {
     let mut t = format!(
         "Mode {}, {} load threads, {} rounds of {} s; no-tracer rate {:.0} connections/s.\n\n\
-         | setup | conn/s | ratio | load CPU µs/conn | close lines/conn | joined | lost | CPU s / M lines | CPU s / M conns | peak RSS MiB |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | setup | conn/s | ratio | load CPU µs/conn | close lines/conn | joined | lost | CPU s / M lines | CPU s / M conns | peak RSS MiB | ratio by round |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
         report["mode"].as_str().unwrap_or(""),
         report["threads"],
         report["rounds"],
@@ -368,7 +372,7 @@ fn table(report: &Value) -> String {
     };
     for row in report["rows"].as_array().into_iter().flatten() {
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             row["setup"].as_str().unwrap_or(""),
             num(&row["rate"], 0),
             num(&row["ratio"], 3),
@@ -382,6 +386,13 @@ fn table(report: &Value) -> String {
             num(&row["cpu_secs_per_million_lines"], 2),
             num(&row["cpu_secs_per_million_connections"], 2),
             num(&row["peak_rss_mib"], 1),
+            row["round_ratios"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| num(r, 2))
+                .collect::<Vec<_>>()
+                .join(" "),
         ));
     }
     t
