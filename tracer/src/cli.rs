@@ -91,6 +91,10 @@ pub struct TraceArgs {
     /// Benchmark floor: attach every hook with programs that return at once.
     #[arg(long, hide = true)]
     pub bench_noop: bool,
+    /// Benchmark accounting: at the end, write each program's runs and run time (counted by
+    /// the kernel while kernel.bpf_stats_enabled is 1) to this file as JSON.
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub bench_program_stats: Option<PathBuf>,
     /// Ring buffer size in KiB (a power of two, at least 4). Bigger absorbs longer bursts.
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ringbuf_kib)]
     pub ringbuf_kib: u32,
@@ -145,6 +149,7 @@ pub struct Settings {
     pub format: Format,
     pub metrics: Option<std::net::SocketAddr>,
     pub noop: bool,
+    pub program_stats: Option<PathBuf>,
     pub pcapng: Option<PathBuf>,
 }
 
@@ -191,6 +196,7 @@ impl TraceArgs {
             format,
             metrics: self.metrics,
             noop: self.bench_noop,
+            program_stats: self.bench_program_stats,
             pcapng: self.pcapng,
         })
     }

@@ -2,6 +2,9 @@
 //! another BPF program is running on the same CPU (a softirq that changes a socket's state
 //! while a program was interrupted, say): the kernel counts each skipped run in the program's
 //! `recursion_misses` (5.12+) and the event is gone. Summed here, reported as a loss.
+//!
+//! Also each program's runs and run time, which the kernel counts while
+//! kernel.bpf_stats_enabled is 1: the benchmark's account of where the kernel-side time goes.
 
 use std::{
     cell::Cell,
@@ -65,7 +68,28 @@ struct InfoByFd {
 
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
+/// Each loaded program's name, runs and total run time in ns so far (both 0 unless the kernel
+/// was counting), as `[{"program", "runs", "run_ns"}]`.
+pub fn program_costs(ebpf: &Ebpf) -> serde_json::Value {
+    let programs: Vec<serde_json::Value> = ebpf
+        .programs()
+        .filter_map(|(name, program)| {
+            let info = prog_info(program.fd().ok()?.as_fd())?;
+            Some(serde_json::json!({
+                "program": name,
+                "runs": info.run_cnt,
+                "run_ns": info.run_time_ns,
+            }))
+        })
+        .collect();
+    serde_json::Value::Array(programs)
+}
+
 fn recursion_misses(fd: BorrowedFd<'_>) -> Option<u64> {
+    prog_info(fd).map(|info| info.recursion_misses)
+}
+
+fn prog_info(fd: BorrowedFd<'_>) -> Option<bpf_prog_info> {
     // SAFETY: bpf_prog_info is plain data; all-zero is valid.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
     let attr = InfoByFd {
@@ -83,5 +107,5 @@ fn recursion_misses(fd: BorrowedFd<'_>) -> Option<u64> {
             size_of::<InfoByFd>(),
         )
     };
-    (ret == 0).then_some(info.recursion_misses)
+    (ret == 0).then_some(info)
 }

@@ -30,7 +30,7 @@ use crate::{
     pipeline::Pipeline,
     privileges,
     probes::{self, Hook, KernelSupport, LoadOptions},
-    progstats::SkippedRuns,
+    progstats::{self, SkippedRuns},
     stats::{KernelCounts, Lost, Percentiles},
     tracefs,
 };
@@ -210,6 +210,10 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     let _ = stop;
     output.line(summary_line(&pipeline, settings.format));
     output.finish().context("writing output")?;
+    if let Some(path) = &settings.program_stats {
+        std::fs::write(path, progstats::program_costs(&loaded.ebpf).to_string())
+            .context("writing the program accounting")?;
+    }
     drop(loaded);
     Ok(())
 }

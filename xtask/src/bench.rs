@@ -74,6 +74,9 @@ struct Sample {
     lost: u64,
     cpu_secs: f64,
     peak_rss_kib: u64,
+    /// Each program's (name, runs, run time in ns), as the kernel counted them: zeros unless
+    /// kernel.bpf_stats_enabled was 1 (the accounting pass).
+    programs: Vec<(String, u64, u64)>,
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<Value> {
@@ -124,9 +127,65 @@ pub fn run(opts: &Options) -> anyhow::Result<Value> {
             samples.entry(setup).or_default().push(sample);
         }
     }
-    let report = summarise(&samples, opts);
+    let mut report = summarise(&samples, opts);
+    report["program_costs"] = account_programs(&bin, opts)?;
     write_results(&report, opts.quick)?;
     Ok(report)
+}
+
+/// Where the kernel-side time goes: one more run of each tracer setup with the kernel counting
+/// every program's runs and run time (kernel.bpf_stats_enabled), apart from the rounds: the
+/// counting itself costs ~50 ns a run, which would bias the ratios.
+fn account_programs(bin: &Path, opts: &Options) -> anyhow::Result<Value> {
+    let mut rows = Vec::new();
+    for setup in [Setup::TracerAll, Setup::TracerOtherPid] {
+        eprintln!("xtask bench: accounting: {}", setup.name());
+        let sample = {
+            let _counting = BpfStats::enable()?;
+            measure(bin, setup, opts).with_context(|| format!("accounting {}", setup.name()))?
+        };
+        let conns = sample.connections.max(1) as f64;
+        let mut programs: Vec<&(String, u64, u64)> = sample
+            .programs
+            .iter()
+            .filter(|(_, runs, _)| *runs > 0)
+            .collect();
+        programs.sort_by_key(|(_, _, ns)| std::cmp::Reverse(*ns));
+        rows.push(json!({
+            "setup": setup.name(),
+            "connections": sample.connections,
+            "ns_per_connection": programs.iter().map(|(_, _, ns)| *ns as f64).sum::<f64>() / conns,
+            "programs": programs.iter().map(|(name, runs, ns)| json!({
+                "program": name,
+                "runs_per_connection": *runs as f64 / conns,
+                "ns_per_run": *ns as f64 / (*runs).max(1) as f64,
+                "ns_per_connection": *ns as f64 / conns,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(Value::Array(rows))
+}
+
+/// kernel.bpf_stats_enabled set to 1 while it lives, then back to what it was.
+struct BpfStats {
+    before: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<Self> {
+        let before =
+            fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
+        Ok(Self { before })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = fs::write(BPF_STATS, self.before.trim());
+    }
 }
 
 /// The sanity check the test suite makes on a quick run: numbers exist and make sense. Never a
@@ -155,6 +214,27 @@ pub fn check_sane(report: &Value) -> Result<(), String> {
                 return Err(format!("{name}: no RSS measured"));
             }
         }
+    }
+    // The accounting pass: tracing everything, the state-change program runs several times per
+    // connection and takes time.
+    let everything = report["program_costs"]
+        .as_array()
+        .and_then(|setups| setups.first())
+        .ok_or("no program accounting")?;
+    let set_state = everything["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| {
+            p["program"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("set_state"))
+        })
+        .ok_or_else(|| format!("no set_state program in the accounting: {everything}"))?;
+    let runs = set_state["runs_per_connection"].as_f64().unwrap_or(0.0);
+    let ns = set_state["ns_per_run"].as_f64().unwrap_or(0.0);
+    if !((1.0..100.0).contains(&runs) && ns > 0.0 && ns < 1_000_000.0) {
+        return Err(format!("set_state accounting: {set_state}"));
     }
     Ok(())
 }
@@ -239,6 +319,7 @@ fn kill(mut child: Child) {
 fn start_tracer(bin: &Path, setup: Setup, out: &Path, quiet_pid: u32) -> anyhow::Result<Child> {
     let mut cmd = Command::new(bin.join("tracer"));
     cmd.args(["-o", out.to_str().unwrap()]);
+    cmd.arg("--bench-program-stats").arg(programs_file(out));
     match setup {
         Setup::Floor => cmd.args(["--bench-noop", "--no-capture"]),
         Setup::TracerAll => cmd.args(["-i", "lo"]),
@@ -275,6 +356,7 @@ fn finish_tracer(mut child: Child, out: &Path, sample: &mut Sample) -> anyhow::R
         }
     }
     let summary = summary.context("no summary line")?;
+    sample.programs = read_program_stats(&programs_file(out))?;
     sample.close_lines = summary["counts"]["close"].as_u64().unwrap_or(0);
     sample.joined = summary["joined"].as_u64().unwrap_or(0);
     sample.unjoined = summary["unjoined"].as_u64().unwrap_or(0);
@@ -283,6 +365,28 @@ fn finish_tracer(mut child: Child, out: &Path, sample: &mut Sample) -> anyhow::R
         .map(|s| summary["lost"][s].as_u64().unwrap_or(0))
         .sum();
     Ok(())
+}
+
+/// Where the tracer writes its programs' accounting (`--bench-program-stats`).
+fn programs_file(out: &Path) -> PathBuf {
+    out.with_file_name("programs.json")
+}
+
+fn read_program_stats(path: &Path) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    let text = fs::read_to_string(path).context("the tracer wrote no program accounting")?;
+    let programs: Value = serde_json::from_str(&text)?;
+    Ok(programs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["program"].as_str().unwrap_or("?").to_string(),
+                p["runs"].as_u64().unwrap_or(0),
+                p["run_ns"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect())
 }
 
 /// CPU seconds (user + system) and peak RSS of a running process.
@@ -393,6 +497,36 @@ fn table(report: &Value) -> String {
                 .map(|r| num(r, 2))
                 .collect::<Vec<_>>()
                 .join(" "),
+        ));
+    }
+    t.push_str(&program_table(report));
+    t
+}
+
+/// The accounting pass as a table: what each kernel program costs per connection.
+fn program_table(report: &Value) -> String {
+    let Some(setups) = report["program_costs"].as_array() else {
+        return String::new();
+    };
+    let mut t = String::from(
+        "\nKernel programs, from a separate run of each tracer setup with the kernel counting \
+         (kernel.bpf_stats_enabled; the counting adds ~50 ns to each run):\n\n\
+         | setup | program | runs/conn | ns/run | ns/conn |\n|---|---|---:|---:|---:|\n",
+    );
+    for setup in setups {
+        let name = setup["setup"].as_str().unwrap_or("");
+        for p in setup["programs"].as_array().into_iter().flatten() {
+            t.push_str(&format!(
+                "| {name} | {} | {:.2} | {:.0} | {:.0} |\n",
+                p["program"].as_str().unwrap_or(""),
+                p["runs_per_connection"].as_f64().unwrap_or(0.0),
+                p["ns_per_run"].as_f64().unwrap_or(0.0),
+                p["ns_per_connection"].as_f64().unwrap_or(0.0),
+            ));
+        }
+        t.push_str(&format!(
+            "| {name} | **all** | | | **{:.0}** |\n",
+            setup["ns_per_connection"].as_f64().unwrap_or(0.0)
         ));
     }
     t
