@@ -96,6 +96,11 @@ pub fn run(opts: &Options) -> anyhow::Result<Value> {
     if alternative {
         setups.push(Setup::Alternative);
     }
+    // One unmeasured run first: the first round's no-tracer run was otherwise the slowest of
+    // the whole bench (caches, page tables, the listener's first accepts), raising every other
+    // setup's first ratio.
+    eprintln!("xtask bench: warm-up (not measured)");
+    measure(&bin, Setup::NoTracer, opts).context("warming up")?;
     let mut samples: BTreeMap<Setup, Vec<Sample>> = BTreeMap::new();
     for round in 0..opts.rounds {
         // Every other round in reverse order: a drift of the shared machine's speed during a
