@@ -84,15 +84,9 @@ fn write_seed(
         // A full table only loses attribution for the rest; say nothing per entry.
         let _ = seed.insert(tuple_key(sock), *owner, 0);
     }
-    // With --pid, the programs look in SEED only for sockets on these ports (other sockets of
+    // The programs look in SEED only for sockets on these ports (with --pid, other sockets of
     // the host are not looked up by address at all).
-    let mut seed_ports: aya::maps::Array<_, u8> = aya::maps::Array::try_from(
-        ebpf.map_mut("SEED_PORTS")
-            .context("SEED_PORTS map missing")?,
-    )?;
-    for (sock, _) in conns {
-        seed_ports.set(u32::from(sock.local.1), 1, 0)?;
-    }
+    mark_ports(ebpf, "SEED_PORTS", conns)?;
     let mut table: BpfHashMap<_, u32, SeedOwner> =
         BpfHashMap::try_from(ebpf.map_mut("LISTENERS").context("LISTENERS map missing")?)?;
     for (sock, owner) in listeners {
@@ -103,12 +97,22 @@ fn write_seed(
         };
         let _ = table.insert(((family as u32) << 16) | sock.local.1 as u32, *owner, 0);
     }
-    // The programs look a listener up only on ports marked here (see LISTEN_PORTS).
+    // The programs look a listener up only on ports marked here.
+    mark_ports(ebpf, "LISTEN_PORTS", listeners)
+}
+
+/// Marks the sockets' local ports in one of the programs' port arrays (a byte per port, 1 once
+/// marked): the programs look in the matching table only on a marked port.
+fn mark_ports(
+    ebpf: &mut Ebpf,
+    array: &str,
+    socks: &[(ProcSocket, SeedOwner)],
+) -> anyhow::Result<()> {
     let mut ports: aya::maps::Array<_, u8> = aya::maps::Array::try_from(
-        ebpf.map_mut("LISTEN_PORTS")
-            .context("LISTEN_PORTS map missing")?,
+        ebpf.map_mut(array)
+            .with_context(|| format!("{array} map missing"))?,
     )?;
-    for (sock, _) in listeners {
+    for (sock, _) in socks {
         ports.set(u32::from(sock.local.1), 1, 0)?;
     }
     Ok(())
@@ -118,13 +122,7 @@ fn write_seed(
 /// 4-tuples go into WATCHED as the filter reads them from packets (IPv4-mapped as IPv4), their
 /// local ports into WATCHED_PORTS, which the filter checks first.
 fn watch_seeded(ebpf: &mut Ebpf, conns: &[(ProcSocket, SeedOwner)]) -> anyhow::Result<()> {
-    let mut ports: aya::maps::Array<_, u8> = aya::maps::Array::try_from(
-        ebpf.map_mut("WATCHED_PORTS")
-            .context("WATCHED_PORTS map missing")?,
-    )?;
-    for (sock, _) in conns {
-        ports.set(u32::from(sock.local.1), 1, 0)?;
-    }
+    mark_ports(ebpf, "WATCHED_PORTS", conns)?;
     let mut watched: BpfHashMap<_, TupleKey, u8> =
         BpfHashMap::try_from(ebpf.map_mut("WATCHED").context("WATCHED map missing")?)?;
     for (sock, _) in conns {

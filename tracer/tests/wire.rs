@@ -535,10 +535,16 @@ fn pid_capture_passes_only_the_traced_connections() {
     assert_eq!(close["pid"], server.pid);
     check_wire(&close, "FIN", "out");
     server.wait();
+    // The traced connection's two FINs; the 300 untraced connections' 600 stay in the kernel.
+    assert_only_the_traced_connection_captured(tracer);
+}
+
+/// Stops the tracer; its summary must count a few captured packets (the traced connection's
+/// FINs), not the untraced churn's.
+fn assert_only_the_traced_connection_captured(tracer: Tracer) {
     let out = tracer.stop();
     let summary = out.lines.last().unwrap();
     let captured = summary["kernel"]["captured"].as_u64().unwrap();
-    // The traced connection's two FINs; the 300 untraced connections' 600 stay in the kernel.
     assert!(
         (2..20).contains(&captured),
         "captured {captured} packets; expected only the traced connection's: {summary}"
@@ -570,13 +576,7 @@ fn pid_capture_passes_a_connection_opened_before_the_tracer() {
     assert_eq!(close["pid"], peer.pid);
     check_wire(&close, "FIN", "out");
     peer.wait();
-    let out = tracer.stop();
-    let summary = out.lines.last().unwrap();
-    let captured = summary["kernel"]["captured"].as_u64().unwrap();
-    assert!(
-        (2..20).contains(&captured),
-        "captured {captured} packets; expected only the traced connection's: {summary}"
-    );
+    assert_only_the_traced_connection_captured(tracer);
 }
 
 /// The classic: a server closes a connection, the client writes into it anyway, and the
