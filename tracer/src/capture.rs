@@ -89,6 +89,9 @@ pub struct CaptureConfig {
     pub ports: Vec<u16>,
     /// Keep each packet's headers (for `-w FILE.pcapng`); without it none are copied.
     pub keep_headers: bool,
+    /// Deliver nothing until `start_delivering` (with `--pid`, whose own kernel filter replaces
+    /// the plain one after the programs are loaded).
+    pub held: bool,
 }
 
 /// Counters shared with the capture thread.
@@ -99,6 +102,10 @@ pub struct CaptureStats {
     /// Packets libpcap or the interface dropped (pcap_stats: ps_drop + ps_ifdrop).
     pub pcap_dropped: AtomicU64,
     pub captured: AtomicU64,
+    /// Packets stamped before this wall-clock time (ns; 0: none; u64::MAX: all, while held)
+    /// are skipped, uncounted: they passed the filter the capture was opened with, before
+    /// `--pid`'s own replaced it.
+    pub skip_before_wall_ns: AtomicU64,
 }
 
 /// A running capture.
@@ -112,6 +119,19 @@ pub struct CaptureHandle {
     /// The capture socket (owned by the capture thread; valid while this handle lives).
     pub fd: std::os::fd::RawFd,
     guard: CaptureGuard,
+}
+
+impl CaptureHandle {
+    /// Ends a `held` capture's start-up, once `--pid`'s kernel filter is attached (or refused):
+    /// what was captured until now passed the plain FIN/RST filter the capture was opened with
+    /// (every other process's teardowns during start-up) and is skipped. Packets are stamped
+    /// after the filter ran, so those stamped from now on passed the new one.
+    pub fn start_delivering(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        self.stats.skip_before_wall_ns.store(now, Ordering::Relaxed);
+    }
 }
 
 /// What the main loop keeps of a capture.
@@ -200,6 +220,9 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
     };
     let (tx, rx) = mpsc::channel(QUEUE);
     let stats = Arc::new(CaptureStats::default());
+    if cfg.held {
+        stats.skip_before_wall_ns.store(u64::MAX, Ordering::Relaxed);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let reader = Reader {
         cap,
@@ -322,6 +345,9 @@ impl Reader {
                     let ts = packet.header.ts;
                     // With Precision::Nano, tv_usec carries nanoseconds.
                     let wall_ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_usec as u64;
+                    if wall_ns < self.stats.skip_before_wall_ns.load(Ordering::Relaxed) {
+                        continue;
+                    }
                     if let Some(p) = parse_packet(self.linktype, packet.data) {
                         let headers = if self.keep_headers {
                             Arc::from(&packet.data[..p.headers_len])
@@ -606,6 +632,7 @@ mod tests {
                 iface: "lo".into(),
                 ports: vec![port],
                 keep_headers: true,
+                held: false,
             },
             SharedClock::new(),
         )

@@ -145,6 +145,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         // SAFETY: the capture socket stays open as long as `capture`, which outlives this call.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(capture.fd) };
         probes::filter_capture_to_traced(&mut loaded.ebpf, fd);
+        capture.start_delivering();
     }
     let ring = RingBuf::try_from(
         loaded
@@ -234,6 +235,7 @@ fn open_capture(settings: &Settings) -> anyhow::Result<Option<CaptureHandle>> {
         iface: iface.clone(),
         ports: settings.ports.clone(),
         keep_headers: settings.pcapng.is_some(),
+        held: !settings.pids.is_empty(),
     };
     capture::open(&cfg, SharedClock::new())
         .with_context(|| format!("opening the packet capture on {iface}"))

@@ -579,6 +579,42 @@ fn pid_capture_passes_a_connection_opened_before_the_tracer() {
     assert_only_the_traced_connection_captured(tracer);
 }
 
+/// With `--pid`, the capture opens with the plain FIN/RST filter and gets the traced-connections
+/// filter only once the programs are loaded: what other processes' teardowns the plain filter
+/// let through meanwhile must not reach the daemon (nor count as captured). Untraced churn runs
+/// through the whole start-up here; the traced process does nothing.
+#[test]
+fn pid_capture_delivers_nothing_from_before_its_filter() {
+    if !common::require_root() {
+        return;
+    }
+    let quiet = Peer::spawn(None, "server-keep", "127.0.0.1", 0, "wait-eof-close");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                untraced_churn(20);
+                rounds += 1;
+            }
+            rounds * 20
+        })
+    };
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &quiet.pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let churned = churn.join().unwrap();
+    let out = tracer.stop();
+    let summary = out.lines.last().unwrap();
+    let captured = summary["kernel"]["captured"].as_u64().unwrap();
+    assert!(
+        churned >= 100 && captured == 0,
+        "{churned} untraced connections during start-up: captured {captured}: {summary}"
+    );
+    drop(quiet);
+}
+
 /// The classic: a server closes a connection, the client writes into it anyway, and the
 /// server's kernel answers with a RST (the data reached a socket that can no longer read:
 /// TCP_ABORT_ON_DATA). With `--pid` of the server, that RST is reported on the server's
