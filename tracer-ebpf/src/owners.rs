@@ -110,8 +110,9 @@ pub static LISTEN_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 /// Records a listener's owner.
 #[inline(always)]
 pub fn remember_listener(family: u16, port: u16, owner: &SeedOwner) {
-    let _ = LISTENERS.insert(listener_key(family, port), owner, 0);
+    // Marked first: a lookup that sees the mark finds the entry once it is in.
     mark(&LISTEN_PORTS, u32::from(port));
+    let _ = LISTENERS.insert(listener_key(family, port), owner, 0);
 }
 
 /// Owners of connections that existed before the tracer started, seeded from /proc.
