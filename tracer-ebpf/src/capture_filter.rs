@@ -15,6 +15,7 @@ use tracer_common::{AF_INET, AF_INET6, SockEvent, TupleKey};
 
 use crate::{
     emit::{SLOTS, ports_pass},
+    owners::{is_marked, mark},
     setting,
 };
 
@@ -61,7 +62,7 @@ pub fn watch(ev: &SockEvent, slot: u32) {
         return;
     }
     if let Some(key) = wire_key(ev, slot) {
-        mark_watched_port(key.lport);
+        mark(&WATCHED_PORTS, u32::from(key.lport));
         let _ = WATCHED.insert(&*key, &1, 0);
     }
 }
@@ -74,27 +75,14 @@ pub fn is_watched(ev: &SockEvent, slot: u32) -> bool {
     wire_key(ev, slot).is_some_and(|key| watched_either_way(key))
 }
 
-#[inline(always)]
-fn mark_watched_port(port: u16) {
-    if let Some(slot) = WATCHED_PORTS.get_ptr_mut(u32::from(port)) {
-        // SAFETY: an array slot; concurrent writers all store 1.
-        unsafe { *slot = 1 };
-    }
-}
-
-#[inline(always)]
-fn is_watched_port(port: u16) -> bool {
-    WATCHED_PORTS
-        .get(u32::from(port))
-        .is_some_and(|marked| *marked != 0)
-}
-
 /// Whether `key`, as written or with its ends swapped, is in WATCHED (a packet sent by the
 /// watched socket has its local end as source, one it receives as destination). Leaves `key`
 /// swapped when the first lookup misses.
 #[inline(always)]
 fn watched_either_way(key: &mut TupleKey) -> bool {
-    if !is_watched_port(key.lport) && !is_watched_port(key.rport) {
+    if !is_marked(&WATCHED_PORTS, u32::from(key.lport))
+        && !is_marked(&WATCHED_PORTS, u32::from(key.rport))
+    {
         return false;
     }
     // SAFETY: presence checks only.

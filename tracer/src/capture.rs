@@ -127,10 +127,9 @@ impl CaptureHandle {
     /// (every other process's teardowns during start-up) and is skipped. Packets are stamped
     /// after the filter ran, so those stamped from now on passed the new one.
     pub fn start_delivering(&self) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        self.stats.skip_before_wall_ns.store(now, Ordering::Relaxed);
+        self.stats
+            .skip_before_wall_ns
+            .store(crate::clock::now_wall_ns(), Ordering::Relaxed);
     }
 }
 

@@ -29,6 +29,11 @@ pub fn now_mono_ns() -> u64 {
     read(libc::CLOCK_MONOTONIC) as u64
 }
 
+/// CLOCK_REALTIME now, in nanoseconds: the clock the capture stamps packets with.
+pub fn now_wall_ns() -> u64 {
+    read(libc::CLOCK_REALTIME) as u64
+}
+
 impl Clock {
     /// Reads MONO, REAL, MONO a few times and keeps the tightest bracket, REAL against the
     /// midpoint (the way bpftrace does it): the error is at most half the bracket.

@@ -1016,22 +1016,14 @@ mod tests {
             ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 9, mono)
         };
         let out = lines(|p, out| {
-            p.kernel_event(event(
-                EventKind::State,
-                tcp_state::FIN_WAIT2,
-                tcp_state::CLOSE,
-                100 * MS,
-                0,
-                None,
-            ));
+            p.kernel_event(gone_to_time_wait(100 * MS));
             p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 150 * MS));
             p.packet(rst_in(200 * MS));
             p.packet(rst_in(210 * MS));
             p.poll(2_000 * MS, out);
         });
-        let events: Vec<_> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
         assert_eq!(
-            events,
+            names(&out),
             ["state", "fin_received", "rst_received", "packet"],
             "{out:?}"
         );
@@ -1085,6 +1077,18 @@ mod tests {
         }
     }
 
+    /// Our socket (conn 0xabc) leaving FIN_WAIT2 for its time-wait form.
+    fn gone_to_time_wait(mono: u64) -> KernelEvent {
+        event(
+            EventKind::State,
+            tcp_state::FIN_WAIT2,
+            tcp_state::CLOSE,
+            mono,
+            0,
+            None,
+        )
+    }
+
     fn names(out: &[serde_json::Value]) -> Vec<&str> {
         out.iter().map(|v| v["event"].as_str().unwrap()).collect()
     }
@@ -1094,14 +1098,7 @@ mod tests {
     #[test]
     fn a_fin_seen_again_past_the_window_is_a_retransmission() {
         let out = lines(|p, out| {
-            p.kernel_event(event(
-                EventKind::State,
-                tcp_state::FIN_WAIT2,
-                tcp_state::CLOSE,
-                100 * MS,
-                0,
-                None,
-            ));
+            p.kernel_event(gone_to_time_wait(100 * MS));
             p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 101 * MS));
             p.poll(2_000 * MS, out);
             p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 3_000 * MS));
@@ -1209,14 +1206,7 @@ mod tests {
     #[test]
     fn a_time_wait_rst_is_attributed_to_its_connection() {
         let out = lines(|p, _| {
-            p.kernel_event(event(
-                EventKind::State,
-                tcp_state::FIN_WAIT2,
-                tcp_state::CLOSE,
-                100 * MS,
-                0,
-                None,
-            ));
+            p.kernel_event(gone_to_time_wait(100 * MS));
             let mut rst = event(
                 EventKind::RstSent,
                 tcp_state::TIME_WAIT,
@@ -1255,7 +1245,7 @@ mod tests {
                 Some(11),
             ));
         });
-        let kinds: Vec<&str> = out.iter().map(|v| v["event"].as_str().unwrap()).collect();
+        let kinds = names(&out);
         assert_eq!(kinds.len(), 2, "{out:?}");
         assert!(kinds.contains(&"rst_sent") && kinds.contains(&"close"));
     }
