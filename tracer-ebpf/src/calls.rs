@@ -18,7 +18,7 @@ use aya_ebpf::{
 use tracer_common::{NONE, SockEvent, syscall};
 
 use crate::{
-    emit::{field, kernel_read, noop, pid_passes},
+    emit::{Span, field, kernel_read, noop, pid_passes},
     owners::{SockInfo, current},
     setting,
 };
@@ -115,20 +115,28 @@ fn socket_behind(fd: i32) -> Option<u64> {
     let task = unsafe { bpf_get_current_task() };
     let files: u64 = kernel_read(task, files_at)?;
     let fdt: u64 = kernel_read(files, setting!(fd.files_fdt))?;
-    let max_fds: u32 = kernel_read(fdt, setting!(fd.fdt_max_fds))?;
+    // fdtable's max_fds and fd, and socket's file and sk, are neighbours: one read each.
+    let (max_fds_at, fd_array_at) = (setting!(fd.fdt_max_fds), setting!(fd.fdt_fd));
+    let table = Span::<16>::read(fdt, &[max_fds_at, fd_array_at]);
+    let max_fds: u32 = table.get(max_fds_at)?;
     if fd as u32 >= max_fds {
         return Some(0);
     }
-    let fds: u64 = kernel_read(fdt, setting!(fd.fdt_fd))?;
+    let fds: u64 = table.get(fd_array_at)?;
     let file: u64 = kernel_read(fds + fd as u64 * 8, 0)?;
     if file == 0 {
         return Some(0);
     }
     let socket: u64 = kernel_read(file, setting!(fd.file_private_data))?;
-    if socket == 0 || kernel_read::<u64>(socket, setting!(fd.socket_file)) != Some(file) {
+    if socket == 0 {
         return Some(0);
     }
-    kernel_read(socket, setting!(fd.socket_sk))
+    let (file_at, sk_at) = (setting!(fd.socket_file), setting!(fd.socket_sk));
+    let fields = Span::<16>::read(socket, &[file_at, sk_at]);
+    if fields.get::<u64>(file_at) != Some(file) {
+        return Some(0);
+    }
+    fields.get(sk_at)
 }
 
 /// How long after close(2) returned its deferred fput may still act on the socket. It runs
