@@ -1,6 +1,8 @@
 //! Connection churn over loopback for the benchmark: each worker thread connects to a local
 //! listener, the acceptor reads nothing, the client writes one byte, and the connection is
-//! closed the way the mode says. Prints one JSON object with the counts when done.
+//! closed the way the mode says. With `--requests N`, each connection first carries N one-byte
+//! requests and answers (a keep-alive service: what the tracer's per-I/O hook costs). Prints
+//! one JSON object with the counts when done.
 
 use std::{
     io::Write,
@@ -42,6 +44,9 @@ struct Args {
     /// Connections per second in all (0: as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// One-byte requests answered on each connection before it closes (0: none, pure churn).
+    #[arg(long, default_value_t = 0)]
+    requests: u32,
     /// Listen address (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
@@ -56,6 +61,7 @@ struct Args {
 struct Report {
     mode: Mode,
     threads: usize,
+    requests_per_connection: u32,
     secs: f64,
     connections: u64,
     rst_closes: u64,
@@ -112,10 +118,13 @@ fn main() -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         port = addr.port();
         let (counts, stop) = (counts.clone(), stop.clone());
-        let mode = args.mode;
-        let per_thread = args.rate.div_ceil(args.threads as u64);
+        let plan = Plan {
+            mode: args.mode,
+            requests: args.requests,
+            rate: args.rate.div_ceil(args.threads as u64),
+        };
         workers.push(thread::spawn(move || {
-            churn(index, mode, per_thread, listener, addr, &counts, &stop)
+            churn(index, plan, listener, addr, &counts, &stop)
         }));
     }
     let started = Instant::now();
@@ -129,6 +138,7 @@ fn main() -> anyhow::Result<()> {
     let report = Report {
         mode: args.mode,
         threads: args.threads,
+        requests_per_connection: args.requests,
         secs,
         connections,
         rst_closes: counts.rst.load(Ordering::Relaxed),
@@ -143,11 +153,20 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One worker: connect, accept, write a byte, close; until told to stop.
+/// What each worker's connections do.
+#[derive(Clone, Copy)]
+struct Plan {
+    mode: Mode,
+    /// Requests answered on each connection before it closes.
+    requests: u32,
+    /// This worker's connections per second (0: as fast as possible).
+    rate: u64,
+}
+
+/// One worker: connect, accept, (exchange requests,) write a byte, close; until told to stop.
 fn churn(
     index: usize,
-    mode: Mode,
-    rate: u64,
+    plan: Plan,
     listener: TcpListener,
     addr: SocketAddr,
     counts: &Counts,
@@ -157,21 +176,21 @@ fn churn(
     let started = Instant::now();
     let mut made: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
-        if rate > 0 {
+        if plan.rate > 0 {
             // Pace to `rate` per second: sleep until this connection's slot.
-            let due = Duration::from_secs_f64(made as f64 / rate as f64);
+            let due = Duration::from_secs_f64(made as f64 / plan.rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 thread::sleep(wait);
             }
             made += 1;
         }
-        let rst = match mode {
+        let rst = match plan.mode {
             Mode::Fin => false,
             Mode::Rst => true,
             Mode::Mix => n.is_multiple_of(2),
         };
         n += 1;
-        match one_connection(&listener, addr, rst) {
+        match one_connection(&listener, addr, plan.requests, rst) {
             Ok(()) => {
                 counts.connections.fetch_add(1, Ordering::Relaxed);
                 if rst {
@@ -187,9 +206,17 @@ fn churn(
     }
 }
 
-fn one_connection(listener: &TcpListener, addr: SocketAddr, rst: bool) -> std::io::Result<()> {
+fn one_connection(
+    listener: &TcpListener,
+    addr: SocketAddr,
+    requests: u32,
+    rst: bool,
+) -> std::io::Result<()> {
     let mut client = TcpStream::connect(addr)?;
     let (server, _) = listener.accept()?;
+    for _ in 0..requests {
+        exchange(&client, &server)?;
+    }
     client.write_all(b"x")?;
     if rst {
         // The byte is unread: close() answers with a RST (TCP_ABORT_ON_CLOSE), and no
@@ -205,6 +232,16 @@ fn one_connection(listener: &TcpListener, addr: SocketAddr, rst: bool) -> std::i
         drop(server);
     }
     Ok(())
+}
+
+/// One request and its answer, a byte each way (two sends and two receives).
+fn exchange(client: &TcpStream, server: &TcpStream) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut byte = [0u8; 1];
+    (&*client).write_all(b"q")?;
+    (&*server).read_exact(&mut byte)?;
+    (&*server).write_all(b"a")?;
+    (&*client).read_exact(&mut byte)
 }
 
 /// Waits until the byte has arrived, so that the close really has unread data.

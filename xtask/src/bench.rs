@@ -32,6 +32,7 @@ pub struct Options {
     pub seconds: u64,
     pub mode: String,
     pub threads: usize,
+    pub requests: u32,
     pub quick: bool,
 }
 
@@ -287,6 +288,8 @@ fn measure(bin: &Path, setup: Setup, opts: &Options) -> anyhow::Result<Sample> {
             &opts.threads.to_string(),
             "--duration",
             &format!("{}s", opts.seconds),
+            "--requests",
+            &opts.requests.to_string(),
         ])
         .output()
         .context("running loadgen")?;
@@ -457,6 +460,7 @@ fn summarise(samples: &BTreeMap<Setup, Vec<Sample>>, opts: &Options) -> Value {
     json!({
         "mode": opts.mode,
         "threads": opts.threads,
+        "requests_per_connection": opts.requests,
         "rounds": opts.rounds,
         "seconds": opts.seconds,
         "no_tracer_rate": base,
@@ -466,11 +470,13 @@ fn summarise(samples: &BTreeMap<Setup, Vec<Sample>>, opts: &Options) -> Value {
 
 fn table(report: &Value) -> String {
     let mut t = format!(
-        "Mode {}, {} load threads, {} rounds of {} s; no-tracer rate {:.0} connections/s.\n\n\
+        "Mode {}, {} load threads, {} requests per connection, {} rounds of {} s; no-tracer rate \
+         {:.0} connections/s.\n\n\
          | setup | conn/s | ratio | load CPU µs/conn | close lines/conn | joined | lost | CPU s / M lines | CPU s / M conns | peak RSS MiB | ratio by round |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
         report["mode"].as_str().unwrap_or(""),
         report["threads"],
+        report["requests_per_connection"],
         report["rounds"],
         report["seconds"],
         report["no_tracer_rate"].as_f64().unwrap_or(0.0)
@@ -584,7 +590,9 @@ for b, r in zip(bars, ratios):
 ax.set_xlim(0, 1.15)
 ax.invert_yaxis()
 ax.set_xlabel("connection rate / rate without tracing (higher is better)")
-ax.set_title(f"tracer overhead, {report['mode']} churn, {report['threads']} threads")
+requests = report.get("requests_per_connection") or 0
+shape = f", {requests} requests per connection" if requests else ""
+ax.set_title(f"tracer overhead, {report['mode']} churn{shape}, {report['threads']} threads")
 fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=110)
 "##;

@@ -53,6 +53,11 @@ enum Task {
         /// Load threads.
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// One-byte requests answered on each connection before it closes: 0 is pure churn
+        /// (the targets' load); a few hundred is a keep-alive service, where the per-I/O and
+        /// per-packet hooks dominate.
+        #[arg(long, default_value_t = 0)]
+        requests: u32,
         /// One round of one second: proves the benchmark works (the test suite runs it).
         #[arg(long)]
         quick: bool,
@@ -101,12 +106,14 @@ fn main() -> ExitCode {
             seconds,
             mode,
             threads,
+            requests,
             quick,
         } => bench::run(&bench::Options {
             rounds: if quick { 1 } else { rounds },
             seconds: if quick { 1 } else { seconds },
             mode,
             threads,
+            requests,
             quick,
         })
         .map(|_| ExitCode::SUCCESS),
