@@ -248,6 +248,10 @@ pub struct Config {
     pub noop: u8,
     /// As `TupleLayout::record_len`, for sock_send_length / sock_recv_length.
     pub io_record_len: u16,
+    /// Offsets of `pid` and `clone_flags` in task:task_newtask (a forked child is followed
+    /// for its calls with `--pid`).
+    pub newtask_pid: u16,
+    pub newtask_flags: u16,
     /// Wake the reader only once this many bytes wait in the ring buffer; below that the
     /// daemon drains on its own timer. One wakeup per event costs more than the event.
     pub wakeup_bytes: u32,
@@ -296,6 +300,8 @@ impl Config {
             all_states: 0,
             noop: 0,
             io_record_len: 0,
+            newtask_pid: NONE,
+            newtask_flags: NONE,
             wakeup_bytes: 0,
             inline_pids: [0; INLINE_PIDS],
             sock: SockLayout::NONE,

@@ -12,14 +12,14 @@
 use aya_ebpf::{
     helpers::generated::{bpf_get_current_task, bpf_ktime_get_ns},
     macros::{kprobe, map, tracepoint},
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
     programs::{ProbeContext, TracePointContext},
 };
 use tracer_common::{NONE, SockEvent, syscall};
 
 use crate::{
     emit::{Span, field, kernel_read, noop, pid_passes},
-    owners::{SockInfo, current},
+    owners::{SockInfo, current, is_marked, mark},
     setting,
 };
 
@@ -52,13 +52,65 @@ impl PendingCall {
 #[map]
 static CALLS: LruHashMap<u32, PendingCall> = LruHashMap::with_max_entries(16384, 0);
 
+/// With `--pid`, the processes a traced process forked (and those they forked): their close,
+/// shutdown and exit calls are recorded too, never their sockets. A forking server's child
+/// closes what its traced parent accepted (the socket stays traced, `SockInfo::traced`), and
+/// without the child's call its line said `syscall: null`. LRU, never cleaned: a dead child's
+/// entry ages out, and a pid reused by an unrelated process only gets its calls recorded,
+/// which name nothing unless it acts on a traced socket (and then rightly name its call).
+#[map]
+static FORKED: LruHashMap<u32, u8> = LruHashMap::with_max_entries(8192, 0);
+
+/// A mark per pid slot, set before a FORKED entry goes in: every other process's close and
+/// shutdown is decided by an array slot instead of a hash lookup.
+#[map]
+static FORKED_MARKS: Array<u8> = Array::with_max_entries(1 << 16, 0);
+
+#[inline(always)]
+fn forked_mark_slot(pid: u32) -> u32 {
+    pid & 0xffff
+}
+
+/// Whether the calls of process `pid` are recorded: every process without `--pid`; with it,
+/// the traced ones and their forked children.
+#[inline(always)]
+fn records_calls_of(pid: u32) -> bool {
+    pid_passes(pid)
+        || (is_marked(&FORKED_MARKS, forked_mark_slot(pid)) && FORKED.get_ptr(pid).is_some())
+}
+
+/// `clone_flags` bit of a new thread (as opposed to a new process).
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+/// task:task_newtask, in the forking task: with `--pid`, a process that a traced (or followed)
+/// process forks is followed for its calls (see FORKED). New threads are already covered by
+/// their process.
+#[tracepoint]
+pub fn process_fork(ctx: TracePointContext) -> u32 {
+    if noop() || setting!(filter_pids) == 0 {
+        return 0;
+    }
+    let parent = current().pid;
+    let flags = field::<u64>(&ctx, setting!(newtask_flags)).unwrap_or(CLONE_THREAD);
+    if flags & CLONE_THREAD != 0 || !records_calls_of(parent) {
+        return 0;
+    }
+    let Some(child) = field::<i32>(&ctx, setting!(newtask_pid)).filter(|&pid| pid > 0) else {
+        return 0;
+    };
+    let child = child as u32;
+    mark(&FORKED_MARKS, forked_mark_slot(child)); // first: a lookup that sees it finds the entry
+    let _ = FORKED.insert(child, 1, 0); // LRU: evicts the oldest when full
+    0
+}
+
 /// `claimed_sk` of a call whose descriptor is not a socket's: matches no socket.
 const NOT_A_SOCKET: u64 = u64::MAX;
 
 #[inline(always)]
 fn begin(kind: u8, fd: i32) {
     let cur = current();
-    if !pid_passes(cur.pid) {
+    if !records_calls_of(cur.pid) {
         return; // with --pid, other processes' calls are never looked at
     }
     let call = PendingCall {
@@ -147,7 +199,7 @@ const AFTER_EXIT_NS: u64 = 20_000_000;
 #[inline(always)]
 fn end() {
     let cur = current();
-    if !pid_passes(cur.pid) {
+    if !records_calls_of(cur.pid) {
         return; // with --pid, other processes' calls never made an entry
     }
     if let Some(call) = CALLS.get_ptr_mut(cur.tid) {

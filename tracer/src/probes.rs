@@ -196,6 +196,13 @@ pub const TRACEPOINT_HOOKS: &[Hook] = &[
         "closes at process exit show `syscall: null`",
     ),
     tp(
+        "process_fork",
+        "task",
+        "task_newtask",
+        false,
+        "with `--pid`, a forked child's close, shutdown or exit shows `syscall: null`",
+    ),
+    tp(
         "sock_io",
         "sock",
         "sock_send_length",
@@ -311,6 +318,7 @@ pub struct Formats {
     pub enter_shutdown: Option<Format>,
     pub send_length: Option<Format>,
     pub recv_length: Option<Format>,
+    pub new_task: Option<Format>,
     /// Tracepoints that exist, by "group:name", for the hooks whose fields are not read.
     pub present: Vec<String>,
 }
@@ -400,6 +408,7 @@ impl Formats {
             enter_shutdown: read("syscalls", "sys_enter_shutdown")?,
             send_length: read("sock", "sock_send_length")?,
             recv_length: read("sock", "sock_recv_length")?,
+            new_task: read("task", "task_newtask")?,
             present: Vec::new(),
         };
         for hook in TRACEPOINT_HOOKS {
@@ -447,6 +456,10 @@ impl Formats {
         if let Some(f) = &self.enter_shutdown {
             cfg.shutdown_fd = f.offset("fd");
             cfg.shutdown_how = f.offset("how");
+        }
+        if let Some(f) = &self.new_task {
+            cfg.newtask_pid = f.offset("pid");
+            cfg.newtask_flags = f.offset("clone_flags");
         }
         if let (Some(send), Some(recv)) = (&self.send_length, &self.recv_length) {
             let same = send.offset("sk") == recv.offset("sk")
@@ -720,9 +733,11 @@ mod tests {
             enter_close: read(include_str!(
                 "../tests/fixtures/6.18/sys_enter_close.format"
             )),
+            new_task: read(include_str!("../tests/fixtures/6.18/task_newtask.format")),
             ..Formats::default()
         };
         let cfg = formats.config().unwrap();
+        assert_eq!((cfg.newtask_pid, cfg.newtask_flags), (8, 32));
         assert_eq!(cfg.set_state.newstate, 20);
         // The programs copy each record up to the end of its last field in one read.
         assert_eq!(cfg.set_state.record_len, 72);

@@ -410,7 +410,8 @@ fn pid_filter_runs_in_the_kernel() {
 
 /// A forking server (inetd, Apache prefork, many Python servers): it accepts, forks a child for
 /// the connection and closes its own copy of the socket, which does nothing to the connection.
-/// Prints its pid, waits for a line on stdin, then prints the child's pid and the ports.
+/// Prints its pid, waits for a line on stdin, then prints the child's pid and the ports. With
+/// the argument `exit`, the child ends without closing the socket: its exit closes it.
 const FORKING_SERVER: &str = r#"
 import json, os, socket, sys, time
 l = socket.socket()
@@ -420,22 +421,25 @@ print(json.dumps({"pid": os.getpid()}), flush=True)
 sys.stdin.readline()
 c = socket.create_connection(l.getsockname())
 s, _ = l.accept()
+fd = s.fileno()
 child = os.fork()
 if child == 0:
     time.sleep(0.2)
-    s.close()
+    if sys.argv[1:] != ["exit"]:
+        s.close()
     os._exit(0)
 s.close()
-print(json.dumps({"child": child, "sport": l.getsockname()[1], "cport": c.getsockname()[1]}),
-      flush=True)
+print(json.dumps({"child": child, "fd": fd, "sport": l.getsockname()[1],
+                  "cport": c.getsockname()[1]}), flush=True)
 os.waitpid(child, 0)
 c.recv(1)
 c.close()
 "#;
 
 /// With `--pid` of the forking server, the connection it accepted stays traced after the
-/// hand-over: the child's close is reported, naming the child, and so are the socket's later
-/// moves. (They were filtered out: the close made the untraced child its owner.)
+/// hand-over: the child's close is reported, naming the child and its call, and so are the
+/// socket's later moves. (They were filtered out: the close made the untraced child its owner;
+/// then the child's call was unknown: its calls were not recorded.)
 #[test]
 fn a_forked_child_closing_what_a_traced_parent_accepted_is_reported() {
     if !common::require_root() {
@@ -454,9 +458,9 @@ fn a_forked_child_closing_what_a_traced_parent_accepted_is_reported() {
     );
     let close = tracer.wait_for(|v| is(v, "close", sport, cport), WAIT);
     assert_eq!(close["pid"], child, "the child closed it: {close}");
-    // With --pid, the calls of untraced processes are not followed (that would cost every
-    // close(2) on the host): the child's call is unknown, its process is not.
-    assert_eq!(close["syscall"], Value::Null, "{close}");
+    // A traced process's forked children have their calls recorded (never their own sockets).
+    assert_eq!(close["syscall"], "close", "{close}");
+    assert_eq!(close["fd"], info["fd"], "{close}");
     assert_eq!(close["outcome"], "fin", "{close}");
     assert_eq!(close["new_state"], "FIN_WAIT1", "{close}");
     let later = tracer.wait_for(
@@ -469,6 +473,35 @@ fn a_forked_child_closing_what_a_traced_parent_accepted_is_reported() {
         |v| is(v, "fin_received", cport, sport) && v["pid"] == parent,
         WAIT,
     );
+    server.succeeds();
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+}
+
+/// The same hand-over, but the child never closes the socket: its exit does, and the line says
+/// so (the child's exit is recorded like its calls).
+#[test]
+fn a_forked_childs_exit_closing_what_a_traced_parent_accepted_names_the_exit() {
+    if !common::require_root() {
+        return;
+    }
+    let mut server = Script::start(FORKING_SERVER, &["exit"]);
+    let parent = server.line()["pid"].as_u64().unwrap();
+    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &parent.to_string()]);
+    tracer.wait_ready(WAIT);
+    server.go();
+    let info = server.line();
+    let (sport, cport) = (
+        info["sport"].as_u64().unwrap() as u16,
+        info["cport"].as_u64().unwrap() as u16,
+    );
+    let close = tracer.wait_for(|v| is(v, "close", sport, cport), WAIT);
+    assert_eq!(
+        close["pid"], info["child"],
+        "the child's exit closed it: {close}"
+    );
+    assert_eq!(close["syscall"], "exit", "{close}");
+    assert_eq!(close["new_state"], "FIN_WAIT1", "{close}");
     server.succeeds();
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);

@@ -276,8 +276,15 @@ pub fn pid_filter_checks(text: &str, args: &str) -> Result<String, String> {
         .collect();
     let event = |name: &str| lines.iter().find(|l| l["event"] == name);
     let fail = |why: &str| Err(format!("tracer {args}: {why}; output: {}", text.trim()));
-    if event("ready").is_none() {
+    let Some(ready) = event("ready") else {
         return fail("no ready line (did the programs load?)");
+    };
+    // With --pid, the program following forked children must load on every kernel.
+    let follows_forks = ready["probes"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|n| n == "tracepoint:task:task_newtask"));
+    if !follows_forks {
+        return fail("task:task_newtask is not attached (forked children's calls unknown)");
     }
     let Some(summary) = event("summary") else {
         return fail("no summary line");
