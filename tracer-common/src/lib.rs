@@ -273,6 +273,16 @@ pub struct Config {
 /// How many traced pids `Config::inline_pids` holds.
 pub const INLINE_PIDS: usize = 8;
 
+/// Slots of FORKED_MARKS, the per-pid marks in front of the FORKED map (with `--pid`, the
+/// traced processes' forked children, followed for their calls).
+pub const FORKED_MARK_SLOTS: u32 = 1 << 16;
+
+/// A pid's slot in FORKED_MARKS: the kernel programs and the daemon (which follows the children
+/// already running at start) must agree on it.
+pub const fn forked_mark_slot(pid: u32) -> u32 {
+    pid % FORKED_MARK_SLOTS
+}
+
 impl Config {
     pub const fn zeroed() -> Self {
         const T: TupleLayout = TupleLayout::NONE;

@@ -15,7 +15,7 @@ use aya_ebpf::{
     maps::{Array, LruHashMap},
     programs::{ProbeContext, TracePointContext},
 };
-use tracer_common::{NONE, SockEvent, syscall};
+use tracer_common::{FORKED_MARK_SLOTS, NONE, SockEvent, forked_mark_slot, syscall};
 
 use crate::{
     emit::{Span, field, kernel_read, noop, pid_passes},
@@ -55,21 +55,18 @@ static CALLS: LruHashMap<u32, PendingCall> = LruHashMap::with_max_entries(16384,
 /// With `--pid`, the processes a traced process forked (and those they forked): their close,
 /// shutdown and exit calls are recorded too, never their sockets. A forking server's child
 /// closes what its traced parent accepted (the socket stays traced, `SockInfo::traced`), and
-/// without the child's call its line said `syscall: null`. LRU, never cleaned: a dead child's
-/// entry ages out, and a pid reused by an unrelated process only gets its calls recorded,
-/// which name nothing unless it acts on a traced socket (and then rightly name its call).
+/// without the child's call its line said `syscall: null`. The daemon adds the children already
+/// running when it starts (a pre-forked server's workers); `process_fork`, later ones. LRU,
+/// never cleaned: a dead child's entry ages out, and a pid reused by an unrelated process only
+/// gets its calls recorded, which name nothing unless it acts on a traced socket (and then
+/// rightly name its call).
 #[map]
 static FORKED: LruHashMap<u32, u8> = LruHashMap::with_max_entries(8192, 0);
 
 /// A mark per pid slot, set before a FORKED entry goes in: every other process's close and
 /// shutdown is decided by an array slot instead of a hash lookup.
 #[map]
-static FORKED_MARKS: Array<u8> = Array::with_max_entries(1 << 16, 0);
-
-#[inline(always)]
-fn forked_mark_slot(pid: u32) -> u32 {
-    pid & 0xffff
-}
+static FORKED_MARKS: Array<u8> = Array::with_max_entries(FORKED_MARK_SLOTS, 0);
 
 /// Whether the calls of process `pid` are recorded: every process without `--pid`; with it,
 /// the traced ones and their forked children.

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::{Ebpf, maps::HashMap as BpfHashMap};
-use tracer_common::{AF_INET, AF_INET6, SeedOwner, TupleKey, tcp_state};
+use tracer_common::{AF_INET, AF_INET6, SeedOwner, TupleKey, forked_mark_slot, tcp_state};
 
 /// One TCP socket from /proc/PID/net/tcp{,6}.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +30,8 @@ pub struct ProcSocket {
 pub struct SeedReport {
     pub connections: usize,
     pub listeners: usize,
+    /// Filled by `follow_children`.
+    pub children: usize,
 }
 
 /// Seeds the kernel tables for `pids`, or for every process when `pids` is empty.
@@ -70,6 +72,7 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<SeedReport> {
     Ok(SeedReport {
         connections: conns.len(),
         listeners: listeners.len(),
+        children: 0,
     })
 }
 
@@ -129,6 +132,69 @@ fn watch_seeded(ebpf: &mut Ebpf, conns: &[(ProcSocket, SeedOwner)]) -> anyhow::R
         let _ = watched.insert(wire_key(sock), 1, 0);
     }
     Ok(())
+}
+
+/// With `--pid`, the traced processes' descendants already running (a pre-forked server's
+/// workers: nginx, Apache, PostgreSQL, gunicorn) are followed for their calls from the start,
+/// as the kernel programs follow a child forked later (FORKED; marks first, as the programs
+/// set them). Called after the programs are attached, so that no fork falls in between.
+/// Returns how many were found.
+pub fn follow_children(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<usize> {
+    if pids.is_empty() {
+        return Ok(0);
+    }
+    let children = descendants(pids, &parents());
+    let mut marks: aya::maps::Array<_, u8> = aya::maps::Array::try_from(
+        ebpf.map_mut("FORKED_MARKS")
+            .context("FORKED_MARKS map missing")?,
+    )?;
+    for &child in &children {
+        marks.set(forked_mark_slot(child), 1, 0)?;
+    }
+    let mut forked: BpfHashMap<_, u32, u8> =
+        BpfHashMap::try_from(ebpf.map_mut("FORKED").context("FORKED map missing")?)?;
+    for &child in &children {
+        let _ = forked.insert(child, 1, 0); // an LRU map: full only evicts
+    }
+    Ok(children.len())
+}
+
+/// Each running process's parent, from /proc/PID/stat.
+fn parents() -> HashMap<u32, u32> {
+    all_pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            Some((pid, parent_in_stat(&stat)?))
+        })
+        .collect()
+}
+
+/// The parent pid in a /proc/PID/stat line: the field after the state, which follows the
+/// command name in parentheses (which may itself hold spaces and parentheses).
+fn parent_in_stat(stat: &str) -> Option<u32> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Every descendant of `roots` (not the roots themselves), given each process's parent.
+fn descendants(roots: &[u32], parent_of: &HashMap<u32, u32>) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for (&pid, &parent) in parent_of {
+        children.entry(parent).or_default().push(pid);
+    }
+    let mut found = Vec::new();
+    let mut seen: HashSet<u32> = roots.iter().copied().collect();
+    let mut next: Vec<u32> = roots.to_vec();
+    while let Some(pid) = next.pop() {
+        for &child in children.get(&pid).into_iter().flatten() {
+            if seen.insert(child) {
+                found.push(child);
+                next.push(child);
+            }
+        }
+    }
+    found
 }
 
 /// A connection's 4-tuple as its packets carry it: a dual-stack socket's IPv4-mapped
@@ -295,6 +361,38 @@ mod tests {
     const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000000000000000000001000000:1F90 00000000000000000000000001000000:D431 01 00000000:00000000 00:00000000 00000000     0        0 34567 1 0000000000000000 20 4 0 10 -1
 ";
+
+    #[test]
+    fn finds_the_parent_in_a_stat_line_whatever_the_command_name() {
+        let stat = "4242 (nginx: worker (x) 1) S 4200 4200 4200 0 -1 4194624 87 0";
+        assert_eq!(parent_in_stat(stat), Some(4200));
+        assert_eq!(parent_in_stat("garbage"), None);
+    }
+
+    #[test]
+    fn descendants_are_children_and_theirs_never_the_roots_or_strangers() {
+        // 10 forked 11 and 12; 12 forked 13; 20 is unrelated; 10's parent is 1.
+        let parent_of: HashMap<u32, u32> = [(10, 1), (11, 10), (12, 10), (13, 12), (20, 1)].into();
+        let mut found = descendants(&[10], &parent_of);
+        found.sort();
+        assert_eq!(found, [11, 12, 13]);
+        // A traced child of a traced parent is a root, not followed twice.
+        let mut found = descendants(&[10, 12], &parent_of);
+        found.sort();
+        assert_eq!(found, [11, 13]);
+    }
+
+    #[test]
+    fn finds_its_own_running_child() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let found = descendants(&[std::process::id()], &parents());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(found.contains(&child.id()), "{found:?}");
+    }
 
     #[test]
     fn parses_ipv4_rows() {

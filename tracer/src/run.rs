@@ -137,8 +137,10 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         },
         &hooks,
     )?;
-    let seeded = owners::seed(&mut loaded.ebpf, &settings.pids)
+    let mut seeded = owners::seed(&mut loaded.ebpf, &settings.pids)
         .context("seeding owners of existing connections from /proc")?;
+    seeded.children = owners::follow_children(&mut loaded.ebpf, &settings.pids)
+        .context("following the traced processes' running children")?;
     if let Some(capture) = &capture
         && !settings.pids.is_empty()
     {
@@ -497,7 +499,8 @@ struct ReadyLine<'a> {
     kernel: String,
     /// Hooks this kernel lacks, and what that costs.
     degraded: Vec<Degraded>,
-    /// Connections and listeners that existed before the start, attributed from /proc.
+    /// Connections and listeners that existed before the start, attributed from /proc (and
+    /// with `--pid`, the traced processes' running children).
     seeded: SeededCounts,
 }
 
@@ -511,6 +514,8 @@ struct Degraded {
 struct SeededCounts {
     connections: usize,
     listeners: usize,
+    /// With `--pid`: the traced processes' running descendants, followed for their calls.
+    children: usize,
 }
 
 fn ready_line(
@@ -543,6 +548,7 @@ fn ready_line(
         seeded: SeededCounts {
             connections: seeded.connections,
             listeners: seeded.listeners,
+            children: seeded.children,
         },
     })
 }

@@ -507,6 +507,60 @@ fn a_forked_childs_exit_closing_what_a_traced_parent_accepted_names_the_exit() {
     assert!(out.status.success(), "{}", out.stderr);
 }
 
+/// A pre-forked server (nginx, Apache, PostgreSQL, gunicorn): it listens and forks a worker
+/// before the tracer starts; the worker accepts, reads the request and closes. Prints the
+/// parent's pid, its worker's and the port, waits for a line on stdin, connects; the worker
+/// prints the descriptor and the client's port before it closes.
+const PREFORKED_SERVER: &str = r#"
+import json, os, socket, sys
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(8)
+worker = os.fork()
+if worker == 0:
+    s, peer = l.accept()
+    s.recv(1)
+    print(json.dumps({"fd": s.fileno(), "cport": peer[1]}), flush=True)
+    s.close()
+    os._exit(0)
+print(json.dumps({"pid": os.getpid(), "worker": worker, "port": l.getsockname()[1]}), flush=True)
+sys.stdin.readline()
+c = socket.create_connection(l.getsockname())
+c.send(b"x")
+os.waitpid(worker, 0)
+c.recv(1)
+c.close()
+"#;
+
+/// With `--pid` of a pre-forked server's parent, its running workers are followed for their
+/// calls from the start: the worker's close names its syscall and descriptor.
+#[test]
+fn a_preforked_workers_close_names_its_call_with_the_parents_pid() {
+    if !common::require_root() {
+        return;
+    }
+    let mut server = Script::start(PREFORKED_SERVER, &[]);
+    let info = server.line();
+    let (parent, worker) = (info["pid"].as_u64().unwrap(), &info["worker"]);
+    let port = info["port"].as_u64().unwrap() as u16;
+    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &parent.to_string()]);
+    let ready = tracer.wait_ready(WAIT);
+    assert!(
+        ready["seeded"]["children"].as_u64() >= Some(1),
+        "the running worker is followed: {ready}"
+    );
+    server.go();
+    let closed = server.line();
+    let cport = closed["cport"].as_u64().unwrap() as u16;
+    let close = tracer.wait_for(|v| is(v, "close", port, cport), WAIT);
+    assert_eq!(&close["pid"], worker, "the worker closed it: {close}");
+    assert_eq!(close["syscall"], "close", "{close}");
+    assert_eq!(close["fd"], closed["fd"], "{close}");
+    server.succeeds();
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+}
+
 /// With `--pid`, events of sockets no traced process owns are dropped before their addresses
 /// are read, unless the socket may inherit a traced listener's owner. Here the traced server
 /// listens before the tracer starts and keeps listening; this (untraced) process connects
