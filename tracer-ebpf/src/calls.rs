@@ -68,12 +68,17 @@ static FORKED: LruHashMap<u32, u8> = LruHashMap::with_max_entries(8192, 0);
 #[map]
 static FORKED_MARKS: Array<u8> = Array::with_max_entries(FORKED_MARK_SLOTS, 0);
 
+/// Whether process `pid` is a traced process's forked child (see FORKED).
+#[inline(always)]
+pub fn is_followed(pid: u32) -> bool {
+    is_marked(&FORKED_MARKS, forked_mark_slot(pid)) && FORKED.get_ptr(pid).is_some()
+}
+
 /// Whether the calls of process `pid` are recorded: every process without `--pid`; with it,
 /// the traced ones and their forked children.
 #[inline(always)]
 fn records_calls_of(pid: u32) -> bool {
-    pid_passes(pid)
-        || (is_marked(&FORKED_MARKS, forked_mark_slot(pid)) && FORKED.get_ptr(pid).is_some())
+    pid_passes(pid) || is_followed(pid)
 }
 
 /// `clone_flags` bit of a new thread (as opposed to a new process).

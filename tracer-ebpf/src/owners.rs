@@ -12,6 +12,7 @@ use aya_ebpf::{
 use tracer_common::{SeedOwner, SockEvent, TupleKey, counter, owner_source};
 
 use crate::{
+    calls::is_followed,
     emit::{Record, count, field, noop, pid_passes},
     setting,
     state::{SockFields, TupleSource},
@@ -305,7 +306,7 @@ pub fn sock_io(ctx: TracePointContext) -> u32 {
     if noop() {
         return 0;
     }
-    let Some(cur) = io_task() else {
+    let Some(task) = io_task() else {
         return 0;
     };
     let Some(rec) = Record::copy(&ctx, setting!(io_record_len)) else {
@@ -314,7 +315,7 @@ pub fn sock_io(ctx: TracePointContext) -> u32 {
     let Some(sk) = rec.get::<u64>(setting!(io_skaddr)) else {
         return 0;
     };
-    io_seen(sk, &cur, || rec.get::<u16>(setting!(io_protocol)));
+    io_seen(sk, &task, || rec.get::<u16>(setting!(io_protocol)));
     0
 }
 
@@ -325,40 +326,67 @@ pub fn sock_io_raw(ctx: RawTracePointContext) -> u32 {
     if noop() {
         return 0;
     }
-    let Some(cur) = io_task() else {
+    let Some(task) = io_task() else {
         return 0;
     };
     let sk: u64 = ctx.arg(0);
-    io_seen(sk, &cur, || SockFields { sk }.protocol());
+    io_seen(sk, &task, || SockFields { sk }.protocol());
     0
 }
 
 /// The task doing I/O, unless its I/O is of no interest. This runs on every send and receive
 /// of every socket on the host; with --pid, an untraced task's I/O changes nothing worth
 /// knowing (it would only hand a traced socket to a process whose events are filtered out),
-/// so the programs return before reading anything.
+/// so the programs return before reading anything. A traced process's forked child (a
+/// pre-forked server's worker) is the exception: what it serves is the traced process's.
 #[inline(always)]
-fn io_task() -> Option<Current> {
+fn io_task() -> Option<IoTask> {
     let cur = current();
-    keep_unowned(&cur).then_some(cur)
+    if keep_unowned(&cur) {
+        return Some(IoTask { cur, traced: true });
+    }
+    is_followed(cur.pid).then_some(IoTask { cur, traced: false })
 }
 
-/// The current task (from `io_task`) did I/O on `sk`. Only TCP sockets are in the table, so
-/// the protocol is read only before making a new entry.
+/// A task whose I/O is looked at, and whether its process is traced itself (else it is a
+/// traced process's forked child, followed).
+struct IoTask {
+    cur: Current,
+    traced: bool,
+}
+
+/// The task (from `io_task`) did I/O on `sk`. Only TCP sockets are in the table, so the
+/// protocol is read only before making a new entry.
 #[inline(always)]
-fn io_seen(sk: u64, cur: &Current, protocol: impl FnOnce() -> Option<u16>) {
+fn io_seen(sk: u64, task: &IoTask, protocol: impl FnOnce() -> Option<u16>) {
     if let Some(info) = sock_entry(sk) {
         // SAFETY: entry pointer from the map; races only with the same socket's events.
-        unsafe { claim(&mut *info, cur) };
+        unsafe { claim(&mut *info, &task.cur) };
     } else if protocol() == Some(tracer_common::IPPROTO_TCP) {
         // First sight of this socket (an accepted one whose listener may already be gone):
         // record the task doing I/O on it as its owner. Ports come with its next transition.
-        remember_io_owner(sk, cur);
+        if task.traced {
+            remember_io_owner(sk, &task.cur, false);
+        } else if accepted_from_traced_listener(sk) {
+            // A followed worker serving what the traced parent's listener accepted: the
+            // socket is the traced process's, and the worker acts on it.
+            remember_io_owner(sk, &task.cur, true);
+        }
     }
 }
 
+/// Whether the socket's local port has a listener of a traced process (with the socket's
+/// own fields, where the kernel's BTF gave them).
 #[inline(always)]
-fn remember_io_owner(sk: u64, cur: &Current) {
+fn accepted_from_traced_listener(sk: u64) -> bool {
+    SockFields { sk }
+        .family_and_port()
+        .and_then(|(family, port)| listener_pid(family, port))
+        .is_some_and(pid_passes)
+}
+
+#[inline(always)]
+fn remember_io_owner(sk: u64, cur: &Current, traced: bool) {
     let info = SockInfo {
         conn_id: new_conn_id(),
         state_since_ns: 0,
@@ -371,7 +399,7 @@ fn remember_io_owner(sk: u64, cur: &Current) {
         rst_received: 0,
         lport: 0,
         rport: 0,
-        traced: 0,
+        traced: traced as u8,
     };
     // EEXIST: another event of the socket created the entry meanwhile; anything else: full.
     const EEXIST: i32 = -17;

@@ -508,9 +508,9 @@ fn a_forked_childs_exit_closing_what_a_traced_parent_accepted_names_the_exit() {
 }
 
 /// A pre-forked server (nginx, Apache, PostgreSQL, gunicorn): it listens and forks a worker
-/// before the tracer starts; the worker accepts, reads the request and closes. Prints the
-/// parent's pid, its worker's and the port, waits for a line on stdin, connects; the worker
-/// prints the descriptor and the client's port before it closes.
+/// before the tracer starts; the worker accepts, reads the request, answers, and closes once
+/// the client has closed. Prints the parent's pid, its worker's and the port, waits for a line
+/// on stdin, connects; the worker prints the descriptor and the client's port when it answers.
 const PREFORKED_SERVER: &str = r#"
 import json, os, socket, sys
 l = socket.socket()
@@ -520,22 +520,25 @@ worker = os.fork()
 if worker == 0:
     s, peer = l.accept()
     s.recv(1)
+    s.send(b"y")
     print(json.dumps({"fd": s.fileno(), "cport": peer[1]}), flush=True)
+    s.recv(1)
     s.close()
     os._exit(0)
 print(json.dumps({"pid": os.getpid(), "worker": worker, "port": l.getsockname()[1]}), flush=True)
 sys.stdin.readline()
 c = socket.create_connection(l.getsockname())
 c.send(b"x")
-os.waitpid(worker, 0)
 c.recv(1)
 c.close()
+os.waitpid(worker, 0)
 "#;
 
-/// With `--pid` of a pre-forked server's parent, its running workers are followed for their
-/// calls from the start: the worker's close names its syscall and descriptor.
+/// With `--pid` of a pre-forked server's parent, its running workers are followed: the
+/// client's FIN reaching the worker's socket names the worker that served it (its reads and
+/// writes claimed the socket), and the worker's close names its syscall and descriptor.
 #[test]
-fn a_preforked_workers_close_names_its_call_with_the_parents_pid() {
+fn a_preforked_worker_is_named_with_its_call_under_the_parents_pid() {
     if !common::require_root() {
         return;
     }
@@ -550,12 +553,15 @@ fn a_preforked_workers_close_names_its_call_with_the_parents_pid() {
         "the running worker is followed: {ready}"
     );
     server.go();
-    let closed = server.line();
-    let cport = closed["cport"].as_u64().unwrap() as u16;
+    let served = server.line();
+    let cport = served["cport"].as_u64().unwrap() as u16;
+    let fin = tracer.wait_for(|v| is(v, "fin_received", port, cport), WAIT);
+    assert_eq!(&fin["pid"], worker, "the worker serves it: {fin}");
+    assert_eq!(fin["owner"], "task", "{fin}");
     let close = tracer.wait_for(|v| is(v, "close", port, cport), WAIT);
     assert_eq!(&close["pid"], worker, "the worker closed it: {close}");
     assert_eq!(close["syscall"], "close", "{close}");
-    assert_eq!(close["fd"], closed["fd"], "{close}");
+    assert_eq!(close["fd"], served["fd"], "{close}");
     server.succeeds();
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
