@@ -68,10 +68,19 @@ static FORKED: LruHashMap<u32, u8> = LruHashMap::with_max_entries(8192, 0);
 #[map]
 static FORKED_MARKS: Array<u8> = Array::with_max_entries(FORKED_MARK_SLOTS, 0);
 
+/// Slot 0 is set once any child is followed. Most traced services fork nothing (new threads
+/// do not count): then every other process's close and I/O is decided by this one slot, which
+/// stays in the cache, instead of a slot of FORKED_MARKS (64 KiB: a random pid's slot missed
+/// the cache, +40-60 ns on each close of the host).
+#[map]
+static FOLLOWING: Array<u8> = Array::with_max_entries(1, 0);
+
 /// Whether process `pid` is a traced process's forked child (see FORKED).
 #[inline(always)]
 pub fn is_followed(pid: u32) -> bool {
-    is_marked(&FORKED_MARKS, forked_mark_slot(pid)) && FORKED.get_ptr(pid).is_some()
+    is_marked(&FOLLOWING, 0)
+        && is_marked(&FORKED_MARKS, forked_mark_slot(pid))
+        && FORKED.get_ptr(pid).is_some()
 }
 
 /// Whether the calls of process `pid` are recorded: every process without `--pid`; with it,
@@ -101,7 +110,9 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let child = child as u32;
-    mark(&FORKED_MARKS, forked_mark_slot(child)); // first: a lookup that sees it finds the entry
+    // Marked first: a lookup that sees the marks finds the entry once it is in.
+    mark(&FOLLOWING, 0);
+    mark(&FORKED_MARKS, forked_mark_slot(child));
     let _ = FORKED.insert(child, 1, 0); // LRU: evicts the oldest when full
     0
 }

@@ -144,6 +144,12 @@ pub fn follow_children(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<usize> {
         return Ok(0);
     }
     let children = descendants(pids, &parents());
+    if children.is_empty() {
+        return Ok(0);
+    }
+    let mut following: aya::maps::Array<_, u8> =
+        aya::maps::Array::try_from(ebpf.map_mut("FOLLOWING").context("FOLLOWING map missing")?)?;
+    following.set(0, 1, 0)?;
     let mut marks: aya::maps::Array<_, u8> = aya::maps::Array::try_from(
         ebpf.map_mut("FORKED_MARKS")
             .context("FORKED_MARKS map missing")?,
