@@ -50,7 +50,8 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct TraceArgs {
     /// Only sockets owned by these processes (all their threads; a socket they owned stays
-    /// traced when a forked child closes it, and the child's call is named); repeatable.
+    /// traced when a child it was handed to, such as a pre-forked worker, serves or closes
+    /// it, and names that child and its call); repeatable.
     #[arg(short, long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
     /// Only connections whose local or remote port is PORT; repeatable.
