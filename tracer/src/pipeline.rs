@@ -34,6 +34,13 @@ const STAGE_NS: u64 = 20_000_000;
 /// reported as a `packet` line instead of a derived `fin_received`: memory stays bounded.
 const CONN_MEMORY_NS: u64 = 10_000_000_000;
 const MAX_CONNS: usize = 8_192;
+/// A socket that left FIN_WAIT2 for the kernel's time-wait form waits for the peer's FIN (or
+/// RST), which only the wire shows; the kernel keeps such a socket for `tcp_fin_timeout` (60 s
+/// by default). Those connections are remembered apart, this long and up to MAX_AWAITING, so
+/// that a busy host's churn does not push them out before a slow peer closes: "how long did
+/// our socket sit in FIN_WAIT2" is the question for exactly those.
+const AWAIT_MEMORY_NS: u64 = 65_000_000_000;
+const MAX_AWAITING: usize = 8_192;
 /// Bound on events plus packets waiting in the joiner.
 pub const MAX_PENDING: usize = 262_144;
 
@@ -90,12 +97,23 @@ fn addr_key(local: SocketAddr, remote: SocketAddr) -> (SocketAddr, SocketAddr) {
     )
 }
 
+impl ConnInfo {
+    /// Our socket is in its time-wait form and the peer has neither closed nor reset yet.
+    fn awaits_peer(&self) -> bool {
+        self.timewait_since.is_some() && !self.fin_received && !self.rst_received
+    }
+}
+
 /// Connections by conn id and by address pair.
 #[derive(Default)]
 struct ConnTable {
     by_id: HashMap<u64, ConnInfo>,
     by_tuple: HashMap<(SocketAddr, SocketAddr), u64>,
+    /// (conn id, last seen): every connection, oldest first; a connection that awaits its
+    /// peer leaves it for `awaiting` (its record here is then passed over).
     order: VecDeque<(u64, u64)>,
+    /// (conn id, since): connections whose socket awaits the peer's FIN in its time-wait form.
+    awaiting: VecDeque<(u64, u64)>,
 }
 
 impl ConnTable {
@@ -137,7 +155,10 @@ impl ConnTable {
             EventKind::FinReceived => info.fin_received = true,
             EventKind::RstReceived => info.rst_received = true,
             _ if ev.old_state == tcp_state::FIN_WAIT2 && ev.new_state == tcp_state::CLOSE => {
-                info.timewait_since = Some(ev.mono_ns)
+                info.timewait_since = Some(ev.mono_ns);
+                if info.awaits_peer() {
+                    self.awaiting.push_back((ev.conn_id, ev.mono_ns));
+                }
             }
             _ => {}
         }
@@ -223,15 +244,44 @@ impl ConnTable {
             let Some(info) = self.by_id.get(&id) else {
                 continue;
             };
+            if info.awaits_peer() {
+                continue; // remembered by `awaiting`
+            }
             if !stale || now_ns.saturating_sub(info.last_event_ns) > CONN_MEMORY_NS {
-                let key = addr_key(info.local, info.remote);
-                if self.by_tuple.get(&key) == Some(&id) {
-                    self.by_tuple.remove(&key);
-                }
-                self.by_id.remove(&id);
+                self.forget(id);
             } else {
                 self.order.push_back((id, info.last_event_ns));
             }
+        }
+        while let Some(&(id, since)) = self.awaiting.front() {
+            let stale = now_ns.saturating_sub(since) > AWAIT_MEMORY_NS;
+            if !stale && self.awaiting.len() <= MAX_AWAITING {
+                break;
+            }
+            self.awaiting.pop_front();
+            match self.by_id.get(&id) {
+                // The peer did not close in time (or too many wait).
+                Some(info) if info.awaits_peer() => self.forget(id),
+                // Answered without the wire (a kernel event): remembered as any other now.
+                Some(info) => self.order.push_back((id, info.last_event_ns)),
+                None => {}
+            }
+        }
+    }
+
+    /// The peer's FIN or RST reached a connection that awaited it: from now on it is
+    /// remembered as any other (for retransmissions of that FIN), not as an awaiting one.
+    fn answered(&mut self, id: u64, now_ns: u64) {
+        self.order.push_back((id, now_ns));
+    }
+
+    fn forget(&mut self, id: u64) {
+        let Some(info) = self.by_id.remove(&id) else {
+            return;
+        };
+        let key = addr_key(info.local, info.remote);
+        if self.by_tuple.get(&key) == Some(&id) {
+            self.by_tuple.remove(&key);
         }
     }
 }
@@ -600,6 +650,7 @@ impl Pipeline {
         }
         let info = self.conns.by_id.get_mut(&id)?;
         let since = info.timewait_since?;
+        let awaited = info.awaits_peer();
         // (line, kind, the states it moved between, since when it was in the old one)
         let (event, kind, old_state, new_state, state_since_ns) = if rst {
             // The peer aborted while we waited for its FIN (or reset our TIME_WAIT): the mini
@@ -642,6 +693,9 @@ impl Pipeline {
             fd: None,
             reason: None,
         };
+        if awaited {
+            self.conns.answered(id, pkt.mono_ns);
+        }
         let mut line = line(event, ev, false);
         line.derived_from_wire = true;
         Some(line)
@@ -1091,6 +1145,46 @@ mod tests {
 
     fn names(out: &[serde_json::Value]) -> Vec<&str> {
         out.iter().map(|v| v["event"].as_str().unwrap()).collect()
+    }
+
+    /// Closes (seen by the connection table only) of `count` other connections at `mono`.
+    fn churn(p: &mut Pipeline, count: u64, mono: u64) {
+        for i in 0..count {
+            let mut e = ours(tcp_state::LAST_ACK, tcp_state::CLOSE, mono);
+            e.conn_id = 1_000 + i;
+            e.remote = format!("10.0.0.3:{}", 1_000 + i).parse().unwrap();
+            p.conns.observe(&e);
+        }
+    }
+
+    /// A slow peer: it closes seconds after our socket went to its time-wait form, while more
+    /// connections than MAX_CONNS closed on the host. Its FIN still derives our line (it was a
+    /// bare `packet` line: the churn had pushed the connection out of the table).
+    #[test]
+    fn a_slow_peers_fin_is_derived_after_a_busy_hosts_churn() {
+        let out = lines(|p, out| {
+            p.kernel_event(gone_to_time_wait(100 * MS));
+            churn(p, MAX_CONNS as u64 + 100, 200 * MS);
+            p.poll(5_000 * MS, out);
+            p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 5_000 * MS));
+        });
+        assert_eq!(names(&out), ["state", "fin_received"], "{out:?}");
+        assert_eq!(out[1]["derived"], "wire");
+        assert_eq!(out[1]["old_state"], "FIN_WAIT2");
+    }
+
+    /// ... but not forever: past the kernel's own FIN_WAIT2 timeout the connection is forgotten
+    /// (the peer's FIN can no longer reach that socket).
+    #[test]
+    fn a_peer_fin_past_the_fin_timeout_is_a_bare_packet() {
+        let out = lines(|p, out| {
+            p.kernel_event(gone_to_time_wait(100 * MS));
+            p.poll(AWAIT_MEMORY_NS + 200 * MS, out);
+            let late = AWAIT_MEMORY_NS + 300 * MS;
+            p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, late));
+            p.poll(late + 1_000 * MS, out);
+        });
+        assert_eq!(names(&out), ["state", "packet"], "{out:?}");
     }
 
     /// Our FIN_WAIT2 socket went to TIME_WAIT; the peer's FIN is derived from the wire once,
