@@ -30,13 +30,17 @@ pub struct ProcSocket {
 pub struct SeedReport {
     pub connections: usize,
     pub listeners: usize,
-    /// Filled by `follow_children`.
+    /// With `--pid`: traced listeners left unrecorded, held by untraced processes too.
+    pub shared_listeners: usize,
+    /// With `--pid`: the traced processes' running descendants, followed for their calls.
     pub children: usize,
 }
 
-/// Seeds the kernel tables for `pids`, or for every process when `pids` is empty.
-pub fn seed(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<SeedReport> {
+/// Seeds the kernel tables for `pids`, or for every process when `pids` is empty. `children`
+/// are the traced processes' running descendants (followed, see `running_children`).
+pub fn seed(ebpf: &mut Ebpf, pids: &[u32], children: &[u32]) -> anyhow::Result<SeedReport> {
     let only_traced = !pids.is_empty();
+    let family: HashSet<u32> = pids.iter().chain(children).copied().collect();
     let pids = if pids.is_empty() {
         all_pids()
     } else {
@@ -65,6 +69,12 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<SeedReport> {
             }
         }
     }
+    let mut shared_listeners = 0;
+    if only_traced {
+        let shared = shared_with_others(&listeners, &family);
+        shared_listeners = shared.len();
+        listeners.retain(|(sock, _)| !shared.contains(&sock.inode));
+    }
     write_seed(ebpf, &conns, &listeners)?;
     if only_traced {
         watch_seeded(ebpf, &conns)?;
@@ -72,7 +82,8 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<SeedReport> {
     Ok(SeedReport {
         connections: conns.len(),
         listeners: listeners.len(),
-        children: 0,
+        shared_listeners,
+        children: children.len(),
     })
 }
 
@@ -135,17 +146,20 @@ fn watch_seeded(ebpf: &mut Ebpf, conns: &[(ProcSocket, SeedOwner)]) -> anyhow::R
 }
 
 /// With `--pid`, the traced processes' descendants already running (a pre-forked server's
-/// workers: nginx, Apache, PostgreSQL, gunicorn) are followed for their calls from the start,
-/// as the kernel programs follow a child forked later (FORKED; marks first, as the programs
-/// set them). Called after the programs are attached, so that no fork falls in between.
-/// Returns how many were found.
-pub fn follow_children(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<usize> {
+/// workers: nginx, Apache, PostgreSQL, gunicorn), found from /proc.
+pub fn running_children(pids: &[u32]) -> Vec<u32> {
     if pids.is_empty() {
-        return Ok(0);
+        return Vec::new();
     }
-    let children = descendants(pids, &parents());
+    descendants(pids, &parents())
+}
+
+/// Follows `children` (from `running_children`) for their calls from the start, as the kernel
+/// programs follow a child forked later (FORKED; marks first, as the programs set them).
+/// Called after the programs are attached, so that no fork falls in between.
+pub fn follow_children(ebpf: &mut Ebpf, children: &[u32]) -> anyhow::Result<()> {
     if children.is_empty() {
-        return Ok(0);
+        return Ok(());
     }
     let mut following: aya::maps::Array<_, u8> =
         aya::maps::Array::try_from(ebpf.map_mut("FOLLOWING").context("FOLLOWING map missing")?)?;
@@ -154,15 +168,36 @@ pub fn follow_children(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<usize> {
         ebpf.map_mut("FORKED_MARKS")
             .context("FORKED_MARKS map missing")?,
     )?;
-    for &child in &children {
+    for &child in children {
         marks.set(forked_mark_slot(child), 1, 0)?;
     }
     let mut forked: BpfHashMap<_, u32, u8> =
         BpfHashMap::try_from(ebpf.map_mut("FORKED").context("FORKED map missing")?)?;
-    for &child in &children {
+    for &child in children {
         let _ = forked.insert(child, 1, 0); // an LRU map: full only evicts
     }
-    Ok(children.len())
+    Ok(())
+}
+
+/// With `--pid`, the traced listeners that processes outside the traced ones and their children
+/// also hold (one worker of a pre-forked server traced, its siblings not): any holder may
+/// accept from such a listener, so what it accepts cannot inherit a traced owner from it.
+/// Without this, `--pid` of one nginx worker reported every worker's connections. Such a
+/// listener is not recorded: its connections are traced once a traced process acts on them.
+fn shared_with_others(
+    listeners: &[(ProcSocket, SeedOwner)],
+    family: &HashSet<u32>,
+) -> HashSet<u64> {
+    if listeners.is_empty() {
+        return HashSet::new();
+    }
+    let inodes: HashSet<u64> = listeners.iter().map(|(sock, _)| sock.inode).collect();
+    all_pids()
+        .into_iter()
+        .filter(|pid| !family.contains(pid))
+        .flat_map(|pid| socket_inodes(pid).into_iter())
+        .filter(|inode| inodes.contains(inode))
+        .collect()
 }
 
 /// Each running process's parent, from /proc/PID/stat.

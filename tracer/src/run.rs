@@ -137,10 +137,19 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         },
         &hooks,
     )?;
-    let mut seeded = owners::seed(&mut loaded.ebpf, &settings.pids)
-        .context("seeding owners of existing connections from /proc")?;
-    seeded.children = owners::follow_children(&mut loaded.ebpf, &settings.pids)
+    let children = owners::running_children(&settings.pids);
+    owners::follow_children(&mut loaded.ebpf, &children)
         .context("following the traced processes' running children")?;
+    let seeded = owners::seed(&mut loaded.ebpf, &settings.pids, &children)
+        .context("seeding owners of existing connections from /proc")?;
+    if seeded.shared_listeners > 0 {
+        eprintln!(
+            "tracer: --pid: {} listening socket(s) of the traced processes are shared with \
+             processes not traced (other workers of one server?): their connections are \
+             reported once a traced process acts on them; trace the parent to get them all",
+            seeded.shared_listeners
+        );
+    }
     if let Some(capture) = &capture
         && !settings.pids.is_empty()
     {

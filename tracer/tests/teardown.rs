@@ -567,6 +567,73 @@ fn a_preforked_worker_is_named_with_its_call_under_the_parents_pid() {
     assert!(out.status.success(), "{}", out.stderr);
 }
 
+/// Two pre-forked workers share their parent's listener. Worker B serves the first connection;
+/// then worker A serves the second. Prints the workers' pids and the port, waits for a line on
+/// stdin, then prints each connection's client port once it is over.
+const TWO_WORKERS: &str = r#"
+import json, os, socket, sys
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(8)
+go_r, go_w = os.pipe()
+def serve_one():
+    s, _ = l.accept()
+    s.recv(1)
+    s.close()
+    os._exit(0)
+a = os.fork()
+if a == 0:
+    os.read(go_r, 1)
+    serve_one()
+b = os.fork()
+if b == 0:
+    serve_one()
+print(json.dumps({"a": a, "b": b, "port": l.getsockname()[1]}), flush=True)
+sys.stdin.readline()
+for worker, name in ((b, "b"), (a, "a")):
+    if worker == a:
+        os.write(go_w, b"g")
+    c = socket.create_connection(l.getsockname())
+    c.send(b"x")
+    os.waitpid(worker, 0)
+    c.recv(1)
+    print(json.dumps({name: c.getsockname()[1]}), flush=True)
+    c.close()
+"#;
+
+/// `--pid` of one worker of a pre-forked server: the listener it shares with its parent and a
+/// sibling says nothing about who accepts, so its sibling's connection is not reported (it
+/// was, named after the traced worker, then after the sibling at its close); its own is.
+#[test]
+fn pid_of_one_worker_does_not_report_its_siblings_connections() {
+    if !common::require_root() {
+        return;
+    }
+    let mut server = Script::start(TWO_WORKERS, &[]);
+    let info = server.line();
+    let port = info["port"].as_u64().unwrap() as u16;
+    let a = info["a"].as_u64().unwrap();
+    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &a.to_string()]);
+    tracer.wait_ready(WAIT);
+    server.go();
+    let b_port = server.line()["b"].as_u64().unwrap() as u16;
+    let a_port = server.line()["a"].as_u64().unwrap() as u16;
+    let close = tracer.wait_for(|v| is(v, "close", port, a_port), WAIT);
+    assert_eq!(close["pid"], a, "{close}");
+    server.succeeds();
+    let out = tracer.stop();
+    let siblings: Vec<_> = out
+        .lines
+        .iter()
+        .filter(|v| v["lport"] == port && v["rport"] == b_port)
+        .collect();
+    assert!(
+        siblings.is_empty(),
+        "the sibling's connection: {siblings:?}"
+    );
+    assert!(out.stderr.contains("shared with"), "{}", out.stderr);
+}
+
 /// With `--pid`, events of sockets no traced process owns are dropped before their addresses
 /// are read, unless the socket may inherit a traced listener's owner. Here the traced server
 /// listens before the tracer starts and keeps listening; this (untraced) process connects
