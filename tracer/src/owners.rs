@@ -40,7 +40,16 @@ pub struct SeedReport {
 /// are the traced processes' running descendants (followed, see `running_children`).
 pub fn seed(ebpf: &mut Ebpf, pids: &[u32], children: &[u32]) -> anyhow::Result<SeedReport> {
     let only_traced = !pids.is_empty();
-    let family: HashSet<u32> = pids.iter().chain(children).copied().collect();
+    // Holders of a traced listener that change nothing (see `shared_with_others`): the traced
+    // processes, their children, and their ancestors, which passed a listener on (systemd
+    // socket activation, a supervisor, the parent of a traced pre-forked worker) and do not
+    // accept from it themselves.
+    let expected: HashSet<u32> = if only_traced {
+        let lineage = pids.iter().chain(children).copied();
+        lineage.chain(ancestors(pids)).collect()
+    } else {
+        HashSet::new()
+    };
     let pids = if pids.is_empty() {
         all_pids()
     } else {
@@ -71,7 +80,7 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], children: &[u32]) -> anyhow::Result<S
     }
     let mut shared_listeners = 0;
     if only_traced {
-        let shared = shared_with_others(&listeners, &family);
+        let shared = shared_with_others(&listeners, &expected);
         shared_listeners = shared.len();
         listeners.retain(|(sock, _)| !shared.contains(&sock.inode));
     }
@@ -179,14 +188,15 @@ pub fn follow_children(ebpf: &mut Ebpf, children: &[u32]) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// With `--pid`, the traced listeners that processes outside the traced ones and their children
-/// also hold (one worker of a pre-forked server traced, its siblings not): any holder may
-/// accept from such a listener, so what it accepts cannot inherit a traced owner from it.
-/// Without this, `--pid` of one nginx worker reported every worker's connections. Such a
-/// listener is not recorded: its connections are traced once a traced process acts on them.
+/// With `--pid`, the traced listeners that other processes also hold (one worker of a
+/// pre-forked server traced, its siblings not): any such holder may accept from the listener,
+/// so what it accepts cannot inherit a traced owner from it. Without this, `--pid` of one
+/// nginx worker reported every worker's connections. Such a listener is not recorded: its
+/// connections are traced once a traced process acts on them. `expected` are the holders that
+/// change nothing: the traced processes, their children and their ancestors.
 fn shared_with_others(
     listeners: &[(ProcSocket, SeedOwner)],
-    family: &HashSet<u32>,
+    expected: &HashSet<u32>,
 ) -> HashSet<u64> {
     if listeners.is_empty() {
         return HashSet::new();
@@ -194,7 +204,7 @@ fn shared_with_others(
     let inodes: HashSet<u64> = listeners.iter().map(|(sock, _)| sock.inode).collect();
     all_pids()
         .into_iter()
-        .filter(|pid| !family.contains(pid))
+        .filter(|pid| !expected.contains(pid))
         .flat_map(|pid| socket_inodes(pid).into_iter())
         .filter(|inode| inodes.contains(inode))
         .collect()
@@ -216,6 +226,22 @@ fn parents() -> HashMap<u32, u32> {
 fn parent_in_stat(stat: &str) -> Option<u32> {
     let after_name = &stat[stat.rfind(')')? + 1..];
     after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The parents of `pids`, theirs, and so on up to init (not the pids themselves).
+fn ancestors(pids: &[u32]) -> HashSet<u32> {
+    let mut found = HashSet::new();
+    for &pid in pids {
+        let mut at = pid;
+        while let Some(parent) = fs::read_to_string(format!("/proc/{at}/stat"))
+            .ok()
+            .and_then(|stat| parent_in_stat(&stat))
+            .filter(|&parent| parent != 0 && found.insert(parent))
+        {
+            at = parent;
+        }
+    }
+    found
 }
 
 /// Every descendant of `roots` (not the roots themselves), given each process's parent.
@@ -421,6 +447,13 @@ mod tests {
         let mut found = descendants(&[10, 12], &parent_of);
         found.sort();
         assert_eq!(found, [11, 13]);
+    }
+
+    #[test]
+    fn finds_its_ancestors_up_to_init() {
+        let found = ancestors(&[std::process::id()]);
+        assert!(found.contains(&1), "{found:?}");
+        assert!(!found.contains(&std::process::id()));
     }
 
     #[test]

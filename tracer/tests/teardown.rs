@@ -634,6 +634,57 @@ fn pid_of_one_worker_does_not_report_its_siblings_connections() {
     assert!(out.stderr.contains("shared with"), "{}", out.stderr);
 }
 
+/// A listener handed down, as systemd socket activation or a supervisor does: the parent
+/// makes it and keeps its copy, the child serves. Prints the child's pid and the port, waits
+/// for a line on stdin, connects and closes at once; then lets the child accept and close.
+const HANDED_DOWN_LISTENER: &str = r#"
+import json, os, socket, sys
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(8)
+go_r, go_w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.read(go_r, 1)
+    s, _ = l.accept()
+    s.close()
+    os._exit(0)
+print(json.dumps({"child": child, "port": l.getsockname()[1]}), flush=True)
+sys.stdin.readline()
+c = socket.create_connection(l.getsockname())
+print(json.dumps({"cport": c.getsockname()[1]}), flush=True)
+c.close()
+sys.stdin.readline()
+os.write(go_w, b"g")
+os.waitpid(child, 0)
+"#;
+
+/// `--pid` of the process a listener was handed down to: the parent that still holds it does
+/// not accept, so the listener still names the owner of what it accepts, and the peer's FIN
+/// reaching a connection not yet accepted is reported under the child.
+#[test]
+fn a_listener_held_by_the_traced_processs_parent_still_names_the_owner() {
+    if !common::require_root() {
+        return;
+    }
+    let mut server = Script::start(HANDED_DOWN_LISTENER, &[]);
+    let info = server.line();
+    let (child, port) = (&info["child"], info["port"].as_u64().unwrap() as u16);
+    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &child.to_string()]);
+    tracer.wait_ready(WAIT);
+    server.go();
+    let cport = server.line()["cport"].as_u64().unwrap() as u16;
+    let fin = tracer.wait_for(|v| is(v, "fin_received", port, cport), WAIT);
+    assert_eq!(&fin["pid"], child, "{fin}");
+    assert_eq!(fin["owner"], "listener", "{fin}");
+    server.go();
+    let close = tracer.wait_for(|v| is(v, "close", port, cport), WAIT);
+    assert_eq!(&close["pid"], child, "{close}");
+    server.succeeds();
+    let out = tracer.stop();
+    assert!(!out.stderr.contains("shared with"), "{}", out.stderr);
+}
+
 /// With `--pid`, events of sockets no traced process owns are dropped before their addresses
 /// are read, unless the socket may inherit a traced listener's owner. Here the traced server
 /// listens before the tracer starts and keeps listening; this (untraced) process connects
