@@ -185,15 +185,21 @@ pub fn may_concern_traced(
     listener_pid(family, port).is_some_and(pid_passes)
 }
 
-/// The pid recorded for the listener on (family, port), if any. Looked up only on a port that
-/// ever had one (LISTEN_PORTS): most sockets' ports never did.
+/// The owner recorded for the listener on (family, port), if any. Looked up only on a port
+/// that ever had one (LISTEN_PORTS): most sockets' ports never did.
 #[inline(always)]
-pub fn listener_pid(family: u16, port: u16) -> Option<u32> {
+fn listener_owner(family: u16, port: u16) -> Option<SeedOwner> {
     if !is_marked(&LISTEN_PORTS, u32::from(port)) {
         return None;
     }
     // SAFETY: the value is copied out at once.
-    unsafe { LISTENERS.get(listener_key(family, port)) }.map(|o| o.pid)
+    unsafe { LISTENERS.get(listener_key(family, port)) }.copied()
+}
+
+/// The pid of the listener's owner on (family, port), if any (see `listener_owner`).
+#[inline(always)]
+pub fn listener_pid(family: u16, port: u16) -> Option<u32> {
+    listener_owner(family, port).map(|o| o.pid)
 }
 
 /// Looks the socket up, creating its entry (with an owner from the listener or the seed table
@@ -229,20 +235,10 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut 
     // Each table is looked in only on a port it has entries on (a new socket of the host
     // otherwise pays two hash lookups that miss, one of them hashing a 40-byte key).
     let seeded = is_marked(&SEED_PORTS, u32::from(ev.lport));
-    let listened = is_marked(&LISTEN_PORTS, u32::from(ev.lport));
-    // SAFETY: values are plain data copied out immediately.
-    let inherited = unsafe {
-        seeded
-            .then(|| SEED.get(&key))
-            .flatten()
-            .map(|o| (*o, owner_source::SEEDED))
-            .or_else(|| {
-                listened
-                    .then(|| LISTENERS.get(listener_key(ev.family, ev.lport)))
-                    .flatten()
-                    .map(|o| (*o, owner_source::LISTENER))
-            })
-    };
+    // SAFETY: a value copied out immediately.
+    let inherited = unsafe { seeded.then(|| SEED.get(&key)).flatten() }
+        .map(|o| (*o, owner_source::SEEDED))
+        .or_else(|| listener_owner(ev.family, ev.lport).map(|o| (o, owner_source::LISTENER)));
     let traced_owner = inherited.is_some_and(|(owner, _)| pid_passes(owner.pid));
     if !keep && !traced_owner {
         return None; // the caller counts the event as filtered
