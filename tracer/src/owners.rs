@@ -13,7 +13,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::{Ebpf, maps::HashMap as BpfHashMap};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, MapData},
+};
 use tracer_common::{AF_INET, AF_INET6, SeedOwner, TupleKey, forked_mark_slot, tcp_state};
 
 /// One TCP socket from /proc/PID/net/tcp{,6}.
@@ -36,20 +39,20 @@ pub struct SeedReport {
     pub children: usize,
 }
 
-/// Seeds the kernel tables for `pids`, or for every process when `pids` is empty. `children`
-/// are the traced processes' running descendants (followed, see `running_children`).
-pub fn seed(ebpf: &mut Ebpf, pids: &[u32], children: &[u32]) -> anyhow::Result<SeedReport> {
+/// Seeds the kernel tables for `pids`, or for every process when `pids` is empty, `lineage`
+/// being the traced processes' (see `lineage`).
+pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<SeedReport> {
     let only_traced = !pids.is_empty();
     // Holders of a traced listener that change nothing (see `shared_with_others`): the traced
     // processes, their children, and their ancestors, which passed a listener on (systemd
     // socket activation, a supervisor, the parent of a traced pre-forked worker) and do not
     // accept from it themselves.
-    let expected: HashSet<u32> = if only_traced {
-        let lineage = pids.iter().chain(children).copied();
-        lineage.chain(ancestors(pids)).collect()
-    } else {
-        HashSet::new()
-    };
+    let expected: HashSet<u32> = pids
+        .iter()
+        .chain(&lineage.children)
+        .chain(&lineage.ancestors)
+        .copied()
+        .collect();
     let pids = if pids.is_empty() {
         all_pids()
     } else {
@@ -92,7 +95,7 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], children: &[u32]) -> anyhow::Result<S
         connections: conns.len(),
         listeners: listeners.len(),
         shared_listeners,
-        children: children.len(),
+        children: lineage.children.len(),
     })
 }
 
@@ -131,14 +134,19 @@ fn mark_ports(
     array: &str,
     socks: &[(ProcSocket, SeedOwner)],
 ) -> anyhow::Result<()> {
-    let mut ports: aya::maps::Array<_, u8> = aya::maps::Array::try_from(
-        ebpf.map_mut(array)
-            .with_context(|| format!("{array} map missing"))?,
-    )?;
+    let mut ports = byte_array(ebpf, array)?;
     for (sock, _) in socks {
         ports.set(u32::from(sock.local.1), 1, 0)?;
     }
     Ok(())
+}
+
+/// One of the programs' byte arrays (marks and flags), by map name.
+fn byte_array<'e>(ebpf: &'e mut Ebpf, name: &str) -> anyhow::Result<Array<&'e mut MapData, u8>> {
+    let map = ebpf
+        .map_mut(name)
+        .with_context(|| format!("{name} map missing"))?;
+    Ok(Array::try_from(map)?)
 }
 
 /// With `--pid`, the capture filter must pass the seeded connections' packets too: their
@@ -154,29 +162,37 @@ fn watch_seeded(ebpf: &mut Ebpf, conns: &[(ProcSocket, SeedOwner)]) -> anyhow::R
     Ok(())
 }
 
-/// With `--pid`, the traced processes' descendants already running (a pre-forked server's
-/// workers: nginx, Apache, PostgreSQL, gunicorn), found from /proc.
-pub fn running_children(pids: &[u32]) -> Vec<u32> {
-    if pids.is_empty() {
-        return Vec::new();
-    }
-    descendants(pids, &parents())
+/// With `--pid`, the traced processes' place in the process tree, read once from /proc.
+#[derive(Default)]
+pub struct Lineage {
+    /// Their descendants already running (a pre-forked server's workers: nginx, Apache,
+    /// PostgreSQL, gunicorn), followed for their calls.
+    pub children: Vec<u32>,
+    /// Their parents, theirs, and so on up to init.
+    pub ancestors: HashSet<u32>,
 }
 
-/// Follows `children` (from `running_children`) for their calls from the start, as the kernel
-/// programs follow a child forked later (FORKED; marks first, as the programs set them).
-/// Called after the programs are attached, so that no fork falls in between.
+/// The lineage of `pids` (empty without `--pid`).
+pub fn lineage(pids: &[u32]) -> Lineage {
+    if pids.is_empty() {
+        return Lineage::default();
+    }
+    let parent_of = parents();
+    Lineage {
+        children: descendants(pids, &parent_of),
+        ancestors: ancestors(pids, &parent_of),
+    }
+}
+
+/// Follows `children` (from `lineage`) for their calls from the start, as the kernel programs
+/// follow a child forked later (FORKED; marks first, as the programs set them). Called after
+/// the programs are attached, so that no fork falls in between.
 pub fn follow_children(ebpf: &mut Ebpf, children: &[u32]) -> anyhow::Result<()> {
     if children.is_empty() {
         return Ok(());
     }
-    let mut following: aya::maps::Array<_, u8> =
-        aya::maps::Array::try_from(ebpf.map_mut("FOLLOWING").context("FOLLOWING map missing")?)?;
-    following.set(0, 1, 0)?;
-    let mut marks: aya::maps::Array<_, u8> = aya::maps::Array::try_from(
-        ebpf.map_mut("FORKED_MARKS")
-            .context("FORKED_MARKS map missing")?,
-    )?;
+    byte_array(ebpf, "FOLLOWING")?.set(0, 1, 0)?;
+    let mut marks = byte_array(ebpf, "FORKED_MARKS")?;
     for &child in children {
         marks.set(forked_mark_slot(child), 1, 0)?;
     }
@@ -228,16 +244,13 @@ fn parent_in_stat(stat: &str) -> Option<u32> {
     after_name.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The parents of `pids`, theirs, and so on up to init (not the pids themselves).
-fn ancestors(pids: &[u32]) -> HashSet<u32> {
+/// The parents of `pids`, theirs, and so on up to init (not the pids themselves), given each
+/// process's parent.
+fn ancestors(pids: &[u32], parent_of: &HashMap<u32, u32>) -> HashSet<u32> {
     let mut found = HashSet::new();
     for &pid in pids {
         let mut at = pid;
-        while let Some(parent) = fs::read_to_string(format!("/proc/{at}/stat"))
-            .ok()
-            .and_then(|stat| parent_in_stat(&stat))
-            .filter(|&parent| parent != 0 && found.insert(parent))
-        {
+        while let Some(&parent) = parent_of.get(&at).filter(|&&p| p != 0 && found.insert(p)) {
             at = parent;
         }
     }
@@ -451,7 +464,7 @@ mod tests {
 
     #[test]
     fn finds_its_ancestors_up_to_init() {
-        let found = ancestors(&[std::process::id()]);
+        let found = ancestors(&[std::process::id()], &parents());
         assert!(found.contains(&1), "{found:?}");
         assert!(!found.contains(&std::process::id()));
     }

@@ -137,10 +137,10 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         },
         &hooks,
     )?;
-    let children = owners::running_children(&settings.pids);
-    owners::follow_children(&mut loaded.ebpf, &children)
+    let lineage = owners::lineage(&settings.pids);
+    owners::follow_children(&mut loaded.ebpf, &lineage.children)
         .context("following the traced processes' running children")?;
-    let seeded = owners::seed(&mut loaded.ebpf, &settings.pids, &children)
+    let seeded = owners::seed(&mut loaded.ebpf, &settings.pids, &lineage)
         .context("seeding owners of existing connections from /proc")?;
     if seeded.shared_listeners > 0 {
         eprintln!(
