@@ -30,6 +30,13 @@ fn tracer_for(port: u16) -> common::Tracer {
     tracer
 }
 
+/// A tracer with `--pid` of `pid` (kernel events only), started and ready; and its ready line.
+fn tracer_for_pid(pid: impl std::fmt::Display) -> (common::Tracer, Value) {
+    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &pid.to_string()]);
+    let ready = tracer.wait_ready(WAIT);
+    (tracer, ready)
+}
+
 fn is(v: &Value, event: &str, lport: u16, rport: u16) -> bool {
     v["event"] == event && v["lport"] == lport && v["rport"] == rport
 }
@@ -378,8 +385,7 @@ fn pid_filter_runs_in_the_kernel() {
     let mut a = Peer::spawn(None, "client", "127.0.0.1", port, "hold");
     let (a_server, _) = l.accept().unwrap();
     let a_port = a.line()["lport"].as_u64().unwrap() as u16;
-    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &a.pid.to_string()]);
-    tracer.wait_ready(WAIT);
+    let (mut tracer, _) = tracer_for_pid(a.pid);
     let churned = churn(&l, port, 200);
     a.release();
     let close = tracer.wait_for(|v| is(v, "close", a_port, port), WAIT);
@@ -447,8 +453,7 @@ fn a_forked_child_closing_what_a_traced_parent_accepted_is_reported() {
     }
     let mut server = Script::start(FORKING_SERVER, &[]);
     let parent = server.line()["pid"].as_u64().unwrap();
-    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &parent.to_string()]);
-    tracer.wait_ready(WAIT);
+    let (mut tracer, _) = tracer_for_pid(parent);
     server.go();
     let info = server.line();
     let (child, sport, cport) = (
@@ -487,8 +492,7 @@ fn a_forked_childs_exit_closing_what_a_traced_parent_accepted_names_the_exit() {
     }
     let mut server = Script::start(FORKING_SERVER, &["exit"]);
     let parent = server.line()["pid"].as_u64().unwrap();
-    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &parent.to_string()]);
-    tracer.wait_ready(WAIT);
+    let (mut tracer, _) = tracer_for_pid(parent);
     server.go();
     let info = server.line();
     let (sport, cport) = (
@@ -546,8 +550,7 @@ fn a_preforked_worker_is_named_with_its_call_under_the_parents_pid() {
     let info = server.line();
     let (parent, worker) = (info["pid"].as_u64().unwrap(), &info["worker"]);
     let port = info["port"].as_u64().unwrap() as u16;
-    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &parent.to_string()]);
-    let ready = tracer.wait_ready(WAIT);
+    let (mut tracer, ready) = tracer_for_pid(parent);
     assert!(
         ready["seeded"]["children"].as_u64() >= Some(1),
         "the running worker is followed: {ready}"
@@ -613,8 +616,7 @@ fn pid_of_one_worker_does_not_report_its_siblings_connections() {
     let info = server.line();
     let port = info["port"].as_u64().unwrap() as u16;
     let a = info["a"].as_u64().unwrap();
-    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &a.to_string()]);
-    tracer.wait_ready(WAIT);
+    let (mut tracer, _) = tracer_for_pid(a);
     server.go();
     let b_port = server.line()["b"].as_u64().unwrap() as u16;
     let a_port = server.line()["a"].as_u64().unwrap() as u16;
@@ -670,8 +672,7 @@ fn a_listener_held_by_the_traced_processs_parent_still_names_the_owner() {
     let mut server = Script::start(HANDED_DOWN_LISTENER, &[]);
     let info = server.line();
     let (child, port) = (&info["child"], info["port"].as_u64().unwrap() as u16);
-    let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &child.to_string()]);
-    tracer.wait_ready(WAIT);
+    let (mut tracer, _) = tracer_for_pid(child);
     server.go();
     let cport = server.line()["cport"].as_u64().unwrap() as u16;
     let fin = tracer.wait_for(|v| is(v, "fin_received", port, cport), WAIT);
