@@ -215,6 +215,40 @@ impl FdLayout {
     };
 }
 
+/// Where a task's syscall number and first argument lie in its saved user registers
+/// (`struct pt_regs`, offsets from the kernel's BTF), and this architecture's numbers of the
+/// calls that tear a socket down. With them a teardown seen in the closing task's own context
+/// names its call from the registers, and no syscall tracepoint is attached (those put every
+/// syscall of every task on the kernel's slow path). `syscall_nr` is NONE where they are not
+/// used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegsLayout {
+    pub syscall_nr: u16,
+    pub arg0: u16,
+    pub nr_close: u16,
+    pub nr_shutdown: u16,
+    pub nr_close_range: u16,
+    pub _pad: u16,
+}
+
+impl RegsLayout {
+    pub const NONE: Self = Self {
+        syscall_nr: NONE,
+        arg0: NONE,
+        nr_close: NONE,
+        nr_shutdown: NONE,
+        nr_close_range: NONE,
+        _pad: 0,
+    };
+}
+
+/// The BPF stack lies in the calling task's kernel stack, at most this far below its saved
+/// user registers, when a program runs in that task's own context; a softirq runs on the CPU's
+/// interrupt stack instead. The smallest task stack of the architectures we build for (16 KiB)
+/// less a generous `struct pt_regs`.
+pub const TASK_STACK_SPAN: u64 = 16 * 1024 - 512;
+
 /// The most of a tracepoint record the programs copy at once; fields past it are read one by
 /// one.
 pub const RECORD_BYTES: usize = 128;
@@ -264,6 +298,8 @@ pub struct Config {
     pub sock: SockLayout,
     /// For close(2) and shutdown(2): the socket behind the descriptor.
     pub fd: FdLayout,
+    /// For calls named from the closing task's registers instead of syscall tracepoints.
+    pub regs: RegsLayout,
     /// The loopback interface's index in the daemon's network namespace (0: none). A capture on
     /// `any` sees every loopback packet twice, leaving and arriving; the `--pid` capture filter
     /// drops the leaving copy before reading a byte of it.
@@ -316,6 +352,7 @@ impl Config {
             inline_pids: [0; INLINE_PIDS],
             sock: SockLayout::NONE,
             fd: FdLayout::NONE,
+            regs: RegsLayout::NONE,
             loopback_ifindex: 0,
         }
     }

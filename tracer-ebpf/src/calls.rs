@@ -8,14 +8,26 @@
 //! state it changes (tcp_close and tcp_shutdown change the state before they send anything),
 //! or exactly the socket that the tcp_close kprobe names when kprobes exist. Process exit
 //! closes every file of the task, so an exit claims each socket the exiting process owns.
+//!
+//! Where the kernel's BTF gives `struct pt_regs` (and `bpf_task_pt_regs`, 5.15), no syscall
+//! tracepoint is attached at all: attaching one puts every syscall of every task on the
+//! kernel's slow path, the largest part of the hooks' cost to other processes (~4 µs per
+//! connection of a churn load here). A teardown then names its call from the task's saved
+//! user registers (syscall number and descriptor), and only when the program runs in the
+//! task's own context: a softirq runs on the CPU's interrupt stack, so a program whose frame
+//! is not on the task's stack is not the task's doing, whatever call it interrupted.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_current_task, bpf_ktime_get_ns},
+    helpers::generated::{
+        bpf_get_current_task, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs,
+    },
     macros::{kprobe, map, tracepoint},
     maps::{Array, LruHashMap},
     programs::{ProbeContext, TracePointContext},
 };
-use tracer_common::{FORKED_MARK_SLOTS, NONE, SockEvent, forked_mark_slot, syscall};
+use tracer_common::{
+    FORKED_MARK_SLOTS, NONE, RegsLayout, SockEvent, TASK_STACK_SPAN, forked_mark_slot, syscall,
+};
 
 use crate::{
     emit::{Span, field, kernel_read, noop, pid_passes},
@@ -135,14 +147,7 @@ fn begin(kind: u8, fd: i32) {
         kind,
         _pad: [0; 3],
     };
-    match CALLS.get_ptr_mut(cur.tid) {
-        // SAFETY: this task's own entry: only this task (and softirqs interrupting it, on this
-        // CPU) touch it.
-        Some(entry) => unsafe { overwrite(entry, &call) },
-        None => {
-            let _ = CALLS.insert(cur.tid, call, 0); // LRU: insertion evicts, never fails for space.
-        }
-    }
+    record(cur.tid, &call);
 }
 
 /// Replaces a task's previous call in place: an LRU insert allocates a new element and frees
@@ -237,11 +242,15 @@ fn is_current(call: &PendingCall) -> bool {
 }
 
 /// The call of the current task that acts on `sk`, claiming `sk` for the call when the call has
-/// not acted on any socket yet. `info` is what is known of `sk` (None: nothing): a socket
+/// not acted on any socket yet. `context` is what the program knows of where it runs (used
+/// where calls are named from the registers). `info` is what is known of `sk` (None: nothing): a socket
 /// whose file is already released can only be acted on by the call that released it; its later
 /// moves run in softirqs of whatever task they interrupt, inside calls on other files.
 #[inline(always)]
-pub fn call_acting_on(sk: u64, info: Option<&SockInfo>) -> Option<PendingCall> {
+pub fn call_acting_on(sk: u64, info: Option<&SockInfo>, context: Context) -> Option<PendingCall> {
+    if calls_from_registers() {
+        return call_from_registers(sk, info, context);
+    }
     let tid = current().tid;
     let entry = CALLS.get_ptr_mut(tid)?;
     // SAFETY: this task's own entry; only this task writes it.
@@ -260,6 +269,123 @@ pub fn call_acting_on(sk: u64, info: Option<&SockInfo>) -> Option<PendingCall> {
         return Some(*call);
     }
     None
+}
+
+/// Whether calls are named from the task's registers (no syscall tracepoints attached).
+#[inline(always)]
+fn calls_from_registers() -> bool {
+    setting!(regs.syscall_nr) != NONE
+}
+
+/// What a program knows of the context it runs in.
+#[derive(Clone, Copy)]
+pub enum Context {
+    /// An address on the kernel stack the program runs on (a raw tracepoint's arguments).
+    Stack(u64),
+    /// The event itself shows it is the current task's doing (a move only tcp_close() and
+    /// tcp_shutdown() make).
+    Task,
+    Unknown,
+}
+
+/// The syscall the current task is in, (number, first argument), from its saved user
+/// registers, and whether the program runs in the task's own context (None: not known). An
+/// address on the task's own stack lies just below those registers; in a softirq the program
+/// runs on the CPU's interrupt stack.
+#[inline(always)]
+fn syscall_of_current_task(context: Context) -> Option<(u64, u64, Option<bool>)> {
+    let layout: RegsLayout = setting!(regs);
+    // SAFETY: plain helper calls on the current task, valid while the program runs.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    let own_context = match context {
+        Context::Stack(at) => Some(at < regs && regs - at <= TASK_STACK_SPAN),
+        Context::Task => Some(true),
+        Context::Unknown => None,
+    };
+    let saved = Span::<16>::read(regs, &[layout.syscall_nr, layout.arg0]);
+    Some((
+        saved.get(layout.syscall_nr)?,
+        saved.get(layout.arg0)?,
+        own_context,
+    ))
+}
+
+/// The kind of call and its descriptor for a teardown syscall's number (close_range's
+/// descriptors are a range: none is named).
+#[inline(always)]
+fn teardown_call(nr: u64, arg0: u64) -> Option<(u8, i32)> {
+    let layout: RegsLayout = setting!(regs);
+    if nr == u64::from(layout.nr_close) {
+        Some((syscall::CLOSE, arg0 as i32))
+    } else if nr == u64::from(layout.nr_shutdown) {
+        Some((syscall::SHUTDOWN, arg0 as i32))
+    } else if nr == u64::from(layout.nr_close_range) {
+        Some((syscall::CLOSE, -1))
+    } else {
+        None
+    }
+}
+
+/// `call_acting_on` without syscall tracepoints. In a close, shutdown or close_range, in the
+/// task's own context, the socket moving is the one the call acts on (the peer's side of a
+/// loopback connection moves in a softirq): its first move there starts the call, kept in the
+/// task's entry in CALLS for the call's later events on that socket (those may come from a
+/// softirq, or from a program that cannot tell its context). Outside those calls, the entry
+/// that process exit or the tcp_close kprobe made still names its sockets.
+#[inline(always)]
+fn call_from_registers(sk: u64, info: Option<&SockInfo>, context: Context) -> Option<PendingCall> {
+    let (nr, arg0, own_context) = syscall_of_current_task(context)?;
+    let tid = current().tid;
+    let entry = CALLS.get_ptr_mut(tid);
+    let released_by_other = |call: &PendingCall| {
+        info.is_some_and(|i| i.released != 0 && i.closed_by_call != call.started_ns)
+    };
+    let Some((kind, fd)) = teardown_call(nr, arg0) else {
+        // SAFETY: this task's own entry, copied out.
+        let call = unsafe { *entry? };
+        let names_it = call.kind == syscall::EXIT || call.claimed_sk == sk;
+        let usable = call.started_ns != 0 && own_context != Some(false);
+        return (usable && names_it && !released_by_other(&call)).then_some(call);
+    };
+    if let Some(entry) = entry {
+        // SAFETY: as above.
+        let call = unsafe { *entry };
+        let same_call =
+            call.started_ns != 0 && call.kind == kind && call.fd == fd && call.claimed_sk == sk;
+        if same_call {
+            return (!released_by_other(&call)).then_some(call);
+        }
+    }
+    if own_context != Some(true) {
+        return None;
+    }
+    let call = PendingCall {
+        // SAFETY: plain helper call.
+        started_ns: unsafe { bpf_ktime_get_ns() },
+        claimed_sk: sk,
+        exited_ns: 0,
+        fd,
+        kind,
+        _pad: [0; 3],
+    };
+    if released_by_other(&call) {
+        return None;
+    }
+    record(tid, &call);
+    Some(call)
+}
+
+/// Stores a task's call, in place when the task has an entry (see `overwrite`).
+#[inline(always)]
+fn record(tid: u32, call: &PendingCall) {
+    match CALLS.get_ptr_mut(tid) {
+        // SAFETY: this task's own entry: only this task (and softirqs interrupting it, on this
+        // CPU) touch it.
+        Some(entry) => unsafe { overwrite(entry, call) },
+        None => {
+            let _ = CALLS.insert(tid, *call, 0); // LRU: insertion evicts, never fails for space.
+        }
+    }
 }
 
 #[tracepoint]
@@ -311,6 +437,10 @@ pub fn tcp_close(ctx: ProbeContext) -> u32 {
     let Some(sk) = ctx.arg::<u64>(0) else {
         return 0;
     };
+    if calls_from_registers() {
+        close_outside_calls(sk);
+        return 0;
+    }
     let tid = current().tid;
     // SAFETY: this task's own entry.
     match CALLS
@@ -329,4 +459,35 @@ pub fn tcp_close(ctx: ProbeContext) -> u32 {
         }
     }
     0
+}
+
+/// Without syscall tracepoints: a tcp_close() outside close, shutdown and close_range (io_uring,
+/// dup2() over the descriptor, exec closing close-on-exec files) or process exit gets a call
+/// of no known kind for this socket, as with them.
+#[inline(always)]
+fn close_outside_calls(sk: u64) {
+    // tcp_close() runs in the closing task (or a kernel worker, whose registers name no call).
+    if syscall_of_current_task(Context::Task)
+        .is_some_and(|(nr, arg0, _)| teardown_call(nr, arg0).is_some())
+    {
+        return;
+    }
+    let tid = current().tid;
+    // SAFETY: this task's own entry, copied out.
+    if CALLS
+        .get_ptr(tid)
+        .is_some_and(|call| unsafe { (*call).kind == syscall::EXIT && (*call).started_ns != 0 })
+    {
+        return;
+    }
+    let call = PendingCall {
+        // SAFETY: plain helper call.
+        started_ns: unsafe { bpf_ktime_get_ns() },
+        claimed_sk: sk,
+        exited_ns: 0,
+        fd: -1,
+        kind: syscall::NONE,
+        _pad: [0; 3],
+    };
+    record(tid, &call);
 }

@@ -326,7 +326,7 @@ pub fn sock_io_raw(ctx: RawTracePointContext) -> u32 {
         return 0;
     };
     let sk: u64 = ctx.arg(0);
-    io_seen(sk, &task, || SockFields { sk }.protocol());
+    io_seen(sk, &task, || SockFields::new(sk).protocol());
     0
 }
 
@@ -375,7 +375,7 @@ fn io_seen(sk: u64, task: &IoTask, protocol: impl FnOnce() -> Option<u16>) {
 /// own fields, where the kernel's BTF gave them).
 #[inline(always)]
 fn accepted_from_traced_listener(sk: u64) -> bool {
-    SockFields { sk }
+    SockFields::new(sk)
         .family_and_port()
         .and_then(|(family, port)| listener_pid(family, port))
         .is_some_and(pid_passes)

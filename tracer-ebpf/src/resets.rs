@@ -12,7 +12,7 @@ use tracer_common::{
 };
 
 use crate::{
-    calls::call_acting_on,
+    calls::{Context, call_acting_on},
     capture_filter::is_watched,
     emit::{CLASSIC_SLOT, Record, count, empty_event, noop, submit_socket, submit_unowned},
     owners::{
@@ -147,7 +147,7 @@ fn attribute_reset(sk: u64, state: u8, ev: &mut SockEvent) -> bool {
         None => false,
     };
     // No file refers to a time-wait or request socket: no call acts on it.
-    if full_socket && let Some(call) = call_acting_on(sk, info.as_deref()) {
+    if full_socket && let Some(call) = call_acting_on(sk, info.as_deref(), Context::Unknown) {
         call.stamp(ev);
     }
     traced
@@ -180,7 +180,7 @@ pub fn receive_reset_raw(ctx: RawTracePointContext) -> u32 {
         return 0;
     }
     let sk: u64 = ctx.arg(0);
-    reset_received(&SockFields { sk }, sk);
+    reset_received(&SockFields::new(sk), sk);
     0
 }
 
@@ -226,7 +226,7 @@ pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
     fill_owner(&mut ev, info);
     ev.lport = info.lport;
     ev.rport = info.rport;
-    if let Some(call) = call_acting_on(sk, Some(info)) {
+    if let Some(call) = call_acting_on(sk, Some(info), Context::Unknown) {
         call.stamp(&mut ev);
     }
     submit_socket(&ev, info.traced != 0, CLASSIC_SLOT);

@@ -2,6 +2,7 @@
 //! is it known whether the owner was inside a close call.
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{bpf_get_current_comm, generated::bpf_ktime_get_ns},
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
@@ -12,7 +13,7 @@ use tracer_common::{
 };
 
 use crate::{
-    calls::call_acting_on,
+    calls::{Context, call_acting_on},
     capture_filter::watch,
     emit::{
         CLASSIC_SLOT, Record, Span, count, enter_raw, kernel_read, leave_raw, noop, pid_passes,
@@ -50,7 +51,12 @@ pub fn set_state_raw(ctx: RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     let old: u64 = ctx.arg(1);
     let new: u64 = ctx.arg(2);
-    let _ = handle(&SockFields { sk }, sk, old as u8, new as u8, slot);
+    let fields = SockFields {
+        sk,
+        // The arguments array lies on the kernel stack this program runs on.
+        stack: ctx.as_ptr() as u64,
+    };
+    let _ = handle(&fields, sk, old as u8, new as u8, slot);
     leave_raw(slot);
     0
 }
@@ -75,6 +81,8 @@ pub trait TupleSource {
     fn protocol(&self) -> Option<u16>;
     fn family_and_port(&self) -> Option<(u16, u16)>;
     fn read_tuple(&self, ev: &mut SockEvent) -> Option<()>;
+    /// Where the program runs, as far as its arguments show.
+    fn context(&self) -> Context;
 }
 
 /// A classic tracepoint's record, with the layout from its format file.
@@ -98,14 +106,27 @@ impl TupleSource for RecordFields<'_> {
     fn read_tuple(&self, ev: &mut SockEvent) -> Option<()> {
         read_tuple(self.rec, self.layout, ev)
     }
+
+    /// A classic tracepoint's record is in a per-CPU buffer, not on the stack.
+    #[inline(always)]
+    fn context(&self) -> Context {
+        Context::Unknown
+    }
 }
 
 /// The socket itself, at the offsets the kernel's BTF gave (`Config::sock`).
 pub struct SockFields {
     pub sk: u64,
+    /// An address on the kernel stack the program runs on (0: not known).
+    pub stack: u64,
 }
 
 impl SockFields {
+    #[inline(always)]
+    pub fn new(sk: u64) -> Self {
+        Self { sk, stack: 0 }
+    }
+
     #[inline(always)]
     fn read<T>(&self, offset: u16) -> Option<T> {
         kernel_read(self.sk, offset)
@@ -151,6 +172,14 @@ impl TupleSource for SockFields {
             return None;
         }
         Some(())
+    }
+
+    #[inline(always)]
+    fn context(&self) -> Context {
+        match self.stack {
+            0 => Context::Unknown,
+            at => Context::Stack(at),
+        }
     }
 }
 
@@ -277,7 +306,7 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
 
     // The owner before this event: a close by a forked, untraced child claims it below.
     note_traced(info);
-    let kind = classify(sk, old, new, info, &cur, ev)?;
+    let kind = classify(sk, old, new, info, &cur, ev, src.context())?;
     ev.kind = kind as u8;
     fill_owner(ev, info);
     note_traced(info);
@@ -295,13 +324,15 @@ fn classify(
     info: &mut SockInfo,
     cur: &Current,
     ev: &mut SockEvent,
+    context: Context,
 ) -> Option<EventKind> {
     if new == CLOSE && info.rst_received != 0 {
         return Some(EventKind::RstReceived);
     }
     let local = is_local_close(old, new);
     if local || new == CLOSE || old == new {
-        if let Some(call) = call_acting_on(sk, Some(info)) {
+        let context = if local { Context::Task } else { context };
+        if let Some(call) = call_acting_on(sk, Some(info), context) {
             // An exit's call takes only what the exiting task itself closes: a softirq running
             // in its context may move anyone's socket. Its own close shows as the owner being
             // this process, or as a move only a close makes (a child that inherited the socket

@@ -1,7 +1,8 @@
 //! Member offsets from the kernel's BTF (`/sys/kernel/btf/vmlinux`): `struct sock` (and
 //! `inet_sock`) for the raw tracepoint programs, which get a `struct sock *` instead of a
 //! tracepoint record, and the chain from a task to the socket behind a descriptor for the
-//! close(2) and shutdown(2) programs.
+//! close(2) and shutdown(2) programs, and where a task's saved user registers keep its
+//! syscall number and first argument.
 //!
 //! aya can parse the whole BTF, but that costs tens of MB of memory for a handful of numbers
 //! (the reason the loader runs with `.btf(None)`). This reads the file in two streaming passes
@@ -17,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tracer_common::{FdLayout, SockLayout};
+use tracer_common::{FdLayout, RegsLayout, SockLayout};
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -41,6 +42,7 @@ const STRUCTS: &[&str] = &[
     "fdtable",
     "file",
     "socket",
+    "pt_regs",
 ];
 const SOCK: usize = 0;
 const SOCK_COMMON: usize = 1;
@@ -50,6 +52,16 @@ const FILES_STRUCT: usize = 4;
 const FDTABLE: usize = 5;
 const FILE: usize = 6;
 const SOCKET: usize = 7;
+const PT_REGS: usize = 8;
+
+/// `struct pt_regs`' syscall number and first argument, by architecture (the first argument's
+/// own register is overwritten by the return value; these keep it).
+#[cfg(target_arch = "x86_64")]
+const SYSCALL_REGS: Option<(&str, &str)> = Some(("orig_ax", "di"));
+#[cfg(target_arch = "aarch64")]
+const SYSCALL_REGS: Option<(&str, &str)> = Some(("syscallno", "orig_x0"));
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const SYSCALL_REGS: Option<(&str, &str)> = None;
 
 /// Their members looked up (`file` is also a member: `socket.file`, found under STRUCTS).
 const MEMBERS: &[&str] = &[
@@ -68,6 +80,10 @@ const MEMBERS: &[&str] = &[
     "max_fds",
     "fd",
     "private_data",
+    "orig_ax",
+    "di",
+    "syscallno",
+    "orig_x0",
 ];
 
 /// How many names are looked up: the structs, then the members.
@@ -83,6 +99,8 @@ pub struct Layouts {
     pub sock: Result<SockLayout, String>,
     /// For close(2) and shutdown(2) to know their socket.
     pub fd: Result<FdLayout, String>,
+    /// For calls named from the task's registers (syscall numbers not filled in).
+    pub regs: Result<RegsLayout, String>,
 }
 
 /// Reads the offsets of the fields the programs need.
@@ -94,10 +112,12 @@ pub fn layouts(path: &Path) -> Layouts {
         Ok(btf) => Layouts {
             sock: btf.sock_layout().map_err(|e| format!("{e:#}")),
             fd: btf.fd_layout().map_err(|e| format!("{e:#}")),
+            regs: btf.regs_layout().map_err(|e| format!("{e:#}")),
         },
         Err(e) => Layouts {
             sock: Err(format!("{e:#}")),
             fd: Err(format!("{e:#}")),
+            regs: Err(format!("{e:#}")),
         },
     }
 }
@@ -243,6 +263,16 @@ impl Btf {
             socket_sk: self.byte_offset(socket, "sk")?,
             socket_file: self.byte_offset(socket, "file")?,
             _pad: 0,
+        })
+    }
+
+    fn regs_layout(&self) -> anyhow::Result<RegsLayout> {
+        let (nr, arg0) = SYSCALL_REGS.context("not known for this architecture")?;
+        let regs = self.struct_id(PT_REGS)?;
+        Ok(RegsLayout {
+            syscall_nr: self.byte_offset(regs, nr)?,
+            arg0: self.byte_offset(regs, arg0)?,
+            ..RegsLayout::NONE
         })
     }
 
@@ -426,7 +456,8 @@ mod tests {
         std::fs::write(&path, [0u8; 64]).unwrap();
         let found = layouts(&path);
         std::fs::remove_file(&path).unwrap();
-        for err in [found.sock.unwrap_err(), found.fd.unwrap_err()] {
+        let regs = found.regs.unwrap_err();
+        for err in [found.sock.unwrap_err(), found.fd.unwrap_err(), regs] {
             assert!(err.contains("not BTF"), "{err}");
         }
     }
@@ -450,5 +481,19 @@ mod tests {
             fd.task_files
         );
         assert!(fd.file_private_data > 0 && fd.files_fdt > 0);
+    }
+
+    /// x86-64's `struct pt_regs` is user-visible ABI (asm/ptrace.h): di is the 15th word,
+    /// orig_ax the 16th.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn reads_the_syscall_registers_from_this_kernels_btf() {
+        let path = Path::new(VMLINUX);
+        if !path.exists() {
+            eprintln!("skipped: {VMLINUX} does not exist here");
+            return;
+        }
+        let regs = layouts(path).regs.unwrap();
+        assert_eq!((regs.arg0, regs.syscall_nr), (14 * 8, 15 * 8));
     }
 }

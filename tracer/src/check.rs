@@ -23,8 +23,10 @@ struct Report {
     privileges: Privileges,
     tracepoints: Vec<TracepointReport>,
     rst_reasons: bool,
-    /// How a close(2) or shutdown(2) is tied to its socket: "descriptor" (the socket behind
-    /// the fd, from the BTF) or "first socket moved" (without BTF).
+    /// How a close(2) or shutdown(2) is tied to its socket: "the closing task's registers"
+    /// (no syscall tracepoints: the call is read when its socket moves in the task's own
+    /// context), "descriptor" (the socket behind the fd, from the BTF) or "first socket moved"
+    /// (without BTF).
     close_attribution: &'static str,
     probe_mode: ProbeMode,
     /// The probes `tracer` would attach with this mode.
@@ -121,7 +123,9 @@ fn build(mode: ProbeMode) -> Report {
             })
             .collect(),
         rst_reasons: !support.formats.reset_reasons().is_empty(),
-        close_attribution: if support.fd.is_ok() {
+        close_attribution: if support.calls_from_registers(mode.allows_raw()) {
+            "the closing task's registers"
+        } else if support.fd.is_ok() {
             "descriptor"
         } else {
             "first socket moved"

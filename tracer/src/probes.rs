@@ -9,7 +9,7 @@ use aya::{
     maps::HashMap as BpfHashMap,
     programs::{KProbe, RawTracePoint, SocketFilter, TracePoint},
 };
-use tracer_common::{Config, FdLayout, SockLayout};
+use tracer_common::{Config, FdLayout, RegsLayout, SockLayout};
 
 use crate::{
     btf,
@@ -303,6 +303,9 @@ pub struct KernelSupport {
     pub sock: Result<SockLayout, String>,
     /// The chain from a task to the socket behind its descriptor, or why there is none.
     pub fd: Result<FdLayout, String>,
+    /// Where a task's saved registers keep its syscall, or why calls cannot be named from
+    /// them (then the syscall tracepoints are attached).
+    pub regs: Result<RegsLayout, String>,
     pub kprobes: bool,
     pub formats: Formats,
 }
@@ -331,10 +334,13 @@ impl KernelSupport {
             None => Formats::default(),
         };
         let layouts = btf::layouts(Path::new(btf::VMLINUX));
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let realtime = fs::read_to_string("/sys/kernel/realtime").is_ok_and(|s| s.trim() == "1");
         Ok(Self {
-            release: fs::read_to_string("/proc/sys/kernel/osrelease")
-                .map(|s| s.trim().to_string())
-                .unwrap_or_default(),
+            regs: syscall_registers(layouts.regs, &release, realtime),
+            release,
             btf: Path::new(btf::VMLINUX).exists(),
             sock: layouts.sock,
             fd: layouts.fd,
@@ -361,11 +367,37 @@ impl KernelSupport {
         }
     }
 
+    /// Whether close, shutdown and close_range are named from the task's registers instead of
+    /// syscall tracepoints: with the BTF-based hooks (`raw`), where the kernel allows it.
+    pub fn calls_from_registers(&self, raw: bool) -> bool {
+        raw && self.regs.is_ok()
+    }
+
     /// The hooks to attach for a probe set, and the ones this kernel lacks. With `raw`, the
-    /// raw tracepoint versions replace their classic hooks where this kernel allows them.
+    /// raw tracepoint versions replace their classic hooks where this kernel allows them, and
+    /// no syscall tracepoint is attached where calls are named from the registers.
     pub fn plan(&self, set: ProbeSet, raw: bool) -> anyhow::Result<(Vec<Hook>, Vec<Hook>)> {
+        self.plan_hooks(set, raw, self.calls_from_registers(raw))
+    }
+
+    /// `plan` with the syscall tracepoints, for programs that cannot read the registers.
+    pub fn plan_with_syscall_hooks(
+        &self,
+        set: ProbeSet,
+        raw: bool,
+    ) -> anyhow::Result<(Vec<Hook>, Vec<Hook>)> {
+        self.plan_hooks(set, raw, false)
+    }
+
+    fn plan_hooks(
+        &self,
+        set: ProbeSet,
+        raw: bool,
+        from_registers: bool,
+    ) -> anyhow::Result<(Vec<Hook>, Vec<Hook>)> {
         let mut wanted: Vec<Hook> = TRACEPOINT_HOOKS
             .iter()
+            .filter(|hook| !(from_registers && is_syscall_hook(hook)))
             .map(|hook| match raw_version(hook) {
                 Some(raw_hook) if raw && self.has(raw_hook) => raw_hook.clone(),
                 _ => hook.clone(),
@@ -482,6 +514,43 @@ impl Formats {
                 .unwrap_or_default(),
         )
     }
+}
+
+fn is_syscall_hook(hook: &Hook) -> bool {
+    matches!(
+        hook.attach,
+        Attach::Tracepoint {
+            group: "syscalls",
+            ..
+        }
+    )
+}
+
+/// The registers' layout with this architecture's teardown syscall numbers, where calls can be
+/// named from them: `bpf_task_pt_regs` came in 5.15, and with PREEMPT_RT softirqs run on the
+/// task's own stack (a peer's packet processed there would look like the task's doing).
+fn syscall_registers(
+    layout: Result<RegsLayout, String>,
+    release: &str,
+    realtime: bool,
+) -> Result<RegsLayout, String> {
+    let mut layout = layout?;
+    let version: Vec<u32> = release
+        .split(|c: char| !c.is_ascii_digit())
+        .take(2)
+        .map(|n| n.parse().unwrap_or(0))
+        .collect();
+    if version.as_slice() < [5, 15].as_slice() {
+        return Err(format!("Linux {release} has no bpf_task_pt_regs (5.15)"));
+    }
+    if realtime {
+        return Err("a PREEMPT_RT kernel runs softirqs on the task's stack".into());
+    }
+    let nr = |n: libc::c_long| u16::try_from(n).map_err(|_| format!("syscall number {n}"));
+    layout.nr_close = nr(libc::SYS_close)?;
+    layout.nr_shutdown = nr(libc::SYS_shutdown)?;
+    layout.nr_close_range = nr(libc::SYS_close_range)?;
+    Ok(layout)
 }
 
 /// The perf kprobe PMU is what aya attaches kprobes through.
@@ -690,6 +759,7 @@ mod tests {
             btf: true,
             sock: Err("not read in tests".into()),
             fd: Err("not read in tests".into()),
+            regs: Err("not read in tests".into()),
             kprobes: false,
             formats: Formats {
                 present: present.iter().map(|s| s.to_string()).collect(),
@@ -746,6 +816,52 @@ mod tests {
         assert_eq!(cfg.send_reset.reason, NONE);
         assert_eq!(cfg.io_skaddr, NONE);
         assert!(formats.reset_reasons().is_empty());
+    }
+
+    /// With the registers' layout, close and shutdown are named without the syscall
+    /// tracepoints (which slow every syscall of the host); `--probes tracepoint`, or a kernel
+    /// without the layout, keeps them.
+    #[test]
+    fn syscall_tracepoints_are_planned_only_without_the_registers() {
+        let all = [
+            "sock:inet_sock_set_state",
+            "syscalls:sys_enter_close",
+            "syscalls:sys_exit_close",
+            "syscalls:sys_enter_shutdown",
+            "syscalls:sys_exit_shutdown",
+            "sched:sched_process_exit",
+        ];
+        let mut support = support_with(&all);
+        let syscall_hooks = |s: &KernelSupport, raw: bool| {
+            let (hooks, _) = s.plan(ProbeSet::Tracepoints, raw).unwrap();
+            hooks.iter().filter(|h| is_syscall_hook(h)).count()
+        };
+        assert_eq!(syscall_hooks(&support, true), 4);
+        support.regs = Ok(RegsLayout::NONE);
+        assert_eq!(syscall_hooks(&support, true), 0);
+        assert_eq!(syscall_hooks(&support, false), 4);
+        let (with, _) = support
+            .plan_with_syscall_hooks(ProbeSet::Tracepoints, true)
+            .unwrap();
+        assert_eq!(with.iter().filter(|h| is_syscall_hook(h)).count(), 4);
+        // Process exit is no syscall tracepoint: it stays.
+        assert!(
+            with.iter()
+                .any(|h| h.name() == "tracepoint:sched:sched_process_exit")
+        );
+    }
+
+    #[test]
+    fn registers_name_calls_from_5_15_and_not_on_realtime_kernels() {
+        let layout = || Ok(RegsLayout::NONE);
+        let regs = syscall_registers(layout(), "6.1.0-21-amd64", false).unwrap();
+        assert_eq!(regs.nr_close, libc::SYS_close as u16);
+        assert_eq!(regs.nr_shutdown, libc::SYS_shutdown as u16);
+        assert!(syscall_registers(layout(), "5.15.0", false).is_ok());
+        let old = syscall_registers(layout(), "5.10.209", false).unwrap_err();
+        assert!(old.contains("5.15"), "{old}");
+        assert!(syscall_registers(layout(), "6.18.44", true).is_err());
+        assert!(syscall_registers(Err("no pt_regs".into()), "6.18", false).is_err());
     }
 
     /// The raw tracepoint replaces the classic set_state hook only when asked for and when the

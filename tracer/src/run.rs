@@ -15,7 +15,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracer_common::counter;
+use tracer_common::{RegsLayout, counter};
 
 use crate::{
     capture::{self, CaptureConfig, CaptureHandle, CaptureParts, WirePacket},
@@ -96,6 +96,11 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
              close(2) or shutdown(2) is taken to act on the first socket that moves during it"
         ),
     }
+    if support.calls_from_registers(raw)
+        && let Ok(regs) = &support.regs
+    {
+        config.regs = *regs;
+    }
     config.filter_pids = u8::from(!settings.pids.is_empty());
     if settings.pids.len() <= config.inline_pids.len() {
         config.inline_pids[..settings.pids.len()].copy_from_slice(&settings.pids);
@@ -128,15 +133,26 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         ),
         _ => None,
     };
-    let mut loaded = probes::load(
-        &LoadOptions {
-            config,
-            ringbuf_bytes: settings.ringbuf_bytes,
-            pids: &settings.pids,
-            ports: &settings.ports,
-        },
-        &hooks,
-    )?;
+    let mut options = LoadOptions {
+        config,
+        ringbuf_bytes: settings.ringbuf_bytes,
+        pids: &settings.pids,
+        ports: &settings.ports,
+    };
+    let mut loaded = match probes::load(&options, &hooks) {
+        // A kernel whose verifier refuses the programs that read the task's registers (a
+        // backported BPF, an unusual configuration) still has the syscall tracepoints.
+        Err(e) if options.config.regs != RegsLayout::NONE => {
+            eprintln!(
+                "tracer: the programs could not be loaded with calls named from the task's \
+                 registers ({e:#}): attaching the syscall tracepoints instead"
+            );
+            options.config.regs = RegsLayout::NONE;
+            let (hooks, _) = support.plan_with_syscall_hooks(set, raw)?;
+            probes::load(&options, &hooks)?
+        }
+        loaded => loaded?,
+    };
     let lineage = owners::lineage(&settings.pids);
     owners::follow_children(&mut loaded.ebpf, &lineage.children)
         .context("following the traced processes' running children")?;
