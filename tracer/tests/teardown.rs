@@ -189,6 +189,32 @@ fn shutdown_write_is_reported_as_shutdown() {
     tracer.stop();
 }
 
+/// close_range(2) closes descriptors without close(2): named `close`, with no single
+/// descriptor. (Before calls were read from the task's registers it had no call: `null`.)
+#[test]
+fn close_range_is_reported_as_a_close() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let mut tracer = tracer_for(port);
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "wait-eof-close");
+    let (server, _) = l.accept().unwrap();
+    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(server) as libc::c_uint;
+    // SAFETY: closes only the descriptor just taken out of `server`.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, fd, fd, 0) };
+    assert_eq!(ret, 0, "close_range: {}", std::io::Error::last_os_error());
+    let close = tracer.wait_for(|v| is(v, "close", port, peer_port), WAIT);
+    assert_eq!(close["syscall"], "close");
+    assert_eq!(close["fd"], Value::Null);
+    assert_eq!(close["outcome"], "fin");
+    assert_eq!(close["new_state"], "FIN_WAIT1");
+    assert_eq!(close["pid"], me());
+    peer.wait();
+    tracer.stop();
+}
+
 #[test]
 fn a_peer_reset_is_rst_received_on_the_right_pid() {
     if !common::require_root() {
