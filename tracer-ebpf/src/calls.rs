@@ -44,7 +44,8 @@ pub struct PendingCall {
     pub claimed_sk: u64,
     /// When the syscall returned (0 while inside it). Kernels before 6.x defer the final fput
     /// of close(2) to task_work, which runs right after sys_exit_close: the call still counts
-    /// for AFTER_EXIT_NS after it returned.
+    /// for AFTER_EXIT_NS after it returned. (Always 0 where calls are named from the
+    /// registers: the registers say whether the task is still in the call.)
     pub exited_ns: u64,
     pub fd: i32,
     pub kind: u8,
@@ -52,6 +53,20 @@ pub struct PendingCall {
 }
 
 impl PendingCall {
+    /// A call starting now.
+    #[inline(always)]
+    fn starting_now(kind: u8, fd: i32, claimed_sk: u64) -> Self {
+        Self {
+            // SAFETY: plain helper call.
+            started_ns: unsafe { bpf_ktime_get_ns() },
+            claimed_sk,
+            exited_ns: 0,
+            fd,
+            kind,
+            _pad: [0; 3],
+        }
+    }
+
     /// Names this call on an event it caused: its id, which syscall, which descriptor.
     #[inline(always)]
     pub fn stamp(&self, ev: &mut SockEvent) {
@@ -138,16 +153,9 @@ fn begin(kind: u8, fd: i32) {
     if !records_calls_of(cur.pid) {
         return; // with --pid, other processes' calls are never looked at
     }
-    let call = PendingCall {
-        // SAFETY: plain helper call.
-        started_ns: unsafe { bpf_ktime_get_ns() },
-        claimed_sk: socket_behind(fd).map_or(0, |sk| if sk == 0 { NOT_A_SOCKET } else { sk }),
-        exited_ns: 0,
-        fd,
-        kind,
-        _pad: [0; 3],
-    };
-    record(cur.tid, &call);
+    let claimed_sk = socket_behind(fd).map_or(0, |sk| if sk == 0 { NOT_A_SOCKET } else { sk });
+    let call = PendingCall::starting_now(kind, fd, claimed_sk);
+    record(cur.tid, CALLS.get_ptr_mut(cur.tid), &call);
 }
 
 /// Replaces a task's previous call in place: an LRU insert allocates a new element and frees
@@ -359,26 +367,19 @@ fn call_from_registers(sk: u64, info: Option<&SockInfo>, context: Context) -> Op
     if own_context != Some(true) {
         return None;
     }
-    let call = PendingCall {
-        // SAFETY: plain helper call.
-        started_ns: unsafe { bpf_ktime_get_ns() },
-        claimed_sk: sk,
-        exited_ns: 0,
-        fd,
-        kind,
-        _pad: [0; 3],
-    };
+    let call = PendingCall::starting_now(kind, fd, sk);
     if released_by_other(&call) {
         return None;
     }
-    record(tid, &call);
+    record(tid, entry, &call);
     Some(call)
 }
 
-/// Stores a task's call, in place when the task has an entry (see `overwrite`).
+/// Stores a task's call, in place when the task has an entry (`entry`, looked up by the
+/// caller; see `overwrite`).
 #[inline(always)]
-fn record(tid: u32, call: &PendingCall) {
-    match CALLS.get_ptr_mut(tid) {
+fn record(tid: u32, entry: Option<*mut PendingCall>, call: &PendingCall) {
+    match entry {
         // SAFETY: this task's own entry: only this task (and softirqs interrupting it, on this
         // CPU) touch it.
         Some(entry) => unsafe { overwrite(entry, call) },
@@ -473,21 +474,12 @@ fn close_outside_calls(sk: u64) {
         return;
     }
     let tid = current().tid;
-    // SAFETY: this task's own entry, copied out.
-    if CALLS
-        .get_ptr(tid)
-        .is_some_and(|call| unsafe { (*call).kind == syscall::EXIT && (*call).started_ns != 0 })
-    {
-        return;
+    let entry = CALLS.get_ptr_mut(tid);
+    // SAFETY: this task's own entry, read at once.
+    let exiting = entry
+        .is_some_and(|call| unsafe { (*call).kind == syscall::EXIT && (*call).started_ns != 0 });
+    if !exiting {
+        let call = PendingCall::starting_now(syscall::NONE, -1, sk);
+        record(tid, entry, &call);
     }
-    let call = PendingCall {
-        // SAFETY: plain helper call.
-        started_ns: unsafe { bpf_ktime_get_ns() },
-        claimed_sk: sk,
-        exited_ns: 0,
-        fd: -1,
-        kind: syscall::NONE,
-        _pad: [0; 3],
-    };
-    record(tid, &call);
 }
