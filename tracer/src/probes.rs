@@ -21,16 +21,20 @@ use crate::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProbeMode {
-    /// kprobes where the kernel has them; tracepoints, raw where the kernel's BTF allows.
+    /// kprobes where the kernel has them; tracepoints, raw where the kernel's BTF allows; close
+    /// and shutdown named from the closing task's registers (no syscall tracepoints) where the
+    /// BTF and the kernel allow.
     Auto,
-    /// Classic tracepoints only (records read at offsets from their format files).
+    /// Classic tracepoints only (records read at offsets from their format files), the
+    /// syscall tracepoints included.
     Tracepoint,
     /// Tracepoints (raw where BTF allows) plus the tcp_close and tcp_send_active_reset kprobes.
     Kprobe,
 }
 
 impl ProbeMode {
-    /// Whether raw tracepoints may stand in for classic ones (where the kernel's BTF allows).
+    /// Whether raw tracepoints may stand in for classic ones, and the task's registers for the
+    /// syscall tracepoints (where the kernel's BTF allows).
     pub fn allows_raw(self) -> bool {
         self != ProbeMode::Tracepoint
     }
