@@ -215,6 +215,50 @@ fn close_range_is_reported_as_a_close() {
     tracer.stop();
 }
 
+/// Both ends in this process: after a half-close, closing the server end sends its FIN, and
+/// the client end (in FIN_WAIT2) moves to its time-wait form in the softirq that runs inside
+/// that same close(2). That move is not the close's: only the server end's line names it.
+#[test]
+fn a_move_of_another_socket_inside_a_close_is_not_that_close() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let mut tracer = tracer_for(port);
+    let (mut client, mut server) = common::tcp_pair_on(&l);
+    let client_port = client.local_addr().unwrap().port();
+    common::shutdown_write(&client);
+    common::read_to_eof(&mut server);
+    // The client end reaches FIN_WAIT2 once the server's ACK is processed.
+    tracer.wait_for(
+        |v| is(v, "state", client_port, port) && v["new_state"] == "FIN_WAIT2",
+        WAIT,
+    );
+    let server_fd = server.as_raw_fd();
+    drop(server);
+    let close = tracer.wait_for(|v| is(v, "close", port, client_port), WAIT);
+    assert_eq!(close["syscall"], "close");
+    assert_eq!(close["fd"], server_fd);
+    assert_eq!(close["new_state"], "LAST_ACK");
+    common::read_to_eof(&mut client);
+    drop(client);
+    std::thread::sleep(Duration::from_millis(200));
+    let out = tracer.stop();
+    let client_closes: Vec<&Value> = out
+        .lines
+        .iter()
+        .filter(|v| is(v, "close", client_port, port))
+        .collect();
+    assert_eq!(client_closes.len(), 1, "{client_closes:?}");
+    assert_eq!(client_closes[0]["syscall"], "shutdown");
+    assert!(
+        out.lines
+            .iter()
+            .any(|v| is(v, "state", client_port, port) && v["new_state"] == "CLOSE"),
+        "the client end's FIN_WAIT2 -> CLOSE is a state line"
+    );
+}
+
 #[test]
 fn a_peer_reset_is_rst_received_on_the_right_pid() {
     if !common::require_root() {
