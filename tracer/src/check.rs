@@ -28,6 +28,9 @@ struct Report {
     /// context), "descriptor" (the socket behind the fd, from the BTF) or "first socket moved"
     /// (without BTF).
     close_attribution: &'static str,
+    /// Why calls are not named from the task's registers on this kernel (then the syscall
+    /// tracepoints are attached), when they are not.
+    registers_unusable: Option<String>,
     probe_mode: ProbeMode,
     /// The probes `tracer` would attach with this mode.
     would_attach: Option<Vec<String>>,
@@ -130,6 +133,7 @@ fn build(mode: ProbeMode) -> Report {
         } else {
             "first socket moved"
         },
+        registers_unusable: support.regs.as_ref().err().cloned(),
         probe_mode: mode,
         would_attach: plan.ok(),
         problem: (!problem.is_empty()).then(|| problem.join("; ")),
@@ -158,8 +162,11 @@ fn print_human(r: &Report) {
     );
     println!("RST reasons   {}", yes(r.rst_reasons));
     println!(
-        "close calls   tied to their socket by {}",
-        r.close_attribution
+        "close calls   tied to their socket by {}{}",
+        r.close_attribution,
+        r.registers_unusable
+            .as_ref()
+            .map_or(String::new(), |why| format!(" (not the registers: {why})"))
     );
     println!(
         "privileges    euid {}{}",

@@ -96,10 +96,13 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
              close(2) or shutdown(2) is taken to act on the first socket that moves during it"
         ),
     }
-    if support.calls_from_registers(raw)
-        && let Ok(regs) = &support.regs
-    {
-        config.regs = *regs;
+    match &support.regs {
+        Ok(regs) if raw => config.regs = *regs,
+        Err(why) if raw => eprintln!(
+            "tracer: close and shutdown cannot be named from the task's registers here ({why}): \
+             attaching the syscall tracepoints, which slow every syscall on the host a little"
+        ),
+        _ => {}
     }
     config.filter_pids = u8::from(!settings.pids.is_empty());
     if settings.pids.len() <= config.inline_pids.len() {
