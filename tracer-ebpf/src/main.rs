@@ -4,9 +4,10 @@
 //!   attributed to the socket's owner.
 //! - `resets`: tcp:tcp_send_reset, tcp:tcp_receive_reset, and the kprobe on
 //!   tcp_send_active_reset for kernels whose tracepoint misses active resets.
-//! - `calls`: close/shutdown syscalls and process exit, which tell a close by the owner from a
-//!   transition that merely happened while its task was on the CPU; with `--pid`, the forks of
-//!   traced processes, whose children's calls are recorded too.
+//! - `calls`: close/shutdown calls (from the closing task's saved registers, or the syscall
+//!   tracepoints where those cannot be read) and process exit, which tell a close by the owner
+//!   from a transition that merely happened while its task was on the CPU; with `--pid`, the
+//!   forks of traced processes, whose children's calls are recorded too.
 //! - `owners`: the per-socket owner table, filled in process context and read everywhere else.
 //! - `emit`: the ring buffer, the filters and the loss counters.
 //! - `capture_filter`: with `--pid`, the capture socket's filter: only traced connections'
