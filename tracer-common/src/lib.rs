@@ -229,7 +229,9 @@ pub struct RegsLayout {
     pub nr_close: u16,
     pub nr_shutdown: u16,
     pub nr_close_range: u16,
-    pub _pad: u16,
+    /// Offset of `task_struct.flags` (PF_EXITING tells a process exit's entry in CALLS from
+    /// one an earlier thread of the same tid left behind); NONE: such entries are trusted.
+    pub task_flags: u16,
 }
 
 impl RegsLayout {
@@ -239,7 +241,7 @@ impl RegsLayout {
         nr_close: NONE,
         nr_shutdown: NONE,
         nr_close_range: NONE,
-        _pad: 0,
+        task_flags: NONE,
     };
 }
 

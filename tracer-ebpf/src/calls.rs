@@ -318,6 +318,17 @@ fn syscall_of_current_task(context: Context) -> Option<(u64, u64, Option<bool>)>
     ))
 }
 
+/// Whether the current task is exiting (PF_EXITING); true where the BTF did not say, so that
+/// a process exit's entry is trusted as before.
+#[inline(always)]
+fn exiting() -> bool {
+    const PF_EXITING: u32 = 0x0000_0004;
+    // SAFETY: plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    let offset = setting!(regs.task_flags);
+    offset == NONE || kernel_read::<u32>(task, offset).is_some_and(|f| f & PF_EXITING != 0)
+}
+
 /// The kind of call and its descriptor for a teardown syscall's number (close_range's
 /// descriptors are a range: none is named).
 #[inline(always)]
@@ -345,21 +356,27 @@ fn call_from_registers(sk: u64, info: Option<&SockInfo>, context: Context) -> Op
     let (nr, arg0, own_context) = syscall_of_current_task(context)?;
     let tid = current().tid;
     let entry = CALLS.get_ptr_mut(tid);
+    // SAFETY: this task's own entry, copied out.
+    let recorded = entry
+        .map(|e| unsafe { *e })
+        .filter(|call| call.started_ns != 0);
     let released_by_other = |call: &PendingCall| {
         info.is_some_and(|i| i.released != 0 && i.closed_by_call != call.started_ns)
     };
+    // An exiting task closes its files whatever syscall it was in when it was killed; an exit
+    // entry that an earlier thread of the same tid left (the LRU keeps it) names nothing.
+    if let Some(call) = recorded.filter(|call| call.kind == syscall::EXIT)
+        && exiting()
+    {
+        return (own_context != Some(false) && !released_by_other(&call)).then_some(call);
+    }
     let Some((kind, fd)) = teardown_call(nr, arg0) else {
-        // SAFETY: this task's own entry, copied out.
-        let call = unsafe { *entry? };
-        let names_it = call.kind == syscall::EXIT || call.claimed_sk == sk;
-        let usable = call.started_ns != 0 && own_context != Some(false);
-        return (usable && names_it && !released_by_other(&call)).then_some(call);
+        // A close the tcp_close kprobe saw outside any of these calls.
+        let call = recorded.filter(|call| call.kind == syscall::NONE && call.claimed_sk == sk)?;
+        return (own_context != Some(false) && !released_by_other(&call)).then_some(call);
     };
-    if let Some(entry) = entry {
-        // SAFETY: as above.
-        let call = unsafe { *entry };
-        let same_call =
-            call.started_ns != 0 && call.kind == kind && call.fd == fd && call.claimed_sk == sk;
+    if let Some(call) = recorded {
+        let same_call = call.kind == kind && call.fd == fd && call.claimed_sk == sk;
         if same_call {
             return (!released_by_other(&call)).then_some(call);
         }

@@ -84,6 +84,7 @@ const MEMBERS: &[&str] = &[
     "di",
     "syscallno",
     "orig_x0",
+    "flags",
 ];
 
 /// How many names are looked up: the structs, then the members.
@@ -269,9 +270,14 @@ impl Btf {
     fn regs_layout(&self) -> anyhow::Result<RegsLayout> {
         let (nr, arg0) = SYSCALL_REGS.context("not known for this architecture")?;
         let regs = self.struct_id(PT_REGS)?;
+        let task_flags = self
+            .struct_id(TASK_STRUCT)
+            .and_then(|task| self.byte_offset(task, "flags"))
+            .unwrap_or(tracer_common::NONE);
         Ok(RegsLayout {
             syscall_nr: self.byte_offset(regs, nr)?,
             arg0: self.byte_offset(regs, arg0)?,
+            task_flags,
             ..RegsLayout::NONE
         })
     }
@@ -504,5 +510,12 @@ mod tests {
         };
         let regs = found.regs.unwrap();
         assert_eq!((regs.arg0, regs.syscall_nr), (14 * 8, 15 * 8));
+        // task_struct.flags follows __state, stack and usage (and thread_info where it is
+        // embedded): well inside the first cache lines.
+        assert!(
+            regs.task_flags > 0 && regs.task_flags < 256,
+            "{}",
+            regs.task_flags
+        );
     }
 }
