@@ -147,8 +147,8 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         // backported BPF, an unusual configuration) still has the syscall tracepoints.
         Err(e) if options.config.regs != RegsLayout::NONE => {
             eprintln!(
-                "tracer: the programs could not be loaded with calls named from the task's \
-                 registers ({e:#}): attaching the syscall tracepoints instead"
+                "tracer: loading the programs that name calls from the task's registers failed \
+                 ({e:#}): trying again with the syscall tracepoints"
             );
             options.config.regs = RegsLayout::NONE;
             let (hooks, _) = support.plan_with_syscall_hooks(set, raw)?;
