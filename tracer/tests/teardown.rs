@@ -30,6 +30,34 @@ fn tracer_for(port: u16) -> common::Tracer {
     tracer
 }
 
+/// A listener of this process, traced by port, with one peer client connected in `mode` and
+/// accepted: the tracer, the peer, the server end and both ports. Bind `_listener` (not `..`,
+/// which drops it at once): while open, the listener lends the accepted socket its owner.
+struct Served {
+    _listener: TcpListener,
+    tracer: common::Tracer,
+    peer: Peer,
+    server: TcpStream,
+    port: u16,
+    peer_port: u16,
+}
+
+fn served_client(mode: &str) -> Served {
+    let (listener, port) = listener();
+    let tracer = tracer_for(port);
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, mode);
+    let (server, _) = listener.accept().unwrap();
+    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    Served {
+        _listener: listener,
+        tracer,
+        peer,
+        server,
+        port,
+        peer_port,
+    }
+}
+
 /// A tracer with `--pid` of `pid` (kernel events only), started and ready; and its ready line.
 fn tracer_for_pid(pid: impl std::fmt::Display) -> (common::Tracer, Value) {
     let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &pid.to_string()]);
@@ -50,12 +78,14 @@ fn graceful_close_is_attributed_on_both_ends() {
     if !common::require_root() {
         return;
     }
-    let (l, port) = listener();
-    let mut tracer = tracer_for(port);
-    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "wait-eof-close");
-    let (server, _) = l.accept().unwrap();
-    let info = peer.line();
-    let peer_port = info["lport"].as_u64().unwrap() as u16;
+    let Served {
+        mut tracer,
+        peer,
+        server,
+        port,
+        peer_port,
+        _listener,
+    } = served_client("wait-eof-close");
     let fd = server.as_raw_fd();
     drop(server); // this process closes first: FIN out
 
@@ -110,11 +140,14 @@ fn close_with_unread_data_is_a_reset_with_the_kernel_reason() {
     if !common::require_root() {
         return;
     }
-    let (l, port) = listener();
-    let mut tracer = tracer_for(port);
-    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "send-wait");
-    let (server, _) = l.accept().unwrap();
-    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    let Served {
+        mut tracer,
+        peer,
+        server,
+        port,
+        peer_port,
+        _listener,
+    } = served_client("send-wait");
     wait_readable(&server);
     drop(server); // one byte unread: RST
 
@@ -140,12 +173,14 @@ fn linger_zero_close_is_a_reset() {
     if !common::require_root() {
         return;
     }
-    let (l, port) = listener();
-    let mut tracer = tracer_for(port);
-    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "linger0-close");
-    let (mut server, _) = l.accept().unwrap();
-    let info = peer.line();
-    let peer_port = info["lport"].as_u64().unwrap() as u16;
+    let Served {
+        mut tracer,
+        peer,
+        mut server,
+        port,
+        peer_port,
+        _listener,
+    } = served_client("linger0-close");
     let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
     assert_eq!(close["pid"], peer.pid);
     assert_eq!(close["outcome"], "rst");
@@ -172,11 +207,14 @@ fn shutdown_write_is_reported_as_shutdown() {
     if !common::require_root() {
         return;
     }
-    let (l, port) = listener();
-    let mut tracer = tracer_for(port);
-    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "wait-eof-close");
-    let (server, _) = l.accept().unwrap();
-    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    let Served {
+        mut tracer,
+        peer,
+        server,
+        port,
+        peer_port,
+        _listener,
+    } = served_client("wait-eof-close");
     server.shutdown(Shutdown::Write).unwrap();
     let close = tracer.wait_for(|v| is(v, "close", port, peer_port), WAIT);
     assert_eq!(close["syscall"], "shutdown");
@@ -196,11 +234,14 @@ fn close_range_is_reported_as_a_close() {
     if !common::require_root() {
         return;
     }
-    let (l, port) = listener();
-    let mut tracer = tracer_for(port);
-    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "wait-eof-close");
-    let (server, _) = l.accept().unwrap();
-    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    let Served {
+        mut tracer,
+        peer,
+        server,
+        port,
+        peer_port,
+        _listener,
+    } = served_client("wait-eof-close");
     let fd = std::os::fd::IntoRawFd::into_raw_fd(server) as libc::c_uint;
     // SAFETY: closes only the descriptor just taken out of `server`.
     let ret = unsafe { libc::syscall(libc::SYS_close_range, fd, fd, 0) };
@@ -285,11 +326,14 @@ fn process_exit_closes_are_attributed_to_the_exiting_process() {
     if !common::require_root() {
         return;
     }
-    let (l, port) = listener();
-    let mut tracer = tracer_for(port);
-    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "exit");
-    let (server, _) = l.accept().unwrap();
-    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    let Served {
+        mut tracer,
+        peer,
+        server,
+        port,
+        peer_port,
+        _listener,
+    } = served_client("exit");
     let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
     assert_eq!(close["pid"], peer.pid);
     assert_eq!(close["syscall"], "exit");
