@@ -30,6 +30,19 @@ fn tracer_for(port: u16) -> common::Tracer {
     tracer
 }
 
+/// A port number in a JSON line (a test helper's or the tracer's).
+fn port_of(v: &Value) -> u16 {
+    v.as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or_else(|| panic!("not a port: {v}"))
+}
+
+/// Stops the tracer and requires a normal exit.
+fn stops_cleanly(tracer: common::Tracer) {
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+}
+
 /// A listener of this process, traced by port, with one peer client connected in `mode` and
 /// accepted: the tracer, the peer, the server end and both ports. Bind `_listener` (not `..`,
 /// which drops it at once): while open, the listener lends the accepted socket its owner.
@@ -47,7 +60,7 @@ fn served_client(mode: &str) -> Served {
     let tracer = tracer_for(port);
     let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, mode);
     let (server, _) = listener.accept().unwrap();
-    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    let peer_port = port_of(&peer.line()["lport"]);
     Served {
         _listener: listener,
         tracer,
@@ -131,8 +144,7 @@ fn graceful_close_is_attributed_on_both_ends() {
     assert_eq!(last["pid"], me());
     assert_eq!(last["conn"], conn.as_str());
     peer.wait();
-    let out = tracer.stop();
-    assert!(out.status.success(), "{}", out.stderr);
+    stops_cleanly(tracer);
 }
 
 #[test]
@@ -306,7 +318,7 @@ fn a_peer_reset_is_rst_received_on_the_right_pid() {
         return;
     }
     let mut peer = Peer::spawn(None, "server", "127.0.0.1", 0, "linger0-close");
-    let port = peer.line()["listening"].as_u64().unwrap() as u16;
+    let port = port_of(&peer.line()["listening"]);
     let mut tracer = tracer_for(port);
     let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let my_port = client.local_addr().unwrap().port();
@@ -406,10 +418,7 @@ child.wait()
     let mut parent = Script::start(script, &[&port.to_string()]);
     let (server, _) = l.accept().unwrap();
     let info = parent.line();
-    let (child, lport) = (
-        info["child"].as_u64().unwrap(),
-        info["lport"].as_u64().unwrap() as u16,
-    );
+    let (child, lport) = (info["child"].as_u64().unwrap(), port_of(&info["lport"]));
     parent.go();
     let close = tracer.wait_for(|v| is(v, "close", lport, port), WAIT);
     assert_eq!(close["pid"], child, "{close}");
@@ -475,7 +484,7 @@ fn a_connection_opened_before_the_tracer_is_attributed() {
     let (l, port) = listener();
     let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "hold");
     let (server, _) = l.accept().unwrap();
-    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    let peer_port = port_of(&peer.line()["lport"]);
     // Started after the connection exists: only the /proc seed can know the peer owns it.
     let mut tracer = tracer_for(port);
     drop(server);
@@ -498,7 +507,7 @@ fn pid_filter_runs_in_the_kernel() {
     let (l, port) = listener();
     let mut a = Peer::spawn(None, "client", "127.0.0.1", port, "hold");
     let (a_server, _) = l.accept().unwrap();
-    let a_port = a.line()["lport"].as_u64().unwrap() as u16;
+    let a_port = port_of(&a.line()["lport"]);
     let (mut tracer, _) = tracer_for_pid(a.pid);
     let churned = churn(&l, port, 200);
     a.release();
@@ -572,8 +581,8 @@ fn a_forked_child_closing_what_a_traced_parent_accepted_is_reported() {
     let info = server.line();
     let (child, sport, cport) = (
         info["child"].as_u64().unwrap(),
-        info["sport"].as_u64().unwrap() as u16,
-        info["cport"].as_u64().unwrap() as u16,
+        port_of(&info["sport"]),
+        port_of(&info["cport"]),
     );
     let close = tracer.wait_for(|v| is(v, "close", sport, cport), WAIT);
     assert_eq!(close["pid"], child, "the child closed it: {close}");
@@ -593,8 +602,7 @@ fn a_forked_child_closing_what_a_traced_parent_accepted_is_reported() {
         WAIT,
     );
     server.succeeds();
-    let out = tracer.stop();
-    assert!(out.status.success(), "{}", out.stderr);
+    stops_cleanly(tracer);
 }
 
 /// The same hand-over, but the child never closes the socket: its exit does, and the line says
@@ -609,10 +617,7 @@ fn a_forked_childs_exit_closing_what_a_traced_parent_accepted_names_the_exit() {
     let (mut tracer, _) = tracer_for_pid(parent);
     server.go();
     let info = server.line();
-    let (sport, cport) = (
-        info["sport"].as_u64().unwrap() as u16,
-        info["cport"].as_u64().unwrap() as u16,
-    );
+    let (sport, cport) = (port_of(&info["sport"]), port_of(&info["cport"]));
     let close = tracer.wait_for(|v| is(v, "close", sport, cport), WAIT);
     assert_eq!(
         close["pid"], info["child"],
@@ -621,8 +626,7 @@ fn a_forked_childs_exit_closing_what_a_traced_parent_accepted_names_the_exit() {
     assert_eq!(close["syscall"], "exit", "{close}");
     assert_eq!(close["new_state"], "FIN_WAIT1", "{close}");
     server.succeeds();
-    let out = tracer.stop();
-    assert!(out.status.success(), "{}", out.stderr);
+    stops_cleanly(tracer);
 }
 
 /// A pre-forked server (nginx, Apache, PostgreSQL, gunicorn): it listens and forks a worker
@@ -663,7 +667,7 @@ fn a_preforked_worker_is_named_with_its_call_under_the_parents_pid() {
     let mut server = Script::start(PREFORKED_SERVER, &[]);
     let info = server.line();
     let (parent, worker) = (info["pid"].as_u64().unwrap(), &info["worker"]);
-    let port = info["port"].as_u64().unwrap() as u16;
+    let port = port_of(&info["port"]);
     let (mut tracer, ready) = tracer_for_pid(parent);
     assert!(
         ready["seeded"]["children"].as_u64() >= Some(1),
@@ -671,7 +675,7 @@ fn a_preforked_worker_is_named_with_its_call_under_the_parents_pid() {
     );
     server.go();
     let served = server.line();
-    let cport = served["cport"].as_u64().unwrap() as u16;
+    let cport = port_of(&served["cport"]);
     let fin = tracer.wait_for(|v| is(v, "fin_received", port, cport), WAIT);
     assert_eq!(&fin["pid"], worker, "the worker serves it: {fin}");
     assert_eq!(fin["owner"], "task", "{fin}");
@@ -680,8 +684,7 @@ fn a_preforked_worker_is_named_with_its_call_under_the_parents_pid() {
     assert_eq!(close["syscall"], "close", "{close}");
     assert_eq!(close["fd"], served["fd"], "{close}");
     server.succeeds();
-    let out = tracer.stop();
-    assert!(out.status.success(), "{}", out.stderr);
+    stops_cleanly(tracer);
 }
 
 /// Two pre-forked workers share their parent's listener. Worker B serves the first connection;
@@ -728,12 +731,12 @@ fn pid_of_one_worker_does_not_report_its_siblings_connections() {
     }
     let mut server = Script::start(TWO_WORKERS, &[]);
     let info = server.line();
-    let port = info["port"].as_u64().unwrap() as u16;
+    let port = port_of(&info["port"]);
     let a = info["a"].as_u64().unwrap();
     let (mut tracer, _) = tracer_for_pid(a);
     server.go();
-    let b_port = server.line()["b"].as_u64().unwrap() as u16;
-    let a_port = server.line()["a"].as_u64().unwrap() as u16;
+    let b_port = port_of(&server.line()["b"]);
+    let a_port = port_of(&server.line()["a"]);
     let close = tracer.wait_for(|v| is(v, "close", port, a_port), WAIT);
     assert_eq!(close["pid"], a, "{close}");
     server.succeeds();
@@ -785,10 +788,10 @@ fn a_listener_held_by_the_traced_processs_parent_still_names_the_owner() {
     }
     let mut server = Script::start(HANDED_DOWN_LISTENER, &[]);
     let info = server.line();
-    let (child, port) = (&info["child"], info["port"].as_u64().unwrap() as u16);
+    let (child, port) = (&info["child"], port_of(&info["port"]));
     let (mut tracer, _) = tracer_for_pid(child);
     server.go();
-    let cport = server.line()["cport"].as_u64().unwrap() as u16;
+    let cport = port_of(&server.line()["cport"]);
     let fin = tracer.wait_for(|v| is(v, "fin_received", port, cport), WAIT);
     assert_eq!(&fin["pid"], child, "{fin}");
     assert_eq!(fin["owner"], "listener", "{fin}");
@@ -969,8 +972,8 @@ fn transitions_agree_with_tcpstates() {
         .filter(|v| v["lport"] == port && v["old_state"].is_string() && v["event"] != "rst_sent")
         .map(|v| {
             (
-                v["lport"].as_u64().unwrap() as u16,
-                v["rport"].as_u64().unwrap() as u16,
+                port_of(&v["lport"]),
+                port_of(&v["rport"]),
                 v["old_state"].as_str().unwrap().to_string(),
                 v["new_state"].as_str().unwrap().to_string(),
                 v["duration_ns"].as_u64(),
@@ -1015,7 +1018,7 @@ fn an_accepted_socket_keeps_its_owner_after_the_listener_closes() {
     let mut tracer = tracer_for(port);
     let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "read-close");
     let (mut server, _) = l.accept().unwrap();
-    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    let peer_port = port_of(&peer.line()["lport"]);
     drop(l); // the listener that would lend its owner is gone
     server.write_all(b"y").unwrap(); // our first I/O on the socket; the peer reads it and closes
     peer.wait(); // its FIN reaches our socket in softirq
