@@ -459,22 +459,21 @@ pub fn tcp_close(ctx: ProbeContext) -> u32 {
         close_outside_calls(sk);
         return 0;
     }
-    let tid = current().tid;
+    let cur = current();
+    let entry = CALLS.get_ptr_mut(cur.tid);
     // SAFETY: this task's own entry.
-    match CALLS
-        .get_ptr_mut(tid)
-        .filter(|call| is_current(unsafe { &**call }))
-    {
+    match entry.filter(|call| is_current(unsafe { &**call })) {
         // SAFETY: as above.
         Some(call) => unsafe { (*call).claimed_sk = sk },
-        None => {
-            // close_range(), io_uring, or a dup'd fd's last close: a close with no known call.
-            begin(syscall::NONE, -1);
-            if let Some(call) = CALLS.get_ptr_mut(tid) {
-                // SAFETY: as above.
-                unsafe { (*call).claimed_sk = sk };
-            }
+        // close_range(), io_uring, or a dup'd fd's last close: a close with no known call.
+        None if records_calls_of(cur.pid) => {
+            record(
+                cur.tid,
+                entry,
+                &PendingCall::starting_now(syscall::NONE, -1, sk),
+            );
         }
+        None => {}
     }
     0
 }

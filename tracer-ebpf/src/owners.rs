@@ -182,6 +182,13 @@ pub fn may_concern_traced(
     if is_marked(&SEED_PORTS, u32::from(port)) {
         return true; // it may be a seeded connection: lookup_or_create looks in SEED
     }
+    has_traced_listener(family, port)
+}
+
+/// Whether the listener on (family, port) was recorded for a traced process: what it accepts
+/// inherits a traced owner.
+#[inline(always)]
+fn has_traced_listener(family: u16, port: u16) -> bool {
     listener_pid(family, port).is_some_and(pid_passes)
 }
 
@@ -377,8 +384,7 @@ fn io_seen(sk: u64, task: &IoTask, protocol: impl FnOnce() -> Option<u16>) {
 fn accepted_from_traced_listener(sk: u64) -> bool {
     SockFields::new(sk)
         .family_and_port()
-        .and_then(|(family, port)| listener_pid(family, port))
-        .is_some_and(pid_passes)
+        .is_some_and(|(family, port)| has_traced_listener(family, port))
 }
 
 #[inline(always)]
