@@ -24,9 +24,9 @@ use crate::{
     stats::Stats,
 };
 
-/// How long an abortive close waits for its RST event before going out without one.
-/// (On loopback the RST event comes after the peer has processed the RST: in a slow VM that
-/// took more than 5 ms.)
+/// How long an abortive close waits for its RST event before going out without one, counted
+/// from when the daemon read the close (see `Pipeline::reading_at`). (On loopback the RST
+/// event comes after the peer has processed the RST: in a slow VM that took more than 5 ms.)
 const STAGE_NS: u64 = 20_000_000;
 /// Connections remembered after their last event, to name the owner of late packets (the
 /// peer's FIN reaching a socket in TIME_WAIT or FIN_WAIT2, retransmissions). A peer that
@@ -304,6 +304,8 @@ pub struct Pipeline {
     pcapng: Option<PcapngOut>,
     /// Without packet capture nothing waits for a packet: lines go out at once with `wire: null`.
     capturing: bool,
+    /// The daemon's clock when it last began reading the ring buffer.
+    read_at_ns: u64,
     /// What the joiner released, reused every turn.
     ready: Vec<Joined<PendingLine>>,
     pub clock: Clock,
@@ -328,10 +330,16 @@ impl Pipeline {
             metrics,
             pcapng: None,
             capturing: true,
+            read_at_ns: 0,
             ready: Vec::new(),
             clock: Clock::sample(),
             stats: Stats::default(),
         }
+    }
+
+    /// Says when the daemon begins reading a batch of kernel events (its monotonic clock).
+    pub fn reading_at(&mut self, now_ns: u64) {
+        self.read_at_ns = now_ns;
     }
 
     /// Takes one decoded kernel event.
@@ -350,7 +358,10 @@ impl Pipeline {
     fn close(&mut self, ev: KernelEvent) {
         let aborted = ev.new_state == tcp_state::CLOSE && ev.old_state != tcp_state::CLOSE;
         if aborted {
-            let staged_at = ev.mono_ns;
+            // Counted from the read, not from the event: the ring is read every tick (20 ms)
+            // or so, and a close read just before its RST was submitted would be overdue at
+            // once (seen in a loaded VM: the close and a separate `rst_sent` line).
+            let staged_at = ev.mono_ns.max(self.read_at_ns);
             let conn = ev.conn_id;
             let line = line("close", ev, false);
             if let Some(previous) = self.staged.insert(conn, Staged { line, staged_at }) {
@@ -953,6 +964,38 @@ mod tests {
         assert_eq!(out[0]["reason"], "TCP_ABORT_ON_CLOSE");
         assert_eq!(out[0]["wire"]["delay_ns"], 9_000);
         assert_eq!(out[0]["wire"]["seq"], 42);
+    }
+
+    /// The ring is read a tick after the events: a close read just before its RST event was
+    /// submitted must still wait for it, counted from the read.
+    #[test]
+    fn an_abortive_close_read_late_still_waits_for_its_rst_event() {
+        let out = lines(|p, out| {
+            p.reading_at(130 * MS);
+            p.kernel_event(event(
+                EventKind::Close,
+                tcp_state::ESTABLISHED,
+                tcp_state::CLOSE,
+                100 * MS,
+                99,
+                None,
+            ));
+            p.poll(131 * MS, out);
+            p.reading_at(140 * MS);
+            p.kernel_event(event(
+                EventKind::RstSent,
+                tcp_state::CLOSE,
+                tcp_state::CLOSE,
+                100 * MS + 5_000,
+                99,
+                Some(11),
+            ));
+            p.packet(rst_packet(100 * MS + 9_000));
+        });
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0]["event"], "close");
+        assert_eq!(out[0]["outcome"], "rst");
+        assert_eq!(out[0]["reason"], "TCP_ABORT_ON_CLOSE");
     }
 
     /// python's http.server: shutdown(SHUT_WR), then close(2) before the peer's ACK.

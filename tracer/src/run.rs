@@ -381,6 +381,7 @@ fn drain_packets(rx: &mut Option<mpsc::Receiver<WirePacket>>, pipeline: &mut Pip
 }
 
 fn drain_ring(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
+    pipeline.reading_at(now_mono_ns());
     while let Some(item) = ring.next() {
         if let Some(ev) = KernelEvent::decode(&item) {
             pipeline.kernel_event(ev);
