@@ -143,7 +143,10 @@ pub struct ResetLayout {
     pub sockaddr_daddr: u16,
     /// As in `TupleLayout`.
     pub record_len: u16,
-    pub _pad: [u16; 2],
+    /// `skbaddr`: the segment a reset answers (its addresses name the connection when the
+    /// socket that answers is a listener).
+    pub skbaddr: u16,
+    pub _pad: u16,
     pub tuple: TupleLayout,
 }
 
@@ -180,6 +183,29 @@ impl SockLayout {
         v6_daddr: NONE,
         protocol: NONE,
         protocol_size: 0,
+        _pad: 0,
+    };
+}
+
+/// Where a received segment's headers are, from the kernel's BTF (`struct sk_buff`): a RST a
+/// listener sends names no connection of its own, and the segment it answers does. All NONE
+/// where the BTF does not say.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SkbLayout {
+    pub head: u16,
+    /// `data`: at the TCP header once TCP receives the segment.
+    pub data: u16,
+    /// `network_header`: the IP header's offset from `head`.
+    pub network_header: u16,
+    pub _pad: u16,
+}
+
+impl SkbLayout {
+    pub const NONE: Self = Self {
+        head: NONE,
+        data: NONE,
+        network_header: NONE,
         _pad: 0,
     };
 }
@@ -302,6 +328,8 @@ pub struct Config {
     pub fd: FdLayout,
     /// For calls named from the closing task's registers instead of syscall tracepoints.
     pub regs: RegsLayout,
+    /// For resets sent by a listener.
+    pub skb: SkbLayout,
     /// The loopback interface's index in the daemon's network namespace (0: none). A capture on
     /// `any` sees every loopback packet twice, leaving and arriving; the `--pid` capture filter
     /// drops the leaving copy before reading a byte of it.
@@ -335,7 +363,8 @@ impl Config {
                 sockaddr_saddr: NONE,
                 sockaddr_daddr: NONE,
                 record_len: 0,
-                _pad: [0; 2],
+                skbaddr: NONE,
+                _pad: 0,
                 tuple: T,
             },
             close_fd: NONE,
@@ -355,6 +384,7 @@ impl Config {
             sock: SockLayout::NONE,
             fd: FdLayout::NONE,
             regs: RegsLayout::NONE,
+            skb: SkbLayout::NONE,
             loopback_ifindex: 0,
         }
     }

@@ -195,7 +195,7 @@ fn has_traced_listener(family: u16, port: u16) -> bool {
 /// The owner recorded for the listener on (family, port), if any. Looked up only on a port
 /// that ever had one (LISTEN_PORTS): most sockets' ports never did.
 #[inline(always)]
-fn listener_owner(family: u16, port: u16) -> Option<SeedOwner> {
+pub fn listener_owner(family: u16, port: u16) -> Option<SeedOwner> {
     if !is_marked(&LISTEN_PORTS, u32::from(port)) {
         return None;
     }

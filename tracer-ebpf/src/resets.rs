@@ -7,17 +7,19 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    AF_INET, AF_INET6, EventKind, NONE, ResetLayout, SockEvent, TupleLayout, counter, owner_source,
-    tcp_state,
+    AF_INET, AF_INET6, EventKind, NONE, ResetLayout, SkbLayout, SockEvent, TupleLayout, counter,
+    owner_source, tcp_state,
 };
 
 use crate::{
     calls::{Context, call_acting_on},
     capture_filter::is_watched,
-    emit::{CLASSIC_SLOT, Record, count, empty_event, noop, submit_socket, submit_unowned},
+    emit::{
+        CLASSIC_SLOT, Record, count, empty_event, kernel_read, noop, submit_socket, submit_unowned,
+    },
     owners::{
-        current, fill_owner, keep_unowned, lookup_or_create, may_concern_traced, note_traced,
-        sock_entry,
+        current, fill_owner, keep_unowned, listener_owner, lookup_or_create, may_concern_traced,
+        note_traced, sock_entry,
     },
     setting,
     state::{RecordFields, SockFields, TupleSource, family_and_port, read_tuple},
@@ -90,6 +92,11 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
         .get::<u32>(layout.reason)
         .map(|r| r as i32)
         .unwrap_or(-1);
+    if state == tcp_state::LISTEN && sk != 0 {
+        attribute_listener_reset(&rec, &layout, &mut ev);
+        submit_socket(&ev, false, CLASSIC_SLOT); // with --pid, the listener's owner decides
+        return 0;
+    }
     let traced = attribute_reset(sk, state, &mut ev);
     if setting!(filter_pids) != 0 && unowned && ev.pid == 0 {
         if is_watched(&ev, CLASSIC_SLOT) {
@@ -118,6 +125,63 @@ fn may_concern_traced_reset(sk: u64, rec: &Record, layout: &ResetLayout) -> bool
             read_sockaddr(rec, layout.sockaddr_saddr).map(|(family, port, _)| (family, port))
         }
     })
+}
+
+/// A listener answers with a RST a segment of a connection it no longer has (gone from its
+/// time-wait form, after a restart): the classic reset of a pooled connection the server closed
+/// long ago. The segment's addresses, reversed, name that connection (the record has the
+/// listener's, with no remote end); the listener's owner is the owner, and the daemon finds
+/// the connection by its addresses if it still remembers it.
+#[inline(always)]
+fn attribute_listener_reset(rec: &Record, layout: &ResetLayout, ev: &mut SockEvent) {
+    let (family, port) = (ev.family, ev.lport);
+    if let Some(skb) = rec.get::<u64>(layout.skbaddr) {
+        // Without the segment's headers the listener's own addresses stay.
+        let _ = read_answered_tuple(skb, ev);
+    }
+    if let Some(owner) = listener_owner(family, port) {
+        ev.pid = owner.pid;
+        ev.tid = owner.tid;
+        ev.comm = owner.comm;
+        ev.owner_source = owner_source::LISTENER;
+    }
+}
+
+/// The addresses of the segment `skb` (at TCP, its data at the TCP header), reversed: this
+/// host's end first. An IPv4 segment to an IPv6 listener shows as IPv4-mapped, as that
+/// listener's connections do.
+#[inline(always)]
+fn read_answered_tuple(skb: u64, ev: &mut SockEvent) -> Option<()> {
+    let layout: SkbLayout = setting!(skb);
+    let head: u64 = kernel_read(skb, layout.head)?;
+    let tcp: u64 = kernel_read(skb, layout.data)?;
+    let network: u16 = kernel_read(skb, layout.network_header)?;
+    let ports: [u8; 4] = kernel_read(tcp, 0)?;
+    let ip = head + u64::from(network);
+    let version: u8 = kernel_read::<u8>(ip, 0)? >> 4;
+    let (mut laddr, mut raddr) = ([0u8; 16], [0u8; 16]);
+    if version == 4 {
+        let addrs: [u8; 8] = kernel_read(ip, 12)?;
+        let at = if ev.family == AF_INET6 {
+            laddr[10..12].copy_from_slice(&[0xff, 0xff]);
+            raddr[10..12].copy_from_slice(&[0xff, 0xff]);
+            12
+        } else {
+            0
+        };
+        raddr[at..at + 4].copy_from_slice(&addrs[..4]);
+        laddr[at..at + 4].copy_from_slice(&addrs[4..]);
+    } else if version == 6 {
+        raddr = kernel_read(ip, 8)?;
+        laddr = kernel_read(ip, 24)?;
+    } else {
+        return None;
+    }
+    ev.laddr = laddr;
+    ev.raddr = raddr;
+    ev.rport = u16::from_be_bytes([ports[0], ports[1]]);
+    ev.lport = u16::from_be_bytes([ports[2], ports[3]]);
+    Some(())
 }
 
 /// Fills owner, conn and the close call (if this reset is part of one) for a sent reset;

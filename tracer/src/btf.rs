@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tracer_common::{FdLayout, RegsLayout, SockLayout};
+use tracer_common::{FdLayout, RegsLayout, SkbLayout, SockLayout};
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -43,6 +43,7 @@ const STRUCTS: &[&str] = &[
     "file",
     "socket",
     "pt_regs",
+    "sk_buff",
 ];
 const SOCK: usize = 0;
 const SOCK_COMMON: usize = 1;
@@ -53,6 +54,7 @@ const FDTABLE: usize = 5;
 const FILE: usize = 6;
 const SOCKET: usize = 7;
 const PT_REGS: usize = 8;
+const SK_BUFF: usize = 9;
 
 /// `struct pt_regs`' syscall number and first argument, by architecture (the first argument's
 /// own register is overwritten by the return value; these keep it).
@@ -85,6 +87,9 @@ const MEMBERS: &[&str] = &[
     "syscallno",
     "orig_x0",
     "flags",
+    "head",
+    "data",
+    "network_header",
 ];
 
 /// How many names are looked up: the structs, then the members.
@@ -102,6 +107,8 @@ pub struct Layouts {
     pub fd: Result<FdLayout, String>,
     /// For calls named from the task's registers (syscall numbers not filled in).
     pub regs: Result<RegsLayout, String>,
+    /// For the segment a listener's reset answers.
+    pub skb: Result<SkbLayout, String>,
 }
 
 /// Reads the offsets of the fields the programs need.
@@ -114,11 +121,13 @@ pub fn layouts(path: &Path) -> Layouts {
             sock: btf.sock_layout().map_err(|e| format!("{e:#}")),
             fd: btf.fd_layout().map_err(|e| format!("{e:#}")),
             regs: btf.regs_layout().map_err(|e| format!("{e:#}")),
+            skb: btf.skb_layout().map_err(|e| format!("{e:#}")),
         },
         Err(e) => Layouts {
             sock: Err(format!("{e:#}")),
             fd: Err(format!("{e:#}")),
             regs: Err(format!("{e:#}")),
+            skb: Err(format!("{e:#}")),
         },
     }
 }
@@ -263,6 +272,16 @@ impl Btf {
             file_private_data: self.byte_offset(file, "private_data")?,
             socket_sk: self.byte_offset(socket, "sk")?,
             socket_file: self.byte_offset(socket, "file")?,
+            _pad: 0,
+        })
+    }
+
+    fn skb_layout(&self) -> anyhow::Result<SkbLayout> {
+        let skb = self.struct_id(SK_BUFF)?;
+        Ok(SkbLayout {
+            head: self.byte_offset(skb, "head")?,
+            data: self.byte_offset(skb, "data")?,
+            network_header: self.byte_offset(skb, "network_header")?,
             _pad: 0,
         })
     }
@@ -476,7 +495,8 @@ mod tests {
         let found = layouts(&path);
         std::fs::remove_file(&path).unwrap();
         let regs = found.regs.unwrap_err();
-        for err in [found.sock.unwrap_err(), found.fd.unwrap_err(), regs] {
+        let skb = found.skb.unwrap_err();
+        for err in [found.sock.unwrap_err(), found.fd.unwrap_err(), regs, skb] {
             assert!(err.contains("not BTF"), "{err}");
         }
     }
@@ -498,6 +518,21 @@ mod tests {
             fd.task_files
         );
         assert!(fd.file_private_data > 0 && fd.files_fdt > 0);
+    }
+
+    /// `struct sk_buff` keeps `head` and `data` side by side after its headers group, with
+    /// `network_header` among the u16 offsets before them.
+    #[test]
+    fn reads_the_segment_headers_from_this_kernels_btf() {
+        let Some(found) = this_kernels_layouts() else {
+            return;
+        };
+        let skb = found.skb.unwrap();
+        assert_eq!(skb.data, skb.head + 8, "{skb:?}");
+        assert!(
+            skb.network_header > 100 && skb.network_header < skb.head,
+            "{skb:?}"
+        );
     }
 
     /// x86-64's `struct pt_regs` is user-visible ABI (asm/ptrace.h): di is the 15th word,

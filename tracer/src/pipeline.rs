@@ -154,6 +154,9 @@ impl ConnTable {
         match ev.kind {
             EventKind::FinReceived => info.fin_received = true,
             EventKind::RstReceived => info.rst_received = true,
+            // The listener answered for it: our time-wait form is gone (its FIN_WAIT2 timeout
+            // passed), and a FIN the peer sends now reaches no socket of ours.
+            EventKind::RstSent if ev.old_state == tcp_state::LISTEN => info.timewait_since = None,
             _ if ev.old_state == tcp_state::FIN_WAIT2 && ev.new_state == tcp_state::CLOSE => {
                 info.timewait_since = Some(ev.mono_ns);
                 if info.awaits_peer() {
@@ -179,10 +182,11 @@ impl ConnTable {
             ev.remote = info.remote;
             ev.family = info.family;
         }
-        // A RST sent by a TIME_WAIT mini socket: the kernel has no owner for it, but the
-        // connection it belonged to was seen, with its owner, moments before.
+        // A RST sent by a TIME_WAIT mini socket, or by a listener for a connection gone from
+        // it: the kernel has no owner for it, but the connection it belonged to may have been
+        // seen, with its owner.
         if ev.conn_id == 0
-            && ev.old_state == tcp_state::TIME_WAIT
+            && matches!(ev.old_state, tcp_state::TIME_WAIT | tcp_state::LISTEN)
             && let Some(&id) = self.by_tuple.get(&addr_key(ev.local, ev.remote))
             && let Some(info) = self.by_id.get(&id)
         {

@@ -9,7 +9,7 @@ use aya::{
     maps::HashMap as BpfHashMap,
     programs::{KProbe, RawTracePoint, SocketFilter, TracePoint},
 };
-use tracer_common::{Config, FdLayout, RegsLayout, SockLayout};
+use tracer_common::{Config, FdLayout, RegsLayout, SkbLayout, SockLayout};
 
 use crate::{
     btf,
@@ -310,6 +310,9 @@ pub struct KernelSupport {
     /// Where a task's saved registers keep its syscall, or why calls cannot be named from
     /// them (then the syscall tracepoints are attached).
     pub regs: Result<RegsLayout, String>,
+    /// Where a segment's headers are, or why that is not known (then a reset a listener sends
+    /// shows the listener's own addresses).
+    pub skb: Result<SkbLayout, String>,
     pub kprobes: bool,
     pub formats: Formats,
 }
@@ -348,6 +351,7 @@ impl KernelSupport {
             btf: Path::new(btf::VMLINUX).exists(),
             sock: layouts.sock,
             fd: layouts.fd,
+            skb: layouts.skb,
             kprobes: kprobes_available(),
             formats,
         })
@@ -764,6 +768,7 @@ mod tests {
             sock: Err("not read in tests".into()),
             fd: Err("not read in tests".into()),
             regs: Err("not read in tests".into()),
+            skb: Err("not read in tests".into()),
             kprobes: false,
             formats: Formats {
                 present: present.iter().map(|s| s.to_string()).collect(),

@@ -104,6 +104,13 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         ),
         _ => {}
     }
+    match &support.skb {
+        Ok(layout) => config.skb = *layout,
+        Err(why) => eprintln!(
+            "tracer: the kernel's BTF gave no struct sk_buff layout ({why}): a RST a listener \
+             sends (a segment for a connection already gone) shows the listener's addresses"
+        ),
+    }
     config.filter_pids = u8::from(!settings.pids.is_empty());
     if settings.pids.len() <= config.inline_pids.len() {
         config.inline_pids[..settings.pids.len()].copy_from_slice(&settings.pids);

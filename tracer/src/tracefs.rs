@@ -232,7 +232,8 @@ pub fn reset_layout(format: &Format) -> ResetLayout {
         sockaddr_saddr,
         sockaddr_daddr,
         record_len: format.record_len(),
-        _pad: [0; 2],
+        skbaddr: format.offset("skbaddr"),
+        _pad: 0,
         tuple,
     }
 }

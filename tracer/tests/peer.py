@@ -16,6 +16,8 @@ lets a server pick a port; it then prints {"listening": port} first), then follo
     send-wait        send one byte, then wait for stdin to close, then close
     hold             keep the socket open until stdin closes, then close
     close-hold       close at once, then stay alive until stdin closes
+    close-linger2-hold   as close-hold, with TCP_LINGER2 of 1 s: the socket's FIN_WAIT2 (its
+                     time-wait form) ends after 1 s instead of tcp_fin_timeout's 60
     exit             send one byte and exit without closing (the kernel closes at exit)
 """
 import json
@@ -63,6 +65,10 @@ def behave(sock, behaviour):
         wait_stdin_closed()
         sock.close()
     elif behaviour == "close-hold":
+        sock.close()
+        wait_stdin_closed()
+    elif behaviour == "close-linger2-hold":
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_LINGER2, 1)
         sock.close()
         wait_stdin_closed()
     elif behaviour == "exit":

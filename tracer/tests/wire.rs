@@ -670,6 +670,50 @@ fn pid_trace_keeps_the_rst_a_closed_servers_time_wait_socket_sends() {
     );
 }
 
+/// Later still: the client never closed (CLOSE_WAIT), and the server's socket outlived its
+/// FIN_WAIT2 timeout (TCP_LINGER2 of 1 s here; tcp_fin_timeout, 60 s, by default), so nothing
+/// of that connection is left in the server's kernel. The client's FIN then reaches the
+/// listener, which answers with a RST: the classic reset of a pooled connection the server
+/// closed long ago. It is reported on the server's connection (the segment's addresses, not
+/// the listener's, which have no remote end), and no `fin_received` is derived for a
+/// time-wait socket that is gone.
+#[test]
+fn pid_trace_reports_the_rst_a_listener_sends_past_the_fin_wait2_timeout() {
+    if !common::require_root() {
+        return;
+    }
+    let TracedServer {
+        server,
+        server_port,
+        mut tracer,
+        mut client,
+        client_port: my_port,
+    } = TracedServer::start("close-linger2-hold", &["-i", "lo"], WAIT);
+    let mut buf = [0u8; 16];
+    assert_eq!(client.read(&mut buf).unwrap(), 0, "the server closed");
+    let close = tracer.wait_for(|v| is(v, "close", server_port, my_port), WAIT);
+    std::thread::sleep(Duration::from_millis(2500)); // the 1 s FIN_WAIT2 timeout passes
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let rst = tracer.wait_for(|v| is(v, "rst_sent", server_port, my_port), WAIT);
+    check_wire(&rst, "RST", "out");
+    assert_eq!(rst["old_state"], "LISTEN", "{rst}");
+    assert_eq!(rst["pid"], server.pid, "{rst}");
+    assert_eq!(rst["owner"], "connection", "{rst}");
+    assert_eq!(rst["conn"], close["conn"], "{rst}");
+    assert_eq!(rst["raddr"], "127.0.0.1", "{rst}");
+    server.wait();
+    let out = tracer.stop();
+    let derived: Vec<&Value> = out
+        .lines
+        .iter()
+        .filter(|v| is(v, "fin_received", server_port, my_port))
+        .collect();
+    assert!(
+        derived.is_empty(),
+        "no socket received that FIN: {derived:?}"
+    );
+}
+
 /// Traces a server with `--pid`; it closes its connection, the client writes `after` the
 /// server's FIN arrived. Returns the server's `rst_sent` line (its wire packet checked) and
 /// the server's pid.
