@@ -104,6 +104,12 @@ impl ConnInfo {
     }
 }
 
+/// Whether a RST sent in this state answered for a connection the host no longer has a socket
+/// of: a listener's, or one for a segment that matched no socket (state 0, unknown).
+fn answered_without_its_socket(state: u8) -> bool {
+    matches!(state, 0 | tcp_state::LISTEN)
+}
+
 /// Connections by conn id and by address pair.
 #[derive(Default)]
 struct ConnTable {
@@ -154,9 +160,11 @@ impl ConnTable {
         match ev.kind {
             EventKind::FinReceived => info.fin_received = true,
             EventKind::RstReceived => info.rst_received = true,
-            // The listener answered for it: our time-wait form is gone (its FIN_WAIT2 timeout
-            // passed), and a FIN the peer sends now reaches no socket of ours.
-            EventKind::RstSent if ev.old_state == tcp_state::LISTEN => info.timewait_since = None,
+            // The listener (or no socket) answered for it: our time-wait form is gone (its
+            // FIN_WAIT2 timeout passed), and a FIN the peer sends now reaches no socket of ours.
+            EventKind::RstSent if answered_without_its_socket(ev.old_state) => {
+                info.timewait_since = None
+            }
             _ if ev.old_state == tcp_state::FIN_WAIT2 && ev.new_state == tcp_state::CLOSE => {
                 info.timewait_since = Some(ev.mono_ns);
                 if info.awaits_peer() {
@@ -182,11 +190,13 @@ impl ConnTable {
             ev.remote = info.remote;
             ev.family = info.family;
         }
-        // A RST sent by a TIME_WAIT mini socket, or by a listener for a connection gone from
-        // it: the kernel has no owner for it, but the connection it belonged to may have been
-        // seen, with its owner.
+        // A RST sent by a TIME_WAIT mini socket, by a listener or by no socket at all for a
+        // connection gone from it: the kernel has no owner for it, but the connection it
+        // belonged to may have been seen, with its owner.
+        let unowned_reset = ev.old_state == tcp_state::TIME_WAIT
+            || (ev.kind == EventKind::RstSent && answered_without_its_socket(ev.old_state));
         if ev.conn_id == 0
-            && matches!(ev.old_state, tcp_state::TIME_WAIT | tcp_state::LISTEN)
+            && unowned_reset
             && let Some(&id) = self.by_tuple.get(&addr_key(ev.local, ev.remote))
             && let Some(info) = self.by_id.get(&id)
         {
@@ -1364,6 +1374,40 @@ mod tests {
         assert_eq!(rst["pid"], 7);
         assert_eq!(rst["owner"], "connection");
         assert_eq!(rst["conn"], "0000000000000abc");
+    }
+
+    /// Once our time-wait socket has expired (the FIN_WAIT2 timeout), the peer's segments
+    /// reach the listener, or no socket: that RST is the connection's, and the peer's FIN that
+    /// drew it reached no socket of ours (no fin_received derived from the wire).
+    #[test]
+    fn a_rst_for_a_connection_past_its_time_wait_form_is_its_and_ends_it() {
+        for (state, owner) in [
+            (tcp_state::LISTEN, Owner::Unknown("listener")),
+            (0, Owner::Unknown("no socket")),
+        ] {
+            let out = lines(|p, out| {
+                p.kernel_event(gone_to_time_wait(100 * MS));
+                p.packet(WirePacket {
+                    dir: Dir::In,
+                    ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 9, 3_000 * MS)
+                });
+                let mut rst = event(
+                    EventKind::RstSent,
+                    state,
+                    state,
+                    3_000 * MS + 20_000,
+                    0,
+                    None,
+                );
+                rst.conn_id = 0;
+                rst.owner = owner;
+                p.kernel_event(rst);
+                p.poll(5_000 * MS, out);
+            });
+            assert_eq!(names(&out), ["state", "rst_sent", "packet"], "{out:?}");
+            assert_eq!(out[1]["owner"], "connection", "{out:?}");
+            assert_eq!(out[1]["conn"], "0000000000000abc", "{out:?}");
+        }
     }
 
     #[test]
