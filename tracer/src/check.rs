@@ -31,6 +31,10 @@ struct Report {
     /// Why calls are not named from the task's registers on this kernel (then the syscall
     /// tracepoints are attached), when they are not.
     registers_unusable: Option<String>,
+    /// Whose addresses a RST sent by a listener shows: "the segment's addresses" (it answers
+    /// a segment of a connection already gone), or the listener's own when the BTF has no
+    /// `struct sk_buff` layout (with why).
+    listener_resets: String,
     probe_mode: ProbeMode,
     /// The probes `tracer` would attach with this mode.
     would_attach: Option<Vec<String>>,
@@ -56,6 +60,10 @@ struct TracepointReport {
 }
 
 pub fn run(json: bool, mode: ProbeMode) -> anyhow::Result<ExitCode> {
+    // A report piped into `head` ends quietly, as other tools' do, not with a panic on EPIPE.
+    // (Only here: while tracing, a consumer gone is noticed and reported by the writer.)
+    // SAFETY: setting a signal's disposition to its default has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let report = build(mode);
     if json {
         println!("{}", serde_json::to_string(&report)?);
@@ -134,6 +142,10 @@ fn build(mode: ProbeMode) -> Report {
             "first socket moved"
         },
         registers_unusable: support.regs.as_ref().err().cloned(),
+        listener_resets: match &support.skb {
+            Ok(_) => "the segment's addresses".to_string(),
+            Err(why) => format!("the listener's own addresses (no struct sk_buff layout: {why})"),
+        },
         probe_mode: mode,
         would_attach: plan.ok(),
         problem: (!problem.is_empty()).then(|| problem.join("; ")),
@@ -168,6 +180,7 @@ fn print_human(r: &Report) {
             .as_ref()
             .map_or(String::new(), |why| format!(" (not the registers: {why})"))
     );
+    println!("listener RSTs show {}", r.listener_resets);
     println!(
         "privileges    euid {}{}",
         r.privileges.euid,

@@ -119,6 +119,16 @@ fn check_reports_what_auto_would_attach() {
         "tracepoint:sock:inet_sock_set_state"
     };
     assert!(attach.iter().any(|p| p == set_state), "{attach:?}");
+    // With BTF, a listener's RST is read with the addresses of the segment it answers.
+    let listener_resets = report["listener_resets"].as_str().unwrap();
+    if std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        assert_eq!(listener_resets, "the segment's addresses");
+    } else {
+        assert!(
+            listener_resets.starts_with("the listener's own"),
+            "{listener_resets}"
+        );
+    }
     let out = Command::new(TRACER)
         .args(["check", "--json", "--probes", "tracepoint"])
         .output()
