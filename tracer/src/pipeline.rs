@@ -908,6 +908,38 @@ mod tests {
         }
     }
 
+    /// An abortive close (call 99) at 100 ms, and the RST event of the same call 5 µs later
+    /// (reason 11: TCP_ABORT_ON_CLOSE).
+    fn abortive_close() -> KernelEvent {
+        event(
+            EventKind::Close,
+            tcp_state::ESTABLISHED,
+            tcp_state::CLOSE,
+            100 * MS,
+            99,
+            None,
+        )
+    }
+
+    fn its_rst() -> KernelEvent {
+        event(
+            EventKind::RstSent,
+            tcp_state::CLOSE,
+            tcp_state::CLOSE,
+            100 * MS + 5_000,
+            99,
+            Some(11),
+        )
+    }
+
+    /// The close and its RST came out as one line.
+    fn assert_one_close_with_its_rst(out: &[serde_json::Value]) {
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0]["event"], "close");
+        assert_eq!(out[0]["outcome"], "rst");
+        assert_eq!(out[0]["reason"], "TCP_ABORT_ON_CLOSE");
+    }
+
     fn rst_packet(mono: u64) -> WirePacket {
         WirePacket {
             mono_ns: mono,
@@ -954,28 +986,11 @@ mod tests {
     #[test]
     fn an_abortive_close_and_its_rst_event_make_one_line() {
         let out = lines(|p, _| {
-            p.kernel_event(event(
-                EventKind::Close,
-                tcp_state::ESTABLISHED,
-                tcp_state::CLOSE,
-                100 * MS,
-                99,
-                None,
-            ));
-            p.kernel_event(event(
-                EventKind::RstSent,
-                tcp_state::CLOSE,
-                tcp_state::CLOSE,
-                100 * MS + 5_000,
-                99,
-                Some(11),
-            ));
+            p.kernel_event(abortive_close());
+            p.kernel_event(its_rst());
             p.packet(rst_packet(100 * MS + 9_000));
         });
-        assert_eq!(out.len(), 1, "{out:?}");
-        assert_eq!(out[0]["event"], "close");
-        assert_eq!(out[0]["outcome"], "rst");
-        assert_eq!(out[0]["reason"], "TCP_ABORT_ON_CLOSE");
+        assert_one_close_with_its_rst(&out);
         assert_eq!(out[0]["wire"]["delay_ns"], 9_000);
         assert_eq!(out[0]["wire"]["seq"], 42);
     }
@@ -986,30 +1001,13 @@ mod tests {
     fn an_abortive_close_read_late_still_waits_for_its_rst_event() {
         let out = lines(|p, out| {
             p.reading_at(130 * MS);
-            p.kernel_event(event(
-                EventKind::Close,
-                tcp_state::ESTABLISHED,
-                tcp_state::CLOSE,
-                100 * MS,
-                99,
-                None,
-            ));
+            p.kernel_event(abortive_close());
             p.poll(131 * MS, out);
             p.reading_at(140 * MS);
-            p.kernel_event(event(
-                EventKind::RstSent,
-                tcp_state::CLOSE,
-                tcp_state::CLOSE,
-                100 * MS + 5_000,
-                99,
-                Some(11),
-            ));
+            p.kernel_event(its_rst());
             p.packet(rst_packet(100 * MS + 9_000));
         });
-        assert_eq!(out.len(), 1, "{out:?}");
-        assert_eq!(out[0]["event"], "close");
-        assert_eq!(out[0]["outcome"], "rst");
-        assert_eq!(out[0]["reason"], "TCP_ABORT_ON_CLOSE");
+        assert_one_close_with_its_rst(&out);
     }
 
     /// python's http.server: shutdown(SHUT_WR), then close(2) before the peer's ACK.
@@ -1308,14 +1306,7 @@ mod tests {
     #[test]
     fn without_its_rst_event_the_wire_gives_the_outcome() {
         let out = lines(|p, _| {
-            p.kernel_event(event(
-                EventKind::Close,
-                tcp_state::ESTABLISHED,
-                tcp_state::CLOSE,
-                100 * MS,
-                99,
-                None,
-            ));
+            p.kernel_event(abortive_close());
             p.packet(rst_packet(100 * MS + 9_000));
         });
         assert_eq!(out.len(), 1, "{out:?}");
@@ -1413,14 +1404,7 @@ mod tests {
     #[test]
     fn a_rst_of_another_call_is_its_own_line() {
         let out = lines(|p, _| {
-            p.kernel_event(event(
-                EventKind::Close,
-                tcp_state::ESTABLISHED,
-                tcp_state::CLOSE,
-                100 * MS,
-                99,
-                None,
-            ));
+            p.kernel_event(abortive_close());
             p.kernel_event(event(
                 EventKind::RstSent,
                 tcp_state::CLOSE,
