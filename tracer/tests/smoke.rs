@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::is;
+
 use std::{
     io::{Read, Write},
     time::Duration,
@@ -14,11 +16,6 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(10);
 /// Loading and attaching the programs and opening the capture; generous for a busy CI machine.
 const READY: Duration = Duration::from_secs(30);
-
-/// A socket event of kind `event` on the socket whose local port is `lport`.
-fn is(v: &Value, event: &str, lport: u16, rport: u16) -> bool {
-    v["event"] == event && v["lport"] == lport && v["rport"] == rport
-}
 
 #[test]
 fn a_graceful_loopback_close_is_reported_on_both_ends() {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Peer, reset_burst, wait_readable};
+use common::{Peer, is, reset_burst, wait_readable};
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -76,10 +76,6 @@ fn tracer_for_pid(pid: impl std::fmt::Display) -> (common::Tracer, Value) {
     let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &pid.to_string()]);
     let ready = tracer.wait_ready(WAIT);
     (tracer, ready)
-}
-
-fn is(v: &Value, event: &str, lport: u16, rport: u16) -> bool {
-    v["event"] == event && v["lport"] == lport && v["rport"] == rport
 }
 
 fn me() -> u32 {
@@ -297,11 +293,7 @@ fn a_move_of_another_socket_inside_a_close_is_not_that_close() {
     drop(client);
     std::thread::sleep(Duration::from_millis(200));
     let out = tracer.stop();
-    let client_closes: Vec<&Value> = out
-        .lines
-        .iter()
-        .filter(|v| is(v, "close", client_port, port))
-        .collect();
+    let client_closes = out.lines_of("close", client_port, port);
     assert_eq!(client_closes.len(), 1, "{client_closes:?}");
     assert_eq!(client_closes[0]["syscall"], "shutdown");
     assert!(

@@ -11,14 +11,10 @@ use std::{
     time::Duration,
 };
 
-use common::{NetnsPeer, Peer, Tcpdump, TracedServer, Tracer, set_linger_zero, wait_readable};
+use common::{NetnsPeer, Peer, Tcpdump, TracedServer, Tracer, is, set_linger_zero, wait_readable};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn is(v: &Value, event: &str, lport: u16, rport: u16) -> bool {
-    v["event"] == event && v["lport"] == lport && v["rport"] == rport
-}
 
 /// Checks a `wire` object: flags, direction, a sane delay, and a sequence number.
 fn check_wire(v: &Value, flag: &str, dir: &str) -> (u64, String) {
@@ -703,11 +699,7 @@ fn pid_trace_reports_the_rst_a_listener_sends_past_the_fin_wait2_timeout() {
     assert_eq!(rst["raddr"], "127.0.0.1", "{rst}");
     server.wait();
     let out = tracer.stop();
-    let derived: Vec<&Value> = out
-        .lines
-        .iter()
-        .filter(|v| is(v, "fin_received", server_port, my_port))
-        .collect();
+    let derived = out.lines_of("fin_received", server_port, my_port);
     assert!(
         derived.is_empty(),
         "no socket received that FIN: {derived:?}"

@@ -13,6 +13,8 @@ mod tracer;
 
 use std::process::Command;
 
+use serde_json::Value;
+
 pub use netns::{NetnsPair, NetnsPeer, in_netns};
 pub use peer::Peer;
 pub use tcp::{
@@ -22,6 +24,11 @@ pub use tcp::{
 pub use tcpdump::{Segment, Tcpdump, parse_segment};
 pub use traced_server::TracedServer;
 pub use tracer::{Stopped, Tracer};
+
+/// Whether `v` is an `event` line of the socket (lport, rport).
+pub fn is(v: &Value, event: &str, lport: u16, rport: u16) -> bool {
+    v["event"] == event && v["lport"] == lport && v["rport"] == rport
+}
 
 /// Whether this test may run: as root, yes; otherwise it skips with a message, except under
 /// CI (CI=true), where a skipped kernel test would hide a broken setup.

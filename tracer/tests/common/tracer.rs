@@ -34,6 +34,16 @@ pub struct Stopped {
     pub status: ExitStatus,
 }
 
+impl Stopped {
+    /// The `event` lines of the socket (lport, rport), in order.
+    pub fn lines_of(&self, event: &str, lport: u16, rport: u16) -> Vec<&Value> {
+        self.lines
+            .iter()
+            .filter(|v| super::is(v, event, lport, rport))
+            .collect()
+    }
+}
+
 impl Tracer {
     /// Starts `tracer ARGS` with stdin closed and stdout and stderr piped.
     pub fn start(args: &[&str]) -> Self {
