@@ -105,7 +105,21 @@ pub struct SockEvent {
     pub new_state: u8,
     pub syscall: u8,
     pub owner_source: u8,
-    pub _pad: [u8; 5],
+    /// For a close that moved its socket straight to CLOSE: whether the kernel sent its RST
+    /// (`close_reset`; the reason is then in `reason`). Known where the programs hold such a
+    /// close until tcp_close() has either sent the RST or destroyed the socket.
+    pub close_reset: u8,
+    pub _pad: [u8; 4],
+}
+
+/// Values of `SockEvent::close_reset`.
+pub mod close_reset {
+    /// Not known: the RST, if any, comes as its own `RstSent` event.
+    pub const UNKNOWN: u8 = 0;
+    /// The close sent a RST; `SockEvent::reason` is the kernel's reason for it.
+    pub const SENT: u8 = 1;
+    /// tcp_close() destroyed the socket without sending one.
+    pub const NOT_SENT: u8 = 2;
 }
 
 /// Where the fields of one tracepoint's record are, read from its tracefs format file by the
@@ -334,6 +348,10 @@ pub struct Config {
     /// `any` sees every loopback packet twice, leaving and arriving; the `--pid` capture filter
     /// drops the leaving copy before reading a byte of it.
     pub loopback_ifindex: u32,
+    /// 1 when tcp_send_reset and tcp_destroy_sock are both attached: an abortive close is held
+    /// in the kernel until its RST (or the socket's end) and goes out as one event with it.
+    pub hold_aborts: u8,
+    pub _pad_end: [u8; 3],
 }
 
 /// How many traced pids `Config::inline_pids` holds.
@@ -386,6 +404,8 @@ impl Config {
             regs: RegsLayout::NONE,
             skb: SkbLayout::NONE,
             loopback_ifindex: 0,
+            hold_aborts: 0,
+            _pad_end: [0; 3],
         }
     }
 }

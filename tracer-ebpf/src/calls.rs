@@ -303,19 +303,40 @@ pub enum Context {
 #[inline(always)]
 fn syscall_of_current_task(context: Context) -> Option<(u64, u64, Option<bool>)> {
     let layout: RegsLayout = setting!(regs);
-    // SAFETY: plain helper calls on the current task, valid while the program runs.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    let own_context = match context {
-        Context::Stack(at) => Some(at < regs && regs - at <= TASK_STACK_SPAN),
-        Context::Task => Some(true),
-        Context::Unknown => None,
-    };
+    let regs = saved_registers();
+    let own_context = own_context(context, regs);
     let saved = Span::<16>::read(regs, &[layout.syscall_nr, layout.arg0]);
     Some((
         saved.get(layout.syscall_nr)?,
         saved.get(layout.arg0)?,
         own_context,
     ))
+}
+
+/// Where the current task's user registers are saved, at the top of its kernel stack.
+#[inline(always)]
+fn saved_registers() -> u64 {
+    // SAFETY: plain helper calls on the current task, valid while the program runs.
+    unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as u64 }
+}
+
+/// Whether the program runs in the task's own context (None: not known). An address on the
+/// task's own stack lies just below its saved registers.
+#[inline(always)]
+fn own_context(context: Context, regs: u64) -> Option<bool> {
+    match context {
+        Context::Stack(at) => Some(at < regs && regs - at <= TASK_STACK_SPAN),
+        Context::Task => Some(true),
+        Context::Unknown => None,
+    }
+}
+
+/// Whether the program is known to run in the current task's own context, not in a softirq
+/// that interrupted it. Told only where calls are named from the registers (5.15+); false
+/// where it cannot be told.
+#[inline(always)]
+pub fn runs_in_task(context: Context) -> bool {
+    calls_from_registers() && own_context(context, saved_registers()) == Some(true)
 }
 
 /// Whether the current task is exiting (PF_EXITING); true where the BTF did not say, so that

@@ -103,12 +103,21 @@ fn in_inline_pids(pid: u32) -> bool {
 /// owned the socket before (`SockInfo::traced`); `--port` still applies.
 #[inline(always)]
 pub fn submit_socket(event: &SockEvent, traced: bool, slot: u32) {
+    if admit(event, traced, slot) {
+        write_event(event);
+    }
+}
+
+/// Whether a socket's event passes `--pid` and `--port` (see `submit_socket`; a drop is
+/// counted), marking a traced connection for the capture filter when it does.
+#[inline(always)]
+pub fn admit(event: &SockEvent, traced: bool, slot: u32) -> bool {
     if !ports_pass(event.lport, event.rport) || !(traced || pid_passes(event.pid)) {
         count(counter::FILTERED);
-        return;
+        return false;
     }
     crate::capture_filter::watch(event, slot);
-    write_event(event);
+    true
 }
 
 /// Writes an event that has no owner past `--pid` (the caller checked that it answers a traced
@@ -122,8 +131,9 @@ pub fn submit_unowned(event: &SockEvent) {
     write_event(event);
 }
 
+/// Writes an event into the ring buffer (a full ring buffer is counted).
 #[inline(always)]
-fn write_event(event: &SockEvent) {
+pub fn write_event(event: &SockEvent) {
     match EVENTS.reserve::<SockEvent>(0) {
         Some(mut slot) => {
             slot.write(*event);

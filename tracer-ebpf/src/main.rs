@@ -9,6 +9,7 @@
 //!   from a transition that merely happened while its task was on the CPU; with `--pid`, the
 //!   forks of traced processes, whose children's calls are recorded too.
 //! - `owners`: the per-socket owner table, filled in process context and read everywhere else.
+//! - `held`: an abortive close waits for the RST it sends, to go out as one event with it.
 //! - `emit`: the ring buffer, the filters and the loss counters.
 //! - `capture_filter`: with `--pid`, the capture socket's filter: only traced connections'
 //!   FIN and RST segments are copied to the daemon.
@@ -18,6 +19,7 @@
 mod calls;
 mod capture_filter;
 mod emit;
+mod held;
 mod owners;
 mod resets;
 mod state;

@@ -439,6 +439,8 @@ fn forget(sk: u64) {
     // A lookup first: most sockets were never in the table (always so for other processes
     // with --pid), and a delete takes the bucket lock even when there is nothing to delete.
     if sock_entry(sk).is_some() {
+        // A close held for its RST (only a socket with an entry has one): no RST came.
+        crate::held::send_without_reset(sk);
         let _ = SOCKS.remove(sk); // absent is fine: not every socket was seen.
     }
 }

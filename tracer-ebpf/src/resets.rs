@@ -17,6 +17,7 @@ use crate::{
     emit::{
         CLASSIC_SLOT, Record, count, empty_event, kernel_read, noop, submit_socket, submit_unowned,
     },
+    held,
     owners::{
         current, fill_owner, keep_unowned, listener_owner, lookup_or_create, may_concern_traced,
         note_traced, sock_entry,
@@ -72,6 +73,14 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     };
     let sk = rec.get::<u64>(layout.skaddr).unwrap_or(0);
     let state = rec.get::<i32>(layout.state).unwrap_or(0) as u8;
+    // A close's RST: the close waits for it (see `held`) and goes out with its reason.
+    if state == tcp_state::CLOSE
+        && sk != 0
+        && setting!(hold_aborts) != 0
+        && held::send_with_reset(sk, reason_of(&rec, &layout))
+    {
+        return 0;
+    }
     // With --pid, a reset from a time-wait socket (no owner in the kernel) or for no socket at
     // all may still answer a traced connection: its addresses decide, below.
     let unowned = sk == 0 || state == tcp_state::TIME_WAIT;
@@ -88,10 +97,7 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     }
     ev.old_state = state;
     ev.new_state = state;
-    ev.reason = rec
-        .get::<u32>(layout.reason)
-        .map(|r| r as i32)
-        .unwrap_or(-1);
+    ev.reason = reason_of(&rec, &layout);
     if state == tcp_state::LISTEN && sk != 0 {
         attribute_listener_reset(&rec, &layout, &mut ev);
         submit_socket(&ev, false, CLASSIC_SLOT); // with --pid, the listener's owner decides
@@ -109,6 +115,14 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     }
     submit_socket(&ev, traced, CLASSIC_SLOT);
     0
+}
+
+/// The kernel's reason for a sent reset (-1 before 6.10, which gives none).
+#[inline(always)]
+fn reason_of(rec: &Record, layout: &ResetLayout) -> i32 {
+    rec.get::<u32>(layout.reason)
+        .map(|r| r as i32)
+        .unwrap_or(-1)
 }
 
 /// With `--pid`, whether a reset sent by a full socket may concern a traced process, decided

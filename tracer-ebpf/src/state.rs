@@ -16,9 +16,10 @@ use crate::{
     calls::{Context, call_acting_on},
     capture_filter::watch,
     emit::{
-        CLASSIC_SLOT, Record, Span, count, enter_raw, kernel_read, leave_raw, noop, pid_passes,
-        ports_pass, scratch_event, submit_socket,
+        CLASSIC_SLOT, Record, Span, admit, count, enter_raw, kernel_read, leave_raw, noop,
+        pid_passes, ports_pass, scratch_event, write_event,
     },
+    held::{hold, waits_for_its_reset},
     owners::{
         Current, LISTENERS, SockInfo, claim, current, fill_owner, keep_unowned, listener_key,
         listener_pid, lookup_or_create, may_concern_traced, note_ports, note_traced,
@@ -306,11 +307,14 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
 
     // The owner before this event: a close by a forked, untraced child claims it below.
     note_traced(info);
-    let kind = classify(sk, old, new, info, &cur, ev, src.context())?;
+    let context = src.context();
+    let kind = classify(sk, old, new, info, &cur, ev, context)?;
     ev.kind = kind as u8;
     fill_owner(ev, info);
     note_traced(info);
-    submit_socket(ev, info.traced != 0, slot);
+    if admit(ev, info.traced != 0, slot) && !(waits_for_its_reset(ev, context) && hold(sk, ev)) {
+        write_event(ev);
+    }
     Some(())
 }
 

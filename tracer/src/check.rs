@@ -35,6 +35,9 @@ struct Report {
     /// a segment of a connection already gone), or the listener's own when the BTF has no
     /// `struct sk_buff` layout (with why).
     listener_resets: String,
+    /// How a close that sends a RST gets it: one event from the kernel (the close held there
+    /// until its RST is sent), or joined by the daemon with the RST's own event.
+    abortive_closes: &'static str,
     probe_mode: ProbeMode,
     /// The probes `tracer` would attach with this mode.
     would_attach: Option<Vec<String>>,
@@ -146,20 +149,33 @@ fn build(mode: ProbeMode) -> Report {
             Ok(_) => "the segment's addresses".to_string(),
             Err(why) => format!("the listener's own addresses (no struct sk_buff layout: {why})"),
         },
+        abortive_closes: abortive_closes(&support, mode, plan.as_deref().unwrap_or_default()),
         probe_mode: mode,
-        would_attach: plan.ok(),
+        would_attach: plan
+            .ok()
+            .map(|hooks| hooks.iter().map(Hook::name).collect()),
         problem: (!problem.is_empty()).then(|| problem.join("; ")),
         capture_interfaces: capture::interface_names(),
         can_trace,
     }
 }
 
-fn plan(support: &KernelSupport, mode: ProbeMode) -> Result<Vec<String>, String> {
+fn plan(support: &KernelSupport, mode: ProbeMode) -> Result<Vec<Hook>, String> {
     let set = probes::choose(mode, support.kprobes).map_err(|e| e.to_string())?;
     let (hooks, _) = support
         .plan(set, mode.allows_raw())
         .map_err(|e| e.to_string())?;
-    Ok(hooks.iter().map(Hook::name).collect())
+    Ok(hooks)
+}
+
+/// See `Report::abortive_closes`: the kernel holds such a close where it names calls from the
+/// task's registers and both hooks that release it are attached.
+fn abortive_closes(support: &KernelSupport, mode: ProbeMode, hooks: &[Hook]) -> &'static str {
+    if support.calls_from_registers(mode.allows_raw()) && probes::holds_aborts(hooks) {
+        "one event with their RST (held in the kernel until it is sent)"
+    } else {
+        "joined with their RST's own event by the daemon (which waits up to 20 ms for it)"
+    }
 }
 
 fn print_human(r: &Report) {
@@ -181,6 +197,7 @@ fn print_human(r: &Report) {
             .map_or(String::new(), |why| format!(" (not the registers: {why})"))
     );
     println!("listener RSTs show {}", r.listener_resets);
+    println!("abortive closes {}", r.abortive_closes);
     println!(
         "privileges    euid {}{}",
         r.privileges.euid,

@@ -7,7 +7,9 @@ use std::{
     sync::Arc,
 };
 
-use tracer_common::{AF_INET, AF_INET6, EventKind, SockEvent, owner_source, syscall, tcp_state};
+use tracer_common::{
+    AF_INET, AF_INET6, EventKind, SockEvent, close_reset, owner_source, syscall, tcp_state,
+};
 
 /// A decoded kernel event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +28,31 @@ pub struct KernelEvent {
     pub syscall: u8,
     pub fd: Option<i32>,
     pub reason: Option<i32>,
+    /// For a close that moved its socket straight to CLOSE, whether it sent its RST, where
+    /// the kernel held the close until it knew (`Config::hold_aborts`).
+    pub its_reset: ItsReset,
+}
+
+/// What a close that moved its socket straight to CLOSE is known to have sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ItsReset {
+    /// Not known with the close: a RST, if any, is an event of its own.
+    #[default]
+    Unknown,
+    /// The RST went out; the event's `reason` is the kernel's reason for it.
+    Sent,
+    /// The socket was destroyed without one.
+    NotSent,
+}
+
+impl ItsReset {
+    fn from_raw(value: u8) -> Self {
+        match value {
+            close_reset::SENT => Self::Sent,
+            close_reset::NOT_SENT => Self::NotSent,
+            _ => Self::Unknown,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -92,6 +119,7 @@ impl KernelEvent {
             syscall: raw.syscall,
             fd: (raw.fd >= 0).then_some(raw.fd),
             reason: (raw.reason >= 0).then_some(raw.reason),
+            its_reset: ItsReset::from_raw(raw.close_reset),
         })
     }
 
@@ -263,7 +291,8 @@ mod tests {
             new_state: tcp_state::CLOSE,
             syscall: syscall::CLOSE,
             owner_source: owner_source::CURRENT,
-            _pad: [0; 5],
+            close_reset: 0,
+            _pad: [0; 4],
         }
     }
 

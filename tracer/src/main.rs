@@ -7,6 +7,7 @@ mod check;
 mod cli;
 mod clock;
 mod demo;
+mod held;
 mod join;
 mod jsonw;
 mod kernel;

@@ -16,7 +16,7 @@ use crate::{
     capture::{Dir, WirePacket, tcp_flags},
     clock::Clock,
     join::{Joined, Joiner, PendingEvent, Want, WantFlag, WireMatch},
-    kernel::{Family, KernelEvent, Owner, ResetReasons, state_name},
+    kernel::{Family, ItsReset, KernelEvent, Owner, ResetReasons, state_name},
     lines::{ConnId, Flags, Format, PacketLine, SocketLine, Time, Wire},
     metrics::Metrics,
     output::Output,
@@ -371,6 +371,15 @@ impl Pipeline {
 
     fn close(&mut self, ev: KernelEvent) {
         let aborted = ev.new_state == tcp_state::CLOSE && ev.old_state != tcp_state::CLOSE;
+        if aborted && ev.its_reset == ItsReset::Sent {
+            let reason = ev.reason.map(|r| self.reasons.name(r));
+            self.push(close_with_its_rst(line("close", ev, false), reason));
+            return;
+        }
+        if aborted && ev.its_reset == ItsReset::NotSent {
+            self.push(line("close", ev, false));
+            return;
+        }
         if aborted {
             // Counted from the read, not from the event: the ring is read every tick (20 ms)
             // or so, and a close read just before its RST was submitted would be overdue at
@@ -400,11 +409,8 @@ impl Pipeline {
             .get(&ev.conn_id)
             .is_some_and(|s| ev.call_id != 0 && s.line.ev.call_id == ev.call_id);
         if same_call {
-            let mut close = self.staged.remove(&ev.conn_id).expect("checked").line;
-            close.outcome = Some("rst");
-            close.reason = reason;
-            close.wants_wire = true;
-            self.push(close);
+            let close = self.staged.remove(&ev.conn_id).expect("checked").line;
+            self.push(close_with_its_rst(close, reason));
             return;
         }
         let mut pending = line("rst_sent", ev, true);
@@ -717,6 +723,7 @@ impl Pipeline {
             syscall: 0,
             fd: None,
             reason: None,
+            its_reset: ItsReset::Unknown,
         };
         if awaited {
             self.conns.answered(id, pkt.mono_ns);
@@ -809,6 +816,14 @@ fn line(event: &'static str, ev: KernelEvent, wants_wire: bool) -> PendingLine {
         derived_from_wire: false,
         outcome_from_wire: false,
     }
+}
+
+/// An abortive close with what its RST event said: it waits for that RST on the wire.
+fn close_with_its_rst(mut close: PendingLine, reason: Option<Arc<str>>) -> PendingLine {
+    close.outcome = Some("rst");
+    close.reason = reason;
+    close.wants_wire = true;
+    close
 }
 
 /// What the pcapng comment says about the event a packet joined.
@@ -905,6 +920,7 @@ mod tests {
             syscall: tracer_common::syscall::CLOSE,
             fd: Some(3),
             reason,
+            its_reset: ItsReset::Unknown,
         }
     }
 
@@ -993,6 +1009,46 @@ mod tests {
         assert_one_close_with_its_rst(&out);
         assert_eq!(out[0]["wire"]["delay_ns"], 9_000);
         assert_eq!(out[0]["wire"]["seq"], 42);
+    }
+
+    /// Held in the kernel until its RST (`ItsReset::Sent`): the close comes with the reason
+    /// and waits only for the packet, not for a RST event.
+    #[test]
+    fn a_close_that_came_with_its_rst_waits_for_no_rst_event() {
+        let out = lines(|p, _| {
+            let mut close = abortive_close();
+            close.its_reset = ItsReset::Sent;
+            close.reason = Some(11);
+            p.kernel_event(close);
+            assert!(p.staged.is_empty(), "not staged for a RST event");
+            p.packet(rst_packet(100 * MS + 9_000));
+        });
+        assert_one_close_with_its_rst(&out);
+        assert_eq!(out[0]["wire"]["delay_ns"], 9_000);
+    }
+
+    /// A listener's close, which the kernel saw end without a RST (`ItsReset::NotSent`): out at
+    /// once, with no outcome and no packet to wait for.
+    #[test]
+    fn a_close_the_kernel_saw_end_without_a_rst_waits_for_nothing() {
+        let out = lines(|p, out| {
+            let mut close = event(
+                EventKind::Close,
+                tcp_state::LISTEN,
+                tcp_state::CLOSE,
+                100 * MS,
+                99,
+                None,
+            );
+            close.its_reset = ItsReset::NotSent;
+            p.kernel_event(close);
+            p.poll(100 * MS + 1_000, out);
+            assert_eq!(p.pending(), 0, "released at the first poll");
+        });
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0]["event"], "close");
+        assert_eq!(out[0]["outcome"], serde_json::Value::Null);
+        assert_eq!(out[0]["wire"], serde_json::Value::Null);
     }
 
     /// The ring is read a tick after the events: a close read just before its RST event was

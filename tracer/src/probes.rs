@@ -524,6 +524,13 @@ impl Formats {
     }
 }
 
+/// Whether an abortive close can wait in the kernel for its RST (tracer-ebpf `held`): the
+/// RST's tracepoint and the socket's destruction release it, so both must be attached.
+pub fn holds_aborts(hooks: &[Hook]) -> bool {
+    hooks.iter().any(|h| h.program == "send_reset")
+        && hooks.iter().any(|h| h.program.starts_with("destroy_sock"))
+}
+
 fn is_syscall_hook(hook: &Hook) -> bool {
     matches!(
         hook.attach,

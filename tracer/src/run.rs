@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use serde::Serialize;
 use tokio::{
     io::unix::AsyncFd,
@@ -21,6 +21,7 @@ use crate::{
     capture::{self, CaptureConfig, CaptureHandle, CaptureParts, WirePacket},
     cli::{BadInput, Settings},
     clock::{SharedClock, now_mono_ns, rfc3339_nanos},
+    held::{self, HeldCloses},
     kernel::KernelEvent,
     lines::{Format, LostLine},
     metrics::{self, Metrics},
@@ -38,6 +39,8 @@ use crate::{
 const TICK: Duration = Duration::from_millis(20);
 const CLOCK_REFRESH: Duration = Duration::from_secs(1);
 const PID_CHECK: Duration = Duration::from_millis(200);
+/// How often the closes held in the kernel are looked at (see `held`).
+const HELD_CHECK: Duration = Duration::from_millis(250);
 
 /// SIGINT and SIGTERM stop the run; SIGHUP reopens the output file.
 struct Signals {
@@ -121,6 +124,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     config.loopback_ifindex = crate::capture::loopback_ifindex();
     // Wake the reader when a quarter of the ring is used; below that it drains every tick.
     config.wakeup_bytes = settings.ringbuf_bytes / 4;
+    config.hold_aborts = u8::from(probes::holds_aborts(&hooks));
     for hook in &missing {
         eprintln!(
             "tracer: {} is not available on this kernel: {}",
@@ -197,6 +201,12 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
             .context("COUNTERS map missing")?,
     )?;
     let skipped = SkippedRuns::new(&loaded.ebpf);
+    let held = HeldCloses::new(HashMap::try_from(
+        loaded
+            .ebpf
+            .take_map("HELD_CLOSES")
+            .context("HELD_CLOSES map missing")?,
+    )?);
     privileges::drop_all().context("dropping capabilities after attaching")?;
 
     let metrics = match settings.metrics {
@@ -240,6 +250,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         Kernel {
             counters: &counters,
             skipped: &skipped,
+            held,
         },
         capture,
         signals,
@@ -285,7 +296,7 @@ async fn event_loop(
     pipeline: &mut Pipeline,
     output: &Output,
     ring: RingBuf<MapData>,
-    kernel: Kernel<'_>,
+    mut kernel: Kernel<'_>,
     capture: Option<CaptureHandle>,
     mut signals: Signals,
 ) -> anyhow::Result<Stop> {
@@ -309,6 +320,7 @@ async fn event_loop(
     let deadline = settings.duration.map(|d| Instant::now() + d);
     let mut last_clock = Instant::now();
     let mut last_pid_check = Instant::now();
+    let mut last_held_check = Instant::now();
     let mut reporter = LossReporter {
         reported: Lost::default(),
         format: settings.format,
@@ -346,6 +358,11 @@ async fn event_loop(
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break Stop::Duration;
                 }
+                if last_held_check.elapsed() >= HELD_CHECK {
+                    last_held_check = Instant::now();
+                    let older_than = now_mono_ns().saturating_sub(held::RESCUE_AFTER.as_nanos() as u64);
+                    take_held_closes(&mut kernel.held, older_than, pipeline);
+                }
                 if last_pid_check.elapsed() >= PID_CHECK {
                     last_pid_check = Instant::now();
                     if !settings.pids.is_empty()
@@ -362,6 +379,14 @@ async fn event_loop(
     };
     if stop != Stop::ConsumerGone {
         finish_joins(settings, pipeline, output, ring.get_mut(), &mut packets).await;
+    }
+    take_held_closes(&mut kernel.held, u64::MAX, pipeline);
+    if pipeline.stats.closes_taken_from_kernel > 0 {
+        eprintln!(
+            "tracer: {} close(s) held in the kernel for their RST were never released there and \
+             went out without it (please report: a teardown path the programs do not know)",
+            pipeline.stats.closes_taken_from_kernel
+        );
     }
     pipeline.flush(output);
     reporter.report(pipeline, output, &kernel, capture_stats.as_deref(), true);
@@ -384,6 +409,14 @@ fn drain_packets(rx: &mut Option<mpsc::Receiver<WirePacket>>, pipeline: &mut Pip
         while let Ok(pkt) = rx.try_recv() {
             pipeline.packet(pkt);
         }
+    }
+}
+
+/// Closes held in the kernel since before `older_than_ns` go to the pipeline (see `held`).
+fn take_held_closes(held: &mut HeldCloses, older_than_ns: u64, pipeline: &mut Pipeline) {
+    for ev in held.take_stale(older_than_ns) {
+        pipeline.stats.closes_taken_from_kernel += 1;
+        pipeline.kernel_event(ev);
     }
 }
 
@@ -420,6 +453,7 @@ async fn finish_joins(
 struct Kernel<'a> {
     counters: &'a PerCpuArray<MapData, u64>,
     skipped: &'a SkippedRuns,
+    held: HeldCloses,
 }
 
 /// Turns counter increases into `lost` lines (output losses are reported by the writer).

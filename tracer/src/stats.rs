@@ -105,6 +105,8 @@ pub struct Stats {
     pub lost: Lost,
     pub close_to_wire: Histogram,
     pub kernel: KernelCounts,
+    /// Closes the daemon took out of the kernel's held closes (see `held`): never expected.
+    pub closes_taken_from_kernel: u64,
 }
 
 impl Stats {
