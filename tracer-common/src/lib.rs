@@ -39,6 +39,10 @@ pub enum EventKind {
     RstReceived = 4,
     /// Any other transition the filter lets through.
     State = 5,
+    /// The time-wait form of an orphaned FIN_WAIT2 socket ended with no FIN from the peer:
+    /// its FIN_WAIT2 timeout (tcp_fin_timeout, or the socket's TCP_LINGER2) passed. No socket
+    /// and no owner: the daemon names the connection by its addresses.
+    Fin2Timeout = 6,
 }
 
 impl EventKind {
@@ -49,6 +53,7 @@ impl EventKind {
             3 => Self::RstSent,
             4 => Self::RstReceived,
             5 => Self::State,
+            6 => Self::Fin2Timeout,
             _ => return None,
         })
     }
@@ -75,6 +80,8 @@ pub mod owner_source {
     pub const LISTENER: u8 = 4;
     /// A RST sent for a packet that matched no socket: no process owns it.
     pub const NO_SOCKET: u8 = 5;
+    /// A time-wait socket's end: no process owns those.
+    pub const TIME_WAIT: u8 = 6;
 }
 
 /// One kernel event, as written to the ring buffer.
@@ -224,6 +231,44 @@ impl SkbLayout {
     };
 }
 
+/// Where a time-wait socket's timer, substate and addresses are, from the kernel's BTF, and the
+/// address of the kernel's time-wait timer function (from /proc/kallsyms): a timer that expires
+/// with that function is a time-wait socket's end. All NONE (and `handler` 0) where either does
+/// not say.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimewaitLayout {
+    /// `tw_timer_handler`'s address.
+    pub handler: u64,
+    /// `timer_list.function`.
+    pub timer_function: u16,
+    /// `inet_timewait_sock.tw_timer`: the timer's offset in its socket.
+    pub tw_timer: u16,
+    /// `inet_timewait_sock.tw_substate`: FIN_WAIT2 until the peer's FIN, then TIME_WAIT.
+    pub substate: u16,
+    /// `inet_timewait_sock.tw_sport`: the local port, network order.
+    pub sport: u16,
+    /// `sock_common.skc_rcv_saddr`: the local IPv4 address.
+    pub rcv_saddr: u16,
+    /// `timer` in timer:timer_expire_entry's record (from its format file), for the classic
+    /// tracepoint program.
+    pub record_timer: u16,
+    pub _pad: [u16; 2],
+}
+
+impl TimewaitLayout {
+    pub const NONE: Self = Self {
+        handler: 0,
+        timer_function: NONE,
+        tw_timer: NONE,
+        substate: NONE,
+        sport: NONE,
+        rcv_saddr: NONE,
+        record_timer: NONE,
+        _pad: [0; 2],
+    };
+}
+
 /// Offsets (from the kernel's BTF) of the pointers from the current task to the socket behind
 /// one of its file descriptors: task_struct.files -> files_struct.fdt -> fdtable.fd[fd] ->
 /// file.private_data -> socket.sk, with fdtable.max_fds to bound the index and socket.file to
@@ -352,6 +397,8 @@ pub struct Config {
     /// in the kernel until its RST (or the socket's end) and goes out as one event with it.
     pub hold_aborts: u8,
     pub _pad_end: [u8; 3],
+    /// For the end of a time-wait socket whose FIN_WAIT2 timed out.
+    pub timewait: TimewaitLayout,
 }
 
 /// How many traced pids `Config::inline_pids` holds.
@@ -406,6 +453,7 @@ impl Config {
             loopback_ifindex: 0,
             hold_aborts: 0,
             _pad_end: [0; 3],
+            timewait: TimewaitLayout::NONE,
         }
     }
 }
@@ -479,3 +527,7 @@ mod pod {
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for SeedOwner {}
 }
+
+// The loader writes CONFIG as bytes: no padding the compiler would insert (and leave
+// uninitialised) before the time-wait layout's u64.
+const _: () = assert!(core::mem::offset_of!(Config, timewait) % 8 == 0);

@@ -10,6 +10,8 @@
 //!   forks of traced processes, whose children's calls are recorded too.
 //! - `owners`: the per-socket owner table, filled in process context and read everywhere else.
 //! - `held`: an abortive close waits for the RST it sends, to go out as one event with it.
+//! - `timewait`: the end of a time-wait socket whose FIN_WAIT2 timed out (a timer, no
+//!   tracepoint of its own).
 //! - `emit`: the ring buffer, the filters and the loss counters.
 //! - `capture_filter`: with `--pid`, the capture socket's filter: only traced connections'
 //!   FIN and RST segments are copied to the daemon.
@@ -23,6 +25,7 @@ mod held;
 mod owners;
 mod resets;
 mod state;
+mod timewait;
 
 #[cfg(not(test))]
 #[panic_handler]

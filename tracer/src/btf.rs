@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tracer_common::{FdLayout, RegsLayout, SkbLayout, SockLayout};
+use tracer_common::{FdLayout, RegsLayout, SkbLayout, SockLayout, TimewaitLayout};
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -44,6 +44,8 @@ const STRUCTS: &[&str] = &[
     "socket",
     "pt_regs",
     "sk_buff",
+    "inet_timewait_sock",
+    "timer_list",
 ];
 const SOCK: usize = 0;
 const SOCK_COMMON: usize = 1;
@@ -55,6 +57,8 @@ const FILE: usize = 6;
 const SOCKET: usize = 7;
 const PT_REGS: usize = 8;
 const SK_BUFF: usize = 9;
+const INET_TIMEWAIT_SOCK: usize = 10;
+const TIMER_LIST: usize = 11;
 
 /// `struct pt_regs`' syscall number and first argument, by architecture (the first argument's
 /// own register is overwritten by the return value; these keep it).
@@ -90,6 +94,12 @@ const MEMBERS: &[&str] = &[
     "head",
     "data",
     "network_header",
+    "__tw_common",
+    "tw_timer",
+    "tw_substate",
+    "tw_sport",
+    "skc_rcv_saddr",
+    "function",
 ];
 
 /// How many names are looked up: the structs, then the members.
@@ -109,6 +119,8 @@ pub struct Layouts {
     pub regs: Result<RegsLayout, String>,
     /// For the segment a listener's reset answers.
     pub skb: Result<SkbLayout, String>,
+    /// For a time-wait socket's end (`handler` not filled in).
+    pub timewait: Result<TimewaitLayout, String>,
 }
 
 /// Reads the offsets of the fields the programs need.
@@ -122,12 +134,14 @@ pub fn layouts(path: &Path) -> Layouts {
             fd: btf.fd_layout().map_err(|e| format!("{e:#}")),
             regs: btf.regs_layout().map_err(|e| format!("{e:#}")),
             skb: btf.skb_layout().map_err(|e| format!("{e:#}")),
+            timewait: btf.timewait_layout().map_err(|e| format!("{e:#}")),
         },
         Err(e) => Layouts {
             sock: Err(format!("{e:#}")),
             fd: Err(format!("{e:#}")),
             regs: Err(format!("{e:#}")),
             skb: Err(format!("{e:#}")),
+            timewait: Err(format!("{e:#}")),
         },
     }
 }
@@ -283,6 +297,26 @@ impl Btf {
             data: self.byte_offset(skb, "data")?,
             network_header: self.byte_offset(skb, "network_header")?,
             _pad: 0,
+        })
+    }
+
+    fn timewait_layout(&self) -> anyhow::Result<TimewaitLayout> {
+        let tw = self.struct_id(INET_TIMEWAIT_SOCK)?;
+        let common = self.struct_id(SOCK_COMMON)?;
+        let timer = self.struct_id(TIMER_LIST)?;
+        // Its sock_common at offset 0: a full socket's offsets there are the time-wait one's.
+        let what = "struct inet_timewait_sock does not start with its sock_common";
+        let m = self.find(tw, self.name("__tw_common"))?.context(what)?;
+        if m.type_id != common || m.bit_offset != 0 {
+            bail!("{what}");
+        }
+        Ok(TimewaitLayout {
+            timer_function: self.byte_offset(timer, "function")?,
+            tw_timer: self.byte_offset(tw, "tw_timer")?,
+            substate: self.byte_offset(tw, "tw_substate")?,
+            sport: self.byte_offset(tw, "tw_sport")?,
+            rcv_saddr: self.byte_offset(common, "skc_rcv_saddr")?,
+            ..TimewaitLayout::NONE
         })
     }
 

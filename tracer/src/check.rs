@@ -38,6 +38,8 @@ struct Report {
     /// How a close that sends a RST gets it: one event from the kernel (the close held there
     /// until its RST is sent), or joined by the daemon with the RST's own event.
     abortive_closes: &'static str,
+    /// Whether the end of a FIN_WAIT2 that times out (in its time-wait form) is seen, or why not.
+    fin_wait2_timeouts: String,
     probe_mode: ProbeMode,
     /// The probes `tracer` would attach with this mode.
     would_attach: Option<Vec<String>>,
@@ -150,6 +152,10 @@ fn build(mode: ProbeMode) -> Report {
             Err(why) => format!("the listener's own addresses (no struct sk_buff layout: {why})"),
         },
         abortive_closes: abortive_closes(&support, mode, plan.as_deref().unwrap_or_default()),
+        fin_wait2_timeouts: match (&support.timewait, &support.sock) {
+            (Ok(_), Ok(_)) => "seen (the time-wait socket's timer)".to_string(),
+            (Err(why), _) | (_, Err(why)) => format!("not seen ({why})"),
+        },
         probe_mode: mode,
         would_attach: plan
             .ok()
@@ -198,6 +204,7 @@ fn print_human(r: &Report) {
     );
     println!("listener RSTs show {}", r.listener_resets);
     println!("abortive closes {}", r.abortive_closes);
+    println!("FIN_WAIT2 timeouts {}", r.fin_wait2_timeouts);
     println!(
         "privileges    euid {}{}",
         r.privileges.euid,

@@ -155,6 +155,9 @@ fn owner_of(raw: &SockEvent) -> Owner {
         owner_source::NO_SOCKET => {
             return Owner::Unknown("no socket: a reset for a segment that matched no socket");
         }
+        owner_source::TIME_WAIT => {
+            return Owner::Unknown("time-wait socket: no process owns it");
+        }
         _ => {
             return Owner::Unknown(
                 "unknown: the socket was not seen in its owner's context since the tracer started",

@@ -165,6 +165,8 @@ impl ConnTable {
             EventKind::RstSent if answered_without_its_socket(ev.old_state) => {
                 info.timewait_since = None
             }
+            // Its time-wait form timed out in FIN_WAIT2: nothing of it is left to await.
+            EventKind::Fin2Timeout => info.timewait_since = None,
             _ if ev.old_state == tcp_state::FIN_WAIT2 && ev.new_state == tcp_state::CLOSE => {
                 info.timewait_since = Some(ev.mono_ns);
                 if info.awaits_peer() {
@@ -195,12 +197,17 @@ impl ConnTable {
         // belonged to may have been seen, with its owner.
         let unowned_reset = ev.old_state == tcp_state::TIME_WAIT
             || (ev.kind == EventKind::RstSent && answered_without_its_socket(ev.old_state));
+        let timed_out = ev.kind == EventKind::Fin2Timeout;
         if ev.conn_id == 0
-            && unowned_reset
+            && (unowned_reset || timed_out)
             && let Some(&id) = self.by_tuple.get(&addr_key(ev.local, ev.remote))
             && let Some(info) = self.by_id.get(&id)
         {
             ev.conn_id = id;
+            if timed_out && let Some(since) = info.fw2_since {
+                // The whole FIN_WAIT2, full socket and time-wait form: what timed out.
+                ev.state_since_ns = since;
+            }
             if let Owner::Known { pid, tid, comm, .. } = &info.owner {
                 ev.owner = Owner::Known {
                     pid: *pid,
@@ -365,7 +372,7 @@ impl Pipeline {
             EventKind::RstSent => self.rst_sent(ev),
             EventKind::FinReceived => self.push(line("fin_received", ev, true)),
             EventKind::RstReceived => self.push(line("rst_received", ev, true)),
-            EventKind::State => self.push(line("state", ev, false)),
+            EventKind::State | EventKind::Fin2Timeout => self.push(line("state", ev, false)),
         }
     }
 
@@ -1455,6 +1462,45 @@ mod tests {
             assert_eq!(out[1]["owner"], "connection", "{out:?}");
             assert_eq!(out[1]["conn"], "0000000000000abc", "{out:?}");
         }
+    }
+
+    /// The time-wait form's FIN_WAIT2 timed out (an event with no socket and no owner): a
+    /// `state` line of the connection, with the whole time in FIN_WAIT2; the peer's FIN that
+    /// comes later reached no socket of ours, so no `fin_received` is derived from it.
+    #[test]
+    fn a_fin_wait2_timeout_is_its_connections_and_ends_its_wait() {
+        let out = lines(|p, out| {
+            p.kernel_event(ours(tcp_state::FIN_WAIT1, tcp_state::FIN_WAIT2, 100 * MS));
+            let mut handed_over = gone_to_time_wait(100 * MS + 20_000);
+            handed_over.conn_id = 1;
+            p.kernel_event(handed_over);
+            let mut timeout = event(
+                EventKind::Fin2Timeout,
+                tcp_state::FIN_WAIT2,
+                tcp_state::CLOSE,
+                1_100 * MS,
+                0,
+                None,
+            );
+            timeout.conn_id = 0;
+            timeout.owner = Owner::Unknown("time-wait socket");
+            p.kernel_event(timeout);
+            p.packet(WirePacket {
+                dir: Dir::In,
+                ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 9, 3_000 * MS)
+            });
+            p.poll(5_000 * MS, out);
+        });
+        assert_eq!(
+            names(&out),
+            ["state", "state", "state", "packet"],
+            "{out:?}"
+        );
+        let end = &out[2];
+        assert_eq!(end["owner"], "connection", "{out:?}");
+        assert_eq!(end["conn"], "0000000000000001", "{out:?}");
+        assert_eq!(end["old_state"], "FIN_WAIT2", "{out:?}");
+        assert_eq!(end["duration_ns"], 1_000 * MS, "{out:?}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use aya::{
     maps::HashMap as BpfHashMap,
     programs::{KProbe, RawTracePoint, SocketFilter, TracePoint},
 };
-use tracer_common::{Config, FdLayout, RegsLayout, SkbLayout, SockLayout};
+use tracer_common::{Config, FdLayout, RegsLayout, SkbLayout, SockLayout, TimewaitLayout};
 
 use crate::{
     btf,
@@ -207,6 +207,13 @@ pub const TRACEPOINT_HOOKS: &[Hook] = &[
         "with `--pid`, a forked child's close, shutdown or exit shows `syscall: null`",
     ),
     tp(
+        "timer_expire",
+        "timer",
+        "timer_expire_entry",
+        false,
+        "a FIN_WAIT2 that times out (the peer never sent its FIN) shows no end",
+    ),
+    tp(
         "sock_io",
         "sock",
         "sock_send_length",
@@ -244,6 +251,12 @@ pub const RAW_HOOKS: &[Hook] = &[
         "tcp_destroy_sock",
         false,
         "the owner table is cleaned only by eviction",
+    ),
+    raw(
+        "timer_expire_raw",
+        "timer_expire_entry",
+        false,
+        "a FIN_WAIT2 that times out (the peer never sent its FIN) shows no end",
     ),
     raw(
         "sock_io_raw",
@@ -313,6 +326,9 @@ pub struct KernelSupport {
     /// Where a segment's headers are, or why that is not known (then a reset a listener sends
     /// shows the listener's own addresses).
     pub skb: Result<SkbLayout, String>,
+    /// Where a time-wait socket's timer and fields are and the kernel's time-wait timer
+    /// function, or why that is not known (then a FIN_WAIT2 that times out shows no end).
+    pub timewait: Result<TimewaitLayout, String>,
     pub kprobes: bool,
     pub formats: Formats,
 }
@@ -329,6 +345,7 @@ pub struct Formats {
     pub send_length: Option<Format>,
     pub recv_length: Option<Format>,
     pub new_task: Option<Format>,
+    pub timer_expire: Option<Format>,
     /// Tracepoints that exist, by "group:name", for the hooks whose fields are not read.
     pub present: Vec<String>,
 }
@@ -352,6 +369,7 @@ impl KernelSupport {
             sock: layouts.sock,
             fd: layouts.fd,
             skb: layouts.skb,
+            timewait: timewait_layout(layouts.timewait),
             kprobes: kprobes_available(),
             formats,
         })
@@ -366,6 +384,12 @@ impl KernelSupport {
                 .iter()
                 .any(|p| *p == format!("{group}:{name}")),
             Attach::Kprobe { function } => self.kprobes && kernel_has_symbol(function),
+            // The timer hook is useful only with the time-wait socket's layout.
+            _ if hook.program.starts_with("timer_expire")
+                && (self.timewait.is_err() || self.sock.is_err()) =>
+            {
+                false
+            }
             // A raw tracepoint exists wherever the classic one does; its programs need the
             // socket's layout.
             Attach::RawTracepoint { name } => {
@@ -449,6 +473,7 @@ impl Formats {
             send_length: read("sock", "sock_send_length")?,
             recv_length: read("sock", "sock_recv_length")?,
             new_task: read("task", "task_newtask")?,
+            timer_expire: read("timer", "timer_expire_entry")?,
             present: Vec::new(),
         };
         for hook in TRACEPOINT_HOOKS {
@@ -500,6 +525,9 @@ impl Formats {
         if let Some(f) = &self.new_task {
             cfg.newtask_pid = f.offset("pid");
             cfg.newtask_flags = f.offset("clone_flags");
+        }
+        if let Some(f) = &self.timer_expire {
+            cfg.timewait.record_timer = f.offset("timer");
         }
         if let (Some(send), Some(recv)) = (&self.send_length, &self.recv_length) {
             let same = send.offset("sk") == recv.offset("sk")
@@ -566,6 +594,29 @@ fn syscall_registers(
     layout.nr_shutdown = nr(libc::SYS_shutdown)?;
     layout.nr_close_range = nr(libc::SYS_close_range)?;
     Ok(layout)
+}
+
+/// The time-wait layout with the address of the kernel's time-wait timer function.
+fn timewait_layout(layout: Result<TimewaitLayout, String>) -> Result<TimewaitLayout, String> {
+    let mut layout = layout?;
+    layout.handler = kernel_symbol_address("tw_timer_handler")
+        .ok_or("/proc/kallsyms shows no address for tw_timer_handler")?;
+    Ok(layout)
+}
+
+/// A kernel function's address from /proc/kallsyms (None: absent, or hidden from this user,
+/// which reads as 0).
+fn kernel_symbol_address(name: &str) -> Option<u64> {
+    let text = fs::read_to_string("/proc/kallsyms").ok()?;
+    text.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let address = fields.next()?;
+        let symbol = fields.nth(1)?;
+        (symbol == name)
+            .then(|| u64::from_str_radix(address, 16).ok())
+            .flatten()
+            .filter(|&a| a != 0)
+    })
 }
 
 /// The perf kprobe PMU is what aya attaches kprobes through.
@@ -776,6 +827,7 @@ mod tests {
             fd: Err("not read in tests".into()),
             regs: Err("not read in tests".into()),
             skb: Err("not read in tests".into()),
+            timewait: Err("not read in tests".into()),
             kprobes: false,
             formats: Formats {
                 present: present.iter().map(|s| s.to_string()).collect(),

@@ -15,7 +15,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracer_common::{RegsLayout, counter};
+use tracer_common::{RegsLayout, TimewaitLayout, counter};
 
 use crate::{
     capture::{self, CaptureConfig, CaptureHandle, CaptureParts, WirePacket},
@@ -112,6 +112,19 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         Err(why) => eprintln!(
             "tracer: the kernel's BTF gave no struct sk_buff layout ({why}): a RST a listener \
              sends (a segment for a connection already gone) shows the listener's addresses"
+        ),
+    }
+    match (&support.timewait, &support.sock) {
+        (Ok(layout), Ok(_)) => {
+            let record_timer = config.timewait.record_timer;
+            config.timewait = TimewaitLayout {
+                record_timer,
+                ..*layout
+            };
+        }
+        (Err(why), _) | (_, Err(why)) => eprintln!(
+            "tracer: no time-wait socket layout ({why}): a FIN_WAIT2 that times out (the peer \
+             never sent its FIN) shows no end"
         ),
     }
     config.filter_pids = u8::from(!settings.pids.is_empty());

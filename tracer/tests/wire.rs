@@ -706,6 +706,57 @@ fn pid_trace_reports_the_rst_a_listener_sends_past_the_fin_wait2_timeout() {
     );
 }
 
+/// A server whose peer never closes: the server's socket waits in FIN_WAIT2 (in its time-wait
+/// form once orphaned) until its timeout, 1 s here (TCP_LINGER2; 60 s by default), and then is
+/// gone with no tracepoint of its own. The tracer reports that end, named after the connection,
+/// with the whole time spent in FIN_WAIT2; `ss` shows the socket in FIN-WAIT-2 before and gone
+/// after.
+#[test]
+fn pid_trace_reports_a_fin_wait2_that_times_out() {
+    if !common::require_root() {
+        return;
+    }
+    let TracedServer {
+        server,
+        server_port,
+        mut tracer,
+        mut client,
+        client_port: my_port,
+    } = TracedServer::start("close-linger2-hold", &["--no-capture"], WAIT);
+    let mut buf = [0u8; 16];
+    assert_eq!(client.read(&mut buf).unwrap(), 0, "the server closed");
+    let close = tracer.wait_for(|v| is(v, "close", server_port, my_port), WAIT);
+    // The ACK of a FIN may be delayed: FIN_WAIT2 starts with it.
+    tracer.wait_for(
+        |v| is(v, "state", server_port, my_port) && v["new_state"] == "FIN_WAIT2",
+        WAIT,
+    );
+    let in_fin_wait2 = || {
+        let filter = format!("sport = :{server_port} and dport = :{my_port}");
+        !common::sh("ss", &["-Htn", "state", "fin-wait-2", &filter])
+            .trim()
+            .is_empty()
+    };
+    assert!(in_fin_wait2(), "ss shows the server's socket in FIN-WAIT-2");
+    let end = tracer.wait_for(
+        |v| is(v, "state", server_port, my_port) && v["owner"] == "connection",
+        WAIT,
+    );
+    assert!(!in_fin_wait2(), "ss shows it gone once its end is reported");
+    assert_eq!(end["old_state"], "FIN_WAIT2", "{end}");
+    assert_eq!(end["new_state"], "CLOSE", "{end}");
+    assert_eq!(end["pid"], server.pid, "{end}");
+    assert_eq!(end["conn"], close["conn"], "{end}");
+    // The kernel's floor for the timeout is 3.5 RTOs (700 ms on loopback).
+    let waited = end["duration_ns"].as_u64().expect("a duration");
+    assert!(
+        (700_000_000..5_000_000_000).contains(&waited),
+        "the whole FIN_WAIT2, about the 1 s timeout: {end}"
+    );
+    server.wait();
+    tracer.stop();
+}
+
 /// Traces a server with `--pid`; it closes its connection, the client writes `after` the
 /// server's FIN arrived. Returns the server's `rst_sent` line (its wire packet checked) and
 /// the server's pid.
