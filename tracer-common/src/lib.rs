@@ -190,7 +190,9 @@ pub struct SockLayout {
     pub protocol: u16,
     /// 1 or 2 bytes (a u8 bit-field before Linux 5.6, a u16 since).
     pub protocol_size: u16,
-    pub _pad: u16,
+    /// `sk_shutdown` (a byte; NONE where it is a bit-field): tcp_close() sets it to
+    /// SHUTDOWN_MASK first thing.
+    pub shutdown: u16,
 }
 
 impl SockLayout {
@@ -204,7 +206,7 @@ impl SockLayout {
         v6_daddr: NONE,
         protocol: NONE,
         protocol_size: 0,
-        _pad: 0,
+        shutdown: NONE,
     };
 }
 

@@ -22,17 +22,17 @@ use crate::{
 #[map]
 pub static HELD_CLOSES: HashMap<u64, SockEvent> = HashMap::with_max_entries(4096, 0);
 
-/// Whether `ev`, a close, is to wait for its RST: it moved its socket to CLOSE in the task's
-/// own close(2), close_range(2) or exit, where tcp_close() either sends a RST or destroys the
-/// socket before returning. (A shutdown(2) of a connecting socket also moves it to CLOSE, and
-/// does neither; a move in a softirq belongs to no call of the task it interrupted.)
+/// Whether `ev`, a close, is to wait for its RST: it moved its socket to CLOSE in process
+/// context, in a close(2), close_range(2) or exit, or in the task that held the file's last
+/// reference (state.rs), where tcp_close() either sends a RST or destroys the socket before
+/// returning. (A shutdown(2) of a connecting socket also moves it to CLOSE, and does neither;
+/// a move in a softirq belongs to no call of the task it interrupted.)
 #[inline(always)]
 pub fn waits_for_its_reset(ev: &SockEvent, context: Context) -> bool {
     setting!(hold_aborts) != 0
         && ev.kind == EventKind::Close as u8
         && ev.new_state == tcp_state::CLOSE
         && ev.old_state != tcp_state::CLOSE
-        && ev.call_id != 0
         && ev.syscall != syscall::SHUTDOWN
         && runs_in_task(context)
 }

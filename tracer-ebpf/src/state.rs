@@ -13,7 +13,7 @@ use tracer_common::{
 };
 
 use crate::{
-    calls::{Context, call_acting_on},
+    calls::{Context, call_acting_on, runs_in_task},
     capture_filter::watch,
     emit::{
         CLASSIC_SLOT, Record, Span, admit, count, enter_raw, kernel_read, leave_raw, noop,
@@ -359,6 +359,12 @@ fn classify(
             claim(info, cur);
             return Some(EventKind::Close);
         }
+        if new == CLOSE && closed_in_a_borrowing_task(sk, info, cur, context) {
+            // The owner's close, finished elsewhere: the owner stays, no call is known.
+            info.closed_by_call = 0;
+            info.released = 1;
+            return Some(EventKind::Close);
+        }
         if old == new {
             return None; // a redundant store of the same state outside any close
         }
@@ -367,6 +373,24 @@ fn classify(
         return Some(EventKind::FinReceived);
     }
     Some(EventKind::State)
+}
+
+/// Whether tcp_close() runs in a task that only borrowed the socket's file: one that lists
+/// /proc/PID/fd (ls, lsof, a monitoring agent, another tracer's start-up) holds a reference to
+/// each file for a moment, and when the owner closes its descriptor meanwhile, the last
+/// reference is that task's: the kernel finishes the close in it, at the end of its own
+/// syscall. Seen here as a move to CLOSE in the process context of a task of another
+/// process, in no teardown call, with `sk_shutdown` at SHUTDOWN_MASK (what tcp_close() sets
+/// first; a retransmission timeout run when a worker's send() releases the socket sets
+/// nothing). Told only where calls are named from the registers.
+#[inline(always)]
+fn closed_in_a_borrowing_task(sk: u64, info: &SockInfo, cur: &Current, context: Context) -> bool {
+    const SHUTDOWN_MASK: u8 = 3;
+    info.released == 0
+        && info.owner_source != owner_source::UNKNOWN
+        && info.pid != cur.pid
+        && kernel_read::<u8>(sk, setting!(sock.shutdown)) == Some(SHUTDOWN_MASK)
+        && runs_in_task(context)
 }
 
 /// connect() and listen() run in the owner's task: record it before any softirq transition.

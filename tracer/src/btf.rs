@@ -81,6 +81,7 @@ const MEMBERS: &[&str] = &[
     "skc_v6_rcv_saddr",
     "skc_v6_daddr",
     "sk_protocol",
+    "sk_shutdown",
     "files",
     "fdt",
     "max_fds",
@@ -268,7 +269,8 @@ impl Btf {
             v6_daddr: byte_offset(common, "skc_v6_daddr")?,
             protocol: (protocol.bit_offset / 8) as u16,
             protocol_size: protocol_size as u16,
-            _pad: 0,
+            // Only for telling a close finished by another task (state.rs): optional.
+            shutdown: byte_offset(sock, "sk_shutdown").unwrap_or(tracer_common::NONE),
         })
     }
 

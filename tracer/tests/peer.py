@@ -31,7 +31,7 @@ import os
 def report(sock):
     l = sock.getsockname()
     r = sock.getpeername()
-    print(json.dumps({"pid": os.getpid(), "laddr": l[0], "lport": l[1], "raddr": r[0], "rport": r[1]}), flush=True)
+    print(json.dumps({"pid": os.getpid(), "fd": sock.fileno(), "laddr": l[0], "lport": l[1], "raddr": r[0], "rport": r[1]}), flush=True)
 
 
 def wait_stdin_closed():

@@ -192,6 +192,72 @@ fn close_with_unread_data_is_a_reset_with_the_kernel_reason() {
     }
 }
 
+/// A task that lists /proc/PID/fd (ls, lsof, a monitoring agent) holds each file for a
+/// moment; when the owner closes its descriptor meanwhile, the kernel finishes the close in
+/// that task, at the end of whatever syscall it was in. Here the test process borrows the
+/// peer's socket (pidfd_getfd), the peer closes its descriptor with a byte unread, and the
+/// borrowed one goes in a dup2(): still the peer's close with its RST, not a state change and a
+/// separate `rst_sent` of this process.
+#[test]
+fn a_close_finished_in_a_task_that_borrowed_the_file_is_the_owners() {
+    if !common::require_root() {
+        return;
+    }
+    if !common::kernel_at_least(5, 15) {
+        eprintln!("skipped: told only where calls are named from the registers (Linux 5.15+)");
+        return;
+    }
+    let (listener, port) = listener();
+    let mut tracer = tracer_for(port);
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "hold");
+    let (mut server, _) = listener.accept().unwrap();
+    let reported = peer.line();
+    let peer_port = port_of(&reported["lport"]);
+    let borrowed = borrow_descriptor(peer.pid, reported["fd"].as_i64().unwrap() as i32);
+    server.write_all(b"x").unwrap(); // left unread by the peer: its close resets
+    let owner = peer.pid;
+    peer.wait(); // closed its descriptor and exited; the file lives on in `borrowed`
+    let devnull = std::fs::File::open("/dev/null").unwrap();
+    // SAFETY: both descriptors are open; dup2 drops the borrowed socket's last reference.
+    assert!(unsafe { libc::dup2(devnull.as_raw_fd(), borrowed) } >= 0);
+    let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
+    assert_eq!(close["pid"], owner, "{close}");
+    assert_eq!(close["syscall"], Value::Null, "{close}");
+    assert_eq!(close["old_state"], "ESTABLISHED", "{close}");
+    assert_eq!(close["outcome"], "rst", "{close}");
+    assert_eq!(close["reason"], "TCP_ABORT_ON_CLOSE", "{close}");
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(borrowed) };
+    let out = tracer.stop();
+    assert!(
+        out.lines_of("rst_sent", peer_port, port).is_empty()
+            && out.lines_of("state", peer_port, port).is_empty(),
+        "{:?}",
+        out.lines
+    );
+}
+
+/// A descriptor of this process for process `pid`'s descriptor `fd` (pidfd_getfd, 5.6+).
+fn borrow_descriptor(pid: u32, fd: i32) -> i32 {
+    // SAFETY: plain syscalls; the results are checked.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let borrowed = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        assert!(
+            borrowed >= 0,
+            "pidfd_getfd: {}",
+            std::io::Error::last_os_error()
+        );
+        libc::close(pidfd);
+        borrowed
+    }
+}
+
 #[test]
 fn linger_zero_close_is_a_reset() {
     if !common::require_root() {
