@@ -359,8 +359,12 @@ fn classify(
             claim(info, cur);
             return Some(EventKind::Close);
         }
-        if new == CLOSE && closed_in_a_borrowing_task(sk, info, cur, context) {
-            // The owner's close, finished elsewhere: the owner stays, no call is known.
+        if new == CLOSE && closed_outside_calls(sk, info, cur, context) {
+            // No call is known. A task of another process only finished the owner's close:
+            // the owner stays.
+            if info.pid == cur.pid {
+                claim(info, cur);
+            }
             info.closed_by_call = 0;
             info.released = 1;
             return Some(EventKind::Close);
@@ -375,20 +379,25 @@ fn classify(
     Some(EventKind::State)
 }
 
-/// Whether tcp_close() runs in a task that only borrowed the socket's file: one that lists
-/// /proc/PID/fd (ls, lsof, a monitoring agent, another tracer's start-up) holds a reference to
-/// each file for a moment, and when the owner closes its descriptor meanwhile, the last
-/// reference is that task's: the kernel finishes the close in it, at the end of its own
-/// syscall. Seen here as a move to CLOSE in the process context of a task of another
-/// process, in no teardown call, with `sk_shutdown` at SHUTDOWN_MASK (what tcp_close() sets
-/// first; a retransmission timeout run when a worker's send() releases the socket sets
-/// nothing). Told only where calls are named from the registers.
+/// Whether tcp_close() runs outside any teardown call the programs see: the last reference to
+/// the socket's file went otherwise than by close(2), close_range(2) or an exit, and the
+/// kernel finishes the close at the end of that syscall:
+/// - in a task that only borrowed the file, of another process: one that lists /proc/PID/fd
+///   (ls, lsof, a monitoring agent, another tracer's start-up) holds each file for a moment,
+///   and when the owner closes its descriptor meanwhile, the last reference is that task's;
+/// - in the owner itself: a dup2()/dup3() over the descriptor, an exec closing it
+///   (close-on-exec), only for a socket no call claimed before (one shut down earlier may yet
+///   time out in a later syscall).
+/// Seen here as a move to CLOSE in process context, in no teardown call, with `sk_shutdown`
+/// at SHUTDOWN_MASK: tcp_close() sets that first, tcp_done() (a timeout run when a send()
+/// releases the socket) only after its move. Told only where calls are named from the
+/// registers.
 #[inline(always)]
-fn closed_in_a_borrowing_task(sk: u64, info: &SockInfo, cur: &Current, context: Context) -> bool {
+fn closed_outside_calls(sk: u64, info: &SockInfo, cur: &Current, context: Context) -> bool {
     const SHUTDOWN_MASK: u8 = 3;
     info.released == 0
         && info.owner_source != owner_source::UNKNOWN
-        && info.pid != cur.pid
+        && (info.pid != cur.pid || info.closed_by_call == 0)
         && kernel_read::<u8>(sk, setting!(sock.shutdown)) == Some(SHUTDOWN_MASK)
         && runs_in_task(context)
 }

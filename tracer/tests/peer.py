@@ -15,6 +15,7 @@ lets a server pick a port; it then prints {"listening": port} first), then follo
     linger0-close    set SO_LINGER {1, 0} and close (RST)
     send-wait        send one byte, then wait for stdin to close, then close
     hold             keep the socket open until stdin closes, then close
+    hold-dup2        as hold, but the descriptor is replaced with dup2() instead of closed
     close-hold       close at once, then stay alive until stdin closes
     close-linger2-hold   as close-hold, with TCP_LINGER2 of 1 s: the socket's FIN_WAIT2 (its
                      time-wait form) ends after 1 s instead of tcp_fin_timeout's 60
@@ -64,6 +65,11 @@ def behave(sock, behaviour):
     elif behaviour == "hold":
         wait_stdin_closed()
         sock.close()
+    elif behaviour == "hold-dup2":
+        wait_stdin_closed()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, sock.fileno())  # the socket's last reference goes in dup2
+        sock.detach()
     elif behaviour == "close-hold":
         sock.close()
         wait_stdin_closed()

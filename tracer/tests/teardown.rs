@@ -237,6 +237,33 @@ fn a_close_finished_in_a_task_that_borrowed_the_file_is_the_owners() {
     );
 }
 
+/// A dup2() over the socket's last descriptor closes it too, and the kernel finishes that close
+/// at the end of the dup2: the peer's close with its RST, by no known call.
+#[test]
+fn a_dup2_over_the_last_descriptor_is_a_close() {
+    if !common::require_root() {
+        return;
+    }
+    if !common::kernel_at_least(5, 15) {
+        eprintln!("skipped: told only where calls are named from the registers (Linux 5.15+)");
+        return;
+    }
+    let (listener, port) = listener();
+    let mut tracer = tracer_for(port);
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "hold-dup2");
+    let (mut server, _) = listener.accept().unwrap();
+    let peer_port = port_of(&peer.line()["lport"]);
+    server.write_all(b"x").unwrap(); // left unread by the peer: its close resets
+    let owner = peer.pid;
+    peer.wait();
+    let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
+    assert_eq!(close["pid"], owner, "{close}");
+    assert_eq!(close["syscall"], Value::Null, "{close}");
+    assert_eq!(close["outcome"], "rst", "{close}");
+    assert_eq!(close["reason"], "TCP_ABORT_ON_CLOSE", "{close}");
+    stops_cleanly(tracer);
+}
+
 /// A descriptor of this process for process `pid`'s descriptor `fd` (pidfd_getfd, 5.6+).
 fn borrow_descriptor(pid: u32, fd: i32) -> i32 {
     // SAFETY: plain syscalls; the results are checked.
