@@ -703,6 +703,24 @@ fn pid_trace_keeps_the_rst_a_closed_servers_time_wait_socket_sends() {
     );
 }
 
+/// A server traced with `--pid` (and `args`) that closed its connection with a TCP_LINGER2 of
+/// 1 s (its FIN_WAIT2 times out after ~1 s instead of 60), its `close` line, and this process
+/// as the client, which read the EOF and keeps its end open (CLOSE_WAIT).
+fn server_closed_with_a_short_fin_wait2(args: &[&str]) -> (TracedServer, Value) {
+    let mut traced = TracedServer::start("close-linger2-hold", args, WAIT);
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        traced.client.read(&mut buf).unwrap(),
+        0,
+        "the server closed"
+    );
+    let (server_port, my_port) = (traced.server_port, traced.client_port);
+    let close = traced
+        .tracer
+        .wait_for(|v| is(v, "close", server_port, my_port), WAIT);
+    (traced, close)
+}
+
 /// Later still: the client never closed (CLOSE_WAIT), and the server's socket outlived its
 /// FIN_WAIT2 timeout (TCP_LINGER2 of 1 s here; tcp_fin_timeout, 60 s, by default), so nothing
 /// of that connection is left in the server's kernel. The client's FIN then reaches the
@@ -715,16 +733,16 @@ fn pid_trace_reports_the_rst_a_listener_sends_past_the_fin_wait2_timeout() {
     if !common::require_root() {
         return;
     }
-    let TracedServer {
-        server,
-        server_port,
-        mut tracer,
-        mut client,
-        client_port: my_port,
-    } = TracedServer::start("close-linger2-hold", &["-i", "lo"], WAIT);
-    let mut buf = [0u8; 16];
-    assert_eq!(client.read(&mut buf).unwrap(), 0, "the server closed");
-    let close = tracer.wait_for(|v| is(v, "close", server_port, my_port), WAIT);
+    let (
+        TracedServer {
+            server,
+            server_port,
+            mut tracer,
+            client,
+            client_port: my_port,
+        },
+        close,
+    ) = server_closed_with_a_short_fin_wait2(&["-i", "lo"]);
     std::thread::sleep(Duration::from_millis(2500)); // the 1 s FIN_WAIT2 timeout passes
     client.shutdown(std::net::Shutdown::Write).unwrap();
     let rst = tracer.wait_for(|v| is(v, "rst_sent", server_port, my_port), WAIT);
@@ -753,16 +771,16 @@ fn pid_trace_reports_a_fin_wait2_that_times_out() {
     if !common::require_root() {
         return;
     }
-    let TracedServer {
-        server,
-        server_port,
-        mut tracer,
-        mut client,
-        client_port: my_port,
-    } = TracedServer::start("close-linger2-hold", &["--no-capture"], WAIT);
-    let mut buf = [0u8; 16];
-    assert_eq!(client.read(&mut buf).unwrap(), 0, "the server closed");
-    let close = tracer.wait_for(|v| is(v, "close", server_port, my_port), WAIT);
+    let (
+        TracedServer {
+            server,
+            server_port,
+            mut tracer,
+            client: _client,
+            client_port: my_port,
+        },
+        close,
+    ) = server_closed_with_a_short_fin_wait2(&["--no-capture"]);
     // The ACK of a FIN may be delayed: FIN_WAIT2 starts with it.
     tracer.wait_for(
         |v| is(v, "state", server_port, my_port) && v["new_state"] == "FIN_WAIT2",
