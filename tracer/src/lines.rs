@@ -337,6 +337,14 @@ fn clock_part(time: &str) -> String {
         .to_string()
 }
 
+/// The end of a time-wait socket whose FIN_WAIT2 timed out, named after its connection.
+fn is_fin_wait2_timeout(l: &SocketLine<'_>) -> bool {
+    l.event == "state"
+        && l.old_state == "FIN_WAIT2"
+        && l.new_state == "CLOSE"
+        && l.owner == "connection"
+}
+
 fn pretty_socket(l: &SocketLine<'_>, color: bool) -> String {
     let who = match (l.comm, l.pid) {
         (Some(comm), Some(pid)) => format!("{comm}[{pid}]"),
@@ -390,6 +398,9 @@ fn pretty_socket(l: &SocketLine<'_>, color: bool) -> String {
     }
     if l.derived.is_some() {
         text.push_str("  (seen on the wire)");
+    }
+    if is_fin_wait2_timeout(l) {
+        text.push_str("  (FIN_WAIT2 timed out: the peer never closed)");
     }
     if l.pid.is_none() {
         text.push_str(&format!("  owner {}", l.owner));
@@ -526,6 +537,22 @@ mod tests {
         );
         let colored = Format::Pretty { color: true }.socket(&close_line());
         assert!(colored.starts_with("\x1b[31m") && colored.ends_with("\x1b[0m"));
+    }
+
+    #[test]
+    fn pretty_says_when_a_fin_wait2_timed_out() {
+        let mut end = close_line();
+        (end.event, end.owner) = ("state", "connection");
+        (end.old_state, end.new_state) = ("FIN_WAIT2", "CLOSE");
+        (end.syscall, end.fd, end.outcome, end.reason) = (None, None, None, None);
+        (end.duration_ns, end.wire) = (Some(Some(60_000_000_000)), None);
+        let text = Format::Pretty { color: false }.socket(&end);
+        assert!(
+            text.contains(
+                "after 60.00s in FIN_WAIT2  (FIN_WAIT2 timed out: the peer never closed)"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
