@@ -39,7 +39,8 @@ pub enum Command {
         probes: ProbeMode,
     },
     /// Run the classic teardown scenarios (graceful close, unread data, SO_LINGER 0,
-    /// half-close, a peer that never closes) on loopback and show what the tracer saw.
+    /// half-close, a peer that never closes, one that closes after the FIN_WAIT2 timeout) on
+    /// loopback and show what the tracer saw.
     Demo {
         /// One JSON object per scenario instead of the timeline.
         #[arg(long)]

@@ -68,7 +68,19 @@ const SCENARIOS: &[Scenario] = &[
         meaning: "one side closed, the other did not call close() for a long time: its socket \
                   sat in CLOSE_WAIT (a leak, if it lasts), while the closer waited in FIN_WAIT2.",
     },
+    Scenario {
+        name: "the peer closes too late (FIN_WAIT2 timeout)",
+        run: late_peer,
+        check: check_late_peer,
+        meaning: "the closer's FIN_WAIT2 ran out (TCP_LINGER2 of 1 s here; tcp_fin_timeout, 60 s, \
+                  by default) while the peer sat in CLOSE_WAIT: the kernel dropped the closer's \
+                  socket, and when the peer finally closed, its FIN found no socket: the host \
+                  answered with a RST, the peer's \"connection reset by peer\".",
+    },
 ];
+
+/// How long the late peer waits: past the closer's FIN_WAIT2 timeout of 1 s (TCP_LINGER2).
+const LATE: Duration = Duration::from_millis(1600);
 
 /// How long each scenario leaves the peer in CLOSE_WAIT.
 const LINGER: Duration = Duration::from_millis(600);
@@ -177,6 +189,9 @@ fn describe(v: &Value) -> String {
             v["old_state"].as_str().unwrap_or("")
         ));
     }
+    if event == "state" && v["owner"] == "connection" && v["old_state"] == "FIN_WAIT2" {
+        text.push_str(" (timed out: no FIN from the peer)");
+    }
     if let Some(wire) = v["wire"].as_object() {
         text.push_str(&format!(
             "; on the wire {} {} {}",
@@ -275,6 +290,19 @@ fn lingering_peer(l: &TcpListener) -> anyhow::Result<Ports> {
     Ok(ports)
 }
 
+fn late_peer(l: &TcpListener) -> anyhow::Result<Ports> {
+    let (client, server) = connect(l)?;
+    let ports = Ports {
+        closer: port(&client),
+        other: port(&server),
+    };
+    set_int_option(&client, libc::IPPROTO_TCP, libc::TCP_LINGER2, 1)?;
+    drop(client);
+    thread::sleep(LATE);
+    drop(server);
+    Ok(ports)
+}
+
 fn wait_readable(s: &TcpStream) {
     let mut pfd = libc::pollfd {
         fd: s.as_raw_fd(),
@@ -302,6 +330,26 @@ fn set_linger_zero(s: &TcpStream) -> anyhow::Result<()> {
     };
     if rc != 0 {
         bail!("setsockopt(SO_LINGER): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_int_option(s: &TcpStream, level: i32, name: i32, value: i32) -> anyhow::Result<()> {
+    // SAFETY: a valid socket and an int-sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "setsockopt({level}, {name}): {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -369,6 +417,19 @@ fn check_lingering_peer(lines: &[Value], p: Ports) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+fn check_late_peer(lines: &[Value], p: Ports) -> Result<(), String> {
+    let end = lines
+        .iter()
+        .find(|v| v["event"] == "state" && v["lport"] == p.closer && v["owner"] == "connection")
+        .ok_or("no line for the end of the closer's FIN_WAIT2")?;
+    expect(end, "old_state", "FIN_WAIT2")?;
+    let waited = end["duration_ns"].as_u64().unwrap_or(0);
+    if waited < 700_000_000 {
+        return Err(format!("FIN_WAIT2 lasted {waited} ns, expected about 1 s"));
+    }
+    find(lines, "rst_received", p.other).map(|_| ())
 }
 
 // --- the tracer under demonstration ---------------------------------------------------------

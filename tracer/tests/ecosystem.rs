@@ -62,7 +62,8 @@ fn the_demo_explains_every_scenario_correctly() {
             "close with unread data",
             "SO_LINGER 0",
             "shutdown(SHUT_WR) half-close",
-            "peer never closes (CLOSE_WAIT / FIN_WAIT2)"
+            "peer never closes (CLOSE_WAIT / FIN_WAIT2)",
+            "the peer closes too late (FIN_WAIT2 timeout)"
         ]
     );
     for s in &scenarios {
