@@ -152,9 +152,9 @@ fn build(mode: ProbeMode) -> Report {
             Err(why) => format!("the listener's own addresses (no struct sk_buff layout: {why})"),
         },
         abortive_closes: abortive_closes(&support, mode, plan.as_deref().unwrap_or_default()),
-        fin_wait2_timeouts: match (&support.timewait, &support.sock) {
-            (Ok(_), Ok(_)) => "seen (the time-wait socket's timer)".to_string(),
-            (Err(why), _) | (_, Err(why)) => format!("not seen ({why})"),
+        fin_wait2_timeouts: match support.usable_timewait() {
+            Ok(_) => "seen (the time-wait socket's timer)".to_string(),
+            Err(why) => format!("not seen ({why})"),
         },
         probe_mode: mode,
         would_attach: plan

@@ -1,7 +1,11 @@
 //! Which kernel hooks exist here, which ones to attach, and loading them with the run-time
 //! configuration (tracepoint field offsets, filters) written into the programs' globals.
 
-use std::{fs, path::Path};
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    path::Path,
+};
 
 use anyhow::{Context as _, bail};
 use aya::{
@@ -385,9 +389,7 @@ impl KernelSupport {
                 .any(|p| *p == format!("{group}:{name}")),
             Attach::Kprobe { function } => self.kprobes && kernel_has_symbol(function),
             // The timer hook is useful only with the time-wait socket's layout.
-            _ if hook.program.starts_with("timer_expire")
-                && (self.timewait.is_err() || self.sock.is_err()) =>
-            {
+            _ if hook.program.starts_with("timer_expire") && self.usable_timewait().is_err() => {
                 false
             }
             // A raw tracepoint exists wherever the classic one does; its programs need the
@@ -397,6 +399,13 @@ impl KernelSupport {
                     && (self.formats.present.iter()).any(|p| p.rsplit(':').next() == Some(name))
             }
         }
+    }
+
+    /// The time-wait layout the timer programs need, or why there is none: they read a
+    /// time-wait socket's own fields and, for its addresses, the full socket's (`sock`).
+    pub fn usable_timewait(&self) -> Result<&TimewaitLayout, &str> {
+        self.sock.as_ref().map_err(String::as_str)?;
+        self.timewait.as_ref().map_err(String::as_str)
     }
 
     /// Whether close, shutdown and close_range are named from the task's registers instead of
@@ -599,24 +608,10 @@ fn syscall_registers(
 /// The time-wait layout with the address of the kernel's time-wait timer function.
 fn timewait_layout(layout: Result<TimewaitLayout, String>) -> Result<TimewaitLayout, String> {
     let mut layout = layout?;
-    layout.handler = kernel_symbol_address("tw_timer_handler")
+    layout.handler = kallsyms_address("tw_timer_handler")
+        .filter(|&address| address != 0)
         .ok_or("/proc/kallsyms shows no address for tw_timer_handler")?;
     Ok(layout)
-}
-
-/// A kernel function's address from /proc/kallsyms (None: absent, or hidden from this user,
-/// which reads as 0).
-fn kernel_symbol_address(name: &str) -> Option<u64> {
-    let text = fs::read_to_string("/proc/kallsyms").ok()?;
-    text.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let address = fields.next()?;
-        let symbol = fields.nth(1)?;
-        (symbol == name)
-            .then(|| u64::from_str_radix(address, 16).ok())
-            .flatten()
-            .filter(|&a| a != 0)
-    })
 }
 
 /// The perf kprobe PMU is what aya attaches kprobes through.
@@ -626,10 +621,21 @@ fn kprobes_available() -> bool {
 }
 
 fn kernel_has_symbol(name: &str) -> bool {
-    fs::read_to_string("/proc/kallsyms").is_ok_and(|text| {
-        text.lines()
-            .any(|line| line.split_whitespace().nth(2) == Some(name))
-    })
+    kallsyms_address(name).is_some()
+}
+
+/// A kernel symbol's address in /proc/kallsyms, read up to its line: None when the kernel
+/// has no such symbol, Some(0) when its address is hidden from this user (kptr_restrict).
+fn kallsyms_address(name: &str) -> Option<u64> {
+    let file = fs::File::open("/proc/kallsyms").ok()?;
+    BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let address = fields.next()?;
+            (fields.nth(1)? == name).then(|| u64::from_str_radix(address, 16).unwrap_or(0))
+        })
 }
 
 /// Runtime knobs for loading.

@@ -114,15 +114,15 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
              sends (a segment for a connection already gone) shows the listener's addresses"
         ),
     }
-    match (&support.timewait, &support.sock) {
-        (Ok(layout), Ok(_)) => {
+    match support.usable_timewait() {
+        Ok(layout) => {
             let record_timer = config.timewait.record_timer;
             config.timewait = TimewaitLayout {
                 record_timer,
                 ..*layout
             };
         }
-        (Err(why), _) | (_, Err(why)) => eprintln!(
+        Err(why) => eprintln!(
             "tracer: no time-wait socket layout ({why}): a FIN_WAIT2 that times out (the peer \
              never sent its FIN) shows no end"
         ),
