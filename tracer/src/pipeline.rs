@@ -378,39 +378,32 @@ impl Pipeline {
 
     fn close(&mut self, ev: KernelEvent) {
         let aborted = ev.new_state == tcp_state::CLOSE && ev.old_state != tcp_state::CLOSE;
-        if aborted && ev.its_reset == ItsReset::Sent {
-            let reason = ev.reason.map(|r| self.reasons.name(r));
-            self.push(close_with_its_rst(line("close", ev, false), reason));
-            return;
-        }
-        if aborted && ev.its_reset == ItsReset::NotSent {
-            self.push(line("close", ev, false));
-            return;
-        }
-        if aborted {
-            // Counted from the read, not from the event: the ring is read every tick (20 ms)
-            // or so, and a close read just before its RST was submitted would be overdue at
-            // once (seen in a loaded VM: the close and a separate `rst_sent` line).
-            let staged_at = ev.mono_ns.max(self.read_at_ns);
-            let conn = ev.conn_id;
-            let line = line("close", ev, false);
-            if let Some(previous) = self.staged.insert(conn, Staged { line, staged_at }) {
-                self.push(previous.line);
+        match (aborted, ev.its_reset) {
+            (true, ItsReset::Sent) => {
+                let reason = self.reason_name(&ev);
+                self.push(close_with_its_rst(line("close", ev, false), reason));
             }
-            return;
+            (true, ItsReset::NotSent) => self.push(line("close", ev, false)),
+            (true, ItsReset::Unknown) => self.stage_for_its_rst(ev),
+            (false, _) => self.push(non_abortive_close(ev)),
         }
-        // Only a move into these states sends the FIN: a close(2) after a shutdown(2) finds
-        // the socket already there (FIN_WAIT1 -> FIN_WAIT1) and sends nothing; waiting for a
-        // FIN would count it unjoined and call its outcome `fin`.
-        let sends_fin = ev.old_state != ev.new_state
-            && matches!(ev.new_state, tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK);
-        let mut pending = line("close", ev, sends_fin);
-        pending.outcome = sends_fin.then_some("fin");
-        self.push(pending);
+    }
+
+    /// Holds an abortive close for the RST event of its call (see `rst_sent` and `poll`).
+    fn stage_for_its_rst(&mut self, ev: KernelEvent) {
+        // Counted from the read, not from the event: the ring is read every tick (20 ms)
+        // or so, and a close read just before its RST was submitted would be overdue at
+        // once (seen in a loaded VM: the close and a separate `rst_sent` line).
+        let staged_at = ev.mono_ns.max(self.read_at_ns);
+        let conn = ev.conn_id;
+        let line = line("close", ev, false);
+        if let Some(previous) = self.staged.insert(conn, Staged { line, staged_at }) {
+            self.push(previous.line);
+        }
     }
 
     fn rst_sent(&mut self, ev: KernelEvent) {
-        let reason = ev.reason.map(|r| self.reasons.name(r));
+        let reason = self.reason_name(&ev);
         let same_call = self
             .staged
             .get(&ev.conn_id)
@@ -423,6 +416,11 @@ impl Pipeline {
         let mut pending = line("rst_sent", ev, true);
         pending.reason = reason;
         self.push(pending);
+    }
+
+    /// The kernel's name for the event's RST reason.
+    fn reason_name(&self, ev: &KernelEvent) -> Option<Arc<str>> {
+        ev.reason.map(|r| self.reasons.name(r))
     }
 
     fn push(&mut self, mut pending: PendingLine) {
@@ -823,6 +821,18 @@ fn line(event: &'static str, ev: KernelEvent, wants_wire: bool) -> PendingLine {
         derived_from_wire: false,
         outcome_from_wire: false,
     }
+}
+
+/// A close that did not move its socket straight to CLOSE. Only a move into FIN_WAIT1 or
+/// LAST_ACK sends the FIN: a close(2) after a shutdown(2) finds the socket already there
+/// (FIN_WAIT1 -> FIN_WAIT1) and sends nothing; waiting for a FIN would count it unjoined and
+/// call its outcome `fin`.
+fn non_abortive_close(ev: KernelEvent) -> PendingLine {
+    let sends_fin = ev.old_state != ev.new_state
+        && matches!(ev.new_state, tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK);
+    let mut pending = line("close", ev, sends_fin);
+    pending.outcome = sends_fin.then_some("fin");
+    pending
 }
 
 /// An abortive close with what its RST event said: it waits for that RST on the wire.
