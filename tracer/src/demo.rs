@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::lines::human_ns;
+use crate::lines::{human_ns, is_fin_wait2_timeout};
 
 /// One scenario: what it does, and how to tell the tracer saw it right.
 struct Scenario {
@@ -189,7 +189,7 @@ fn describe(v: &Value) -> String {
             v["old_state"].as_str().unwrap_or("")
         ));
     }
-    if event == "state" && v["owner"] == "connection" && v["old_state"] == "FIN_WAIT2" {
+    if is_timeout(v) {
         text.push_str(" (timed out: no FIN from the peer)");
     }
     if let Some(wire) = v["wire"].as_object() {
@@ -419,12 +419,22 @@ fn check_lingering_peer(lines: &[Value], p: Ports) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether a JSON line is the end of a FIN_WAIT2 that timed out (see `lines`).
+fn is_timeout(v: &Value) -> bool {
+    let text = |field: &str| v[field].as_str().unwrap_or("");
+    is_fin_wait2_timeout(
+        text("event"),
+        text("owner"),
+        text("old_state"),
+        text("new_state"),
+    )
+}
+
 fn check_late_peer(lines: &[Value], p: Ports) -> Result<(), String> {
     let end = lines
         .iter()
-        .find(|v| v["event"] == "state" && v["lport"] == p.closer && v["owner"] == "connection")
+        .find(|v| is_timeout(v) && v["lport"] == p.closer)
         .ok_or("no line for the end of the closer's FIN_WAIT2")?;
-    expect(end, "old_state", "FIN_WAIT2")?;
     let waited = end["duration_ns"].as_u64().unwrap_or(0);
     if waited < 700_000_000 {
         return Err(format!("FIN_WAIT2 lasted {waited} ns, expected about 1 s"));

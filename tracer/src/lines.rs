@@ -337,12 +337,11 @@ fn clock_part(time: &str) -> String {
         .to_string()
 }
 
-/// The end of a time-wait socket whose FIN_WAIT2 timed out, named after its connection.
-fn is_fin_wait2_timeout(l: &SocketLine<'_>) -> bool {
-    l.event == "state"
-        && l.old_state == "FIN_WAIT2"
-        && l.new_state == "CLOSE"
-        && l.owner == "connection"
+/// Whether a line with these fields is the end of a time-wait socket whose FIN_WAIT2 timed
+/// out: a `state` FIN_WAIT2 -> CLOSE named after its connection (the full socket's own move
+/// to its time-wait form is its owner's).
+pub fn is_fin_wait2_timeout(event: &str, owner: &str, old_state: &str, new_state: &str) -> bool {
+    (event, owner, old_state, new_state) == ("state", "connection", "FIN_WAIT2", "CLOSE")
 }
 
 fn pretty_socket(l: &SocketLine<'_>, color: bool) -> String {
@@ -399,7 +398,7 @@ fn pretty_socket(l: &SocketLine<'_>, color: bool) -> String {
     if l.derived.is_some() {
         text.push_str("  (seen on the wire)");
     }
-    if is_fin_wait2_timeout(l) {
+    if is_fin_wait2_timeout(l.event, l.owner, l.old_state, l.new_state) {
         text.push_str("  (FIN_WAIT2 timed out: the peer never closed)");
     }
     if l.pid.is_none() {
