@@ -53,13 +53,15 @@ pub fn send_with_reset(sk: u64, reason: i32) -> bool {
 /// Sends the close held for `sk`, if any: the socket is being destroyed, and no RST was sent.
 #[inline(always)]
 pub fn send_without_reset(sk: u64) {
-    if setting!(hold_aborts) != 0 {
-        let _ = release(sk, close_reset::NOT_SENT, -1);
-    }
+    let _ = release(sk, close_reset::NOT_SENT, -1);
 }
 
+/// No lookup where nothing is ever held.
 #[inline(always)]
 fn release(sk: u64, outcome: u8, reason: i32) -> bool {
+    if setting!(hold_aborts) == 0 {
+        return false;
+    }
     let Some(held) = HELD_CLOSES.get_ptr_mut(&sk) else {
         return false;
     };

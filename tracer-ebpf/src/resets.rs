@@ -74,11 +74,7 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     let sk = rec.get::<u64>(layout.skaddr).unwrap_or(0);
     let state = rec.get::<i32>(layout.state).unwrap_or(0) as u8;
     // A close's RST: the close waits for it (see `held`) and goes out with its reason.
-    if state == tcp_state::CLOSE
-        && sk != 0
-        && setting!(hold_aborts) != 0
-        && held::send_with_reset(sk, reason_of(&rec, &layout))
-    {
+    if state == tcp_state::CLOSE && sk != 0 && held::send_with_reset(sk, reason_of(&rec, &layout)) {
         return 0;
     }
     // With --pid, a reset from a time-wait socket (no owner in the kernel) or for no socket at
