@@ -21,6 +21,7 @@ mod privileges;
 mod probes;
 mod progstats;
 mod run;
+mod sockets;
 mod stats;
 mod tracefs;
 

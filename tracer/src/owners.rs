@@ -1,32 +1,22 @@
 //! Owners of connections that existed before the tracer started. Users attach to long-running
 //! services, whose sockets were never seen in process context by the kernel programs: read
 //! each process's socket inodes from /proc/PID/fd and the connections of its network namespace
-//! from /proc/PID/net/tcp{,6}, and seed the kernel's SEED (established) and LISTENERS (listening)
+//! from sock_diag (`sockdiag`), and seed the kernel's SEED (established) and LISTENERS (listening)
 //! tables so that their teardown is attributed from the first event.
 
 use std::{
     collections::{HashMap, HashSet},
     fs,
-    io::{BufRead, BufReader},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::Path,
 };
 
+use crate::sockets::{TcpSocket, tcp_sockets};
 use anyhow::Context as _;
 use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData},
 };
 use tracer_common::{AF_INET, AF_INET6, SeedOwner, TupleKey, forked_mark_slot, tcp_state};
-
-/// One TCP socket from /proc/PID/net/tcp{,6}.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProcSocket {
-    pub local: (IpAddr, u16),
-    pub remote: (IpAddr, u16),
-    pub state: u8,
-    pub inode: u64,
-}
 
 /// What seeding found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -58,7 +48,7 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<
     } else {
         pids.to_vec()
     };
-    let mut by_netns: HashMap<u64, HashMap<u64, ProcSocket>> = HashMap::new();
+    let mut by_netns: HashMap<u64, HashMap<u64, TcpSocket>> = HashMap::new();
     let mut conns = Vec::new();
     let mut listeners = Vec::new();
     for pid in pids {
@@ -72,7 +62,7 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<
         let netns = netns_inode(pid).unwrap_or(0);
         let table = by_netns
             .entry(netns)
-            .or_insert_with(|| tcp_table(pid).into_iter().map(|s| (s.inode, s)).collect());
+            .or_insert_with(|| tcp_sockets(pid).into_iter().map(|s| (s.inode, s)).collect());
         for sock in inodes.iter().filter_map(|i| table.get(i)) {
             if sock.state == tcp_state::LISTEN {
                 listeners.push((sock.clone(), owner));
@@ -101,8 +91,8 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<
 
 fn write_seed(
     ebpf: &mut Ebpf,
-    conns: &[(ProcSocket, SeedOwner)],
-    listeners: &[(ProcSocket, SeedOwner)],
+    conns: &[(TcpSocket, SeedOwner)],
+    listeners: &[(TcpSocket, SeedOwner)],
 ) -> anyhow::Result<()> {
     let mut seed: BpfHashMap<_, TupleKey, SeedOwner> =
         BpfHashMap::try_from(ebpf.map_mut("SEED").context("SEED map missing")?)?;
@@ -132,7 +122,7 @@ fn write_seed(
 fn mark_ports(
     ebpf: &mut Ebpf,
     array: &str,
-    socks: &[(ProcSocket, SeedOwner)],
+    socks: &[(TcpSocket, SeedOwner)],
 ) -> anyhow::Result<()> {
     let mut ports = byte_array(ebpf, array)?;
     for (sock, _) in socks {
@@ -152,7 +142,7 @@ fn byte_array<'e>(ebpf: &'e mut Ebpf, name: &str) -> anyhow::Result<Array<&'e mu
 /// With `--pid`, the capture filter must pass the seeded connections' packets too: their
 /// 4-tuples go into WATCHED as the filter reads them from packets (IPv4-mapped as IPv4), their
 /// local ports into WATCHED_PORTS, which the filter checks first.
-fn watch_seeded(ebpf: &mut Ebpf, conns: &[(ProcSocket, SeedOwner)]) -> anyhow::Result<()> {
+fn watch_seeded(ebpf: &mut Ebpf, conns: &[(TcpSocket, SeedOwner)]) -> anyhow::Result<()> {
     mark_ports(ebpf, "WATCHED_PORTS", conns)?;
     let mut watched: BpfHashMap<_, TupleKey, u8> =
         BpfHashMap::try_from(ebpf.map_mut("WATCHED").context("WATCHED map missing")?)?;
@@ -211,7 +201,7 @@ pub fn follow_children(ebpf: &mut Ebpf, children: &[u32]) -> anyhow::Result<()> 
 /// connections are traced once a traced process acts on them. `expected` are the holders that
 /// change nothing: the traced processes, their children and their ancestors.
 fn shared_with_others(
-    listeners: &[(ProcSocket, SeedOwner)],
+    listeners: &[(TcpSocket, SeedOwner)],
     expected: &HashSet<u32>,
 ) -> HashSet<u64> {
     if listeners.is_empty() {
@@ -279,12 +269,12 @@ fn descendants(roots: &[u32], parent_of: &HashMap<u32, u32>) -> Vec<u32> {
 
 /// A connection's 4-tuple as its packets carry it: a dual-stack socket's IPv4-mapped
 /// addresses are IPv4 on the wire.
-pub fn wire_key(sock: &ProcSocket) -> TupleKey {
+pub fn wire_key(sock: &TcpSocket) -> TupleKey {
     let unmap = |ip: IpAddr| match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     };
-    tuple_key(&ProcSocket {
+    tuple_key(&TcpSocket {
         local: (unmap(sock.local.0), sock.local.1),
         remote: (unmap(sock.remote.0), sock.remote.1),
         ..sock.clone()
@@ -292,7 +282,7 @@ pub fn wire_key(sock: &ProcSocket) -> TupleKey {
 }
 
 /// The key the kernel program builds for a socket from its tracepoint fields.
-pub fn tuple_key(sock: &ProcSocket) -> TupleKey {
+pub fn tuple_key(sock: &TcpSocket) -> TupleKey {
     let (family, laddr, raddr) = match (sock.local.0, sock.remote.0) {
         (IpAddr::V4(l), IpAddr::V4(r)) => (AF_INET, pad4(l), pad4(r)),
         (l, r) => (AF_INET6, v6(l).octets(), v6(r).octets()),
@@ -352,7 +342,7 @@ pub fn socket_inodes(pid: u32) -> HashSet<u64> {
         .collect()
 }
 
-fn parse_socket_link(target: &str) -> Option<u64> {
+pub fn parse_socket_link(target: &str) -> Option<u64> {
     target
         .strip_prefix("socket:[")?
         .strip_suffix(']')?
@@ -367,80 +357,9 @@ fn netns_inode(pid: u32) -> Option<u64> {
         .map(|m| m.ino())
 }
 
-/// The TCP sockets of the network namespace `pid` lives in that a process can own (a socket
-/// file's inode; time-wait and orphaned sockets have none).
-pub fn tcp_table(pid: u32) -> Vec<ProcSocket> {
-    ["tcp", "tcp6"]
-        .iter()
-        .filter_map(|f| {
-            fs::File::open(Path::new("/proc").join(pid.to_string()).join("net").join(f)).ok()
-        })
-        .flat_map(|file| read_proc_net_tcp(BufReader::new(file)))
-        .collect()
-}
-
-/// The owned rows of /proc/net/tcp or /proc/net/tcp6, read a line at a time: on a host with
-/// tens of thousands of sockets in TIME_WAIT the table is megabytes, and reading it whole
-/// (growing a String by doubling) made ~34 MB of the daemon's peak memory at start-up.
-pub fn read_proc_net_tcp(reader: impl BufRead) -> impl Iterator<Item = ProcSocket> {
-    reader
-        .lines()
-        .skip(1)
-        .map_while(Result::ok)
-        .filter_map(|line| parse_proc_net_line(&line))
-        .filter(|sock| sock.inode != 0)
-}
-
-#[cfg(test)]
-fn parse_proc_net_tcp(text: &str) -> Vec<ProcSocket> {
-    read_proc_net_tcp(text.as_bytes()).collect()
-}
-
-fn parse_proc_net_line(line: &str) -> Option<ProcSocket> {
-    let mut cols = line.split_whitespace();
-    let (local, remote, state) = (cols.nth(1)?, cols.next()?, cols.next()?);
-    let inode = cols.nth(5)?;
-    Some(ProcSocket {
-        local: parse_endpoint(local)?,
-        remote: parse_endpoint(remote)?,
-        state: u8::from_str_radix(state, 16).ok()?,
-        inode: inode.parse().ok()?,
-    })
-}
-
-/// `0100007F:1F90` (IPv4) or 32 hex digits (IPv6), each 32-bit word in host byte order.
-fn parse_endpoint(text: &str) -> Option<(IpAddr, u16)> {
-    let (addr, port) = text.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let words: Option<Vec<u32>> = (0..addr.len() / 8)
-        .map(|i| u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16).ok())
-        .collect();
-    let words = words?;
-    let ip = match words.as_slice() {
-        [w] => IpAddr::V4(Ipv4Addr::from(w.to_ne_bytes())),
-        [a, b, c, d] => {
-            let mut bytes = [0u8; 16];
-            for (i, w) in [a, b, c, d].iter().enumerate() {
-                bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-            }
-            IpAddr::V6(Ipv6Addr::from(bytes))
-        }
-        _ => return None,
-    };
-    Some((ip, port))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0
-   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 23456 1 0000000000000000 20 4 30 10 -1
-";
-    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 00000000000000000000000001000000:1F90 00000000000000000000000001000000:D431 01 00000000:00000000 00:00000000 00000000     0        0 34567 1 0000000000000000 20 4 0 10 -1
-";
 
     #[test]
     fn finds_the_parent_in_a_stat_line_whatever_the_command_name() {
@@ -482,34 +401,14 @@ mod tests {
     }
 
     #[test]
-    fn parses_ipv4_rows() {
-        let socks = parse_proc_net_tcp(TCP);
-        assert_eq!(socks.len(), 2);
-        assert_eq!(socks[0].local, ("127.0.0.1".parse().unwrap(), 8080));
-        assert_eq!(socks[0].state, tcp_state::LISTEN);
-        assert_eq!(socks[1].remote, ("127.0.0.1".parse().unwrap(), 50000));
-        assert_eq!(socks[1].state, tcp_state::ESTABLISHED);
-        assert_eq!(socks[1].inode, 23456);
-    }
-
-    #[test]
-    fn skips_rows_no_process_can_own() {
-        let time_wait = "   2: 0100007F:C351 0100007F:1F90 06 00000000:00000000 03:00001770 00000000     0        0 0 3 0000000000000000\n";
-        assert_eq!(parse_proc_net_tcp(&format!("{TCP}{time_wait}")).len(), 2);
-    }
-
-    #[test]
-    fn parses_ipv6_rows() {
-        let socks = parse_proc_net_tcp(TCP6);
-        assert_eq!(socks[0].local, ("::1".parse().unwrap(), 8080));
-        assert_eq!(socks[0].remote.1, 0xD431);
-        assert_eq!(socks[0].inode, 34567);
-    }
-
-    #[test]
     fn keys_match_what_the_kernel_program_builds() {
-        let sock = &parse_proc_net_tcp(TCP)[1];
-        let key = tuple_key(sock);
+        let sock = TcpSocket {
+            local: ("127.0.0.1".parse().unwrap(), 8080),
+            remote: ("127.0.0.1".parse().unwrap(), 50000),
+            state: tcp_state::ESTABLISHED,
+            inode: 23456,
+        };
+        let key = tuple_key(&sock);
         assert_eq!(key.family, AF_INET);
         assert_eq!(&key.laddr[..4], &[127, 0, 0, 1]);
         assert_eq!(&key.laddr[4..], &[0; 12]);
@@ -529,11 +428,11 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let pid = std::process::id();
         let inodes = socket_inodes(pid);
-        let table = tcp_table(pid);
+        let table = tcp_sockets(pid);
         let mine = table
             .iter()
             .find(|s| s.local.1 == port && s.state == tcp_state::LISTEN)
-            .expect("listener in /proc/self/net/tcp");
+            .expect("listener in this process's sockets");
         assert!(inodes.contains(&mine.inode));
     }
 }

@@ -601,6 +601,34 @@ fn pid_capture_passes_a_connection_opened_before_the_tracer() {
     assert_only_the_traced_connection_captured(tracer);
 }
 
+/// The same for a process in another network namespace (a container): its connections are
+/// listed from inside its namespace (sock_diag answers only for the namespace it is asked in),
+/// so its FIN is attributed and captured from the first packet.
+#[test]
+fn pid_capture_passes_a_connection_another_netns_opened_before_the_tracer() {
+    if !common::require_root() {
+        return;
+    }
+    let net = NetnsPeer::new();
+    let (l, port) = common::listener(&format!("{}:0", net.root_v4));
+    let mut peer = Peer::spawn(Some(&net.ns), "client", &net.root_v4, port, "hold");
+    let (server, _) = l.accept().unwrap();
+    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    let mut tracer = Tracer::start(&["-i", &net.root_if, "--pid", &peer.pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    drop(server); // our FIN into the traced (seeded) socket in its namespace
+    let fin = tracer.wait_for(|v| is(v, "fin_received", peer_port, port), WAIT);
+    assert_eq!(fin["owner"], "seeded", "{fin}");
+    assert_eq!(fin["pid"], peer.pid, "{fin}");
+    check_wire(&fin, "FIN", "in");
+    peer.release();
+    let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
+    assert_eq!(close["pid"], peer.pid);
+    check_wire(&close, "FIN", "out");
+    peer.wait();
+    tracer.stop();
+}
+
 /// Tells a background thread to stop when dropped: also when the test fails before, so that
 /// its churn does not run on beside the other tests until the whole binary ends.
 #[derive(Default)]
