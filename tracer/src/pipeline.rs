@@ -1531,3 +1531,143 @@ mod tests {
         assert!(kinds.contains(&"rst_sent") && kinds.contains(&"close"));
     }
 }
+
+/// The daemon's share of the RST-churn benchmark without the kernel or the machine's noise:
+/// `cargo test --release -p tracer --bins churn_throughput -- --ignored --nocapture` prints the
+/// pipeline's CPU time per connection (a profile of this test is a profile of the join).
+/// A measurement, not a check: it asserts only that every connection's lines came out joined.
+#[cfg(test)]
+mod throughput {
+    use std::{sync::Arc, time::Instant};
+
+    use super::*;
+    use crate::{
+        kernel::Family,
+        output::{Destination, Output},
+    };
+
+    /// Connections fed through (TRACER_CHURN_CONNS overrides, for slower profilers).
+    fn conns() -> u64 {
+        std::env::var("TRACER_CHURN_CONNS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(400_000)
+    }
+    /// 40k connections/s, the bench's rate without the tracer.
+    const APART_NS: u64 = 25_000;
+    /// Events and packets handed over per loop turn, as the daemon drains its rings.
+    const PER_TURN: u64 = 64;
+
+    fn addr(port: u64) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 1024 + (port % 60_000) as u16))
+    }
+
+    /// Connection ids as the kernel draws them: random.
+    fn splitmix64(i: u64) -> u64 {
+        let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// What the capture shares between its packets (interface name, no headers without -w)
+    /// and the owner, made once as the daemon makes them once.
+    struct Shared {
+        iface: Arc<str>,
+        no_headers: Arc<[u8]>,
+        owner: Owner,
+    }
+
+    /// One RST-churn connection as the daemon sees it: the server's abortive close (held in the
+    /// kernel with its RST), the client's received reset, the RST on the wire.
+    fn connection(i: u64, shared: &Shared, pipeline: &mut Pipeline) {
+        let t = 1_000_000_000 + i * APART_NS;
+        let (server, client) = (addr(8080 + i), addr(40_000 + i * 7));
+        let base = KernelEvent {
+            kind: EventKind::Close,
+            mono_ns: t,
+            conn_id: splitmix64(i),
+            state_since_ns: t - 20_000,
+            call_id: i + 1,
+            owner: shared.owner,
+            family: Family::Ipv4,
+            local: server,
+            remote: client,
+            old_state: tcp_state::ESTABLISHED,
+            new_state: tcp_state::CLOSE,
+            syscall: tracer_common::syscall::CLOSE,
+            fd: Some(5),
+            reason: Some(11),
+            its_reset: ItsReset::Sent,
+        };
+        let received = KernelEvent {
+            kind: EventKind::RstReceived,
+            mono_ns: t + 5_000,
+            conn_id: splitmix64(i + (1 << 40)),
+            local: client,
+            remote: server,
+            syscall: 0,
+            fd: None,
+            reason: None,
+            its_reset: ItsReset::Unknown,
+            call_id: 0,
+            ..base.clone()
+        };
+        pipeline.kernel_event(base);
+        pipeline.kernel_event(received);
+        pipeline.packet(WirePacket {
+            mono_ns: t + 4_000,
+            wall_ns: t + 4_000,
+            src: server,
+            dst: client,
+            flags: tcp_flags::RST | tcp_flags::ACK,
+            seq: i as u32,
+            ack: 1,
+            iface: shared.iface.clone(),
+            dir: Dir::Out,
+            headers: shared.no_headers.clone(),
+        });
+    }
+
+    #[test]
+    #[ignore = "a measurement: run with --ignored --nocapture"]
+    fn churn_throughput() {
+        let out = Output::start(Destination::File("/dev/null".into())).unwrap();
+        let reasons = ResetReasons::new([(11, "TCP_ABORT_ON_CLOSE".to_string())].into());
+        let mut pipeline = Pipeline::new(
+            std::time::Duration::from_millis(500),
+            reasons,
+            false,
+            Format::Json,
+            None,
+        );
+        let shared = Shared {
+            iface: Arc::from("lo"),
+            no_headers: Arc::from(&[][..]),
+            owner: Owner::Known {
+                pid: 4242,
+                tid: 4243,
+                comm: "loadgen".into(),
+                how: "task",
+            },
+        };
+        let conns = conns();
+        let started = Instant::now();
+        for i in 0..conns {
+            connection(i, &shared, &mut pipeline);
+            if i % PER_TURN == PER_TURN - 1 {
+                pipeline.poll(1_000_000_000 + i * APART_NS, &out);
+            }
+        }
+        pipeline.flush(&out);
+        let elapsed = started.elapsed();
+        out.finish().unwrap();
+        println!(
+            "pipeline: {:.2} µs per RST-churn connection ({conns} connections, {:?})",
+            elapsed.as_secs_f64() * 1e6 / conns as f64,
+            elapsed
+        );
+        let stats = &pipeline.stats;
+        assert_eq!((stats.joined, stats.unjoined), (2 * conns, 0));
+    }
+}
