@@ -6,6 +6,7 @@ mod capture;
 mod check;
 mod cli;
 mod clock;
+mod conns;
 mod demo;
 mod held;
 mod join;

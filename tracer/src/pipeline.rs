@@ -4,7 +4,7 @@
 //! wait in the joiner for it. A close that moved the socket straight to CLOSE is staged for a
 //! moment, because the RST it sends (with the kernel's reason) is the next kernel event.
 
-use std::{collections::VecDeque, net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 // Keys are kernel-drawn random ids and addresses, not attacker-chosen: FxHash is safe and
 // several times cheaper than SipHash on this per-event path.
@@ -15,8 +15,9 @@ use tracer_common::{EventKind, tcp_state};
 use crate::{
     capture::{Dir, WirePacket, tcp_flags},
     clock::Clock,
+    conns::ConnTable,
     join::{Joined, Joiner, PendingEvent, Want, WantFlag, WireMatch},
-    kernel::{Family, ItsReset, KernelEvent, Owner, ResetReasons, state_name},
+    kernel::{ItsReset, KernelEvent, Owner, ResetReasons, state_name},
     lines::{ConnId, Flags, Format, PacketLine, SocketLine, Time, Wire},
     metrics::Metrics,
     output::Output,
@@ -28,19 +29,6 @@ use crate::{
 /// from when the daemon read the close (see `Pipeline::reading_at`). (On loopback the RST
 /// event comes after the peer has processed the RST: in a slow VM that took more than 5 ms.)
 const STAGE_NS: u64 = 20_000_000;
-/// Connections remembered after their last event, to name the owner of late packets (the
-/// peer's FIN reaching a socket in TIME_WAIT or FIN_WAIT2, retransmissions). A peer that
-/// closes later than this, or more connections than MAX_CONNS in that time, and its FIN is
-/// reported as a `packet` line instead of a derived `fin_received`: memory stays bounded.
-const CONN_MEMORY_NS: u64 = 10_000_000_000;
-const MAX_CONNS: usize = 8_192;
-/// A socket that left FIN_WAIT2 for the kernel's time-wait form waits for the peer's FIN (or
-/// RST), which only the wire shows; the kernel keeps such a socket for `tcp_fin_timeout` (60 s
-/// by default). Those connections are remembered apart, this long and up to MAX_AWAITING, so
-/// that a busy host's churn does not push them out before a slow peer closes: "how long did
-/// our socket sit in FIN_WAIT2" is the question for exactly those.
-const AWAIT_MEMORY_NS: u64 = 65_000_000_000;
-const MAX_AWAITING: usize = 8_192;
 /// Bound on events plus packets waiting in the joiner.
 pub const MAX_PENDING: usize = 262_144;
 
@@ -55,256 +43,6 @@ pub struct PendingLine {
     derived_from_wire: bool,
     /// The outcome is whatever RST the wire shows (the kernel's RST event is missing).
     outcome_from_wire: bool,
-}
-
-/// What the daemon remembers about a connection it has seen events for.
-#[derive(Clone, Debug)]
-struct ConnInfo {
-    local: SocketAddr,
-    remote: SocketAddr,
-    family: Family,
-    owner: Owner,
-    last_event_ns: u64,
-    /// The full socket went from FIN_WAIT2 to CLOSE (into TIME_WAIT / FIN_WAIT2 mini socket)
-    /// at this time: the peer's FIN, when it comes, is seen only on the wire.
-    timewait_since: Option<u64>,
-    fw2_since: Option<u64>,
-    fin_received: bool,
-    rst_received: bool,
-    /// Sequence numbers of the FINs seen on the wire, by `Dir` as this socket sees them (sent,
-    /// received), valid where `fin_seen` has bit 1 << index. A FIN seen again later than the
-    /// join window is a retransmission: the joiner forgets packets after the window.
-    fin_seq: [u32; 2],
-    fin_seen: u8,
-}
-
-/// The connections a packet can belong to, by their (local, remote) key, each with the way
-/// it went for that socket: the one it reached, then the one that sent it (on loopback both
-/// are here).
-fn ends(pkt: &WirePacket) -> [((SocketAddr, SocketAddr), Dir); 2] {
-    [
-        ((pkt.dst, pkt.src), Dir::In),
-        ((pkt.src, pkt.dst), Dir::Out),
-    ]
-}
-
-/// A socket's (local, remote) as the address index keys it: IPv4-mapped IPv6 addresses (a
-/// dual-stack socket's IPv4 peers) written as IPv4, as its packets show them on the wire.
-fn addr_key(local: SocketAddr, remote: SocketAddr) -> (SocketAddr, SocketAddr) {
-    (
-        crate::join::normalise(local),
-        crate::join::normalise(remote),
-    )
-}
-
-impl ConnInfo {
-    /// Our socket is in its time-wait form and the peer has neither closed nor reset yet.
-    fn awaits_peer(&self) -> bool {
-        self.timewait_since.is_some() && !self.fin_received && !self.rst_received
-    }
-}
-
-/// Whether a RST sent in this state answered for a connection the host no longer has a socket
-/// of: a listener's, or one for a segment that matched no socket (state 0, unknown).
-fn answered_without_its_socket(state: u8) -> bool {
-    matches!(state, 0 | tcp_state::LISTEN)
-}
-
-/// Connections by conn id and by address pair.
-#[derive(Default)]
-struct ConnTable {
-    by_id: HashMap<u64, ConnInfo>,
-    by_tuple: HashMap<(SocketAddr, SocketAddr), u64>,
-    /// (conn id, last seen): every connection, oldest first; a connection that awaits its
-    /// peer leaves it for `awaiting` (its record here is then passed over).
-    order: VecDeque<(u64, u64)>,
-    /// (conn id, since): connections whose socket awaits the peer's FIN in its time-wait form.
-    awaiting: VecDeque<(u64, u64)>,
-}
-
-impl ConnTable {
-    fn observe(&mut self, ev: &KernelEvent) {
-        if ev.conn_id == 0 {
-            return;
-        }
-        let mut fresh = false;
-        let info = self.by_id.entry(ev.conn_id).or_insert_with(|| {
-            fresh = true;
-            ConnInfo {
-                local: ev.local,
-                remote: ev.remote,
-                family: ev.family,
-                owner: ev.owner,
-                last_event_ns: ev.mono_ns,
-                timewait_since: None,
-                fw2_since: None,
-                fin_received: false,
-                rst_received: false,
-                fin_seq: [0; 2],
-                fin_seen: 0,
-            }
-        });
-        let moved = ev.local.port() != 0 && (info.local != ev.local || info.remote != ev.remote);
-        if moved {
-            info.local = ev.local;
-            info.remote = ev.remote;
-            info.family = ev.family;
-        }
-        if matches!(ev.owner, Owner::Known { .. }) {
-            info.owner = ev.owner;
-        }
-        info.last_event_ns = ev.mono_ns;
-        if ev.new_state == tcp_state::FIN_WAIT2 {
-            info.fw2_since = Some(ev.mono_ns);
-        }
-        match ev.kind {
-            EventKind::FinReceived => info.fin_received = true,
-            EventKind::RstReceived => info.rst_received = true,
-            // The listener (or no socket) answered for it: our time-wait form is gone (its
-            // FIN_WAIT2 timeout passed), and a FIN the peer sends now reaches no socket of ours.
-            EventKind::RstSent if answered_without_its_socket(ev.old_state) => {
-                info.timewait_since = None
-            }
-            // Its time-wait form timed out in FIN_WAIT2: nothing of it is left to await.
-            EventKind::Fin2Timeout => info.timewait_since = None,
-            _ if ev.old_state == tcp_state::FIN_WAIT2 && ev.new_state == tcp_state::CLOSE => {
-                info.timewait_since = Some(ev.mono_ns);
-                if info.awaits_peer() {
-                    self.awaiting.push_back((ev.conn_id, ev.mono_ns));
-                }
-            }
-            _ => {}
-        }
-        // The address index changes only with the addresses (hashing two of them for every
-        // event showed in the profile).
-        let key = addr_key(info.local, info.remote);
-        if (fresh || moved) && self.by_tuple.insert(key, ev.conn_id) != Some(ev.conn_id) {
-            self.order.push_back((ev.conn_id, ev.mono_ns));
-        }
-    }
-
-    /// Fills addresses the kernel side could not (kprobe events know only the socket).
-    fn complete(&self, ev: &mut KernelEvent) {
-        if ev.local.port() == 0
-            && let Some(info) = self.by_id.get(&ev.conn_id)
-        {
-            ev.local = info.local;
-            ev.remote = info.remote;
-            ev.family = info.family;
-        }
-        // A RST sent by a TIME_WAIT mini socket, by a listener or by no socket at all for a
-        // connection gone from it: the kernel has no owner for it, but the connection it
-        // belonged to may have been seen, with its owner.
-        let unowned_reset = ev.old_state == tcp_state::TIME_WAIT
-            || (ev.kind == EventKind::RstSent && answered_without_its_socket(ev.old_state));
-        let timed_out = ev.kind == EventKind::Fin2Timeout;
-        if ev.conn_id == 0
-            && (unowned_reset || timed_out)
-            && let Some(&id) = self.by_tuple.get(&addr_key(ev.local, ev.remote))
-            && let Some(info) = self.by_id.get(&id)
-        {
-            ev.conn_id = id;
-            if timed_out && let Some(since) = info.fw2_since {
-                // The whole FIN_WAIT2, full socket and time-wait form: what timed out.
-                ev.state_since_ns = since;
-            }
-            if let Owner::Known { pid, tid, comm, .. } = &info.owner {
-                ev.owner = Owner::Known {
-                    pid: *pid,
-                    tid: *tid,
-                    comm: *comm,
-                    how: "connection",
-                };
-            }
-        }
-    }
-
-    /// The connection a packet belongs to, and whether this host's socket received it.
-    fn for_packet(&self, pkt: &WirePacket) -> Option<(u64, Dir)> {
-        ends(pkt)
-            .into_iter()
-            .find_map(|(key, dir)| self.by_tuple.get(&key).map(|&id| (id, dir)))
-    }
-
-    /// Records a FIN on the connection it reached and the one that sent it, where known.
-    fn note_fin(&mut self, pkt: &WirePacket) {
-        if pkt.flags & tcp_flags::FIN == 0 {
-            return;
-        }
-        for (key, dir) in ends(pkt) {
-            if let Some(info) = self
-                .by_tuple
-                .get(&key)
-                .and_then(|id| self.by_id.get_mut(id))
-            {
-                info.fin_seq[dir as usize] = pkt.seq;
-                info.fin_seen |= 1 << dir as usize;
-            }
-        }
-    }
-
-    /// Whether this FIN was seen before (on either end's connection).
-    fn fin_seen_before(&self, pkt: &WirePacket) -> bool {
-        pkt.flags & tcp_flags::FIN != 0
-            && ends(pkt).into_iter().any(|(key, dir)| {
-                let i = dir as usize;
-                self.by_tuple
-                    .get(&key)
-                    .and_then(|id| self.by_id.get(id))
-                    .is_some_and(|c| c.fin_seen & (1 << i) != 0 && c.fin_seq[i] == pkt.seq)
-            })
-    }
-
-    fn expire(&mut self, now_ns: u64) {
-        while let Some(&(id, seen)) = self.order.front() {
-            let stale = now_ns.saturating_sub(seen) > CONN_MEMORY_NS;
-            if !stale && self.order.len() <= MAX_CONNS {
-                break;
-            }
-            self.order.pop_front();
-            let Some(info) = self.by_id.get(&id) else {
-                continue;
-            };
-            if info.awaits_peer() {
-                continue; // remembered by `awaiting`
-            }
-            if !stale || now_ns.saturating_sub(info.last_event_ns) > CONN_MEMORY_NS {
-                self.forget(id);
-            } else {
-                self.order.push_back((id, info.last_event_ns));
-            }
-        }
-        while let Some(&(id, since)) = self.awaiting.front() {
-            let stale = now_ns.saturating_sub(since) > AWAIT_MEMORY_NS;
-            if !stale && self.awaiting.len() <= MAX_AWAITING {
-                break;
-            }
-            self.awaiting.pop_front();
-            match self.by_id.get(&id) {
-                // The peer did not close in time (or too many wait).
-                Some(info) if info.awaits_peer() => self.forget(id),
-                // Answered without the wire (a kernel event): remembered as any other now.
-                Some(info) => self.order.push_back((id, info.last_event_ns)),
-                None => {}
-            }
-        }
-    }
-
-    /// The peer's FIN or RST reached a connection that awaited it: from now on it is
-    /// remembered as any other (for retransmissions of that FIN), not as an awaiting one.
-    fn answered(&mut self, id: u64, now_ns: u64) {
-        self.order.push_back((id, now_ns));
-    }
-
-    fn forget(&mut self, id: u64) {
-        let Some(info) = self.by_id.remove(&id) else {
-            return;
-        };
-        let key = addr_key(info.local, info.remote);
-        if self.by_tuple.get(&key) == Some(&id) {
-            self.by_tuple.remove(&key);
-        }
-    }
 }
 
 /// An abortive close waiting for the RST event of the same call.
@@ -684,7 +422,7 @@ impl Pipeline {
         if !rst && pkt.flags & tcp_flags::FIN == 0 {
             return None;
         }
-        let info = self.conns.by_id.get_mut(&id)?;
+        let info = self.conns.get_mut(id)?;
         let since = info.timewait_since?;
         let awaited = info.awaits_peer();
         // (line, kind, the states it moved between, since when it was in the old one)
@@ -905,6 +643,7 @@ mod tests {
     use std::sync::Arc as StdArc;
 
     use super::*;
+    use crate::conns::{AWAIT_MEMORY_NS, MAX_CONNS};
     use crate::{kernel::Family, output::Destination};
 
     const MS: u64 = 1_000_000;
@@ -1275,11 +1014,12 @@ mod tests {
         out.iter().map(|v| v["event"].as_str().unwrap()).collect()
     }
 
-    /// Closes (seen by the connection table only) of `count` other connections at `mono`.
+    /// Closes (seen by the connection table only) of `count` other connections at `mono`
+    /// (their ids clear of the tests' own, such as `event`'s 0xabc).
     fn churn(p: &mut Pipeline, count: u64, mono: u64) {
         for i in 0..count {
             let mut e = ours(tcp_state::LAST_ACK, tcp_state::CLOSE, mono);
-            e.conn_id = 1_000 + i;
+            e.conn_id = 1_000_000 + i;
             e.remote = format!("10.0.0.3:{}", 1_000 + i).parse().unwrap();
             p.conns.observe(&e);
         }

@@ -1,0 +1,450 @@
+//! The connections the daemon remembers after their events: who owned them, when their socket
+//! went to its time-wait form, which FINs they saw. Late packets and ownerless kernel events
+//! (a TIME_WAIT socket's RST, a FIN_WAIT2 timeout, the peer's FIN reaching the time-wait form)
+//! are named from here.
+//!
+//! Laid out for churn, where every connection is inserted, looked up a few times and forgotten
+//! within a fraction of a second, long after it left the CPU's cache: records sit in a slab
+//! whose freed slots are reused last-freed first (still cached when the next connection takes
+//! them), and both indexes map to a slot number, in 16-byte buckets. With the records in the
+//! hash tables themselves (200-byte buckets by id, 72-byte ones by address pair), the
+//! churn_throughput test missed a 512 KiB cache 68 times per connection; 57 now (cachegrind),
+//! see docs/performance.md, "The daemon's tables".
+
+use std::{collections::VecDeque, hash::BuildHasher, net::SocketAddr};
+
+use rustc_hash::{FxBuildHasher, FxHashMap as HashMap};
+use tracer_common::{EventKind, tcp_state};
+
+use crate::{
+    capture::{Dir, WirePacket, tcp_flags},
+    kernel::{Family, KernelEvent, Owner},
+};
+
+/// Connections remembered after their last event, to name the owner of late packets (the
+/// peer's FIN reaching a socket in TIME_WAIT or FIN_WAIT2, retransmissions). A peer that
+/// closes later than this, or more connections than MAX_CONNS in that time, and its FIN is
+/// reported as a `packet` line instead of a derived `fin_received`: memory stays bounded.
+pub const CONN_MEMORY_NS: u64 = 10_000_000_000;
+pub const MAX_CONNS: usize = 8_192;
+/// A socket that left FIN_WAIT2 for the kernel's time-wait form waits for the peer's FIN (or
+/// RST), which only the wire shows; the kernel keeps such a socket for `tcp_fin_timeout` (60 s
+/// by default). Those connections are remembered apart, this long and up to MAX_AWAITING, so
+/// that a busy host's churn does not push them out before a slow peer closes: "how long did
+/// our socket sit in FIN_WAIT2" is the question for exactly those.
+pub const AWAIT_MEMORY_NS: u64 = 65_000_000_000;
+pub const MAX_AWAITING: usize = 8_192;
+
+/// What the daemon remembers about a connection it has seen events for. In C layout, with
+/// what `expire` and `forget` read first: those run when the record has long left the cache,
+/// and then touch one cache line instead of three.
+#[derive(Clone, Debug)]
+#[repr(C)]
+pub struct ConnInfo {
+    id: u64,
+    /// `fingerprint` of the address pair it is indexed under.
+    addr_fp: u64,
+    last_event_ns: u64,
+    /// The full socket went from FIN_WAIT2 to CLOSE (into TIME_WAIT / FIN_WAIT2 mini socket)
+    /// at this time: the peer's FIN, when it comes, is seen only on the wire.
+    pub timewait_since: Option<u64>,
+    pub fin_received: bool,
+    pub rst_received: bool,
+    fin_seen: u8,
+    pub family: Family,
+    /// Sequence numbers of the FINs seen on the wire, by `Dir` as this socket sees them (sent,
+    /// received), valid where `fin_seen` has bit 1 << index. A FIN seen again later than the
+    /// join window is a retransmission: the joiner forgets packets after the window.
+    fin_seq: [u32; 2],
+    pub fw2_since: Option<u64>,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub owner: Owner,
+}
+
+impl ConnInfo {
+    fn new(ev: &KernelEvent) -> Self {
+        ConnInfo {
+            id: ev.conn_id,
+            addr_fp: fingerprint(&addr_key(ev.local, ev.remote)),
+            local: ev.local,
+            remote: ev.remote,
+            family: ev.family,
+            owner: ev.owner,
+            last_event_ns: ev.mono_ns,
+            timewait_since: None,
+            fw2_since: None,
+            fin_received: false,
+            rst_received: false,
+            fin_seq: [0; 2],
+            fin_seen: 0,
+        }
+    }
+
+    /// Our socket is in its time-wait form and the peer has neither closed nor reset yet.
+    pub fn awaits_peer(&self) -> bool {
+        self.timewait_since.is_some() && !self.fin_received && !self.rst_received
+    }
+
+    fn addr_key(&self) -> AddrKey {
+        addr_key(self.local, self.remote)
+    }
+}
+
+/// A socket's (local, remote) as the address index keys it.
+type AddrKey = (SocketAddr, SocketAddr);
+
+/// IPv4-mapped IPv6 addresses (a dual-stack socket's IPv4 peers) written as IPv4, as its
+/// packets show them on the wire.
+fn addr_key(local: SocketAddr, remote: SocketAddr) -> AddrKey {
+    (
+        crate::join::normalise(local),
+        crate::join::normalise(remote),
+    )
+}
+
+/// The index key of an address pair: its 64-bit hash. Two pairs with one hash would share a
+/// bucket, the later replacing the earlier; a lookup checks the record's own addresses, so it
+/// never answers with the wrong connection (it may, that rarely, not find the earlier one).
+fn fingerprint(key: &AddrKey) -> u64 {
+    FxBuildHasher.hash_one(key)
+}
+
+/// The connections a packet can belong to, by their (local, remote) key, each with the way
+/// it went for that socket: the one it reached, then the one that sent it (on loopback both
+/// are here).
+fn ends(pkt: &WirePacket) -> [(AddrKey, Dir); 2] {
+    [
+        ((pkt.dst, pkt.src), Dir::In),
+        ((pkt.src, pkt.dst), Dir::Out),
+    ]
+}
+
+/// Whether a RST sent in this state answered for a connection the host no longer has a socket
+/// of: a listener's, or one for a segment that matched no socket (state 0, unknown).
+pub fn answered_without_its_socket(state: u8) -> bool {
+    matches!(state, 0 | tcp_state::LISTEN)
+}
+
+/// Connections by conn id and by address pair.
+#[derive(Default)]
+pub struct ConnTable {
+    slots: Vec<ConnInfo>,
+    /// Free slots, the last freed at the end.
+    free: Vec<u32>,
+    by_id: HashMap<u64, u32>,
+    by_addr: HashMap<u64, u32>,
+    /// (conn id, last seen): every connection, oldest first; a connection that awaits its
+    /// peer leaves it for `awaiting` (its record here is then passed over).
+    order: VecDeque<(u64, u64)>,
+    /// (conn id, since): connections whose socket awaits the peer's FIN in its time-wait form.
+    awaiting: VecDeque<(u64, u64)>,
+}
+
+impl ConnTable {
+    pub fn get(&self, id: u64) -> Option<&ConnInfo> {
+        let slot = *self.by_id.get(&id)?;
+        Some(&self.slots[slot as usize])
+    }
+
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut ConnInfo> {
+        let slot = *self.by_id.get(&id)?;
+        Some(&mut self.slots[slot as usize])
+    }
+
+    /// The connection remembered for an address pair.
+    fn by_addr(&self, key: &AddrKey) -> Option<&ConnInfo> {
+        let slot = *self.by_addr.get(&fingerprint(key))?;
+        let info = &self.slots[slot as usize];
+        (info.addr_key() == *key).then_some(info)
+    }
+
+    fn by_addr_mut(&mut self, key: &AddrKey) -> Option<&mut ConnInfo> {
+        let slot = *self.by_addr.get(&fingerprint(key))?;
+        let info = &mut self.slots[slot as usize];
+        (info.addr_key() == *key).then_some(info)
+    }
+
+    /// The slot of connection `ev.conn_id`, made for it if new (and whether it was).
+    fn slot_for(&mut self, ev: &KernelEvent) -> (u32, bool) {
+        if let Some(&slot) = self.by_id.get(&ev.conn_id) {
+            return (slot, false);
+        }
+        let info = ConnInfo::new(ev);
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = info;
+                slot
+            }
+            None => {
+                self.slots.push(info);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.by_id.insert(ev.conn_id, slot);
+        (slot, true)
+    }
+
+    pub fn observe(&mut self, ev: &KernelEvent) {
+        if ev.conn_id == 0 {
+            return;
+        }
+        let (slot, fresh) = self.slot_for(ev);
+        let info = &mut self.slots[slot as usize];
+        let moved = ev.local.port() != 0 && (info.local != ev.local || info.remote != ev.remote);
+        if moved {
+            info.local = ev.local;
+            info.remote = ev.remote;
+            info.family = ev.family;
+            info.addr_fp = fingerprint(&info.addr_key());
+        }
+        if matches!(ev.owner, Owner::Known { .. }) {
+            info.owner = ev.owner;
+        }
+        info.last_event_ns = ev.mono_ns;
+        if ev.new_state == tcp_state::FIN_WAIT2 {
+            info.fw2_since = Some(ev.mono_ns);
+        }
+        match ev.kind {
+            EventKind::FinReceived => info.fin_received = true,
+            EventKind::RstReceived => info.rst_received = true,
+            // The listener (or no socket) answered for it: our time-wait form is gone (its
+            // FIN_WAIT2 timeout passed), and a FIN the peer sends now reaches no socket of ours.
+            EventKind::RstSent if answered_without_its_socket(ev.old_state) => {
+                info.timewait_since = None
+            }
+            // Its time-wait form timed out in FIN_WAIT2: nothing of it is left to await.
+            EventKind::Fin2Timeout => info.timewait_since = None,
+            _ if ev.old_state == tcp_state::FIN_WAIT2 && ev.new_state == tcp_state::CLOSE => {
+                info.timewait_since = Some(ev.mono_ns);
+                if info.awaits_peer() {
+                    self.awaiting.push_back((ev.conn_id, ev.mono_ns));
+                }
+            }
+            _ => {}
+        }
+        // The address index changes only with the addresses (hashing two of them for every
+        // event showed in the profile).
+        if (fresh || moved) && self.by_addr.insert(info.addr_fp, slot) != Some(slot) {
+            self.order.push_back((ev.conn_id, ev.mono_ns));
+        }
+    }
+
+    /// Fills addresses the kernel side could not (kprobe events know only the socket).
+    pub fn complete(&self, ev: &mut KernelEvent) {
+        if ev.local.port() == 0
+            && let Some(info) = self.get(ev.conn_id)
+        {
+            ev.local = info.local;
+            ev.remote = info.remote;
+            ev.family = info.family;
+        }
+        // A RST sent by a TIME_WAIT mini socket, by a listener or by no socket at all for a
+        // connection gone from it: the kernel has no owner for it, but the connection it
+        // belonged to may have been seen, with its owner.
+        let unowned_reset = ev.old_state == tcp_state::TIME_WAIT
+            || (ev.kind == EventKind::RstSent && answered_without_its_socket(ev.old_state));
+        let timed_out = ev.kind == EventKind::Fin2Timeout;
+        if ev.conn_id == 0
+            && (unowned_reset || timed_out)
+            && let Some(info) = self.by_addr(&addr_key(ev.local, ev.remote))
+        {
+            ev.conn_id = info.id;
+            if timed_out && let Some(since) = info.fw2_since {
+                // The whole FIN_WAIT2, full socket and time-wait form: what timed out.
+                ev.state_since_ns = since;
+            }
+            if let Owner::Known { pid, tid, comm, .. } = &info.owner {
+                ev.owner = Owner::Known {
+                    pid: *pid,
+                    tid: *tid,
+                    comm: *comm,
+                    how: "connection",
+                };
+            }
+        }
+    }
+
+    /// The connection a packet belongs to, and whether this host's socket received it.
+    pub fn for_packet(&self, pkt: &WirePacket) -> Option<(u64, Dir)> {
+        ends(pkt)
+            .into_iter()
+            .find_map(|(key, dir)| self.by_addr(&key).map(|info| (info.id, dir)))
+    }
+
+    /// Records a FIN on the connection it reached and the one that sent it, where known.
+    pub fn note_fin(&mut self, pkt: &WirePacket) {
+        if pkt.flags & tcp_flags::FIN == 0 {
+            return;
+        }
+        for (key, dir) in ends(pkt) {
+            if let Some(info) = self.by_addr_mut(&key) {
+                info.fin_seq[dir as usize] = pkt.seq;
+                info.fin_seen |= 1 << dir as usize;
+            }
+        }
+    }
+
+    /// Whether this FIN was seen before (on either end's connection).
+    pub fn fin_seen_before(&self, pkt: &WirePacket) -> bool {
+        pkt.flags & tcp_flags::FIN != 0
+            && ends(pkt).into_iter().any(|(key, dir)| {
+                let i = dir as usize;
+                self.by_addr(&key)
+                    .is_some_and(|c| c.fin_seen & (1 << i) != 0 && c.fin_seq[i] == pkt.seq)
+            })
+    }
+
+    pub fn expire(&mut self, now_ns: u64) {
+        while let Some(&(id, seen)) = self.order.front() {
+            let stale = now_ns.saturating_sub(seen) > CONN_MEMORY_NS;
+            if !stale && self.order.len() <= MAX_CONNS {
+                break;
+            }
+            self.order.pop_front();
+            let Some(info) = self.get(id) else {
+                continue;
+            };
+            if info.awaits_peer() {
+                continue; // remembered by `awaiting`
+            }
+            if !stale || now_ns.saturating_sub(info.last_event_ns) > CONN_MEMORY_NS {
+                self.forget(id);
+            } else {
+                self.order.push_back((id, info.last_event_ns));
+            }
+        }
+        while let Some(&(id, since)) = self.awaiting.front() {
+            let stale = now_ns.saturating_sub(since) > AWAIT_MEMORY_NS;
+            if !stale && self.awaiting.len() <= MAX_AWAITING {
+                break;
+            }
+            self.awaiting.pop_front();
+            match self.get(id) {
+                // The peer did not close in time (or too many wait).
+                Some(info) if info.awaits_peer() => self.forget(id),
+                // Answered without the wire (a kernel event): remembered as any other now.
+                Some(info) => self.order.push_back((id, info.last_event_ns)),
+                None => {}
+            }
+        }
+    }
+
+    /// The peer's FIN or RST reached a connection that awaited it: from now on it is
+    /// remembered as any other (for retransmissions of that FIN), not as an awaiting one.
+    pub fn answered(&mut self, id: u64, now_ns: u64) {
+        self.order.push_back((id, now_ns));
+    }
+
+    fn forget(&mut self, id: u64) {
+        let Some(slot) = self.by_id.remove(&id) else {
+            return;
+        };
+        let key = self.slots[slot as usize].addr_fp;
+        if self.by_addr.get(&key) == Some(&slot) {
+            self.by_addr.remove(&key);
+        }
+        self.free.push(slot);
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(conn_id: u64, local: &str, remote: &str, mono_ns: u64) -> KernelEvent {
+        KernelEvent {
+            kind: EventKind::Close,
+            mono_ns,
+            conn_id,
+            state_since_ns: 0,
+            call_id: 0,
+            owner: Owner::Known {
+                pid: 7,
+                tid: 7,
+                comm: "srv".into(),
+                how: "task",
+            },
+            family: Family::Ipv4,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            old_state: tcp_state::ESTABLISHED,
+            new_state: tcp_state::CLOSE,
+            syscall: 0,
+            fd: None,
+            reason: None,
+            its_reset: crate::kernel::ItsReset::Unknown,
+        }
+    }
+
+    fn rst(src: &str, dst: &str) -> WirePacket {
+        WirePacket {
+            mono_ns: 0,
+            wall_ns: 0,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            flags: tcp_flags::RST,
+            seq: 1,
+            ack: 0,
+            iface: std::sync::Arc::from("lo"),
+            dir: Dir::Out,
+            headers: std::sync::Arc::from(&[][..]),
+        }
+    }
+
+    #[test]
+    fn a_packet_finds_its_connection_by_either_end_and_a_slot_is_reused() {
+        let mut table = ConnTable::default();
+        table.observe(&event(1, "10.0.0.1:80", "10.0.0.2:4000", 0));
+        let pkt = rst("10.0.0.2:4000", "10.0.0.1:80");
+        assert_eq!(table.for_packet(&pkt), Some((1, Dir::In)));
+        let back = rst("10.0.0.1:80", "10.0.0.2:4000");
+        assert_eq!(table.for_packet(&back), Some((1, Dir::Out)));
+        table.forget(1);
+        assert_eq!(table.for_packet(&pkt), None);
+        assert!(table.get(1).is_none());
+        // The next connection takes the freed slot; the old one's addresses find nothing.
+        table.observe(&event(2, "10.0.0.1:81", "10.0.0.3:5000", 1));
+        assert_eq!(table.slots.len(), 1);
+        assert_eq!(table.for_packet(&pkt), None);
+        assert_eq!(
+            table.for_packet(&rst("10.0.0.3:5000", "10.0.0.1:81")),
+            Some((2, Dir::In))
+        );
+    }
+
+    /// A socket whose addresses changed (a kprobe event knew none at first) is found by the
+    /// new ones only.
+    #[test]
+    fn moved_addresses_are_reindexed() {
+        let mut table = ConnTable::default();
+        table.observe(&event(1, "0.0.0.0:0", "0.0.0.0:0", 0));
+        table.observe(&event(1, "10.0.0.1:80", "10.0.0.2:4000", 1));
+        assert_eq!(
+            table.for_packet(&rst("10.0.0.2:4000", "10.0.0.1:80")),
+            Some((1, Dir::In))
+        );
+        assert_eq!(table.len(), 1);
+    }
+
+    /// Under churn the table keeps MAX_CONNS connections and forgets the oldest first.
+    #[test]
+    fn churn_keeps_the_newest_connections() {
+        let mut table = ConnTable::default();
+        let total = MAX_CONNS as u64 + 500;
+        for i in 0..total {
+            let local = format!("10.0.{}.{}:80", i / 250, i % 250);
+            table.observe(&event(i + 1, &local, "10.9.9.9:4000", i));
+            table.expire(i);
+        }
+        assert_eq!(table.len(), MAX_CONNS);
+        assert!(table.get(1).is_none() && table.get(500).is_none());
+        assert!(table.get(501).is_some() && table.get(total).is_some());
+        assert!(table.slots.len() <= MAX_CONNS + 1, "slots are reused");
+    }
+}
