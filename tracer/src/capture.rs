@@ -69,6 +69,10 @@ pub struct WirePacket {
     pub dir: Dir,
     /// The captured link, IP and TCP headers (never payload), for `-w FILE.pcapng`.
     pub headers: Arc<[u8]>,
+    /// This capture shows the packet once: it listens on one interface, or the packet is
+    /// loopback's (whose leaving copy is dropped, on `any` too). Otherwise another copy may
+    /// follow (the same packet on a bridge and its port, on a veth pair's two ends).
+    pub only_copy: bool,
 }
 
 /// Link-layer types this module parses.
@@ -228,6 +232,8 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
         linktype,
         default_iface: Arc::from(cfg.iface.as_str()),
         names: HashMap::new(),
+        single_interface: cfg.iface != "any",
+        loopback_ifindex: loopback_ifindex(),
         keep_headers: cfg.keep_headers,
         no_headers: Arc::from(&[][..]),
         clock: clock.clone(),
@@ -299,6 +305,9 @@ struct Reader {
     linktype: i32,
     default_iface: Arc<str>,
     names: HashMap<u32, Arc<str>>,
+    /// Not `any`: every packet is seen once.
+    single_interface: bool,
+    loopback_ifindex: u32,
     keep_headers: bool,
     /// Shared by every packet when headers are not kept: no allocation per packet.
     no_headers: Arc<[u8]>,
@@ -379,6 +388,9 @@ impl Reader {
             iface,
             dir: p.dir,
             headers,
+            only_copy: self.single_interface
+                || p.ifindex
+                    .is_some_and(|i| i != 0 && i == self.loopback_ifindex),
         };
         if self.tx.try_send(packet).is_err() {
             self.stats.channel_dropped.fetch_add(1, Ordering::Relaxed);

@@ -394,6 +394,7 @@ mod tests {
             iface: std::sync::Arc::from("lo"),
             dir: Dir::Out,
             headers: std::sync::Arc::from(&[][..]),
+            only_copy: false,
         }
     }
 

@@ -120,6 +120,19 @@ fn schedule_early_expiry(
     }
 }
 
+/// How long an event joined to `packet` waits before it leaves: for later copies of the
+/// packet (on `any`, the same segment on a bridge and its port) and retransmissions to be
+/// counted on it. A RST the capture shows once has neither (the kernel never retransmits a
+/// RST; a RST sent again for a later segment is another event's), and goes at once: under
+/// RST churn the events then leave the joiner while still in the CPU's cache.
+fn settle_after(packet: &WirePacket, settle_ns: u64) -> u64 {
+    if packet.only_copy && packet.flags & tcp_flags::RST != 0 {
+        0
+    } else {
+        settle_ns
+    }
+}
+
 /// The stored packet `pkt` is a copy of (the same segment within DUPLICATE_NS), if any.
 fn copy_of<'a>(
     packets: &'a mut HashMap<PathKey, SmallVec<[PacketEntry; 1]>>,
@@ -232,7 +245,7 @@ impl PacketEntry {
     }
 }
 
-/// The three kinds of release deadline an event can have.
+/// The kinds of release deadline an event can have.
 #[derive(Clone, Copy)]
 enum Deadline {
     /// It waits for no packet: its own time.
@@ -241,6 +254,9 @@ enum Deadline {
     WindowEnd,
     /// It joined a packet: the settle time after it.
     Settled,
+    /// It joined a packet that needs no settling (`settle_after`): the packet's time. A queue
+    /// of its own, not to wait behind joins that settle.
+    Joined,
 }
 
 /// Release deadlines, one FIFO queue per kind. Within a kind, deadlines are queued almost in
@@ -253,7 +269,7 @@ enum Deadline {
 /// as stale when it reaches the front.
 #[derive(Default)]
 struct Timers {
-    queues: [VecDeque<(u64, u64)>; 3],
+    queues: [VecDeque<(u64, u64)>; 4],
 }
 
 impl Timers {
@@ -431,7 +447,8 @@ impl<T> Joiner<T> {
         let Some(ev) = self.events.get_mut(&id) else {
             return;
         };
-        let release = ev.mono_ns.max(packet.mono_ns) + self.settle_ns;
+        let settle = settle_after(&packet, self.settle_ns);
+        let release = ev.mono_ns.max(packet.mono_ns) + settle;
         ev.wire = Some(WireMatch {
             delay_ns: packet.mono_ns as i64 - ev.mono_ns as i64,
             packet,
@@ -441,7 +458,12 @@ impl<T> Joiner<T> {
         ev.packet_id = Some(packet_id);
         if release < ev.release_at {
             ev.release_at = release;
-            self.timers.push(Deadline::Settled, release, id);
+            let kind = if settle == 0 {
+                Deadline::Joined
+            } else {
+                Deadline::Settled
+            };
+            self.timers.push(kind, release, id);
         }
     }
 
@@ -747,6 +769,7 @@ mod tests {
             iface: Arc::from("lo"),
             dir,
             headers: Arc::from(&[][..]),
+            only_copy: false,
         }
     }
 
@@ -795,6 +818,45 @@ mod tests {
         assert_eq!(w.dir, Dir::Out);
         assert_eq!(w.packet.seq, 5);
         assert_eq!(j.pending(), 0);
+    }
+
+    /// A RST the capture shows once has nothing to settle for: the event leaves at the
+    /// packet's time, not behind a FIN join that settles (its own deadline queue).
+    #[test]
+    fn a_rst_seen_once_leaves_at_once_and_a_fin_still_settles() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        let mut fin = pkt(C, S, FIN, 5, 100 * MS + 10_000, Dir::Out);
+        fin.only_copy = true;
+        j.push_packet(fin);
+        let (c2, s2) = ("10.0.0.1:40001", "10.0.0.2:80");
+        j.push_event(
+            2,
+            100 * MS + 20_000,
+            want(c2, s2, WantFlag::Rst, Dir::Out),
+            "close",
+        );
+        let mut rst = pkt(c2, s2, RST, 9, 100 * MS + 30_000, Dir::Out);
+        rst.only_copy = true;
+        j.push_packet(rst);
+        let out = events(j.poll(100 * MS + 30_000));
+        assert_eq!(out.len(), 1, "the RST's close, at once");
+        assert_eq!(out[0].1.as_ref().unwrap().packet.seq, 9);
+        assert!(j.poll(101 * MS).is_empty(), "the FIN's close settles");
+        assert_eq!(events(j.poll(130 * MS)).len(), 1);
+    }
+
+    /// Where another copy may follow (`any`), a RST join settles as before: the copy seen
+    /// the event's way replaces the first.
+    #[test]
+    fn a_rst_that_may_have_copies_settles() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Rst, Dir::Out), "close");
+        j.push_packet(pkt(C, S, RST, 9, 100 * MS + 10_000, Dir::In));
+        assert!(j.poll(101 * MS).is_empty(), "settling");
+        j.push_packet(pkt(C, S, RST, 9, 100 * MS + 12_000, Dir::Out));
+        let out = events(j.poll(130 * MS));
+        assert_eq!(out[0].1.as_ref().unwrap().delay_ns, 12_000);
     }
 
     #[test]

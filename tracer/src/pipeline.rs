@@ -724,6 +724,7 @@ mod tests {
             iface: StdArc::from("veth0"),
             dir: Dir::Out,
             headers: StdArc::from(&[][..]),
+            only_copy: false,
         }
     }
 
@@ -1367,6 +1368,7 @@ mod throughput {
             iface: shared.iface.clone(),
             dir: Dir::Out,
             headers: shared.no_headers.clone(),
+            only_copy: true, // on `lo`, as in the bench
         });
     }
 
