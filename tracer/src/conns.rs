@@ -359,26 +359,10 @@ mod tests {
 
     fn event(conn_id: u64, local: &str, remote: &str, mono_ns: u64) -> KernelEvent {
         KernelEvent {
-            kind: EventKind::Close,
-            mono_ns,
             conn_id,
-            state_since_ns: 0,
-            call_id: 0,
-            owner: Owner::Known {
-                pid: 7,
-                tid: 7,
-                comm: "srv".into(),
-                how: "task",
-            },
-            family: Family::Ipv4,
             local: local.parse().unwrap(),
             remote: remote.parse().unwrap(),
-            old_state: tcp_state::ESTABLISHED,
-            new_state: tcp_state::CLOSE,
-            syscall: 0,
-            fd: None,
-            reason: None,
-            its_reset: crate::kernel::ItsReset::Unknown,
+            ..KernelEvent::sample(mono_ns)
         }
     }
 

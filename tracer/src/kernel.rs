@@ -269,6 +269,36 @@ impl ResetReasons {
     }
 }
 
+/// For unit tests: a close of a socket of "srv" (pid 7), 10.0.0.1:80 -> 10.0.0.2:4000,
+/// ESTABLISHED -> CLOSE by close(3) at `mono_ns`; tests change what they are about.
+#[cfg(test)]
+impl KernelEvent {
+    pub fn sample(mono_ns: u64) -> Self {
+        KernelEvent {
+            kind: EventKind::Close,
+            mono_ns,
+            conn_id: 0xabc,
+            state_since_ns: 0,
+            call_id: 0,
+            owner: Owner::Known {
+                pid: 7,
+                tid: 7,
+                comm: "srv".into(),
+                how: "task",
+            },
+            family: Family::Ipv4,
+            local: "10.0.0.1:80".parse().unwrap(),
+            remote: "10.0.0.2:4000".parse().unwrap(),
+            old_state: tcp_state::ESTABLISHED,
+            new_state: tcp_state::CLOSE,
+            syscall: tracer_common::syscall::CLOSE,
+            fd: Some(3),
+            reason: None,
+            its_reset: ItsReset::Unknown,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

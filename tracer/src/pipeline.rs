@@ -644,7 +644,7 @@ mod tests {
 
     use super::*;
     use crate::conns::{AWAIT_MEMORY_NS, MAX_CONNS};
-    use crate::{kernel::Family, output::Destination};
+    use crate::output::Destination;
 
     const MS: u64 = 1_000_000;
 
@@ -658,25 +658,11 @@ mod tests {
     ) -> KernelEvent {
         KernelEvent {
             kind,
-            mono_ns: mono,
-            conn_id: 0xabc,
-            state_since_ns: 0,
-            call_id,
-            owner: Owner::Known {
-                pid: 7,
-                tid: 7,
-                comm: "srv".into(),
-                how: "task",
-            },
-            family: Family::Ipv4,
-            local: "10.0.0.1:80".parse().unwrap(),
-            remote: "10.0.0.2:4000".parse().unwrap(),
             old_state: old,
             new_state: new,
-            syscall: tracer_common::syscall::CLOSE,
-            fd: Some(3),
+            call_id,
             reason,
-            its_reset: ItsReset::Unknown,
+            ..KernelEvent::sample(mono)
         }
     }
 

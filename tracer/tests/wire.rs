@@ -589,16 +589,28 @@ fn pid_capture_passes_a_connection_opened_before_the_tracer() {
     let mut tracer = Tracer::start(&["-i", "lo", "--pid", &peer.pid.to_string()]);
     tracer.wait_ready(WAIT);
     untraced_churn(100);
+    seeded_connection_ends(&mut tracer, peer, server, (peer_port, port));
+    assert_only_the_traced_connection_captured(tracer);
+}
+
+/// Our FIN into a traced peer's seeded socket, then the peer's close: both lines name the
+/// peer (the FIN's as seeded) and carry their FINs from the wire.
+fn seeded_connection_ends(
+    tracer: &mut Tracer,
+    mut peer: Peer,
+    server: TcpStream,
+    (peer_port, port): (u16, u16),
+) {
     drop(server); // our FIN into the traced (seeded) socket
     let fin = tracer.wait_for(|v| is(v, "fin_received", peer_port, port), WAIT);
     assert_eq!(fin["owner"], "seeded", "{fin}");
+    assert_eq!(fin["pid"], peer.pid, "{fin}");
     check_wire(&fin, "FIN", "in");
     peer.release();
     let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
     assert_eq!(close["pid"], peer.pid);
     check_wire(&close, "FIN", "out");
     peer.wait();
-    assert_only_the_traced_connection_captured(tracer);
 }
 
 /// The same for a process in another network namespace (a container): its connections are
@@ -616,16 +628,7 @@ fn pid_capture_passes_a_connection_another_netns_opened_before_the_tracer() {
     let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
     let mut tracer = Tracer::start(&["-i", &net.root_if, "--pid", &peer.pid.to_string()]);
     tracer.wait_ready(WAIT);
-    drop(server); // our FIN into the traced (seeded) socket in its namespace
-    let fin = tracer.wait_for(|v| is(v, "fin_received", peer_port, port), WAIT);
-    assert_eq!(fin["owner"], "seeded", "{fin}");
-    assert_eq!(fin["pid"], peer.pid, "{fin}");
-    check_wire(&fin, "FIN", "in");
-    peer.release();
-    let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
-    assert_eq!(close["pid"], peer.pid);
-    check_wire(&close, "FIN", "out");
-    peer.wait();
+    seeded_connection_ends(&mut tracer, peer, server, (peer_port, port));
     tracer.stop();
 }
 
