@@ -47,7 +47,7 @@ pub struct ConnInfo {
     last_event_ns: u64,
     /// The full socket went from FIN_WAIT2 to CLOSE (into TIME_WAIT / FIN_WAIT2 mini socket)
     /// at this time: the peer's FIN, when it comes, is seen only on the wire.
-    pub timewait_since: Option<u64>,
+    timewait_since: Option<u64>,
     pub fin_received: bool,
     pub rst_received: bool,
     fin_seen: u8,
@@ -79,6 +79,12 @@ impl ConnInfo {
             fin_seq: [0; 2],
             fin_seen: 0,
         }
+    }
+
+    /// When the full socket went to its time-wait form (FIN_WAIT2 -> CLOSE), if it did and
+    /// that form has not timed out or been answered for by a listener since.
+    pub fn timewait_since(&self) -> Option<u64> {
+        self.timewait_since
     }
 
     /// Our socket is in its time-wait form and the peer has neither closed nor reset yet.
@@ -134,6 +140,9 @@ pub struct ConnTable {
     free: Vec<u32>,
     by_id: HashMap<u64, u32>,
     by_addr: HashMap<u64, u32>,
+    /// How many records have `timewait_since`: only those can receive a FIN or RST that only
+    /// the wire shows. None under RST churn, where a packet's receiver then needs no lookup.
+    in_timewait: usize,
     /// (conn id, last seen): every connection, oldest first; a connection that awaits its
     /// peer leaves it for `awaiting` (its record here is then passed over).
     order: VecDeque<(u64, u64)>,
@@ -205,6 +214,7 @@ impl ConnTable {
         if ev.new_state == tcp_state::FIN_WAIT2 {
             info.fw2_since = Some(ev.mono_ns);
         }
+        let was_in_timewait = info.timewait_since.is_some();
         match ev.kind {
             EventKind::FinReceived => info.fin_received = true,
             EventKind::RstReceived => info.rst_received = true,
@@ -221,6 +231,11 @@ impl ConnTable {
                     self.awaiting.push_back((ev.conn_id, ev.mono_ns));
                 }
             }
+            _ => {}
+        }
+        match (was_in_timewait, info.timewait_since.is_some()) {
+            (false, true) => self.in_timewait += 1,
+            (true, false) => self.in_timewait -= 1,
             _ => {}
         }
         // The address index changes only with the addresses (hashing two of them for every
@@ -336,11 +351,20 @@ impl ConnTable {
         self.order.push_back((id, now_ns));
     }
 
+    /// Whether any remembered socket is in its time-wait form (see `in_timewait`).
+    pub fn any_in_timewait(&self) -> bool {
+        self.in_timewait > 0
+    }
+
     fn forget(&mut self, id: u64) {
         let Some(slot) = self.by_id.remove(&id) else {
             return;
         };
-        let key = self.slots[slot as usize].addr_fp;
+        let info = &self.slots[slot as usize];
+        if info.timewait_since.is_some() {
+            self.in_timewait -= 1;
+        }
+        let key = info.addr_fp;
         if self.by_addr.get(&key) == Some(&slot) {
             self.by_addr.remove(&key);
         }
@@ -415,6 +439,31 @@ mod tests {
             Some((1, Dir::In))
         );
         assert_eq!(table.len(), 1);
+    }
+
+    /// The count of sockets in their time-wait form follows the events and the forgetting.
+    #[test]
+    fn counts_the_sockets_in_their_time_wait_form() {
+        let mut table = ConnTable::default();
+        let to_time_wait = |id, mono| KernelEvent {
+            kind: EventKind::State,
+            old_state: tcp_state::FIN_WAIT2,
+            new_state: tcp_state::CLOSE,
+            ..event(id, "10.0.0.1:80", &format!("10.0.0.2:{id}"), mono)
+        };
+        table.observe(&event(1, "10.0.0.1:80", "10.0.0.2:1", 0));
+        assert!(!table.any_in_timewait());
+        table.observe(&to_time_wait(1, 1));
+        table.observe(&to_time_wait(2, 1));
+        assert_eq!(table.in_timewait, 2);
+        let timed_out = KernelEvent {
+            kind: EventKind::Fin2Timeout,
+            ..to_time_wait(1, 2)
+        };
+        table.observe(&timed_out);
+        assert_eq!(table.in_timewait, 1);
+        table.forget(2);
+        assert!(!table.any_in_timewait());
     }
 
     /// Under churn the table keeps MAX_CONNS connections and forgets the oldest first.

@@ -392,6 +392,9 @@ impl Pipeline {
     /// The line of the connection a packet reached, derived from the wire, if it reached one
     /// of ours that no kernel event shows receiving it.
     fn receiver_line(&mut self, packet: &WirePacket) -> Option<PendingLine> {
+        if !self.conns.any_in_timewait() {
+            return None; // no socket of ours is in its time-wait form: nothing to derive
+        }
         let conn = self.conns.for_packet(packet);
         self.timewait_arrival(packet, conn)
     }
@@ -423,7 +426,7 @@ impl Pipeline {
             return None;
         }
         let info = self.conns.get_mut(id)?;
-        let since = info.timewait_since?;
+        let since = info.timewait_since()?;
         let awaited = info.awaits_peer();
         // (line, kind, the states it moved between, since when it was in the old one)
         let (event, kind, old_state, new_state, state_since_ns) = if rst {
