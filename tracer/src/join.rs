@@ -116,20 +116,31 @@ fn schedule_early_expiry(
     path: PathKey,
 ) {
     if entry.done_early() {
-        early_order.push_back((entry.first_mono + SETTLE_NS, path, entry.id));
+        // Kept to recognise later copies and retransmissions, where there may be any.
+        let keep = if may_be_seen_again(entry.flags, entry.only_copy) {
+            SETTLE_NS
+        } else {
+            0
+        };
+        early_order.push_back((entry.first_mono + keep, path, entry.id));
     }
 }
 
-/// How long an event joined to `packet` waits before it leaves: for later copies of the
-/// packet (on `any`, the same segment on a bridge and its port) and retransmissions to be
-/// counted on it. A RST the capture shows once has neither (the kernel never retransmits a
-/// RST; a RST sent again for a later segment is another event's), and goes at once: under
-/// RST churn the events then leave the joiner while still in the CPU's cache.
+/// Whether the capture may show this segment again: a later copy (on `any`, the same packet on
+/// a bridge and its port) or a retransmission. Not a RST it shows once: the kernel never
+/// retransmits a RST (one sent again for a later segment is another event's).
+fn may_be_seen_again(flags: u8, only_copy: bool) -> bool {
+    !(only_copy && flags & tcp_flags::RST != 0)
+}
+
+/// How long an event joined to `packet` waits before it leaves: for later copies and
+/// retransmissions to be counted on it, where there may be any. Otherwise at once: under RST
+/// churn the events then leave the joiner while still in the CPU's cache.
 fn settle_after(packet: &WirePacket, settle_ns: u64) -> u64 {
-    if packet.only_copy && packet.flags & tcp_flags::RST != 0 {
-        0
-    } else {
+    if may_be_seen_again(packet.flags, packet.only_copy) {
         settle_ns
+    } else {
+        0
     }
 }
 
@@ -186,6 +197,8 @@ struct PacketEntry {
     /// Event ids that claimed it, as sender (0) and receiver (1).
     claimed: [Option<u64>; 2],
     retransmit: bool,
+    /// The capture shows the packet once (`WirePacket::only_copy`).
+    only_copy: bool,
 }
 
 impl PacketEntry {
@@ -200,6 +213,7 @@ impl PacketEntry {
             first_mono: pkt.mono_ns,
             claimed: [None, None],
             retransmit,
+            only_copy: pkt.only_copy,
         };
         entry.seen[slot(pkt.dir)] = true;
         entry.copies[slot(pkt.dir)] = Some(Box::new(pkt.clone()));
@@ -830,18 +844,20 @@ mod tests {
         fin.only_copy = true;
         j.push_packet(fin);
         let (c2, s2) = ("10.0.0.1:40001", "10.0.0.2:80");
-        j.push_event(
-            2,
-            100 * MS + 20_000,
-            want(c2, s2, WantFlag::Rst, Dir::Out),
-            "close",
-        );
+        let close = want(c2, s2, WantFlag::Rst, Dir::Out);
+        j.push_event(2, 100 * MS + 20_000, close, "close");
+        let received = want(s2, c2, WantFlag::Rst, Dir::In);
+        j.push_event(3, 100 * MS + 25_000, received, "rst_received");
         let mut rst = pkt(c2, s2, RST, 9, 100 * MS + 30_000, Dir::Out);
         rst.only_copy = true;
         j.push_packet(rst);
         let out = events(j.poll(100 * MS + 30_000));
-        assert_eq!(out.len(), 1, "the RST's close, at once");
-        assert_eq!(out[0].1.as_ref().unwrap().packet.seq, 9);
+        assert_eq!(out.len(), 2, "the RST's two ends, at once");
+        assert!(out.iter().all(|(_, w)| w.as_ref().unwrap().packet.seq == 9));
+        assert_eq!(
+            j.stored_packets, 1,
+            "only the FIN is kept (for its retransmissions)"
+        );
         assert!(j.poll(101 * MS).is_empty(), "the FIN's close settles");
         assert_eq!(events(j.poll(130 * MS)).len(), 1);
     }
