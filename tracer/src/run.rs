@@ -32,7 +32,7 @@ use crate::{
     privileges,
     probes::{self, Hook, KernelSupport, LoadOptions},
     progstats::{self, SkippedRuns},
-    stats::{KernelCounts, Lost, Percentiles},
+    stats::{KernelCounts, Lost, OwnCost, Percentiles},
     tracefs,
 };
 
@@ -647,6 +647,8 @@ struct SummaryLine<'a> {
     lost: Lost,
     close_to_wire_ns: Percentiles,
     kernel: KernelCounts,
+    /// The tracer's own CPU time and peak memory over the run.
+    tracer: OwnCost,
 }
 
 fn summary_line(pipeline: &Pipeline, format: Format) -> String {
@@ -663,5 +665,6 @@ fn summary_line(pipeline: &Pipeline, format: Format) -> String {
         lost,
         close_to_wire_ns: stats.percentiles(),
         kernel: stats.kernel,
+        tracer: OwnCost::now(),
     })
 }

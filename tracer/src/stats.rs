@@ -179,3 +179,35 @@ mod tests {
         assert!((13_700..=14_000).contains(&p), "{p}");
     }
 }
+
+/// What the tracer itself cost, for the summary: its CPU time (user and system, every thread)
+/// and its peak resident memory, as the kernel accounts them (getrusage).
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct OwnCost {
+    pub cpu_s: f64,
+    pub peak_rss_mib: f64,
+}
+
+impl OwnCost {
+    pub fn now() -> Self {
+        // SAFETY: getrusage fills the struct it is given.
+        let usage = unsafe {
+            let mut usage = std::mem::zeroed::<libc::rusage>();
+            if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+                return Self::default();
+            }
+            usage
+        };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Self {
+            cpu_s: round3(secs(usage.ru_utime) + secs(usage.ru_stime)),
+            // ru_maxrss is in KiB on Linux.
+            peak_rss_mib: round3(usage.ru_maxrss as f64 / 1024.0),
+        }
+    }
+}
+
+/// Three decimals: milliseconds of CPU, KiB of memory; more would be noise in a log line.
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}

@@ -208,6 +208,7 @@ fn sigint_under_load_prints_a_summary_that_matches_the_lines() {
         })
     };
     std::thread::sleep(Duration::from_millis(800));
+    let (cpu_before, hwm_before) = cpu_and_peak_memory(tracer.pid());
     tracer.signal(libc::SIGINT); // while the churn goes on
     let out = tracer.finish(Duration::from_secs(20));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -215,6 +216,17 @@ fn sigint_under_load_prints_a_summary_that_matches_the_lines() {
     assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
     let summary = out.lines.last().unwrap();
     assert_eq!(summary["event"], "summary");
+    // Its own cost, against what /proc said of it just before the signal (clock ticks of
+    // 10 ms and KiB: the summary, taken later, can only be as much or more).
+    let own = &summary["tracer"];
+    let cpu_s = own["cpu_s"].as_f64().unwrap();
+    let peak_mib = own["peak_rss_mib"].as_f64().unwrap();
+    assert!(
+        cpu_s > 0.0 && cpu_s + 0.011 >= cpu_before,
+        "{own} vs {cpu_before} s"
+    );
+    assert!(peak_mib + 0.001 >= hwm_before, "{own} vs {hwm_before} MiB");
+    assert!(peak_mib < 1024.0, "{own}");
     let counts = summary["counts"].as_object().unwrap();
     let mut total = 0;
     for (kind, n) in counts {
@@ -235,6 +247,26 @@ fn sigint_under_load_prints_a_summary_that_matches_the_lines() {
         counts["close"].as_u64().unwrap() > 10,
         "the churn was traced"
     );
+}
+
+/// A process's CPU seconds (user + system, from /proc/PID/stat) and peak resident memory in
+/// MiB (VmHWM, from /proc/PID/status).
+fn cpu_and_peak_memory(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which may hold spaces: utime and stime are the 14th and
+    // 15th of the whole line, the 12th and 13th after the closing parenthesis.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: a plain query.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hwm_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    (ticks / hz, hwm_kib / 1024.0)
 }
 
 #[test]
