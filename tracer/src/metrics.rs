@@ -1,12 +1,15 @@
 //! `--metrics ADDR`: a Prometheus endpoint beside the JSON lines. Counters move exactly when a
 //! line is written (same place, same condition), so a scrape and the lines of one run agree.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+};
 
 use anyhow::Context as _;
 use prometheus_client::{
     encoding::{EncodeLabelSet, prometheus_text},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use tokio::{
@@ -38,6 +41,9 @@ pub struct Metrics {
     resets: Family<ResetLabels, Counter>,
     lost: Family<LostLabels, Counter>,
     close_to_wire: Histogram,
+    /// The tracer's own cost, read at each scrape (as the summary line gives it at the end).
+    own_cpu: Gauge<f64, AtomicU64>,
+    own_peak_rss: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -77,12 +83,26 @@ impl Metrics {
             "Delay from a close() to its FIN or RST on the wire",
             close_to_wire.clone(),
         );
+        let own_cpu = Gauge::<f64, AtomicU64>::default();
+        let own_peak_rss = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "own_cpu_seconds",
+            "CPU time the tracer itself has used (user and system, every thread)",
+            own_cpu.clone(),
+        );
+        registry.register(
+            "own_peak_rss_bytes",
+            "The tracer's own peak resident memory",
+            own_peak_rss.clone(),
+        );
         Self {
             registry,
             events,
             resets,
             lost,
             close_to_wire,
+            own_cpu,
+            own_peak_rss,
         }
     }
 
@@ -118,6 +138,9 @@ impl Metrics {
 
     /// The exposition text.
     pub fn render(&self) -> String {
+        let own = crate::stats::OwnCost::now();
+        self.own_cpu.set(own.cpu_s);
+        self.own_peak_rss.set(own.peak_rss_mib * 1024.0 * 1024.0);
         let mut text = String::new();
         prometheus_text::encode(&mut text, &self.registry).expect("writing to a String");
         text
@@ -197,6 +220,13 @@ mod tests {
             text.contains("# TYPE tracer_close_to_wire_seconds histogram"),
             "{text}"
         );
+        // This test process's own cost, read at the scrape.
+        let value = |name: &str| -> f64 {
+            let line = text.lines().find(|l| l.starts_with(name)).expect(name);
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        };
+        assert!(value("tracer_own_cpu_seconds ") > 0.0, "{text}");
+        assert!(value("tracer_own_peak_rss_bytes ") > 1e6, "{text}");
     }
 
     #[tokio::test]
