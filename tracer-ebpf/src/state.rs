@@ -154,25 +154,7 @@ impl TupleSource for SockFields {
     #[inline(always)]
     fn read_tuple(&self, ev: &mut SockEvent) -> Option<()> {
         let layout: SockLayout = setting!(sock);
-        // Two reads instead of five: sock_common's daddr, dport and family lie within 24
-        // bytes, inet_sock's inet_saddr and inet_sport within 8 (on every kernel we know).
-        let common = Span::<24>::read(self.sk, &[layout.family, layout.dport, layout.daddr]);
-        let inet = Span::<8>::read(self.sk, &[layout.sport, layout.saddr]);
-        ev.family = common.get(layout.family)?;
-        ev.lport = u16::from_be(inet.get(layout.sport)?);
-        ev.rport = u16::from_be(common.get(layout.dport)?);
-        if ev.family == AF_INET {
-            let l: [u8; 4] = inet.get(layout.saddr)?;
-            let r: [u8; 4] = common.get(layout.daddr)?;
-            ev.laddr[..4].copy_from_slice(&l);
-            ev.raddr[..4].copy_from_slice(&r);
-        } else if ev.family == AF_INET6 {
-            ev.laddr = self.read(layout.v6_rcv_saddr)?;
-            ev.raddr = self.read(layout.v6_daddr)?;
-        } else {
-            return None;
-        }
-        Some(())
+        read_sock_tuple(self.sk, layout.sport, layout.saddr, ev)
     }
 
     #[inline(always)]
@@ -182,6 +164,34 @@ impl TupleSource for SockFields {
             at => Context::Stack(at),
         }
     }
+}
+
+/// A socket's family, ports and addresses at `base`, at the offsets the kernel's BTF gave: the
+/// local port and IPv4 address at `sport` and `saddr` (inet_sock's for a full socket, its own
+/// for a time-wait socket), the rest in sock_common, which both kinds begin with.
+#[inline(always)]
+pub fn read_sock_tuple(base: u64, sport: u16, saddr: u16, ev: &mut SockEvent) -> Option<()> {
+    let layout: SockLayout = setting!(sock);
+    // Two reads instead of five: sock_common's daddr, dport and family lie within 24 bytes,
+    // inet_sock's inet_saddr and inet_sport within 8 (on every kernel we know; a field outside
+    // its span is read on its own).
+    let common = Span::<24>::read(base, &[layout.family, layout.dport, layout.daddr]);
+    let local = Span::<8>::read(base, &[sport, saddr]);
+    ev.family = common.get(layout.family)?;
+    ev.lport = u16::from_be(local.get(sport)?);
+    ev.rport = u16::from_be(common.get(layout.dport)?);
+    if ev.family == AF_INET {
+        let l: [u8; 4] = local.get(saddr)?;
+        let r: [u8; 4] = common.get(layout.daddr)?;
+        ev.laddr[..4].copy_from_slice(&l);
+        ev.raddr[..4].copy_from_slice(&r);
+    } else if ev.family == AF_INET6 {
+        ev.laddr = kernel_read(base, layout.v6_rcv_saddr)?;
+        ev.raddr = kernel_read(base, layout.v6_daddr)?;
+    } else {
+        return None;
+    }
+    Some(())
 }
 
 /// Reads family, ports and addresses with the layout found in the format file.

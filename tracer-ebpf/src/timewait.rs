@@ -14,9 +14,7 @@ use aya_ebpf::{
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use tracer_common::{
-    AF_INET, AF_INET6, EventKind, SockEvent, TimewaitLayout, counter, owner_source, tcp_state,
-};
+use tracer_common::{EventKind, TimewaitLayout, counter, owner_source, tcp_state};
 
 use crate::{
     capture_filter::is_watched,
@@ -25,6 +23,7 @@ use crate::{
         submit_unowned,
     },
     setting,
+    state::read_sock_tuple,
 };
 
 #[raw_tracepoint(tracepoint = "timer_expire_entry")]
@@ -63,7 +62,8 @@ fn timer_expired(timer: u64, slot: u32) {
         return; // a TIME_WAIT that ran its course: the peer did close
     }
     let mut ev = empty_event();
-    if read_timewait_tuple(tw, &layout, &mut ev).is_none() {
+    // Its sock_common as a full socket's, its own local port.
+    if read_sock_tuple(tw, layout.sport, layout.rcv_saddr, &mut ev).is_none() {
         return;
     }
     // SAFETY: plain helper call.
@@ -78,25 +78,4 @@ fn timer_expired(timer: u64, slot: u32) {
         return;
     }
     submit_unowned(&ev);
-}
-
-/// A time-wait socket's addresses: its sock_common (as a full socket's) and its own local port.
-#[inline(always)]
-fn read_timewait_tuple(tw: u64, layout: &TimewaitLayout, ev: &mut SockEvent) -> Option<()> {
-    let sock = setting!(sock);
-    ev.family = kernel_read(tw, sock.family)?;
-    ev.lport = u16::from_be(kernel_read(tw, layout.sport)?);
-    ev.rport = u16::from_be(kernel_read(tw, sock.dport)?);
-    if ev.family == AF_INET {
-        let l: [u8; 4] = kernel_read(tw, layout.rcv_saddr)?;
-        let r: [u8; 4] = kernel_read(tw, sock.daddr)?;
-        ev.laddr[..4].copy_from_slice(&l);
-        ev.raddr[..4].copy_from_slice(&r);
-    } else if ev.family == AF_INET6 {
-        ev.laddr = kernel_read(tw, sock.v6_rcv_saddr)?;
-        ev.raddr = kernel_read(tw, sock.v6_daddr)?;
-    } else {
-        return None;
-    }
-    Some(())
 }
