@@ -1,7 +1,7 @@
 //! Owners of connections that existed before the tracer started. Users attach to long-running
 //! services, whose sockets were never seen in process context by the kernel programs: read
 //! each process's socket inodes from /proc/PID/fd and the connections of its network namespace
-//! from sock_diag (`sockdiag`), and seed the kernel's SEED (established) and LISTENERS (listening)
+//! from sock_diag (`sockets`), and seed the kernel's SEED (established) and LISTENERS (listening)
 //! tables so that their teardown is attributed from the first event.
 
 use std::{
@@ -10,13 +10,14 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use crate::sockets::{TcpSocket, tcp_sockets};
 use anyhow::Context as _;
 use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData},
 };
 use tracer_common::{AF_INET, AF_INET6, SeedOwner, TupleKey, forked_mark_slot, tcp_state};
+
+use crate::sockets::{TcpSocket, netns_of, tcp_sockets};
 
 /// What seeding found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -48,7 +49,7 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<
     } else {
         pids.to_vec()
     };
-    let mut by_netns: HashMap<u64, HashMap<u64, TcpSocket>> = HashMap::new();
+    let mut by_netns: HashMap<Option<(u64, u64)>, HashMap<u64, TcpSocket>> = HashMap::new();
     let mut conns = Vec::new();
     let mut listeners = Vec::new();
     for pid in pids {
@@ -59,7 +60,7 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<
         if inodes.is_empty() {
             continue;
         }
-        let netns = netns_inode(pid).unwrap_or(0);
+        let netns = netns_of(pid).ok();
         let table = by_netns
             .entry(netns)
             .or_insert_with(|| tcp_sockets(pid).into_iter().map(|s| (s.inode, s)).collect());
@@ -348,13 +349,6 @@ pub fn parse_socket_link(target: &str) -> Option<u64> {
         .strip_suffix(']')?
         .parse()
         .ok()
-}
-
-fn netns_inode(pid: u32) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata(format!("/proc/{pid}/ns/net"))
-        .ok()
-        .map(|m| m.ino())
 }
 
 #[cfg(test)]

@@ -57,9 +57,18 @@ fn sock_diag_dump(pid: u32) -> io::Result<Vec<TcpSocket>> {
 }
 
 fn same_netns_as_ours(pid: u32) -> io::Result<bool> {
-    let theirs = fs::metadata(format!("/proc/{pid}/ns/net"))?;
-    let ours = fs::metadata("/proc/self/ns/net")?;
-    Ok(theirs.ino() == ours.ino() && theirs.dev() == ours.dev())
+    Ok(netns_of(pid)? == netns_at("/proc/self/ns/net")?)
+}
+
+/// The network namespace `pid` lives in, as (device, inode) of its namespace file: equal for
+/// two processes exactly when they share it.
+pub fn netns_of(pid: u32) -> io::Result<(u64, u64)> {
+    netns_at(&format!("/proc/{pid}/ns/net"))
+}
+
+fn netns_at(path: &str) -> io::Result<(u64, u64)> {
+    let file = fs::metadata(path)?;
+    Ok((file.dev(), file.ino()))
 }
 
 /// Dumps from a thread that entered the namespace of `pid` and ends with the dump (a thread's
