@@ -163,15 +163,18 @@ impl ConnTable {
 
     /// The connection remembered for an address pair.
     fn by_addr(&self, key: &AddrKey) -> Option<&ConnInfo> {
-        let slot = *self.by_addr.get(&fingerprint(key))?;
-        let info = &self.slots[slot as usize];
-        (info.addr_key() == *key).then_some(info)
+        self.slot_by_addr(key).map(|slot| &self.slots[slot])
     }
 
     fn by_addr_mut(&mut self, key: &AddrKey) -> Option<&mut ConnInfo> {
-        let slot = *self.by_addr.get(&fingerprint(key))?;
-        let info = &mut self.slots[slot as usize];
-        (info.addr_key() == *key).then_some(info)
+        self.slot_by_addr(key).map(|slot| &mut self.slots[slot])
+    }
+
+    /// The slot the address index gives for `key`, if its record has those addresses (the
+    /// index is keyed by their hash).
+    fn slot_by_addr(&self, key: &AddrKey) -> Option<usize> {
+        let slot = *self.by_addr.get(&fingerprint(key))? as usize;
+        (self.slots[slot].addr_key() == *key).then_some(slot)
     }
 
     /// The slot of connection `ev.conn_id`, made for it if new (and whether it was).
