@@ -117,30 +117,21 @@ fn schedule_early_expiry(
 ) {
     if entry.done_early() {
         // Kept to recognise later copies and retransmissions, where there may be any.
-        let keep = if may_be_seen_again(entry.flags, entry.only_copy) {
-            SETTLE_NS
-        } else {
-            0
-        };
+        let keep = settle_for(entry.flags, entry.only_copy, SETTLE_NS);
         early_order.push_back((entry.first_mono + keep, path, entry.id));
     }
 }
 
-/// Whether the capture may show this segment again: a later copy (on `any`, the same packet on
-/// a bridge and its port) or a retransmission. Not a RST it shows once: the kernel never
-/// retransmits a RST (one sent again for a later segment is another event's).
-fn may_be_seen_again(flags: u8, only_copy: bool) -> bool {
-    !(only_copy && flags & tcp_flags::RST != 0)
-}
-
-/// How long an event joined to `packet` waits before it leaves: for later copies and
-/// retransmissions to be counted on it, where there may be any. Otherwise at once: under RST
-/// churn the events then leave the joiner while still in the CPU's cache.
-fn settle_after(packet: &WirePacket, settle_ns: u64) -> u64 {
-    if may_be_seen_again(packet.flags, packet.only_copy) {
-        settle_ns
-    } else {
+/// How long what joined a packet (an event, or the packet's own entry) stays for later copies
+/// of it (on `any`, the same packet on a bridge and its port) and retransmissions to be
+/// counted: `settle_ns`, or nothing for a RST the capture shows once, which has neither (the
+/// kernel never retransmits a RST; one sent again for a later segment is another event's).
+/// Under RST churn the events then leave the joiner while still in the CPU's cache.
+fn settle_for(flags: u8, only_copy: bool, settle_ns: u64) -> u64 {
+    if only_copy && flags & tcp_flags::RST != 0 {
         0
+    } else {
+        settle_ns
     }
 }
 
@@ -268,7 +259,7 @@ enum Deadline {
     WindowEnd,
     /// It joined a packet: the settle time after it.
     Settled,
-    /// It joined a packet that needs no settling (`settle_after`): the packet's time. A queue
+    /// It joined a packet that needs no settling (`settle_for`): the packet's time. A queue
     /// of its own, not to wait behind joins that settle.
     Joined,
 }
@@ -461,7 +452,7 @@ impl<T> Joiner<T> {
         let Some(ev) = self.events.get_mut(&id) else {
             return;
         };
-        let settle = settle_after(&packet, self.settle_ns);
+        let settle = settle_for(packet.flags, packet.only_copy, self.settle_ns);
         let release = ev.mono_ns.max(packet.mono_ns) + settle;
         ev.wire = Some(WireMatch {
             delay_ns: packet.mono_ns as i64 - ev.mono_ns as i64,
