@@ -296,7 +296,13 @@ fn late_peer(l: &TcpListener) -> anyhow::Result<Ports> {
         closer: port(&client),
         other: port(&server),
     };
-    set_int_option(&client, libc::IPPROTO_TCP, libc::TCP_LINGER2, 1)?;
+    set_option(
+        &client,
+        libc::IPPROTO_TCP,
+        libc::TCP_LINGER2,
+        1i32,
+        "TCP_LINGER2",
+    )?;
     drop(client);
     thread::sleep(LATE);
     drop(server);
@@ -318,38 +324,29 @@ fn set_linger_zero(s: &TcpStream) -> anyhow::Result<()> {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: a valid socket and a correctly sized linger struct.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        bail!("setsockopt(SO_LINGER): {}", std::io::Error::last_os_error());
-    }
-    Ok(())
+    set_option(s, libc::SOL_SOCKET, libc::SO_LINGER, linger, "SO_LINGER")
 }
 
-fn set_int_option(s: &TcpStream, level: i32, name: i32, value: i32) -> anyhow::Result<()> {
-    // SAFETY: a valid socket and an int-sized option value.
+/// setsockopt with a plain value (an int, a linger struct); `what` names it in the error.
+fn set_option<T: Copy>(
+    s: &TcpStream,
+    level: i32,
+    name: i32,
+    value: T,
+    what: &str,
+) -> anyhow::Result<()> {
+    // SAFETY: a valid socket, and the option's value passed with its own size.
     let rc = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
             level,
             name,
-            (&value as *const i32).cast(),
-            size_of::<i32>() as libc::socklen_t,
+            (&value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
         )
     };
     if rc != 0 {
-        bail!(
-            "setsockopt({level}, {name}): {}",
-            std::io::Error::last_os_error()
-        );
+        bail!("setsockopt({what}): {}", std::io::Error::last_os_error());
     }
     Ok(())
 }
