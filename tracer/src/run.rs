@@ -394,11 +394,11 @@ async fn event_loop(
         finish_joins(settings, pipeline, output, ring.get_mut(), &mut packets).await;
     }
     take_held_closes(&mut kernel.held, u64::MAX, pipeline);
-    if pipeline.stats.closes_taken_from_kernel > 0 {
+    if pipeline.stats.kernel.held_closes_rescued > 0 {
         eprintln!(
             "tracer: {} close(s) held in the kernel for their RST were never released there and \
              went out without it (please report: a teardown path the programs do not know)",
-            pipeline.stats.closes_taken_from_kernel
+            pipeline.stats.kernel.held_closes_rescued
         );
     }
     pipeline.flush(output);
@@ -428,7 +428,7 @@ fn drain_packets(rx: &mut Option<mpsc::Receiver<WirePacket>>, pipeline: &mut Pip
 /// Closes held in the kernel since before `older_than_ns` go to the pipeline (see `held`).
 fn take_held_closes(held: &mut HeldCloses, older_than_ns: u64, pipeline: &mut Pipeline) {
     for ev in held.take_stale(older_than_ns) {
-        pipeline.stats.closes_taken_from_kernel += 1;
+        pipeline.stats.kernel.held_closes_rescued += 1;
         pipeline.kernel_event(ev);
     }
 }
@@ -489,7 +489,10 @@ impl LossReporter {
         last: bool,
     ) {
         let counters = kernel_side.counters;
-        let kernel = read_counters(counters, capture);
+        let kernel = KernelCounts {
+            held_closes_rescued: pipeline.stats.kernel.held_closes_rescued,
+            ..read_counters(counters, capture)
+        };
         pipeline.stats.kernel = kernel;
         let capture_lost = capture.map_or(0, |c| {
             c.channel_dropped.load(Ordering::Relaxed) + c.pcap_dropped.load(Ordering::Relaxed)
@@ -551,6 +554,7 @@ fn read_counters(
         owner_table_full: sum_counter(counters, counter::OWNER_TABLE_FULL),
         // What the capture socket's kernel filter passed.
         captured: capture.map_or(0, |c| c.captured.load(Ordering::Relaxed)),
+        held_closes_rescued: 0, // the daemon's own count, kept by `report`
     }
 }
 

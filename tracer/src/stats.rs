@@ -93,6 +93,10 @@ pub struct KernelCounts {
     pub owner_table_full: u64,
     /// FIN/RST packets the capture's kernel filter passed to the daemon.
     pub captured: u64,
+    /// Closes held in the kernel for their RST that the programs never released; the daemon
+    /// took them out of the map and wrote them (never expected: a teardown path they do not
+    /// know). Counted by the daemon, not the programs.
+    pub held_closes_rescued: u64,
 }
 
 /// Running totals for the summary.
@@ -105,8 +109,6 @@ pub struct Stats {
     pub lost: Lost,
     pub close_to_wire: Histogram,
     pub kernel: KernelCounts,
-    /// Closes the daemon took out of the kernel's held closes (see `held`): never expected.
-    pub closes_taken_from_kernel: u64,
 }
 
 impl Stats {

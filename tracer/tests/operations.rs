@@ -461,3 +461,117 @@ fn the_run_ends_when_every_traced_process_has_exited() {
     assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
     assert_eq!(out.lines.last().unwrap()["event"], "summary");
 }
+
+/// A close the kernel programs hold for its RST and never release (a teardown path they do not
+/// foresee) is not lost: the daemon takes it out of the kernel's map once it has waited there
+/// far longer than tcp_close() takes, writes it, counts it in the summary and names it on
+/// stderr. No real socket is known to take that path (that is the point), so the entry is put
+/// into the running tracer's map the way its programs write one.
+#[test]
+fn a_close_left_in_the_kernels_hold_is_taken_out_and_counted() {
+    use tracer_common::{EventKind, SockEvent, close_reset, owner_source, syscall, tcp_state};
+    if !common::require_root() {
+        return;
+    }
+    let (lport, rport) = (4321u16, 54321u16);
+    let mut tracer = Tracer::start(&["--no-capture", "--port", &lport.to_string()]);
+    tracer.wait_ready(WAIT);
+    let mut held = held_closes_of(tracer.pid());
+    let me = std::process::id();
+    let mut comm = [0u8; 16];
+    comm[..9].copy_from_slice(b"held-test");
+    let (mut laddr, mut raddr) = ([0u8; 16], [0u8; 16]);
+    laddr[..4].copy_from_slice(&[192, 0, 2, 1]);
+    raddr[..4].copy_from_slice(&[192, 0, 2, 2]);
+    let held_since = mono_now_ns() - 2_000_000_000;
+    let ev = SockEvent {
+        ts_ns: held_since,
+        conn_id: 0x5eed_0000_0000_0001,
+        state_since_ns: held_since - 5_000_000,
+        call_id: held_since - 10_000,
+        pid: me,
+        tid: me,
+        comm,
+        fd: 9,
+        reason: -1,
+        laddr,
+        raddr,
+        lport,
+        rport,
+        family: tracer_common::AF_INET,
+        kind: EventKind::Close as u8,
+        old_state: tcp_state::ESTABLISHED,
+        new_state: tcp_state::CLOSE,
+        syscall: syscall::CLOSE,
+        owner_source: owner_source::CURRENT,
+        close_reset: close_reset::UNKNOWN,
+        _pad: [0; 4],
+    };
+    let fake_sk = 0xffff_8880_dead_b000u64;
+    held.insert(fake_sk, ev, 0)
+        .expect("a held close put into HELD_CLOSES");
+
+    let close = tracer.wait_for(|v| common::is(v, "close", lport, rport), WAIT);
+    assert_eq!(close["pid"], me);
+    assert_eq!(close["comm"], "held-test");
+    assert_eq!(close["syscall"], "close");
+    assert_eq!(close["fd"], 9);
+    assert_eq!(close["laddr"], "192.0.2.1");
+    assert_eq!(close["raddr"], "192.0.2.2");
+    assert_eq!(close["new_state"], "CLOSE");
+    assert_eq!(
+        close["outcome"],
+        Value::Null,
+        "no RST was seen for it and nothing was captured: not known"
+    );
+    assert!(
+        held.get(&fake_sk, 0).is_err(),
+        "the daemon took the close out of the map"
+    );
+    let stopped = tracer.stop();
+    let summary = stopped
+        .lines
+        .iter()
+        .find(|v| v["event"] == "summary")
+        .expect("a summary line");
+    assert_eq!(summary["kernel"]["held_closes_rescued"], 1, "{summary}");
+    assert_eq!(
+        stopped.lines_of("close", lport, rport).len(),
+        1,
+        "written once"
+    );
+    assert!(
+        stopped.stderr.contains("1 close(s) held in the kernel"),
+        "stderr names it: {}",
+        stopped.stderr
+    );
+}
+
+/// The HELD_CLOSES map of the tracer `pid`, found among the BPF maps its descriptors hold.
+fn held_closes_of(
+    pid: u32,
+) -> aya::maps::HashMap<aya::maps::MapData, u64, tracer_common::SockEvent> {
+    let fdinfo = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("the tracer's fdinfo");
+    let id = fdinfo
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter_map(|info| {
+            let line = info.lines().find(|l| l.starts_with("map_id:"))?;
+            line["map_id:".len()..].trim().parse::<u32>().ok()
+        })
+        .find(|&id| {
+            aya::maps::MapInfo::from_id(id).is_ok_and(|m| m.name_as_str() == Some("HELD_CLOSES"))
+        })
+        .expect("the tracer holds a map named HELD_CLOSES");
+    let map = aya::maps::MapData::from_id(id).expect("opening HELD_CLOSES by id");
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).expect("HELD_CLOSES is a hash map")
+}
+
+fn mono_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
