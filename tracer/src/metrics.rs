@@ -138,9 +138,9 @@ impl Metrics {
 
     /// The exposition text.
     pub fn render(&self) -> String {
-        let own = crate::stats::OwnCost::now();
+        let own = crate::stats::OwnUsage::now();
         self.own_cpu.set(own.cpu_s);
-        self.own_peak_rss.set(own.peak_rss_mib * 1024.0 * 1024.0);
+        self.own_peak_rss.set(own.peak_rss_bytes as f64);
         let mut text = String::new();
         prometheus_text::encode(&mut text, &self.registry).expect("writing to a String");
         text

@@ -191,6 +191,24 @@ pub struct OwnCost {
 }
 
 impl OwnCost {
+    /// For a log line: milliseconds of CPU, KiB of memory.
+    pub fn now() -> Self {
+        let usage = OwnUsage::now();
+        Self {
+            cpu_s: round3(usage.cpu_s),
+            peak_rss_mib: round3(usage.peak_rss_bytes as f64 / (1024.0 * 1024.0)),
+        }
+    }
+}
+
+/// The same, unrounded, in the units Prometheus wants.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OwnUsage {
+    pub cpu_s: f64,
+    pub peak_rss_bytes: u64,
+}
+
+impl OwnUsage {
     pub fn now() -> Self {
         // SAFETY: getrusage fills the struct it is given.
         let usage = unsafe {
@@ -202,9 +220,9 @@ impl OwnCost {
         };
         let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         Self {
-            cpu_s: round3(secs(usage.ru_utime) + secs(usage.ru_stime)),
+            cpu_s: secs(usage.ru_utime) + secs(usage.ru_stime),
             // ru_maxrss is in KiB on Linux.
-            peak_rss_mib: round3(usage.ru_maxrss as f64 / 1024.0),
+            peak_rss_bytes: usage.ru_maxrss as u64 * 1024,
         }
     }
 }
