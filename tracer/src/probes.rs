@@ -712,9 +712,7 @@ pub fn filter_capture_to_traced(ebpf: &mut Ebpf, capture: std::os::fd::BorrowedF
             .program_mut("watched_packets")
             .context("program watched_packets missing from the eBPF object")?
             .try_into()?;
-        program
-            .load()
-            .map_err(|e| anyhow::anyhow!(explain_verifier(e)))?;
+        program.load().map_err(explain_verifier)?;
         program.attach(capture)?;
         Ok(())
     };
@@ -745,24 +743,21 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<()> {
         Attach::Tracepoint { group, name } => {
             let tp: &mut TracePoint = program.try_into()?;
             if tp.fd().is_err() {
-                tp.load()
-                    .map_err(|e| anyhow::anyhow!(explain_verifier(e)))?;
+                tp.load().map_err(explain_verifier)?;
             }
             tp.attach(group, name)?;
         }
         Attach::Kprobe { function } => {
             let kp: &mut KProbe = program.try_into()?;
             if kp.fd().is_err() {
-                kp.load()
-                    .map_err(|e| anyhow::anyhow!(explain_verifier(e)))?;
+                kp.load().map_err(explain_verifier)?;
             }
             kp.attach(function, 0)?;
         }
         Attach::RawTracepoint { name } => {
             let tp: &mut RawTracePoint = program.try_into()?;
             if tp.fd().is_err() {
-                tp.load()
-                    .map_err(|e| anyhow::anyhow!(explain_verifier(e)))?;
+                tp.load().map_err(explain_verifier)?;
             }
             tp.attach(name)?;
         }
@@ -770,13 +765,31 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn explain_verifier(e: aya::programs::ProgramError) -> String {
+fn explain_verifier(e: aya::programs::ProgramError) -> anyhow::Error {
     let text = format!("{e:#}");
     if text.contains("EPERM") || text.contains("Operation not permitted") {
-        return format!("{text}: the kernel refused to load BPF programs; {PRIVILEGE_HINT}");
+        return anyhow::anyhow!(
+            "{text}: the kernel refused to load BPF programs; {PRIVILEGE_HINT}"
+        );
     }
-    text
+    match e {
+        aya::programs::ProgramError::LoadError { .. } => VerifierRefused(text).into(),
+        _ => anyhow::anyhow!(text),
+    }
 }
+
+/// The kernel's verifier refused a program (as opposed to missing privileges, memory or a
+/// hook): another build of the programs may pass where this one did not.
+#[derive(Debug)]
+pub struct VerifierRefused(String);
+
+impl std::fmt::Display for VerifierRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for VerifierRefused {}
 
 fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
     let text = format!("{e:#}");
@@ -794,6 +807,31 @@ pub const PRIVILEGE_HINT: &str = "run as root (sudo), or grant CAP_BPF, CAP_PERF
 mod tests {
     use super::*;
     use tracer_common::NONE;
+
+    /// run.rs retries without the register-reading programs only after a verifier refusal:
+    /// missing privileges or memory would fail the same way twice, under a misleading message.
+    #[test]
+    fn only_a_verifier_refusal_is_marked_for_a_retry() {
+        use aya::programs::ProgramError;
+        let refused = explain_verifier(ProgramError::LoadError {
+            io_error: std::io::Error::from_raw_os_error(libc::EACCES),
+            verifier_log: aya_obj::VerifierLog::new("R1 invalid mem access 'scalar'".into()),
+        })
+        .context("attaching set_state_raw");
+        assert!(refused.downcast_ref::<VerifierRefused>().is_some());
+        assert!(format!("{refused:#}").contains("invalid mem access"));
+        let not_permitted = explain_verifier(ProgramError::LoadError {
+            io_error: std::io::Error::from_raw_os_error(libc::EPERM),
+            verifier_log: aya_obj::VerifierLog::new(String::new()),
+        });
+        assert!(not_permitted.downcast_ref::<VerifierRefused>().is_none());
+        assert!(format!("{not_permitted:#}").contains("CAP_BPF"));
+        let no_memory = explain_verifier(ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_prog_load",
+            io_error: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        }));
+        assert!(no_memory.downcast_ref::<VerifierRefused>().is_none());
+    }
 
     #[test]
     fn auto_picks_tracepoints_without_kprobes() {

@@ -168,8 +168,12 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     };
     let mut loaded = match probes::load(&options, &hooks) {
         // A kernel whose verifier refuses the programs that read the task's registers (a
-        // backported BPF, an unusual configuration) still has the syscall tracepoints.
-        Err(e) if options.config.regs != RegsLayout::NONE => {
+        // backported BPF, an unusual configuration) still has the syscall tracepoints. Only a
+        // refusal by the verifier: missing privileges or memory would fail the same way again.
+        Err(e)
+            if options.config.regs != RegsLayout::NONE
+                && e.downcast_ref::<probes::VerifierRefused>().is_some() =>
+        {
             eprintln!(
                 "tracer: loading the programs that name calls from the task's registers failed \
                  ({e:#}): trying again with the syscall tracepoints"
