@@ -23,6 +23,9 @@ use crate::sockets::{TcpSocket, netns_of, tcp_sockets};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SeedReport {
     pub connections: usize,
+    /// Connections found that the seed table had no room for: their events before their owner
+    /// acts on them (a peer's FIN or RST) name no owner, or with `--pid` are not traced.
+    pub unseeded: usize,
     pub listeners: usize,
     /// With `--pid`: traced listeners left unrecorded, held by untraced processes too.
     pub shared_listeners: usize,
@@ -78,29 +81,32 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<
         shared_listeners = shared.len();
         listeners.retain(|(sock, _)| !shared.contains(&sock.inode));
     }
-    write_seed(ebpf, &conns, &listeners)?;
+    let unseeded = write_seed(ebpf, &conns, &listeners)?;
     if only_traced {
         watch_seeded(ebpf, &conns)?;
     }
     Ok(SeedReport {
-        connections: conns.len(),
+        connections: conns.len() - unseeded,
+        unseeded,
         listeners: listeners.len(),
         shared_listeners,
         children: lineage.children.len(),
     })
 }
 
+/// Writes the seed tables; returns how many connections found no room (counted, not each
+/// reported: the caller says it once).
 fn write_seed(
     ebpf: &mut Ebpf,
     conns: &[(TcpSocket, SeedOwner)],
     listeners: &[(TcpSocket, SeedOwner)],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     let mut seed: BpfHashMap<_, TupleKey, SeedOwner> =
         BpfHashMap::try_from(ebpf.map_mut("SEED").context("SEED map missing")?)?;
-    for (sock, owner) in conns {
-        // A full table only loses attribution for the rest; say nothing per entry.
-        let _ = seed.insert(tuple_key(sock), *owner, 0);
-    }
+    let unseeded = conns
+        .iter()
+        .filter(|(sock, owner)| seed.insert(tuple_key(sock), *owner, 0).is_err())
+        .count();
     // The programs look in SEED only for sockets on these ports (with --pid, other sockets of
     // the host are not looked up by address at all).
     mark_ports(ebpf, "SEED_PORTS", conns)?;
@@ -115,7 +121,8 @@ fn write_seed(
         let _ = table.insert(((family as u32) << 16) | sock.local.1 as u32, *owner, 0);
     }
     // The programs look a listener up only on ports marked here.
-    mark_ports(ebpf, "LISTEN_PORTS", listeners)
+    mark_ports(ebpf, "LISTEN_PORTS", listeners)?;
+    Ok(unseeded)
 }
 
 /// Marks the sockets' local ports in one of the programs' port arrays (a byte per port, 1 once

@@ -644,6 +644,39 @@ pub struct LoadOptions<'a> {
     pub ringbuf_bytes: u32,
     pub pids: &'a [u32],
     pub ports: &'a [u16],
+    pub tables: TableSizes,
+}
+
+/// Entries of the kernel tables that hold one entry per socket, fitted to the host at start-up:
+/// both are preallocated hash maps (~100 bytes an entry), so one fixed size would either waste
+/// kernel memory on a small host or, on a host with more sockets than entries, leave sockets
+/// without an owner (a big proxy: `kernel.owner_table_full` in the summary, and the
+/// connections that could not be seeded in the `ready` line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableSizes {
+    /// SOCKS: the sockets the programs have seen, while they live.
+    pub socks: u32,
+    /// SEED: the owners of the connections found at start-up.
+    pub seed: u32,
+}
+
+impl TableSizes {
+    const SOCKS_MIN: u64 = 65536;
+    const SEED_MIN: u64 = 16384;
+    /// 2^18 entries, ~25 MB of kernel memory for SOCKS: proportionate only on a host that
+    /// already has over 100k TCP sockets.
+    const MAX: u64 = 1 << 18;
+
+    /// For a host with `sockets` TCP sockets allocated (`sockets::tcp_sockets_allocated`): room
+    /// for twice as many live sockets, and for a quarter more connections than there are to
+    /// seed (more open while the tracer starts).
+    pub fn for_host(sockets: u64) -> Self {
+        let fit = |want: u64, min: u64| want.clamp(min, Self::MAX).next_power_of_two() as u32;
+        Self {
+            socks: fit(sockets.saturating_mul(2), Self::SOCKS_MIN),
+            seed: fit(sockets.saturating_add(sockets / 4), Self::SEED_MIN),
+        }
+    }
 }
 
 /// The loaded object and what was attached.
@@ -664,6 +697,8 @@ pub fn load(opts: &LoadOptions<'_>, hooks: &[Hook]) -> anyhow::Result<Loaded> {
         .btf(None)
         .override_global("CONFIG", &opts.config, true)
         .map_max_entries("EVENTS", opts.ringbuf_bytes)
+        .map_max_entries("SOCKS", opts.tables.socks)
+        .map_max_entries("SEED", opts.tables.seed)
         .load(EBPF_OBJECT)
         .map_err(explain_load_error)?;
     fill_filter::<u32>(&mut ebpf, "PIDS", opts.pids)?;
@@ -831,6 +866,17 @@ mod tests {
             io_error: std::io::Error::from_raw_os_error(libc::ENOMEM),
         }));
         assert!(no_memory.downcast_ref::<VerifierRefused>().is_none());
+    }
+
+    #[test]
+    fn tables_fit_the_host_within_bounds() {
+        let small = TableSizes::for_host(300);
+        assert_eq!((small.socks, small.seed), (65536, 16384), "the minimums");
+        let proxy = TableSizes::for_host(70_000);
+        assert_eq!((proxy.socks, proxy.seed), (1 << 18, 1 << 17));
+        assert!(proxy.seed as u64 >= 70_000 + 70_000 / 4);
+        let huge = TableSizes::for_host(10_000_000);
+        assert_eq!((huge.socks, huge.seed), (1 << 18, 1 << 18), "the maximum");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::{
     pcapng::PcapngOut,
     pipeline::Pipeline,
     privileges,
-    probes::{self, Hook, KernelSupport, LoadOptions},
+    probes::{self, Hook, KernelSupport, LoadOptions, TableSizes},
     progstats::{self, SkippedRuns},
     stats::{KernelCounts, Lost, OwnCost, Percentiles},
     tracefs,
@@ -165,6 +165,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         ringbuf_bytes: settings.ringbuf_bytes,
         pids: &settings.pids,
         ports: &settings.ports,
+        tables: TableSizes::for_host(crate::sockets::tcp_sockets_allocated().unwrap_or(0)),
     };
     let mut loaded = match probes::load(&options, &hooks) {
         // A kernel whose verifier refuses the programs that read the task's registers (a
@@ -189,6 +190,19 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         .context("following the traced processes' running children")?;
     let seeded = owners::seed(&mut loaded.ebpf, &settings.pids, &lineage)
         .context("seeding owners of existing connections from /proc")?;
+    if seeded.unseeded > 0 {
+        eprintln!(
+            "tracer: {} connection(s) opened before the tracer found no room in the seed table \
+             (it holds {}): until their owner acts on them, their events name no owner{}",
+            seeded.unseeded,
+            options.tables.seed,
+            if settings.pids.is_empty() {
+                ""
+            } else {
+                " and are not traced"
+            }
+        );
+    }
     if seeded.shared_listeners > 0 {
         eprintln!(
             "tracer: --pid: {} listening socket(s) of the traced processes are shared with \
@@ -604,6 +618,9 @@ struct Degraded {
 #[derive(Serialize)]
 struct SeededCounts {
     connections: usize,
+    /// Connections found that the seed table had no room for (0 unless the host has more
+    /// than the table was sized for at start-up).
+    unseeded: usize,
     listeners: usize,
     /// With `--pid`: the traced processes' running descendants, followed for their calls.
     children: usize,
@@ -638,6 +655,7 @@ fn ready_line(
             .collect(),
         seeded: SeededCounts {
             connections: seeded.connections,
+            unseeded: seeded.unseeded,
             listeners: seeded.listeners,
             children: seeded.children,
         },

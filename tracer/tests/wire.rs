@@ -451,22 +451,6 @@ fn loopback_lo_ipv6() {
 /// Connections in the burst: a few thousand, closed at once.
 const N: usize = 2000;
 
-/// Each connection holds two descriptors here; the default soft limit (1024) is too low.
-fn raise_fd_limit(needed: usize) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        if (lim.rlim_cur as usize) < needed {
-            lim.rlim_cur = (needed as libc::rlim_t).min(lim.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 #[test]
 fn a_burst_of_closes_all_join() {
     if !common::require_root() {
@@ -476,7 +460,7 @@ fn a_burst_of_closes_all_join() {
     let port = l.local_addr().unwrap().port();
     let mut tracer = Tracer::start(&["-i", "lo", "--port", &port.to_string()]);
     tracer.wait_ready(WAIT);
-    raise_fd_limit(2 * N + 64);
+    common::raise_fd_limit(2 * N + 64);
     common::reset_burst(&l, port, N);
     let out = tracer.stop();
     let closes: Vec<&Value> = out

@@ -71,3 +71,28 @@ pub fn kernel_at_least(major: u32, minor: u32) -> bool {
         .collect();
     version >= vec![major, minor]
 }
+
+/// Raises this process's open-file limit to `needed`: a test holding thousands of connections
+/// (two descriptors each when both ends are here) needs more than the default soft limit of
+/// 1024. As root the hard limit is raised too when it is lower.
+pub fn raise_fd_limit(needed: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let needed = needed as libc::rlim_t;
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur < needed {
+            lim.rlim_max = lim.rlim_max.max(needed);
+            lim.rlim_cur = needed;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                // Not root: as far as the hard limit allows.
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+                lim.rlim_cur = needed.min(lim.rlim_max);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    }
+}
