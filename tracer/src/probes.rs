@@ -658,6 +658,10 @@ pub struct TableSizes {
     pub socks: u32,
     /// SEED: the owners of the connections found at start-up.
     pub seed: u32,
+    /// WATCHED (with `--pid`): the traced connections' 4-tuples the capture filter passes, an
+    /// LRU map: one too small drops the oldest, a long-lived connection's, whose FIN then
+    /// never reaches the daemon.
+    pub watched: u32,
 }
 
 impl TableSizes {
@@ -675,6 +679,7 @@ impl TableSizes {
         Self {
             socks: fit(sockets.saturating_mul(2), Self::SOCKS_MIN),
             seed: fit(sockets.saturating_add(sockets / 4), Self::SEED_MIN),
+            watched: fit(sockets.saturating_mul(2), Self::SOCKS_MIN),
         }
     }
 }
@@ -699,6 +704,7 @@ pub fn load(opts: &LoadOptions<'_>, hooks: &[Hook]) -> anyhow::Result<Loaded> {
         .map_max_entries("EVENTS", opts.ringbuf_bytes)
         .map_max_entries("SOCKS", opts.tables.socks)
         .map_max_entries("SEED", opts.tables.seed)
+        .map_max_entries("WATCHED", opts.tables.watched)
         .load(EBPF_OBJECT)
         .map_err(explain_load_error)?;
     fill_filter::<u32>(&mut ebpf, "PIDS", opts.pids)?;
@@ -872,8 +878,10 @@ mod tests {
     fn tables_fit_the_host_within_bounds() {
         let small = TableSizes::for_host(300);
         assert_eq!((small.socks, small.seed), (65536, 16384), "the minimums");
+        assert_eq!(small.watched, 65536);
         let proxy = TableSizes::for_host(70_000);
         assert_eq!((proxy.socks, proxy.seed), (1 << 18, 1 << 17));
+        assert_eq!(proxy.watched, 1 << 18);
         assert!(proxy.seed as u64 >= 70_000 + 70_000 / 4);
         let huge = TableSizes::for_host(10_000_000);
         assert_eq!((huge.socks, huge.seed), (1 << 18, 1 << 18), "the maximum");
