@@ -622,7 +622,14 @@ fn a_host_with_more_connections_than_the_smallest_seed_table() {
         return;
     }
     const N: usize = 17_000;
-    common::raise_fd_limit(2 * N + 1024); // the peer inherits it
+    // The peer inherits the limit; each process holds one end of every connection.
+    let limit = common::raise_fd_limit(2 * N + 1024);
+    assert!(
+        limit >= N + 512,
+        "this test needs {} open files per process and the limit is {limit}: raise the hard \
+         limit (ulimit -Hn) or run it with CAP_SYS_RESOURCE",
+        N + 512
+    );
     let (l, port) = listener();
     let mut peer = Command::new("python3")
         .args([

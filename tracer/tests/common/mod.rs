@@ -74,8 +74,8 @@ pub fn kernel_at_least(major: u32, minor: u32) -> bool {
 
 /// Raises this process's open-file limit to `needed`: a test holding thousands of connections
 /// (two descriptors each when both ends are here) needs more than the default soft limit of
-/// 1024. As root the hard limit is raised too when it is lower.
-pub fn raise_fd_limit(needed: usize) {
+/// 1024. As root the hard limit is raised too when it is lower. Returns the limit now.
+pub fn raise_fd_limit(needed: usize) -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -94,5 +94,7 @@ pub fn raise_fd_limit(needed: usize) {
                 libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
             }
         }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
     }
+    lim.rlim_cur as usize
 }
