@@ -189,28 +189,8 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     owners::follow_children(&mut loaded.ebpf, &lineage.children)
         .context("following the traced processes' running children")?;
     let seeded = owners::seed(&mut loaded.ebpf, &settings.pids, &lineage)
-        .context("seeding owners of existing connections from /proc")?;
-    if seeded.unseeded > 0 {
-        eprintln!(
-            "tracer: {} connection(s) opened before the tracer found no room in the seed table \
-             (it holds {}): until their owner acts on them, their events name no owner{}",
-            seeded.unseeded,
-            options.tables.seed,
-            if settings.pids.is_empty() {
-                ""
-            } else {
-                " and are not traced"
-            }
-        );
-    }
-    if seeded.shared_listeners > 0 {
-        eprintln!(
-            "tracer: --pid: {} listening socket(s) of the traced processes are shared with \
-             processes not traced (other workers of one server?): their connections are \
-             reported once a traced process acts on them; trace the parent to get them all",
-            seeded.shared_listeners
-        );
-    }
+        .context("seeding owners of existing connections")?;
+    warn_about_seeding(&seeded, options.tables.seed, !settings.pids.is_empty());
     if let Some(capture) = &capture
         && !settings.pids.is_empty()
     {
@@ -440,6 +420,28 @@ fn drain_packets(rx: &mut Option<mpsc::Receiver<WirePacket>>, pipeline: &mut Pip
         while let Ok(pkt) = rx.try_recv() {
             pipeline.packet(pkt);
         }
+    }
+}
+
+/// What the seeding could not do, said once on stderr: connections the seed table had no room
+/// for, and (with `--pid`) traced listeners that untraced processes share.
+fn warn_about_seeding(seeded: &owners::SeedReport, seed_table: u32, with_pids: bool) {
+    if seeded.unseeded > 0 {
+        eprintln!(
+            "tracer: {} connection(s) that existed before the start found no room in the seed \
+             table (it holds {seed_table}): until their owner acts on them, their events name \
+             no owner{}",
+            seeded.unseeded,
+            if with_pids { " and are not traced" } else { "" }
+        );
+    }
+    if seeded.shared_listeners > 0 {
+        eprintln!(
+            "tracer: --pid: {} listening socket(s) of the traced processes are shared with \
+             processes not traced (other workers of one server?): their connections are \
+             reported once a traced process acts on them; trace the parent to get them all",
+            seeded.shared_listeners
+        );
     }
 }
 
