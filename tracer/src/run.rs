@@ -262,6 +262,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
             counters: &counters,
             skipped: &skipped,
             held,
+            tables: options.tables,
         },
         capture,
         signals,
@@ -487,6 +488,8 @@ struct Kernel<'a> {
     counters: &'a PerCpuArray<MapData, u64>,
     skipped: &'a SkippedRuns,
     held: HeldCloses,
+    /// What the per-socket tables were sized to at start-up.
+    tables: TableSizes,
 }
 
 /// Turns counter increases into `lost` lines (output losses are reported by the writer).
@@ -513,6 +516,13 @@ impl LossReporter {
             held_closes_rescued: pipeline.stats.kernel.held_closes_rescued,
             ..read_counters(counters, capture)
         };
+        if let Some(warning) = owner_table_full_warning(
+            pipeline.stats.kernel.owner_table_full,
+            kernel.owner_table_full,
+            kernel_side.tables.socks,
+        ) {
+            eprintln!("{warning}");
+        }
         pipeline.stats.kernel = kernel;
         let capture_lost = capture.map_or(0, |c| {
             c.channel_dropped.load(Ordering::Relaxed) + c.pcap_dropped.load(Ordering::Relaxed)
@@ -551,6 +561,20 @@ impl LossReporter {
         }
         pipeline.stats.lost = self.reported;
     }
+}
+
+/// Said once, when the owner table first turns a socket away: the events of such a socket
+/// are dropped in the kernel (a program cannot keep its state anywhere else), and the
+/// summary's count comes only at the end.
+fn owner_table_full_warning(before: u64, now: u64, entries: u32) -> Option<String> {
+    (before == 0 && now > 0).then(|| {
+        format!(
+            "tracer: the owner table is full ({entries} entries, sized at start-up for this \
+             host's TCP sockets then): the events of sockets beyond it are dropped in the \
+             kernel, counted as kernel.owner_table_full in the summary; restart the tracer to \
+             size the table to the host as it is now"
+        )
+    })
 }
 
 fn sum_counter(counters: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
@@ -695,4 +719,20 @@ fn summary_line(pipeline: &Pipeline, format: Format) -> String {
         kernel: stats.kernel,
         tracer: OwnCost::now(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_owner_table_is_said_once_and_what_it_costs() {
+        assert_eq!(owner_table_full_warning(0, 0, 65536), None);
+        let first = owner_table_full_warning(0, 3, 65536).expect("said when it first fills");
+        assert!(
+            first.contains("65536 entries") && first.contains("dropped"),
+            "{first}"
+        );
+        assert_eq!(owner_table_full_warning(3, 9, 65536), None, "not again");
+    }
 }
