@@ -17,6 +17,8 @@ use tokio::{
     net::TcpListener,
 };
 
+use crate::stats::KernelCounts;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
     event: String,
@@ -34,12 +36,19 @@ struct LostLabels {
     source: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KernelLabels {
+    counter: &'static str,
+}
+
 /// The tracer's metrics.
 pub struct Metrics {
     registry: Registry,
     events: Family<EventLabels, Counter>,
     resets: Family<ResetLabels, Counter>,
     lost: Family<LostLabels, Counter>,
+    /// The summary's `kernel` object as it grows.
+    kernel: Family<KernelLabels, Counter>,
     close_to_wire: Histogram,
     /// The tracer's own cost, read at each scrape (as the summary line gives it at the end).
     own_cpu: Gauge<f64, AtomicU64>,
@@ -58,6 +67,7 @@ impl Metrics {
         let events = Family::<EventLabels, Counter>::default();
         let resets = Family::<ResetLabels, Counter>::default();
         let lost = Family::<LostLabels, Counter>::default();
+        let kernel = Family::<KernelLabels, Counter>::default();
         // 1 µs to ~4 s in factors of 4: a loopback RST is tens of µs, a FIN stuck behind
         // unsent data is seconds.
         let close_to_wire = Histogram::new(
@@ -77,6 +87,13 @@ impl Metrics {
             "lost_events",
             "Events lost, by where they were lost",
             lost.clone(),
+        );
+        registry.register(
+            "kernel_counts",
+            "What the summary's kernel object counts: events the programs emitted and filtered, \
+             sockets the owner table turned away (their events dropped), FIN/RST packets the \
+             capture filter passed, held closes the daemon rescued",
+            kernel.clone(),
         );
         registry.register(
             "close_to_wire_seconds",
@@ -100,6 +117,7 @@ impl Metrics {
             events,
             resets,
             lost,
+            kernel,
             close_to_wire,
             own_cpu,
             own_peak_rss,
@@ -130,6 +148,30 @@ impl Metrics {
                 source: source.to_string(),
             })
             .inc_by(count);
+    }
+
+    /// The kernel counts grew from `before` to `now` (both read from the same counters).
+    pub fn kernel_counts(&self, before: &KernelCounts, now: &KernelCounts) {
+        for (counter, then, total) in [
+            ("emitted", before.emitted, now.emitted),
+            ("filtered", before.filtered, now.filtered),
+            (
+                "owner_table_full",
+                before.owner_table_full,
+                now.owner_table_full,
+            ),
+            ("captured", before.captured, now.captured),
+            (
+                "held_closes_rescued",
+                before.held_closes_rescued,
+                now.held_closes_rescued,
+            ),
+        ] {
+            let counter = self.kernel.get_or_create(&KernelLabels { counter });
+            if total > then {
+                counter.inc_by(total - then);
+            }
+        }
     }
 
     pub fn close_to_wire(&self, delay_ns: i64) {
@@ -199,7 +241,32 @@ mod tests {
         m.reset(Some("TCP_ABORT_ON_CLOSE"), Some("nginx"));
         m.lost("ringbuf", 3);
         m.close_to_wire(14_000);
+        let first = KernelCounts {
+            emitted: 10,
+            filtered: 4,
+            ..KernelCounts::default()
+        };
+        m.kernel_counts(&KernelCounts::default(), &first);
+        m.kernel_counts(
+            &first,
+            &KernelCounts {
+                emitted: 25,
+                ..first
+            },
+        );
         let text = m.render();
+        assert!(
+            text.contains("tracer_kernel_counts_total{counter=\"emitted\"} 25"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tracer_kernel_counts_total{counter=\"filtered\"} 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tracer_kernel_counts_total{counter=\"owner_table_full\"} 0"),
+            "every counter shows, 0 too: {text}"
+        );
         assert!(
             text.contains("tracer_events_total{event=\"close\",comm=\"nginx\"} 2"),
             "{text}"

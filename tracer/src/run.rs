@@ -335,6 +335,7 @@ async fn event_loop(
     let mut last_held_check = Instant::now();
     let mut reporter = LossReporter {
         reported: Lost::default(),
+        kernel_reported: KernelCounts::default(),
         format: settings.format,
         metrics: pipeline_metrics(pipeline),
     };
@@ -495,6 +496,9 @@ struct Kernel<'a> {
 /// Turns counter increases into `lost` lines (output losses are reported by the writer).
 struct LossReporter {
     reported: Lost,
+    /// The kernel counts as the metrics last had them (the held closes' count grows in the
+    /// pipeline's stats between reports).
+    kernel_reported: KernelCounts,
     format: Format,
     metrics: Option<std::sync::Arc<Metrics>>,
 }
@@ -523,6 +527,10 @@ impl LossReporter {
         ) {
             eprintln!("{warning}");
         }
+        if let Some(m) = &self.metrics {
+            m.kernel_counts(&self.kernel_reported, &kernel);
+        }
+        self.kernel_reported = kernel;
         pipeline.stats.kernel = kernel;
         let capture_lost = capture.map_or(0, |c| {
             c.channel_dropped.load(Ordering::Relaxed) + c.pcap_dropped.load(Ordering::Relaxed)

@@ -234,6 +234,21 @@ fn metrics_agree_with_the_json_lines() {
         joined_closes,
         "{text}"
     );
+    // The summary's kernel object, which nothing changed after the scrape (only this port is
+    // traced and captured, and its connections were done).
+    let summary = out.lines.last().unwrap();
+    for counter in ["emitted", "filtered", "captured", "owner_table_full"] {
+        assert_eq!(
+            metric(
+                &text,
+                "tracer_kernel_counts_total",
+                &format!("counter=\"{counter}\"")
+            ),
+            summary["kernel"][counter].as_u64().unwrap(),
+            "{counter}: {text}\n{summary}"
+        );
+    }
+    assert!(summary["kernel"]["emitted"].as_u64() > Some(0), "{summary}");
 }
 
 #[test]
