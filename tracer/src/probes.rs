@@ -648,7 +648,7 @@ pub struct LoadOptions<'a> {
 }
 
 /// Entries of the kernel tables that hold one entry per socket, fitted to the host at start-up:
-/// both are preallocated hash maps (~100 bytes an entry), so one fixed size would either waste
+/// all are preallocated hash maps (~110 bytes an entry), so one fixed size would either waste
 /// kernel memory on a small host or, on a host with more sockets than entries, leave sockets
 /// without an owner (a big proxy: `kernel.owner_table_full` in the summary, and the
 /// connections that could not be seeded in the `ready` line).
@@ -667,8 +667,8 @@ pub struct TableSizes {
 impl TableSizes {
     const SOCKS_MIN: u64 = 65536;
     const SEED_MIN: u64 = 16384;
-    /// 2^18 entries, ~25 MB of kernel memory for SOCKS: proportionate only on a host that
-    /// already has over 100k TCP sockets.
+    /// 2^18 entries, ~30 MB of kernel memory for SOCKS (~112 bytes an entry, 16 a bucket):
+    /// proportionate only on a host that already has over 100k TCP sockets.
     const MAX: u64 = 1 << 18;
 
     /// For a host with `sockets` TCP sockets allocated (`sockets::tcp_sockets_allocated`): room
