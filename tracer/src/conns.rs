@@ -116,6 +116,14 @@ fn fingerprint(key: &AddrKey) -> u64 {
     FxBuildHasher.hash_one(key)
 }
 
+/// Removes the address index's entry `fp` if it is still the record in `slot`'s (a later pair
+/// with the same hash may have taken the bucket since).
+fn unindex_addr(by_addr: &mut HashMap<u64, u32>, fp: u64, slot: u32) {
+    if by_addr.get(&fp) == Some(&slot) {
+        by_addr.remove(&fp);
+    }
+}
+
 /// The connections a packet can belong to, by their (local, remote) key, each with the way
 /// it went for that socket: the one it reached, then the one that sent it (on loopback both
 /// are here).
@@ -205,6 +213,9 @@ impl ConnTable {
         let info = &mut self.slots[slot as usize];
         let moved = ev.local.port() != 0 && (info.local != ev.local || info.remote != ev.remote);
         if moved {
+            // Indexed anew below; the old addresses' entry goes now, or it would stay until
+            // some other pair with that hash replaced it.
+            unindex_addr(&mut self.by_addr, info.addr_fp, slot);
             info.local = ev.local;
             info.remote = ev.remote;
             info.family = ev.family;
@@ -367,10 +378,7 @@ impl ConnTable {
         if info.timewait_since.is_some() {
             self.in_timewait -= 1;
         }
-        let key = info.addr_fp;
-        if self.by_addr.get(&key) == Some(&slot) {
-            self.by_addr.remove(&key);
-        }
+        unindex_addr(&mut self.by_addr, info.addr_fp, slot);
         self.free.push(slot);
     }
 
@@ -442,6 +450,7 @@ mod tests {
             Some((1, Dir::In))
         );
         assert_eq!(table.len(), 1);
+        assert_eq!(table.by_addr.len(), 1, "the old addresses' entry is gone");
     }
 
     /// The count of sockets in their time-wait form follows the events and the forgetting.
