@@ -125,6 +125,56 @@ impl Stats {
     }
 }
 
+/// What the tracer itself cost, for the summary: its CPU time (user and system, every thread)
+/// and its peak resident memory, as the kernel accounts them (getrusage).
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct OwnCost {
+    pub cpu_s: f64,
+    pub peak_rss_mib: f64,
+}
+
+impl OwnCost {
+    /// For a log line: milliseconds of CPU, KiB of memory.
+    pub fn now() -> Self {
+        let usage = OwnUsage::now();
+        Self {
+            cpu_s: round3(usage.cpu_s),
+            peak_rss_mib: round3(usage.peak_rss_bytes as f64 / (1024.0 * 1024.0)),
+        }
+    }
+}
+
+/// The same, unrounded, in the units Prometheus wants.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OwnUsage {
+    pub cpu_s: f64,
+    pub peak_rss_bytes: u64,
+}
+
+impl OwnUsage {
+    pub fn now() -> Self {
+        // SAFETY: getrusage fills the struct it is given.
+        let usage = unsafe {
+            let mut usage = std::mem::zeroed::<libc::rusage>();
+            if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+                return Self::default();
+            }
+            usage
+        };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Self {
+            cpu_s: secs(usage.ru_utime) + secs(usage.ru_stime),
+            // ru_maxrss is in KiB on Linux.
+            peak_rss_bytes: usage.ru_maxrss as u64 * 1024,
+        }
+    }
+}
+
+/// Three decimals: milliseconds of CPU, KiB of memory; more would be noise in a log line.
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,54 +230,4 @@ mod tests {
         let p = h.quantile(0.99).unwrap();
         assert!((13_700..=14_000).contains(&p), "{p}");
     }
-}
-
-/// What the tracer itself cost, for the summary: its CPU time (user and system, every thread)
-/// and its peak resident memory, as the kernel accounts them (getrusage).
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
-pub struct OwnCost {
-    pub cpu_s: f64,
-    pub peak_rss_mib: f64,
-}
-
-impl OwnCost {
-    /// For a log line: milliseconds of CPU, KiB of memory.
-    pub fn now() -> Self {
-        let usage = OwnUsage::now();
-        Self {
-            cpu_s: round3(usage.cpu_s),
-            peak_rss_mib: round3(usage.peak_rss_bytes as f64 / (1024.0 * 1024.0)),
-        }
-    }
-}
-
-/// The same, unrounded, in the units Prometheus wants.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct OwnUsage {
-    pub cpu_s: f64,
-    pub peak_rss_bytes: u64,
-}
-
-impl OwnUsage {
-    pub fn now() -> Self {
-        // SAFETY: getrusage fills the struct it is given.
-        let usage = unsafe {
-            let mut usage = std::mem::zeroed::<libc::rusage>();
-            if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
-                return Self::default();
-            }
-            usage
-        };
-        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        Self {
-            cpu_s: secs(usage.ru_utime) + secs(usage.ru_stime),
-            // ru_maxrss is in KiB on Linux.
-            peak_rss_bytes: usage.ru_maxrss as u64 * 1024,
-        }
-    }
-}
-
-/// Three decimals: milliseconds of CPU, KiB of memory; more would be noise in a log line.
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
