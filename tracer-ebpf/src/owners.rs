@@ -246,7 +246,7 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut 
     let inherited = unsafe { seeded.then(|| SEED.get(&key)).flatten() }
         .map(|o| (*o, owner_source::SEEDED))
         .or_else(|| listener_owner(ev.family, ev.lport).map(|o| (o, owner_source::LISTENER)));
-    let traced_owner = inherited.is_some_and(|(owner, _)| pid_passes(owner.pid));
+    let traced_owner = inherited.is_some_and(|(owner, source)| is_traced_owner(&owner, source));
     if !keep && !traced_owner {
         return None; // the caller counts the event as filtered
     }
@@ -256,12 +256,21 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut 
         info.tid = owner.tid;
         info.comm = owner.comm;
         info.owner_source = source;
+        info.traced = traced_owner as u8;
     }
     if insert_sock(skaddr, &info, 0).is_err() {
         count(counter::OWNER_TABLE_FULL);
         return None;
     }
     SOCKS.get_ptr_mut(skaddr)
+}
+
+/// Whether an inherited owner makes the socket traced: a traced process, or (seeded from
+/// /proc) a running child of one that the tracer follows, such as a pre-forked server's worker
+/// holding a keep-alive connection when the tracer started under `--pid` of its master.
+#[inline(always)]
+fn is_traced_owner(owner: &SeedOwner, source: u8) -> bool {
+    pid_passes(owner.pid) || (source == owner_source::SEEDED && is_followed(owner.pid))
 }
 
 /// Records the current task as the socket's owner.

@@ -47,10 +47,13 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<
         .chain(&lineage.ancestors)
         .copied()
         .collect();
+    // With --pid, the traced processes and their descendants already running: a pre-forked
+    // server's workers hold the connections (a keep-alive client of nginx when the tracer
+    // starts under `--pid <master>`), and they are traced from the start.
     let pids = if pids.is_empty() {
         all_pids()
     } else {
-        pids.to_vec()
+        pids.iter().chain(&lineage.children).copied().collect()
     };
     let mut by_netns: HashMap<Option<(u64, u64)>, HashMap<u64, TcpSocket>> = HashMap::new();
     let mut conns = Vec::new();
@@ -75,6 +78,7 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<
             }
         }
     }
+    let mut listeners = one_holder_per_listener(listeners);
     let mut shared_listeners = 0;
     if only_traced {
         let shared = shared_with_others(&listeners, &expected);
@@ -224,6 +228,45 @@ fn shared_with_others(
         .collect()
 }
 
+/// A listener several processes hold (a pre-forked server's master and workers) is recorded
+/// once, under the holder the others descend from: the process that opened it and passed it
+/// on, as `owner: "listener"` promises. Keyed by port in the kernel, the last holder written
+/// used to win: the highest pid, one worker among several.
+fn one_holder_per_listener(listeners: Vec<(TcpSocket, SeedOwner)>) -> Vec<(TcpSocket, SeedOwner)> {
+    let mut by_inode: HashMap<u64, Vec<(TcpSocket, SeedOwner)>> = HashMap::new();
+    for (sock, owner) in listeners {
+        by_inode.entry(sock.inode).or_default().push((sock, owner));
+    }
+    let shared = by_inode.values().any(|holders| holders.len() > 1);
+    let parent_of = if shared { parents() } else { HashMap::new() };
+    let mut chosen: Vec<_> = by_inode
+        .into_values()
+        .filter_map(|holders| topmost_holder(holders, &parent_of))
+        .collect();
+    chosen.sort_by_key(|(sock, _)| sock.inode);
+    chosen
+}
+
+/// The holder whose parent holds nothing of the group (the lowest pid among such, or among
+/// all when a cycle of reused pids leaves none).
+fn topmost_holder(
+    holders: Vec<(TcpSocket, SeedOwner)>,
+    parent_of: &HashMap<u32, u32>,
+) -> Option<(TcpSocket, SeedOwner)> {
+    let pids: HashSet<u32> = holders.iter().map(|(_, owner)| owner.pid).collect();
+    let is_top = |pid: u32| {
+        parent_of
+            .get(&pid)
+            .is_none_or(|parent| !pids.contains(parent))
+    };
+    let top = holders
+        .iter()
+        .filter(|(_, owner)| is_top(owner.pid))
+        .min_by_key(|(_, owner)| owner.pid)
+        .or_else(|| holders.iter().min_by_key(|(_, owner)| owner.pid))?;
+    Some(top.clone())
+}
+
 /// Each running process's parent, from /proc/PID/stat.
 fn parents() -> HashMap<u32, u32> {
     all_pids()
@@ -367,6 +410,30 @@ mod tests {
         let stat = "4242 (nginx: worker (x) 1) S 4200 4200 4200 0 -1 4194624 87 0";
         assert_eq!(parent_in_stat(stat), Some(4200));
         assert_eq!(parent_in_stat("garbage"), None);
+    }
+
+    #[test]
+    fn a_listener_held_by_a_master_and_its_workers_is_the_masters() {
+        let sock = TcpSocket {
+            local: ("127.0.0.1".parse().unwrap(), 80),
+            remote: ("0.0.0.0".parse().unwrap(), 0),
+            state: tcp_state::LISTEN,
+            inode: 77,
+        };
+        let owner = |pid| SeedOwner {
+            pid,
+            tid: pid,
+            comm: [0; 16],
+        };
+        // Master 100 (parent 1) forked workers 101 and 102; 300 holds it apart (passed over a
+        // unix socket), with no parent among the holders and a higher pid.
+        let parent_of: HashMap<u32, u32> = [(100, 1), (101, 100), (102, 100), (300, 1)].into();
+        let holders = [102, 101, 300, 100].map(|pid| (sock.clone(), owner(pid)));
+        let top = topmost_holder(holders.to_vec(), &parent_of).unwrap();
+        assert_eq!(top.1.pid, 100);
+        // Workers only (the master not scanned, or gone): the lowest of them.
+        let top = topmost_holder(holders[..2].to_vec(), &parent_of).unwrap();
+        assert_eq!(top.1.pid, 101);
     }
 
     #[test]

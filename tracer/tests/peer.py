@@ -5,6 +5,8 @@ connection is attributed to its own PID.
     peer.py server HOST PORT BEHAVIOUR   listen, accept one connection, then BEHAVIOUR
     peer.py client HOST PORT BEHAVIOUR   connect, then BEHAVIOUR
     peer.py server-keep HOST PORT BEHAVIOUR   as server, but the listener stays open
+    peer.py forked-ROLE ...              ROLE played by a forked child (a pre-forked worker);
+                                         the process started waits for it
 
 It prints one line of JSON {"pid", "laddr", "lport", "raddr", "rport"} once connected (PORT 0
 lets a server pick a port; it then prints {"listening": port} first), then follows BEHAVIOUR:
@@ -86,6 +88,13 @@ def behave(sock, behaviour):
 
 def main():
     role, host, port, behaviour = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    if role.startswith("forked-"):
+        # The role is played by a child (a pre-forked worker); this process only waits for it.
+        role = role[len("forked-"):]
+        child = os.fork()
+        if child != 0:
+            _, status = os.waitpid(child, 0)
+            sys.exit(os.waitstatus_to_exitcode(status))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if role in ("server", "server-keep"):
         listener = socket.socket(family, socket.SOCK_STREAM)

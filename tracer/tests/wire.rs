@@ -573,8 +573,34 @@ fn pid_capture_passes_a_connection_opened_before_the_tracer() {
     let mut tracer = Tracer::start(&["-i", "lo", "--pid", &peer.pid.to_string()]);
     tracer.wait_ready(WAIT);
     untraced_churn(100);
-    seeded_connection_ends(&mut tracer, peer, server, (peer_port, port));
+    let owner = peer.pid;
+    seeded_connection_ends(&mut tracer, peer, owner, server, (peer_port, port));
     assert_only_the_traced_connection_captured(tracer);
+}
+
+/// With `--pid` of a pre-forked server's parent (nginx's master), a connection one of its
+/// running workers held before the tracer started is seeded from the worker's descriptors:
+/// the peer's FIN names the worker and carries its packet. (Only the traced processes' own
+/// descriptors were read: the FIN named the parent, from its listener, with `wire: null`,
+/// since the capture filter never heard of the connection.)
+#[test]
+fn pid_of_a_parent_seeds_the_connections_its_running_workers_hold() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = common::listener("127.0.0.1:0");
+    let mut peer = Peer::spawn(None, "forked-client", "127.0.0.1", port, "hold");
+    let (server, _) = l.accept().unwrap();
+    let connected = peer.line();
+    let worker = connected["pid"].as_u64().unwrap() as u32;
+    let peer_port = connected["lport"].as_u64().unwrap() as u16;
+    assert_ne!(worker, peer.pid, "the connection is the forked child's");
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &peer.pid.to_string()]);
+    let ready = tracer.wait_ready(WAIT);
+    assert_eq!(ready["seeded"]["children"], 1, "{ready}");
+    assert_eq!(ready["seeded"]["connections"], 1, "{ready}");
+    seeded_connection_ends(&mut tracer, peer, worker, server, (peer_port, port));
+    tracer.stop();
 }
 
 /// Our FIN into a traced peer's seeded socket, then the peer's close: both lines name the
@@ -582,17 +608,18 @@ fn pid_capture_passes_a_connection_opened_before_the_tracer() {
 fn seeded_connection_ends(
     tracer: &mut Tracer,
     mut peer: Peer,
+    owner: u32,
     server: TcpStream,
     (peer_port, port): (u16, u16),
 ) {
     drop(server); // our FIN into the traced (seeded) socket
     let fin = tracer.wait_for(|v| is(v, "fin_received", peer_port, port), WAIT);
     assert_eq!(fin["owner"], "seeded", "{fin}");
-    assert_eq!(fin["pid"], peer.pid, "{fin}");
+    assert_eq!(fin["pid"], owner, "{fin}");
     check_wire(&fin, "FIN", "in");
     peer.release();
     let close = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
-    assert_eq!(close["pid"], peer.pid);
+    assert_eq!(close["pid"], owner);
     check_wire(&close, "FIN", "out");
     peer.wait();
 }
@@ -612,7 +639,8 @@ fn pid_capture_passes_a_connection_another_netns_opened_before_the_tracer() {
     let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
     let mut tracer = Tracer::start(&["-i", &net.root_if, "--pid", &peer.pid.to_string()]);
     tracer.wait_ready(WAIT);
-    seeded_connection_ends(&mut tracer, peer, server, (peer_port, port));
+    let owner = peer.pid;
+    seeded_connection_ends(&mut tracer, peer, owner, server, (peer_port, port));
     tracer.stop();
 }
 
