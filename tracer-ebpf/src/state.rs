@@ -312,7 +312,11 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
     // SAFETY: entry pointer from the map; only events of this socket write it.
     let info = unsafe { &mut *info_ptr };
     ev.state_since_ns = info.state_since_ns;
-    info.state_since_ns = ev.ts_ns;
+    if old != new {
+        // A close() in FIN_WAIT2 (after shutdown) stores the same state again: the socket has
+        // been in it since it got there, not since the close.
+        info.state_since_ns = ev.ts_ns;
+    }
     note_ports(info, ev);
 
     // The owner before this event: a close by a forked, untraced child claims it below.

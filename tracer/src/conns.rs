@@ -225,7 +225,9 @@ impl ConnTable {
             info.owner = ev.owner;
         }
         info.last_event_ns = ev.mono_ns;
-        if ev.new_state == tcp_state::FIN_WAIT2 {
+        // Entered, not re-entered: a close() after shutdown() "moves" FIN_WAIT2 to itself,
+        // and the wait the peer's FIN ends began when the socket got there.
+        if ev.new_state == tcp_state::FIN_WAIT2 && ev.old_state != tcp_state::FIN_WAIT2 {
             info.fw2_since = Some(ev.mono_ns);
         }
         let was_in_timewait = info.timewait_since.is_some();

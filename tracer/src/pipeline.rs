@@ -1031,6 +1031,41 @@ mod tests {
         assert_eq!(out[1]["old_state"], "FIN_WAIT2");
     }
 
+    /// A close() after shutdown(), made while the socket waits in FIN_WAIT2, does not restart
+    /// the wait: the peer's FIN, derived from the wire, says how long the socket sat in
+    /// FIN_WAIT2 since it got there (it said: since the close).
+    #[test]
+    fn a_close_in_fin_wait2_does_not_restart_its_wait() {
+        use tcp_state::{FIN_WAIT1, FIN_WAIT2};
+        let out = lines(|p, out| {
+            p.kernel_event(event(
+                EventKind::State,
+                FIN_WAIT1,
+                FIN_WAIT2,
+                100 * MS,
+                0,
+                None,
+            ));
+            p.kernel_event(event(
+                EventKind::Close,
+                FIN_WAIT2,
+                FIN_WAIT2,
+                200 * MS,
+                5,
+                None,
+            ));
+            p.kernel_event(gone_to_time_wait(200 * MS + 10_000));
+            p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 300 * MS));
+            p.poll(2_000 * MS, out);
+        });
+        assert_eq!(
+            names(&out),
+            ["state", "close", "state", "fin_received"],
+            "{out:?}"
+        );
+        assert_eq!(out[3]["duration_ns"], 200 * MS, "{out:?}");
+    }
+
     /// ... but not forever: past the kernel's own FIN_WAIT2 timeout the connection is forgotten
     /// (the peer's FIN can no longer reach that socket).
     #[test]

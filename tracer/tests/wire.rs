@@ -405,6 +405,41 @@ fn peer_fin_reaches_our_fin_wait2_socket(bind: &str) {
     assert_eq!(fins, 1, "one arrival, one line");
 }
 
+/// shutdown(SHUT_WR), close() 200 ms later while the socket waits in FIN_WAIT2, the peer's
+/// FIN 200 ms after that: its line says the socket waited ~400 ms in FIN_WAIT2, since it got
+/// there (it said ~200: the close stores the same state again, which restarted the clock).
+#[test]
+fn a_close_after_shutdown_does_not_restart_the_fin_wait2_wait() {
+    if !common::require_root() {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut tracer = Tracer::start(&["-i", "lo", "--port", &port.to_string()]);
+    tracer.wait_ready(WAIT);
+    let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "hold");
+    let (server, _) = l.accept().unwrap();
+    let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
+    server.shutdown(Shutdown::Write).unwrap();
+    let ours =
+        |v: &Value, syscall: &str| is(v, "close", port, peer_port) && v["syscall"] == syscall;
+    tracer.wait_for(|v| ours(v, "shutdown"), WAIT);
+    std::thread::sleep(Duration::from_millis(200));
+    drop(server);
+    let close = tracer.wait_for(|v| ours(v, "close"), WAIT);
+    assert_eq!(close["old_state"], "FIN_WAIT2", "{close}");
+    std::thread::sleep(Duration::from_millis(200));
+    peer.release(); // the peer closes: its FIN reaches our socket's time-wait form
+    let fin = tracer.wait_for(|v| is(v, "fin_received", port, peer_port), WAIT);
+    let waited = fin["duration_ns"].as_u64().expect("time in FIN_WAIT2");
+    assert!(
+        (380_000_000..5_000_000_000).contains(&waited),
+        "FIN_WAIT2 for {waited} ns; entered ~400 ms before the peer's FIN: {fin}"
+    );
+    peer.wait();
+    tracer.stop();
+}
+
 /// Both ends on this host again, but the peer aborts (SO_LINGER 0) while our closed socket
 /// waits in FIN_WAIT2: its RST joins the peer's close (`out`) and kills our mini socket, which
 /// no kernel event shows; the same packet gives our `rst_received` (`in`, derived from the
