@@ -13,7 +13,10 @@ use tracer_common::{SeedOwner, SockEvent, TupleKey, counter, owner_source};
 
 use crate::{
     calls::is_followed,
-    emit::{Record, count, field, noop, pid_passes},
+    capture_filter::watch,
+    emit::{
+        CLASSIC_SLOT, Record, count, enter_raw, field, leave_raw, noop, pid_passes, scratch_event,
+    },
     setting,
     state::{SockFields, TupleSource},
 };
@@ -327,7 +330,12 @@ pub fn sock_io(ctx: TracePointContext) -> u32 {
     let Some(sk) = rec.get::<u64>(setting!(io_skaddr)) else {
         return 0;
     };
-    io_seen(sk, &task, || rec.get::<u16>(setting!(io_protocol)));
+    io_seen(
+        sk,
+        &task,
+        || rec.get::<u16>(setting!(io_protocol)),
+        || Some(CLASSIC_SLOT),
+    );
     0
 }
 
@@ -342,7 +350,19 @@ pub fn sock_io_raw(ctx: RawTracePointContext) -> u32 {
         return 0;
     };
     let sk: u64 = ctx.arg(0);
-    io_seen(sk, &task, || SockFields::new(sk).protocol());
+    let mut entered = None;
+    io_seen(
+        sk,
+        &task,
+        || SockFields::new(sk).protocol(),
+        || {
+            entered = enter_raw();
+            entered
+        },
+    );
+    if let Some(slot) = entered {
+        leave_raw(slot);
+    }
     0
 }
 
@@ -370,7 +390,15 @@ struct IoTask {
 /// The task (from `io_task`) did I/O on `sk`. Only TCP sockets are in the table, so the
 /// protocol is read only before making a new entry.
 #[inline(always)]
-fn io_seen(sk: u64, task: &IoTask, protocol: impl FnOnce() -> Option<u16>) {
+///
+/// `slot` gives the scratch slot for the capture filter's key (see `watch_socket`), taken only
+/// when a socket is first seen.
+fn io_seen(
+    sk: u64,
+    task: &IoTask,
+    protocol: impl FnOnce() -> Option<u16>,
+    slot: impl FnOnce() -> Option<u32>,
+) {
     if let Some(info) = sock_entry(sk) {
         // SAFETY: entry pointer from the map; races only with the same socket's events.
         unsafe { claim(&mut *info, &task.cur) };
@@ -383,7 +411,28 @@ fn io_seen(sk: u64, task: &IoTask, protocol: impl FnOnce() -> Option<u16>) {
             // A followed worker serving what the traced parent's listener accepted: the
             // socket is the traced process's, and the worker acts on it.
             remember_io_owner(sk, &task.cur, true);
+        } else {
+            return;
         }
+        if let Some(slot) = slot() {
+            watch_socket(sk, slot);
+        }
+    }
+}
+
+/// With `--pid`, a socket a traced process took over by its I/O is handed to the capture
+/// filter at once: no listener of a traced process accepted it (one nginx worker traced, its
+/// listener shared with the untraced siblings), so nothing watched it when it was established,
+/// and the peer's FIN or RST, the next thing on the wire, would not pass the filter.
+#[inline(always)]
+fn watch_socket(sk: u64, slot: u32) {
+    if setting!(filter_pids) == 0 {
+        return;
+    }
+    if let Some(ev) = scratch_event(slot)
+        && SockFields::new(sk).read_tuple(ev).is_some()
+    {
+        watch(ev, slot);
     }
 }
 

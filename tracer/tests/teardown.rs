@@ -956,6 +956,72 @@ fn pid_of_one_worker_does_not_report_its_siblings_connections() {
     assert!(out.stderr.contains("shared with"), "{}", out.stderr);
 }
 
+/// Worker A of two serves one connection until the client's FIN, then closes. Prints the
+/// workers' pids and the port, waits for a line on stdin, then connects (from the parent, whose
+/// connection is not traced), exchanges a byte with A, prints its port and closes.
+const WORKER_SERVES_UNTIL_FIN: &str = r#"
+import json, os, signal, socket, sys
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(8)
+go_r, go_w = os.pipe()
+a = os.fork()
+if a == 0:
+    os.read(go_r, 1)
+    s, _ = l.accept()
+    s.recv(1)
+    s.send(b"y")
+    s.recv(1)
+    s.close()
+    os._exit(0)
+b = os.fork()
+if b == 0:
+    signal.pause()
+print(json.dumps({"a": a, "b": b, "port": l.getsockname()[1]}), flush=True)
+sys.stdin.readline()
+os.write(go_w, b"g")
+c = socket.create_connection(l.getsockname())
+c.send(b"x")
+c.recv(1)
+print(json.dumps({"cport": c.getsockname()[1]}), flush=True)
+c.close()
+os.waitpid(a, 0)
+os.kill(b, signal.SIGKILL)
+os.waitpid(b, 0)
+"#;
+
+/// `--pid` of one worker whose listener its sibling shares: the worker's socket is known from
+/// its first read, and is handed to the capture filter then, so the client's FIN, the next
+/// packet of the connection, is joined (it passed no filter: `wire: null`, as nginx showed).
+#[test]
+fn pid_of_one_worker_joins_the_peers_fin_on_what_it_serves() {
+    if !common::require_root() {
+        return;
+    }
+    let mut server = Script::start(WORKER_SERVES_UNTIL_FIN, &[]);
+    let info = server.line();
+    let port = port_of(&info["port"]);
+    let a = info["a"].as_u64().unwrap();
+    let mut tracer = common::Tracer::start(&["-i", "lo", "--pid", &a.to_string()]);
+    tracer.wait_ready(WAIT);
+    server.go();
+    let cport = port_of(&server.line()["cport"]);
+    for (event, dir) in [("fin_received", "in"), ("close", "out")] {
+        let line = tracer.wait_for(|v| is(v, event, port, cport), WAIT);
+        assert_eq!(line["pid"], a, "{line}");
+        let wire = &line["wire"];
+        assert_eq!(wire["dir"], dir, "the FIN is joined: {line}");
+        assert!(
+            wire["flags"]
+                .as_array()
+                .is_some_and(|f| f.contains(&"FIN".into())),
+            "{line}"
+        );
+    }
+    server.succeeds();
+    tracer.stop();
+}
+
 /// A listener handed down, as systemd socket activation or a supervisor does: the parent
 /// makes it and keeps its copy, the child serves. Prints the child's pid and the port, waits
 /// for a line on stdin, connects and closes at once; then lets the child accept and close.
