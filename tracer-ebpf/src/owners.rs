@@ -3,10 +3,11 @@
 //! where the current task is whoever happened to be on the CPU.
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_get_prandom_u32},
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, PerCpuArray},
     programs::{RawTracePointContext, TracePointContext},
 };
 use tracer_common::{SeedOwner, SockEvent, TupleKey, counter, owner_source};
@@ -470,13 +471,53 @@ fn remember_io_owner(sk: u64, cur: &Current, traced: bool) {
     }
 }
 
+/// A socket destroyed after its owner released it (an orphan), with its entry: the last one on
+/// this CPU. An orphan that gets data after its close (TCP_ABORT_ON_DATA) is destroyed by
+/// tcp_reset() first and sends its RST right after, in the same softirq: the RST is named from
+/// here (its connection and owner), where it made a new entry (a new `conn`, the listener's
+/// owner) that nothing would ever remove.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Destroyed {
+    sk: u64,
+    info: SockInfo,
+}
+
+#[map]
+static LAST_DESTROYED: PerCpuArray<Destroyed> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn remember_destroyed(sk: u64, info: *mut SockInfo) {
+    // SAFETY: this CPU's slot; the entry pointer is valid until the entry is removed, after.
+    unsafe {
+        if (*info).released == 0 {
+            return; // its owner still holds it: no segment of its connection reaches it now
+        }
+        if let Some(slot) = LAST_DESTROYED.get_ptr_mut(0) {
+            (*slot).sk = sk;
+            (*slot).info = *info;
+        }
+    }
+}
+
+/// The entry of `sk` if it is the socket last destroyed on this CPU (see `Destroyed`).
+#[inline(always)]
+pub fn destroyed_entry(sk: u64) -> Option<*mut SockInfo> {
+    let slot = LAST_DESTROYED.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, read and written only by programs running on it.
+    unsafe { ((*slot).sk == sk).then(|| &raw mut (*slot).info) }
+}
+
 /// tcp:tcp_destroy_sock: the socket is gone; its address may be reused.
 #[tracepoint]
 pub fn destroy_sock(ctx: TracePointContext) -> u32 {
     if noop() {
         return 0;
     }
-    if let Some(sk) = field::<u64>(&ctx, setting!(destroy_sock.skaddr)) {
+    if let Some(sk) = field::<u64>(&ctx, setting!(destroy_sock.skaddr))
+        && let Some(info) = sock_entry(sk)
+    {
+        remember_destroyed(sk, info);
         forget(sk);
     }
     0
@@ -488,17 +529,26 @@ pub fn destroy_sock_raw(ctx: RawTracePointContext) -> u32 {
     if noop() {
         return 0;
     }
-    forget(ctx.arg(0));
+    let sk: u64 = ctx.arg(0);
+    // A lookup first: most sockets were never in the table (always so for other processes
+    // with --pid), and a delete takes the bucket lock even when there is nothing to delete.
+    let Some(info) = sock_entry(sk) else {
+        return 0;
+    };
+    if let Some(slot) = enter_raw() {
+        // The arguments array lies on the kernel stack this program runs on.
+        let _ = crate::state::close_of_a_closed_socket(sk, info, ctx.as_ptr() as u64, slot);
+        leave_raw(slot);
+    }
+    remember_destroyed(sk, info);
+    forget(sk);
     0
 }
 
+/// Removes the entry of a socket that has one.
 #[inline(always)]
 fn forget(sk: u64) {
-    // A lookup first: most sockets were never in the table (always so for other processes
-    // with --pid), and a delete takes the bucket lock even when there is nothing to delete.
-    if sock_entry(sk).is_some() {
-        // A close held for its RST (only a socket with an entry has one): no RST came.
-        crate::held::send_without_reset(sk);
-        let _ = SOCKS.remove(sk); // absent is fine: not every socket was seen.
-    }
+    // A close held for its RST (only a socket with an entry has one): no RST came.
+    crate::held::send_without_reset(sk);
+    let _ = SOCKS.remove(sk);
 }

@@ -15,12 +15,13 @@ use crate::{
     calls::{Context, call_acting_on},
     capture_filter::is_watched,
     emit::{
-        CLASSIC_SLOT, Record, count, empty_event, kernel_read, noop, submit_socket, submit_unowned,
+        CLASSIC_SLOT, Record, count, empty_event, kernel_read, noop, scratch_event, submit_socket,
+        submit_unowned,
     },
     held,
     owners::{
-        current, fill_owner, keep_unowned, listener_owner, lookup_or_create, may_concern_traced,
-        note_traced, sock_entry,
+        SockInfo, current, destroyed_entry, fill_owner, keep_unowned, listener_owner,
+        lookup_or_create, may_concern_traced, note_traced, sock_entry,
     },
     setting,
     state::{RecordFields, SockFields, TupleSource, family_and_port, read_tuple},
@@ -80,36 +81,46 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     // With --pid, a reset from a time-wait socket (no owner in the kernel) or for no socket at
     // all may still answer a traced connection: its addresses decide, below.
     let unowned = sk == 0 || state == tcp_state::TIME_WAIT;
-    if !unowned && !may_concern_traced_reset(sk, &rec, &layout) {
+    // A socket just destroyed has no entry any more; its last one decides (`Destroyed`).
+    let destroyed = if state == tcp_state::CLOSE && sk != 0 {
+        destroyed_entry(sk)
+    } else {
+        None
+    };
+    if !unowned && destroyed.is_none() && !may_concern_traced_reset(sk, &rec, &layout) {
         count(counter::FILTERED);
         return 0;
     }
-    let mut ev = empty_event();
+    // In this CPU's scratch slot, not on the stack (which the attribution's inlined lookups
+    // fill).
+    let Some(ev) = scratch_event(CLASSIC_SLOT) else {
+        return 0;
+    };
     // SAFETY: plain helper call.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.kind = EventKind::RstSent as u8;
-    if read_reset_tuple(&rec, &layout, &mut ev).is_none() {
+    if read_reset_tuple(&rec, &layout, ev).is_none() {
         return 0;
     }
     ev.old_state = state;
     ev.new_state = state;
     ev.reason = reason_of(&rec, &layout);
     if state == tcp_state::LISTEN && sk != 0 {
-        attribute_listener_reset(&rec, &layout, &mut ev);
-        submit_socket(&ev, false, CLASSIC_SLOT); // with --pid, the listener's owner decides
+        attribute_listener_reset(&rec, &layout, ev);
+        submit_socket(ev, false, CLASSIC_SLOT); // with --pid, the listener's owner decides
         return 0;
     }
-    let traced = attribute_reset(sk, state, &mut ev);
+    let traced = attribute_reset(sk, state, destroyed, ev);
     if setting!(filter_pids) != 0 && unowned && ev.pid == 0 {
-        if is_watched(&ev, CLASSIC_SLOT) {
+        if is_watched(ev, CLASSIC_SLOT) {
             // The daemon attributes it to the traced connection with these addresses.
-            submit_unowned(&ev);
+            submit_unowned(ev);
         } else {
             count(counter::FILTERED);
         }
         return 0;
     }
-    submit_socket(&ev, traced, CLASSIC_SLOT);
+    submit_socket(ev, traced, CLASSIC_SLOT);
     0
 }
 
@@ -128,13 +139,15 @@ fn may_concern_traced_reset(sk: u64, rec: &Record, layout: &ResetLayout) -> bool
     if setting!(filter_pids) == 0 {
         return true;
     }
-    may_concern_traced(sk, &current(), || {
-        if layout.sockaddr_saddr == NONE {
-            family_and_port(rec, &layout.tuple)
-        } else {
-            read_sockaddr(rec, layout.sockaddr_saddr).map(|(family, port, _)| (family, port))
-        }
-    })
+    // Read at once (the record is already copied: a few loads): a lazy closure here was made
+    // a subprogram by LLVM once send_reset grew, and its uninitialised return register failed
+    // the verifier.
+    let family_port = if layout.sockaddr_saddr == NONE {
+        family_and_port(rec, &layout.tuple)
+    } else {
+        read_sockaddr(rec, layout.sockaddr_saddr).map(|(family, port, _)| (family, port))
+    };
+    may_concern_traced(sk, &current(), || family_port)
 }
 
 /// A listener answers with a RST a segment of a connection it no longer has (gone from its
@@ -197,7 +210,12 @@ fn read_answered_tuple(skb: u64, ev: &mut SockEvent) -> Option<()> {
 /// Fills owner, conn and the close call (if this reset is part of one) for a sent reset;
 /// says whether a traced process owned the socket (see `SockInfo::traced`).
 #[inline(always)]
-fn attribute_reset(sk: u64, state: u8, ev: &mut SockEvent) -> bool {
+fn attribute_reset(
+    sk: u64,
+    state: u8,
+    destroyed: Option<*mut SockInfo>,
+    ev: &mut SockEvent,
+) -> bool {
     if sk == 0 {
         // A reply to a segment that matched no socket: nobody owns it.
         ev.owner_source = owner_source::NO_SOCKET;
@@ -205,7 +223,11 @@ fn attribute_reset(sk: u64, state: u8, ev: &mut SockEvent) -> bool {
     }
     // Time-wait and request sockets never reach tcp_destroy_sock: do not make entries for them.
     let full_socket = state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV;
-    let info = if full_socket {
+    // A socket in CLOSE may be destroyed already (`destroyed`, see `Destroyed`): not to be
+    // given a new entry then.
+    let info = if destroyed.is_some() {
+        destroyed
+    } else if full_socket {
         lookup_or_create(sk, ev, keep_unowned(&current()))
     } else {
         sock_entry(sk)

@@ -416,6 +416,64 @@ fn closed_outside_calls(sk: u64, info: &SockInfo, cur: &Current, context: Contex
         && runs_in_task(context)
 }
 
+/// tcp_close() of a socket already in CLOSE (reset by the peer, refused, or past a completed
+/// half-close whose full socket handed over to its time-wait form) moves no state: it destroys
+/// the socket at once, in the closing task. That destruction inside a close call (or an exit)
+/// is the only trace of the close: it gives the close line, `CLOSE -> CLOSE`, which sent
+/// nothing. Told only where calls are named from the registers (the task's context must be
+/// known: a softirq destroys orphans in whatever task it interrupts).
+#[inline(always)]
+pub fn close_of_a_closed_socket(
+    sk: u64,
+    info_ptr: *mut SockInfo,
+    stack: u64,
+    slot: u32,
+) -> Option<()> {
+    let context = Context::Stack(stack);
+    // SAFETY: entry pointer from the map; only events of this socket write it.
+    let info = unsafe { &mut *info_ptr };
+    if info.released != 0 || !runs_in_task(context) {
+        return None; // its close was seen (and gave its line), or this is no task's doing
+    }
+    let call = call_acting_on(sk, Some(info), context)?;
+    let cur = current();
+    let same_process = info.owner_source == owner_source::UNKNOWN || info.pid == cur.pid;
+    if call.kind == syscall::SHUTDOWN || (call.kind == syscall::EXIT && !same_process) {
+        return None;
+    }
+    let ev = scratch_event(slot)?;
+    SockFields::new(sk).read_tuple(ev)?;
+    // A connect() that failed was disconnected (tcp_disconnect() zeroes the remote end and
+    // the source address): its ports are the ones its earlier events saw, and the daemon
+    // fills the addresses in from the connection (an unspecified remote address says so).
+    if ev.rport == 0 {
+        ev.lport = info.lport;
+        ev.rport = info.rport;
+        ev.laddr = [0; 16];
+        ev.raddr = [0; 16];
+    }
+    if !ports_pass(ev.lport, ev.rport) {
+        return None;
+    }
+    // SAFETY: plain helper call.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.old_state = CLOSE;
+    ev.new_state = CLOSE;
+    ev.kind = EventKind::Close as u8;
+    ev.state_since_ns = info.state_since_ns;
+    info.closed_by_call = call.started_ns;
+    info.released = 1;
+    call.stamp(ev);
+    note_traced(info);
+    claim(info, &cur);
+    fill_owner(ev, info);
+    note_traced(info);
+    if admit(ev, info.traced != 0, slot) {
+        write_event(ev);
+    }
+    Some(())
+}
+
 /// connect() and listen() run in the owner's task: record it before any softirq transition.
 #[inline(always)]
 fn remember_process_context_owner(sk: u64, old: u8, new: u8, ev: &SockEvent, cur: &Current) {

@@ -261,9 +261,11 @@ impl ConnTable {
         }
     }
 
-    /// Fills addresses the kernel side could not (kprobe events know only the socket).
+    /// Fills addresses the kernel side could not: kprobe events know only the socket (no
+    /// local port), and a failed connect() is disconnected before its close (no remote
+    /// address).
     pub fn complete(&self, ev: &mut KernelEvent) {
-        if ev.local.port() == 0
+        if (ev.local.port() == 0 || ev.remote.ip().is_unspecified())
             && let Some(info) = self.get(ev.conn_id)
         {
             ev.local = info.local;

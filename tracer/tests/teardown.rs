@@ -397,12 +397,23 @@ fn a_move_of_another_socket_inside_a_close_is_not_that_close() {
     assert_eq!(close["fd"], server_fd);
     assert_eq!(close["new_state"], "LAST_ACK");
     common::read_to_eof(&mut client);
+    let client_fd = client.as_raw_fd();
     drop(client);
     std::thread::sleep(Duration::from_millis(200));
     let out = tracer.stop();
+    // The client end's own calls: its shutdown, and its close of the socket (by then in
+    // CLOSE, its time-wait form holding the connection), which sent nothing.
     let client_closes = out.lines_of("close", client_port, port);
-    assert_eq!(client_closes.len(), 1, "{client_closes:?}");
+    assert_eq!(client_closes.len(), 2, "{client_closes:?}");
     assert_eq!(client_closes[0]["syscall"], "shutdown");
+    assert_eq!(client_closes[1]["syscall"], "close");
+    assert_eq!(client_closes[1]["fd"], client_fd, "{client_closes:?}");
+    assert_eq!(client_closes[1]["old_state"], "CLOSE", "{client_closes:?}");
+    assert_eq!(
+        client_closes[1]["outcome"],
+        Value::Null,
+        "{client_closes:?}"
+    );
     assert!(
         out.lines
             .iter()
@@ -430,6 +441,62 @@ fn a_peer_reset_is_rst_received_on_the_right_pid() {
     peer.wait();
     drop(client);
     tracer.stop();
+}
+
+/// close() of a socket the peer already reset: tcp_close() finds it in CLOSE and destroys it
+/// with no state move. The close still has its line: the call, its descriptor, CLOSE -> CLOSE,
+/// outcome null (the kernel sent nothing), and how long the reset socket waited for its owner
+/// (it had no line at all: nginx and Go close every reset connection so). The same for a
+/// connect() the peer refused: the client's close of its socket.
+#[test]
+fn closing_a_socket_the_peer_reset_is_a_close_that_sent_nothing() {
+    if !common::require_root() {
+        return;
+    }
+    let mut peer = Peer::spawn(None, "server", "127.0.0.1", 0, "linger0-close");
+    let port = port_of(&peer.line()["listening"]);
+    let mut tracer = tracer_for(port);
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let my_port = client.local_addr().unwrap().port();
+    peer.line();
+    tracer.wait_for(|v| is(v, "rst_received", my_port, port), WAIT);
+    std::thread::sleep(Duration::from_millis(100));
+    let fd = client.as_raw_fd();
+    drop(client);
+    let close = tracer.wait_for(|v| is(v, "close", my_port, port), WAIT);
+    assert_eq!(close["pid"], me(), "{close}");
+    assert_eq!(close["owner"], "task", "{close}");
+    assert_eq!(close["syscall"], "close", "{close}");
+    assert_eq!(close["fd"], fd, "{close}");
+    assert_eq!(close["old_state"], "CLOSE", "{close}");
+    assert_eq!(close["new_state"], "CLOSE", "{close}");
+    assert_eq!(close["outcome"], Value::Null, "{close}");
+    let waited = close["duration_ns"].as_u64().expect("time since the reset");
+    assert!(
+        (90_000_000..5_000_000_000).contains(&waited),
+        "closed {waited} ns after the reset, ~100 ms: {close}"
+    );
+    peer.wait();
+    // Refused: nothing listens on the port any more.
+    let refused = TcpStream::connect(("127.0.0.1", port));
+    assert!(refused.is_err(), "{refused:?}");
+    let out = tracer.stop();
+    let closes: Vec<_> = out
+        .lines
+        .iter()
+        .filter(|v| v["event"] == "close" && v["rport"] == port && v["old_state"] == "CLOSE")
+        .collect();
+    let (reset, refused): (Vec<&Value>, Vec<&Value>) =
+        closes.iter().copied().partition(|v| v["lport"] == my_port);
+    assert_eq!(reset.len(), 1, "one close of the reset socket: {closes:?}");
+    assert_eq!(refused.len(), 1, "and one of the refused one: {closes:?}");
+    assert_eq!(refused[0]["pid"], me(), "{closes:?}");
+    assert_eq!(refused[0]["outcome"], Value::Null, "{closes:?}");
+    assert_eq!(
+        refused[0]["raddr"], "127.0.0.1",
+        "addresses from its earlier events"
+    );
+    assert_eq!(refused[0]["old_state"], "CLOSE", "{closes:?}");
 }
 
 #[test]

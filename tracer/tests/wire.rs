@@ -741,8 +741,12 @@ fn pid_trace_keeps_the_rst_a_closed_servers_kernel_sends() {
     // and it is that one which answers (the next test's case, correctly reported too). Only
     // the race is retried; every RST is checked.
     for attempt in 1..=5 {
-        let (rst, server_pid) = rst_for_data_after_the_server_closed(Duration::ZERO);
+        let (rst, server_pid, close) = rst_for_data_after_the_server_closed(Duration::ZERO);
         assert_eq!(rst["pid"], server_pid, "{rst}");
+        // Destroyed by the reset before its RST went out, the socket is still named: its
+        // connection (it had a new `conn`, and the listener's owner).
+        assert_eq!(rst["conn"], close["conn"], "the closed connection's: {rst}");
+        assert_ne!(rst["owner"], "listener", "{rst}");
         if rst["old_state"] == "TIME_WAIT" {
             assert!(
                 rst["reason"].is_null() || rst["reason"] == "TCP_TIMEWAIT_SOCKET",
@@ -771,7 +775,7 @@ fn pid_trace_keeps_the_rst_a_closed_servers_time_wait_socket_sends() {
     }
     // Long enough for our ACK of the server's FIN to go out (even a delayed one): the server's
     // socket then leaves for its time-wait form.
-    let (rst, server_pid) = rst_for_data_after_the_server_closed(Duration::from_millis(500));
+    let (rst, server_pid, _) = rst_for_data_after_the_server_closed(Duration::from_millis(500));
     assert_eq!(rst["old_state"], "TIME_WAIT", "{rst}");
     assert_eq!(rst["pid"], server_pid, "{rst}");
     assert_eq!(rst["owner"], "connection", "{rst}");
@@ -891,9 +895,9 @@ fn pid_trace_reports_a_fin_wait2_that_times_out() {
 }
 
 /// Traces a server with `--pid`; it closes its connection, the client writes `after` the
-/// server's FIN arrived. Returns the server's `rst_sent` line (its wire packet checked) and
-/// the server's pid.
-fn rst_for_data_after_the_server_closed(after: Duration) -> (Value, u32) {
+/// server's FIN arrived. Returns the server's `rst_sent` line (its wire packet checked), the
+/// server's pid and its `close` line.
+fn rst_for_data_after_the_server_closed(after: Duration) -> (Value, u32, Value) {
     let TracedServer {
         server,
         server_port,
@@ -907,8 +911,9 @@ fn rst_for_data_after_the_server_closed(after: Duration) -> (Value, u32) {
     client.write_all(b"too late").unwrap();
     let rst = tracer.wait_for(|v| is(v, "rst_sent", server_port, my_port), WAIT);
     check_wire(&rst, "RST", "out");
+    let close = tracer.wait_for(|v| is(v, "close", server_port, my_port), WAIT);
     let pid = server.pid;
     server.wait();
     tracer.stop();
-    (rst, pid)
+    (rst, pid, close)
 }
