@@ -116,7 +116,17 @@ pub struct SockEvent {
     /// (`close_reset`; the reason is then in `reason`). Known where the programs hold such a
     /// close until tcp_close() has either sent the RST or destroyed the socket.
     pub close_reset: u8,
-    pub _pad: [u8; 4],
+    /// For a sent RST: whether it carries ACK (`rst_ack`), which tells two RSTs of one
+    /// connection apart on the wire (an active reset from one answering a segment).
+    pub rst_ack: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Values of `SockEvent::rst_ack`.
+pub mod rst_ack {
+    pub const UNKNOWN: u8 = 0;
+    pub const WITHOUT: u8 = 1;
+    pub const WITH: u8 = 2;
 }
 
 /// Values of `SockEvent::close_reset`.

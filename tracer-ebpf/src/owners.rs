@@ -5,7 +5,10 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_get_prandom_u32},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, PerCpuArray},
     programs::{RawTracePointContext, TracePointContext},
@@ -475,13 +478,19 @@ fn remember_io_owner(sk: u64, cur: &Current, traced: bool) {
 /// this CPU. An orphan that gets data after its close (TCP_ABORT_ON_DATA) is destroyed by
 /// tcp_reset() first and sends its RST right after, in the same softirq: the RST is named from
 /// here (its connection and owner), where it made a new entry (a new `conn`, the listener's
-/// owner) that nothing would ever remove.
+/// owner) that nothing would ever remove. TCP sockets are freed for immediate reuse: a later
+/// socket at the same address is told apart by the time (the RST follows within
+/// microseconds) and its ports, and the record serves one RST.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Destroyed {
     sk: u64,
+    at_ns: u64,
     info: SockInfo,
 }
+
+/// How soon after the destruction its RST must come (in the same softirq: microseconds).
+const DESTROYED_RST_WITHIN_NS: u64 = 1_000_000;
 
 #[map]
 static LAST_DESTROYED: PerCpuArray<Destroyed> = PerCpuArray::with_max_entries(1, 0);
@@ -495,17 +504,32 @@ fn remember_destroyed(sk: u64, info: *mut SockInfo) {
         }
         if let Some(slot) = LAST_DESTROYED.get_ptr_mut(0) {
             (*slot).sk = sk;
+            (*slot).at_ns = bpf_ktime_get_ns();
             (*slot).info = *info;
         }
     }
 }
 
-/// The entry of `sk` if it is the socket last destroyed on this CPU (see `Destroyed`).
+/// The entry of `sk` if it is the socket destroyed on this CPU just now (see `Destroyed`).
+/// The caller checks the ports with `is_destroyed_connection` once it has read them.
 #[inline(always)]
 pub fn destroyed_entry(sk: u64) -> Option<*mut SockInfo> {
     let slot = LAST_DESTROYED.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot, read and written only by programs running on it.
-    unsafe { ((*slot).sk == sk).then(|| &raw mut (*slot).info) }
+    unsafe {
+        if (*slot).sk != sk || bpf_ktime_get_ns() - (*slot).at_ns > DESTROYED_RST_WITHIN_NS {
+            return None;
+        }
+        (*slot).sk = 0; // one RST
+        Some(&raw mut (*slot).info)
+    }
+}
+
+/// Whether the RST's ports are the destroyed socket's (see `Destroyed`).
+#[inline(always)]
+pub fn is_destroyed_connection(info: *mut SockInfo, ev: &SockEvent) -> bool {
+    // SAFETY: this CPU's slot (see `destroyed_entry`).
+    unsafe { (*info).lport == ev.lport && (*info).rport == ev.rport }
 }
 
 /// tcp:tcp_destroy_sock: the socket is gone; its address may be reused.

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     AF_INET, AF_INET6, EventKind, NONE, ResetLayout, SkbLayout, SockEvent, TupleLayout, counter,
-    owner_source, tcp_state,
+    owner_source, rst_ack, tcp_state,
 };
 
 use crate::{
@@ -20,8 +20,8 @@ use crate::{
     },
     held,
     owners::{
-        SockInfo, current, destroyed_entry, fill_owner, keep_unowned, listener_owner,
-        lookup_or_create, may_concern_traced, note_traced, sock_entry,
+        SockInfo, current, destroyed_entry, fill_owner, is_destroyed_connection, keep_unowned,
+        listener_owner, lookup_or_create, may_concern_traced, note_traced, sock_entry,
     },
     setting,
     state::{RecordFields, SockFields, TupleSource, family_and_port, read_tuple},
@@ -102,9 +102,22 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     if read_reset_tuple(&rec, &layout, ev).is_none() {
         return 0;
     }
+    // Another socket at the destroyed one's address (reused at once) is not it: decided as
+    // any socket's reset.
+    let taken_for_destroyed = destroyed.is_some();
+    let destroyed = destroyed.filter(|&info| is_destroyed_connection(info, ev));
+    if taken_for_destroyed
+        && destroyed.is_none()
+        && !unowned
+        && !may_concern_traced_reset(sk, &rec, &layout)
+    {
+        count(counter::FILTERED);
+        return 0;
+    }
     ev.old_state = state;
     ev.new_state = state;
     ev.reason = reason_of(&rec, &layout);
+    ev.rst_ack = rst_ack_of(&rec, &layout);
     if state == tcp_state::LISTEN && sk != 0 {
         attribute_listener_reset(&rec, &layout, ev);
         submit_socket(ev, false, CLASSIC_SLOT); // with --pid, the listener's owner decides
@@ -122,6 +135,29 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     }
     submit_socket(ev, traced, CLASSIC_SLOT);
     0
+}
+
+/// Whether the RST carries ACK, as tcp_v4/v6_send_reset() decide: an answer to a segment
+/// carries ACK unless the segment did (it then takes the segment's ACK number for its
+/// sequence number); an active reset, for no segment, always does.
+#[inline(always)]
+fn rst_ack_of(rec: &Record, layout: &ResetLayout) -> u8 {
+    /// TCP flags byte (offset 13 of the header) and its ACK bit.
+    const FLAGS_AT: u16 = 13;
+    const ACK: u8 = 0x10;
+    let Some(skb) = rec.get::<u64>(layout.skbaddr) else {
+        return rst_ack::UNKNOWN;
+    };
+    if skb == 0 {
+        return rst_ack::WITH;
+    }
+    let answered = kernel_read::<u64>(skb, setting!(skb.data))
+        .and_then(|tcp| kernel_read::<u8>(tcp, FLAGS_AT));
+    match answered {
+        Some(flags) if flags & ACK != 0 => rst_ack::WITHOUT,
+        Some(_) => rst_ack::WITH,
+        None => rst_ack::UNKNOWN,
+    }
 }
 
 /// The kernel's reason for a sent reset (-1 before 6.10, which gives none).
@@ -313,6 +349,7 @@ pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
     // SAFETY: plain helper call.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.kind = EventKind::RstSent as u8;
+    ev.rst_ack = rst_ack::WITH; // tcp_send_active_reset: RST and ACK
     let Some(info) = sock_entry(sk) else {
         return 0; // without the socket's earlier events its addresses are unknown here
     };

@@ -55,6 +55,8 @@ pub struct Want {
     pub remote: SocketAddr,
     pub flag: WantFlag,
     pub dir: Dir,
+    /// Whether the packet carries ACK, where the event knows (None: either).
+    pub ack: Option<bool>,
 }
 
 /// The packet that joined an event.
@@ -137,6 +139,14 @@ pub(crate) fn normalise(addr: SocketAddr) -> SocketAddr {
 }
 
 impl Want {
+    /// Whether a packet with `flags` is of the kind this want waits for.
+    fn matches(&self, flags: u8) -> bool {
+        self.flag.matches(flags)
+            && self
+                .ack
+                .is_none_or(|ack| (flags & tcp_flags::ACK != 0) == ack)
+    }
+
     /// The packet's (src, dst) this want matches.
     fn path(&self) -> PathKey {
         match self.dir {
@@ -471,7 +481,7 @@ impl<T> Joiner<T> {
         };
         let best = entries
             .iter_mut()
-            .filter(|e| e.claimed[s].is_none() && want.flag.matches(e.flags))
+            .filter(|e| e.claimed[s].is_none() && want.matches(e.flags))
             .filter(|e| e.first_mono.abs_diff(mono_ns) <= window)
             .min_by_key(|e| e.first_mono.abs_diff(mono_ns));
         let Some(entry) = best else {
@@ -609,7 +619,7 @@ impl<T> Joiner<T> {
                 e.wire.is_none()
                     && e.want
                         .as_ref()
-                        .is_some_and(|w| w.dir == role && w.flag.matches(pkt.flags))
+                        .is_some_and(|w| w.dir == role && w.matches(pkt.flags))
                     && e.mono_ns.abs_diff(pkt.mono_ns) <= self.window_ns
             })
             .min_by_key(|(_, e)| e.mono_ns.abs_diff(pkt.mono_ns))
@@ -824,6 +834,7 @@ mod tests {
             remote: a(remote),
             flag,
             dir,
+            ack: None,
         })
     }
 
@@ -904,6 +915,28 @@ mod tests {
         j.push_packet(pkt(C, S, RST, 9, 100 * MS + 12_000, Dir::Out));
         let out = events(j.poll(130 * MS));
         assert_eq!(out[0].1.as_ref().unwrap().delay_ns, 12_000);
+    }
+
+    /// A client's close sends its RST (an active reset: RST+ACK), and the kernel answers the
+    /// server's next segment for the closed socket with a second RST of the same sequence
+    /// number (RST alone: the segment carried ACK). The answer's event is nearer in time to
+    /// the first packet; each still joins its own, by the ACK flag (they were crosswise).
+    #[test]
+    fn two_resets_of_one_connection_join_by_their_ack_flag() {
+        let mut j = Joiner::new(W, 1000);
+        let (active, answer) = (RST | tcp_flags::ACK, RST);
+        j.push_packet(pkt(C, S, active, 9, 100 * MS + 10_000, Dir::Out));
+        j.push_packet(pkt(C, S, answer, 9, 100 * MS + 21_000, Dir::Out));
+        let wants = |ack| want(C, S, WantFlag::Rst, Dir::Out).map(|w| Want { ack, ..w });
+        j.push_event(2, 100 * MS + 10_300, wants(Some(false)), "rst_sent");
+        j.push_event(1, 100 * MS, wants(Some(true)), "close");
+        let out = events(j.poll(200 * MS));
+        let flags_of = |name| {
+            let (_, wire) = out.iter().find(|(n, _)| *n == name).unwrap();
+            wire.as_ref().expect("joined").packet.flags
+        };
+        assert_eq!(flags_of("close"), active, "{out:?}");
+        assert_eq!(flags_of("rst_sent"), answer, "{out:?}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::{
 };
 
 use tracer_common::{
-    AF_INET, AF_INET6, EventKind, SockEvent, close_reset, owner_source, syscall, tcp_state,
+    AF_INET, AF_INET6, EventKind, SockEvent, close_reset, owner_source, rst_ack, syscall, tcp_state,
 };
 
 /// A decoded kernel event.
@@ -31,6 +31,8 @@ pub struct KernelEvent {
     /// For a close that moved its socket straight to CLOSE, whether it sent its RST, where
     /// the kernel held the close until it knew (`Config::hold_aborts`).
     pub its_reset: ItsReset,
+    /// For a sent RST, whether it carries ACK (None: not known).
+    pub rst_ack: Option<bool>,
 }
 
 /// What a close that moved its socket straight to CLOSE is known to have sent.
@@ -120,6 +122,11 @@ impl KernelEvent {
             fd: (raw.fd >= 0).then_some(raw.fd),
             reason: (raw.reason >= 0).then_some(raw.reason),
             its_reset: ItsReset::from_raw(raw.close_reset),
+            rst_ack: match raw.rst_ack {
+                rst_ack::WITH => Some(true),
+                rst_ack::WITHOUT => Some(false),
+                _ => None,
+            },
         })
     }
 
@@ -295,6 +302,7 @@ impl KernelEvent {
             fd: Some(3),
             reason: None,
             its_reset: ItsReset::Unknown,
+            rst_ack: None,
         }
     }
 }
@@ -325,7 +333,8 @@ mod tests {
             syscall: syscall::CLOSE,
             owner_source: owner_source::CURRENT,
             close_reset: 0,
-            _pad: [0; 4],
+            rst_ack: 0,
+            _pad: [0; 3],
         }
     }
 

@@ -470,6 +470,7 @@ impl Pipeline {
             fd: None,
             reason: None,
             its_reset: ItsReset::Unknown,
+            rst_ack: None,
         };
         if awaited {
             self.conns.answered(id, pkt.mono_ns);
@@ -540,15 +541,21 @@ impl PendingLine {
         if !self.wants_wire {
             return None;
         }
-        let (flag, dir) = match (self.event, self.outcome) {
-            ("close", Some("fin")) => (WantFlag::Fin, Dir::Out),
-            ("close", Some("rst")) | ("rst_sent", _) => (WantFlag::Rst, Dir::Out),
-            ("close", None) if self.outcome_from_wire => (WantFlag::Rst, Dir::Out),
-            ("fin_received", _) => (WantFlag::Fin, Dir::In),
-            ("rst_received", _) => (WantFlag::Rst, Dir::In),
+        // Whether the packet carries ACK, where that is known: a close's RST is an active
+        // reset (tcp_send_active_reset: always RST+ACK); a RST the kernel sent in answer to a
+        // segment carries ACK unless the segment did, which the kernel program read. Two RSTs
+        // of one connection within microseconds (a client's close, then the kernel's answer to
+        // the server's next segment for that closed socket) were otherwise joined crosswise.
+        let (flag, dir, ack) = match (self.event, self.outcome) {
+            ("close", Some("fin")) => (WantFlag::Fin, Dir::Out, None),
+            ("close", Some("rst")) => (WantFlag::Rst, Dir::Out, Some(true)),
+            ("rst_sent", _) => (WantFlag::Rst, Dir::Out, self.ev.rst_ack),
+            ("close", None) if self.outcome_from_wire => (WantFlag::Rst, Dir::Out, None),
+            ("fin_received", _) => (WantFlag::Fin, Dir::In, None),
+            ("rst_received", _) => (WantFlag::Rst, Dir::In, None),
             _ => return None,
         };
-        want_for(&self.ev, flag, dir)
+        want_for(&self.ev, flag, dir).map(|want| Want { ack, ..want })
     }
 }
 
@@ -619,6 +626,7 @@ fn want_for(ev: &KernelEvent, flag: WantFlag, dir: Dir) -> Option<Want> {
         remote: ev.remote,
         flag,
         dir,
+        ack: None,
     })
 }
 
@@ -1365,6 +1373,7 @@ mod throughput {
             fd: Some(5),
             reason: Some(11),
             its_reset: ItsReset::Sent,
+            rst_ack: None,
         };
         let received = KernelEvent {
             kind: EventKind::RstReceived,

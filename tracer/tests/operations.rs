@@ -505,7 +505,8 @@ fn a_close_left_in_the_kernels_hold_is_taken_out_and_counted() {
         syscall: syscall::CLOSE,
         owner_source: owner_source::CURRENT,
         close_reset: close_reset::UNKNOWN,
-        _pad: [0; 4],
+        rst_ack: 0,
+        _pad: [0; 3],
     };
     let fake_sk = 0xffff_8880_dead_b000u64;
     held.insert(fake_sk, ev, 0)
