@@ -991,6 +991,14 @@ for worker, name in ((b, "b"), (a, "a")):
     c.close()
 "#;
 
+/// A pre-forked server script (`TWO_WORKERS` and the like) started: it, its port and worker
+/// A's pid.
+fn workers_started(code: &str) -> (Script, u16, u64) {
+    let mut server = Script::start(code, &[]);
+    let info = server.line();
+    (server, port_of(&info["port"]), info["a"].as_u64().unwrap())
+}
+
 /// `--pid` of one worker of a pre-forked server: the listener it shares with its parent and a
 /// sibling says nothing about who accepts, so its sibling's connection is not reported (it
 /// was, named after the traced worker, then after the sibling at its close); its own is.
@@ -999,10 +1007,7 @@ fn pid_of_one_worker_does_not_report_its_siblings_connections() {
     if !common::require_root() {
         return;
     }
-    let mut server = Script::start(TWO_WORKERS, &[]);
-    let info = server.line();
-    let port = port_of(&info["port"]);
-    let a = info["a"].as_u64().unwrap();
+    let (mut server, port, a) = workers_started(TWO_WORKERS);
     let (mut tracer, _) = tracer_for_pid(a);
     server.go();
     let b_port = port_of(&server.line()["b"]);
@@ -1065,10 +1070,7 @@ fn pid_of_one_worker_joins_the_peers_fin_on_what_it_serves() {
     if !common::require_root() {
         return;
     }
-    let mut server = Script::start(WORKER_SERVES_UNTIL_FIN, &[]);
-    let info = server.line();
-    let port = port_of(&info["port"]);
-    let a = info["a"].as_u64().unwrap();
+    let (mut server, port, a) = workers_started(WORKER_SERVES_UNTIL_FIN);
     let mut tracer = common::Tracer::start(&["-i", "lo", "--pid", &a.to_string()]);
     tracer.wait_ready(WAIT);
     server.go();

@@ -413,10 +413,7 @@ fn a_close_after_shutdown_does_not_restart_the_fin_wait2_wait() {
     if !common::require_root() {
         return;
     }
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let mut tracer = Tracer::start(&["-i", "lo", "--port", &port.to_string()]);
-    tracer.wait_ready(WAIT);
+    let (l, port, mut tracer) = traced_port();
     let mut peer = Peer::spawn(None, "client", "127.0.0.1", port, "hold");
     let (server, _) = l.accept().unwrap();
     let peer_port = peer.line()["lport"].as_u64().unwrap() as u16;
@@ -483,6 +480,15 @@ fn loopback_lo_ipv6() {
     loopback_reset("lo", "::1");
 }
 
+/// A listener on a free loopback port, and a tracer of that port capturing on `lo`, ready.
+fn traced_port() -> (TcpListener, u16, Tracer) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut tracer = Tracer::start(&["-i", "lo", "--port", &port.to_string()]);
+    tracer.wait_ready(WAIT);
+    (l, port, tracer)
+}
+
 /// Connections in the burst: a few thousand, closed at once.
 const N: usize = 2000;
 
@@ -491,10 +497,7 @@ fn a_burst_of_closes_all_join() {
     if !common::require_root() {
         return;
     }
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let mut tracer = Tracer::start(&["-i", "lo", "--port", &port.to_string()]);
-    tracer.wait_ready(WAIT);
+    let (l, port, tracer) = traced_port();
     common::raise_fd_limit(2 * N + 64);
     common::reset_burst(&l, port, N);
     let out = tracer.stop();
