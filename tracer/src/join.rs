@@ -182,6 +182,27 @@ fn settle_for(flags: u8, only_copy: bool, settle_ns: u64) -> u64 {
     }
 }
 
+/// A received RST that came this shortly before its event may be the one that reset the
+/// socket (the event can wait for the socket's owner to release it: ~140 µs seen on loopback).
+const RESET_BEFORE_EVENT_NS: u64 = 5_000_000;
+/// How far the capture's clock and the kernel's may disagree about one instant.
+const CLOCK_SKEW_NS: u64 = 50_000;
+
+/// The order in which an event prefers the stored packets it matches (lowest first): nearest
+/// in time, except for a received RST. The first RST to arrive resets the socket; a second
+/// one sent before the first was processed (a client's close, then the kernel's answer to the
+/// server's next segment) finds no socket. So among the RSTs that arrived shortly before the
+/// event, the earliest; nearest in time when none did.
+fn preference(want: &Want, packet_mono: u64, event_mono: u64) -> (bool, u64) {
+    let arrived_just_before = packet_mono <= event_mono + CLOCK_SKEW_NS
+        && event_mono.saturating_sub(packet_mono) <= RESET_BEFORE_EVENT_NS;
+    if want.dir == Dir::In && want.flag == WantFlag::Rst && arrived_just_before {
+        (false, packet_mono)
+    } else {
+        (true, packet_mono.abs_diff(event_mono))
+    }
+}
+
 /// The stored packet `pkt` is a copy of (the same segment within DUPLICATE_NS), if any.
 fn copy_of<'a>(
     packets: &'a mut HashMap<PathKey, SmallVec<[PacketEntry; 1]>>,
@@ -483,7 +504,7 @@ impl<T> Joiner<T> {
             .iter_mut()
             .filter(|e| e.claimed[s].is_none() && want.matches(e.flags))
             .filter(|e| e.first_mono.abs_diff(mono_ns) <= window)
-            .min_by_key(|e| e.first_mono.abs_diff(mono_ns));
+            .min_by_key(|e| preference(want, e.first_mono, mono_ns));
         let Some(entry) = best else {
             return false;
         };
@@ -521,12 +542,17 @@ impl<T> Joiner<T> {
 
     pub fn push_packet(&mut self, pkt: WirePacket) {
         let path = PathKey::of(&pkt);
-        if self.merge_copy(&path, &pkt) {
+        // A capture that shows each packet once has no copies to merge: the same segment
+        // again is another packet.
+        if !pkt.only_copy && self.merge_copy(&path, &pkt) {
             return;
         }
         self.make_room();
         let id = self.id();
-        let retransmit = self.is_retransmission(&path, &pkt);
+        // The kernel never retransmits a RST: the same RST again is another event's (an
+        // orphan's TCP_ABORT_ON_DATA reset, then the listener's for the client's next segment:
+        // same sequence number, both RST alone).
+        let retransmit = pkt.flags & tcp_flags::RST == 0 && self.is_retransmission(&path, &pkt);
         let mut entry = PacketEntry::new(id, &pkt, retransmit);
         if !retransmit {
             for role in [Dir::Out, Dir::In] {
@@ -937,6 +963,53 @@ mod tests {
         };
         assert_eq!(flags_of("close"), active, "{out:?}");
         assert_eq!(flags_of("rst_sent"), answer, "{out:?}");
+    }
+
+    /// The server's socket is reset by the first of two RSTs the client end sent microseconds
+    /// apart (its close's, then the kernel's answer to the server's next segment); the event
+    /// came after both: it joins the first, not the one nearer in time.
+    #[test]
+    fn a_received_reset_joins_the_first_of_two_that_came_before_it() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_packet(pkt(C, S, RST | tcp_flags::ACK, 9, 100 * MS, Dir::In));
+        j.push_packet(pkt(C, S, RST, 9, 100 * MS + 7_000, Dir::In));
+        let received = want(S, C, WantFlag::Rst, Dir::In);
+        j.push_event(1, 100 * MS + 20_000, received, "rst_received");
+        let out = events(j.poll(200 * MS));
+        let wire = out[0].1.as_ref().expect("joined");
+        assert_eq!(wire.packet.flags, RST | tcp_flags::ACK, "{out:?}");
+    }
+
+    /// On one interface the capture shows each packet once: the same RST twice (an orphan's
+    /// TCP_ABORT_ON_DATA reset, then the listener's answer to the client's next segment, both
+    /// RST alone with one sequence number) is two packets, one for each event. It was taken
+    /// for a copy of the first, and the listener's line had `wire: null`.
+    #[test]
+    fn the_same_reset_twice_on_one_interface_is_two_packets() {
+        let mut j = Joiner::new(W, 1000);
+        let once = |mono| WirePacket {
+            only_copy: true,
+            ..pkt(C, S, RST, 9, mono, Dir::Out)
+        };
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Rst, Dir::Out), "orphan");
+        j.push_packet(once(100 * MS + 2_000));
+        j.push_event(
+            2,
+            100 * MS + 18_000,
+            want(C, S, WantFlag::Rst, Dir::Out),
+            "listener",
+        );
+        j.push_packet(once(100 * MS + 20_000));
+        let out = events(j.poll(200 * MS));
+        let delays: Vec<_> = out
+            .iter()
+            .map(|(n, w)| (*n, w.as_ref().map(|w| w.delay_ns)))
+            .collect();
+        assert_eq!(
+            delays,
+            [("orphan", Some(2_000)), ("listener", Some(2_000))],
+            "{out:?}"
+        );
     }
 
     #[test]
