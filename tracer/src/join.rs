@@ -493,6 +493,28 @@ impl<T> Joiner<T> {
         }
     }
 
+    /// Lets `revise` change the unjoined events of connection `conn` that still wait for a
+    /// packet; those it says no longer want one leave as soon as their turn comes.
+    pub fn stop_waiting(&mut self, conn: u64, mut revise: impl FnMut(&mut T) -> bool) {
+        let Some(ids) = self.by_conn.get(&conn) else {
+            return;
+        };
+        let ids = ids.clone();
+        for id in ids {
+            let Some(ev) = self.events.get_mut(&id) else {
+                continue;
+            };
+            if ev.wire.is_some() || ev.want.is_none() || !revise(&mut ev.item) {
+                continue;
+            }
+            let want = ev.want.take().expect("checked");
+            ev.release_at = ev.mono_ns;
+            let at = ev.mono_ns;
+            self.unwait(&want.path(), id);
+            self.timers.push(Deadline::Now, at, id);
+        }
+    }
+
     /// Joins the event with the nearest unclaimed matching packet already seen, if any.
     fn claim_waiting_packet(&mut self, id: u64, want: &Want, path: PathKey, mono_ns: u64) -> bool {
         let s = slot(want.dir);

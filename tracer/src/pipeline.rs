@@ -151,9 +151,27 @@ impl Pipeline {
             self.push(close_with_its_rst(close, reason));
             return;
         }
+        if reason.as_deref() == Some("TCP_ABORT_ON_DATA") {
+            self.kernel_not_peer_reset(ev.conn_id);
+        }
         let mut pending = line("rst_sent", ev, true);
         pending.reason = reason;
         self.push(pending);
+    }
+
+    /// An orphan that gets data after its close is aborted by the kernel with tcp_reset(),
+    /// the function that handles a received RST, and whose tracepoint says so: its move to
+    /// CLOSE came as `rst_received`, waiting for a RST no peer sent (`wire: null`). Its own
+    /// RST event, with the reason, follows at once: the move is a `state` line then.
+    fn kernel_not_peer_reset(&mut self, conn: u64) {
+        self.joiner.stop_waiting(conn, |line| {
+            let aborted = line.event == "rst_received" && line.wants_wire;
+            if aborted {
+                line.event = "state";
+                line.wants_wire = false;
+            }
+            aborted
+        });
     }
 
     /// The kernel's name for the event's RST reason.
@@ -734,7 +752,13 @@ mod tests {
         ));
         let _ = std::fs::remove_file(&path);
         let out = Output::start(Destination::File(path.clone())).unwrap();
-        let reasons = ResetReasons::new([(11, "TCP_ABORT_ON_CLOSE".to_string())].into());
+        let reasons = ResetReasons::new(
+            [
+                (11, "TCP_ABORT_ON_CLOSE".to_string()),
+                (12, "TCP_ABORT_ON_DATA".to_string()),
+            ]
+            .into(),
+        );
         let mut p = Pipeline::new(
             std::time::Duration::from_millis(500),
             reasons,
@@ -1037,6 +1061,43 @@ mod tests {
         assert_eq!(names(&out), ["state", "fin_received"], "{out:?}");
         assert_eq!(out[1]["derived"], "wire");
         assert_eq!(out[1]["old_state"], "FIN_WAIT2");
+    }
+
+    /// Data reaching our closed socket (an orphan in FIN_WAIT1) makes the kernel abort it with
+    /// tcp_reset(), whose tracepoint says "reset received": that move to CLOSE is a `state`
+    /// line once the kernel's own RST event (TCP_ABORT_ON_DATA) follows, not an
+    /// `rst_received` waiting for a RST nobody sent (`wire: null`, counted unjoined).
+    #[test]
+    fn a_kernel_abort_on_data_is_not_a_received_reset() {
+        use tcp_state::{CLOSE, FIN_WAIT1};
+        let out = lines(|p, out| {
+            p.kernel_event(event(
+                EventKind::RstReceived,
+                FIN_WAIT1,
+                CLOSE,
+                100 * MS,
+                0,
+                None,
+            ));
+            let rst = event(
+                EventKind::RstSent,
+                CLOSE,
+                CLOSE,
+                100 * MS + 5_000,
+                0,
+                Some(12),
+            );
+            p.kernel_event(rst);
+            p.packet(WirePacket {
+                only_copy: true,
+                ..rst_packet(100 * MS + 9_000)
+            });
+            p.poll(2_000 * MS, out);
+        });
+        assert_eq!(names(&out), ["state", "rst_sent"], "{out:?}");
+        assert_eq!(out[0]["old_state"], "FIN_WAIT1", "{out:?}");
+        assert_eq!(out[1]["reason"], "TCP_ABORT_ON_DATA", "{out:?}");
+        assert!(out[1]["wire"].is_object(), "{out:?}");
     }
 
     /// A close() after shutdown(), made while the socket waits in FIN_WAIT2, does not restart
