@@ -422,17 +422,24 @@ fn a_move_of_another_socket_inside_a_close_is_not_that_close() {
     );
 }
 
+/// A server peer that resets (SO_LINGER 0) the connection this process makes to it, a
+/// tracer of its port, and our end: (peer, its port, tracer, our stream, our port).
+fn reset_by_a_linger0_server() -> (Peer, u16, common::Tracer, TcpStream, u16) {
+    let mut peer = Peer::spawn(None, "server", "127.0.0.1", 0, "linger0-close");
+    let port = port_of(&peer.line()["listening"]);
+    let tracer = tracer_for(port);
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let my_port = client.local_addr().unwrap().port();
+    peer.line();
+    (peer, port, tracer, client, my_port)
+}
+
 #[test]
 fn a_peer_reset_is_rst_received_on_the_right_pid() {
     if !common::require_root() {
         return;
     }
-    let mut peer = Peer::spawn(None, "server", "127.0.0.1", 0, "linger0-close");
-    let port = port_of(&peer.line()["listening"]);
-    let mut tracer = tracer_for(port);
-    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let my_port = client.local_addr().unwrap().port();
-    peer.line();
+    let (peer, port, mut tracer, client, my_port) = reset_by_a_linger0_server();
     let reset = tracer.wait_for(|v| is(v, "rst_received", my_port, port), WAIT);
     assert_eq!(reset["pid"], me());
     assert_eq!(reset["owner"], "task");
@@ -453,12 +460,7 @@ fn closing_a_socket_the_peer_reset_is_a_close_that_sent_nothing() {
     if !common::require_root() {
         return;
     }
-    let mut peer = Peer::spawn(None, "server", "127.0.0.1", 0, "linger0-close");
-    let port = port_of(&peer.line()["listening"]);
-    let mut tracer = tracer_for(port);
-    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let my_port = client.local_addr().unwrap().port();
-    peer.line();
+    let (peer, port, mut tracer, client, my_port) = reset_by_a_linger0_server();
     tracer.wait_for(|v| is(v, "rst_received", my_port, port), WAIT);
     std::thread::sleep(Duration::from_millis(100));
     let fd = client.as_raw_fd();
