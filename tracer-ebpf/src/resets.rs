@@ -81,8 +81,11 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     // With --pid, a reset from a time-wait socket (no owner in the kernel) or for no socket at
     // all may still answer a traced connection: its addresses decide, below.
     let unowned = sk == 0 || state == tcp_state::TIME_WAIT;
-    // A socket just destroyed has no entry any more; its last one decides (`Destroyed`).
-    let destroyed = if state == tcp_state::CLOSE && sk != 0 {
+    // A socket just destroyed has no entry any more; its last one decides (`Destroyed`). Only
+    // for a RST that answers a segment (TCP_ABORT_ON_DATA): an active reset (no segment) is
+    // sent by a socket that is not destroyed yet.
+    let answers_a_segment = rec.get::<u64>(layout.skbaddr).is_some_and(|skb| skb != 0);
+    let destroyed = if state == tcp_state::CLOSE && sk != 0 && answers_a_segment {
         destroyed_entry(sk)
     } else {
         None
