@@ -84,7 +84,8 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     // A socket just destroyed has no entry any more; its last one decides (`Destroyed`). Only
     // for a RST that answers a segment (TCP_ABORT_ON_DATA): an active reset (no segment) is
     // sent by a socket that is not destroyed yet.
-    let answers_a_segment = rec.get::<u64>(layout.skbaddr).is_some_and(|skb| skb != 0);
+    let skb = rec.get::<u64>(layout.skbaddr);
+    let answers_a_segment = skb.is_some_and(|skb| skb != 0);
     let destroyed = if state == tcp_state::CLOSE && sk != 0 && answers_a_segment {
         destroyed_entry(sk)
     } else {
@@ -120,7 +121,7 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     ev.old_state = state;
     ev.new_state = state;
     ev.reason = reason_of(&rec, &layout);
-    ev.rst_ack = rst_ack_of(&rec, &layout);
+    ev.rst_ack = rst_ack_of(skb);
     if state == tcp_state::LISTEN && sk != 0 {
         attribute_listener_reset(&rec, &layout, ev);
         submit_socket(ev, false, CLASSIC_SLOT); // with --pid, the listener's owner decides
@@ -143,12 +144,13 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
 /// Whether the RST carries ACK, as tcp_v4/v6_send_reset() decide: an answer to a segment
 /// carries ACK unless the segment did (it then takes the segment's ACK number for its
 /// sequence number); an active reset, for no segment, always does.
+/// `skb`: the record's segment address (None: this kernel's record has none).
 #[inline(always)]
-fn rst_ack_of(rec: &Record, layout: &ResetLayout) -> u8 {
+fn rst_ack_of(skb: Option<u64>) -> u8 {
     /// TCP flags byte (offset 13 of the header) and its ACK bit.
     const FLAGS_AT: u16 = 13;
     const ACK: u8 = 0x10;
-    let Some(skb) = rec.get::<u64>(layout.skbaddr) else {
+    let Some(skb) = skb else {
         return rst_ack::UNKNOWN;
     };
     if skb == 0 {

@@ -13,7 +13,7 @@ use tracer_common::{
 };
 
 use crate::{
-    calls::{Context, call_acting_on, runs_in_task},
+    calls::{Context, PendingCall, call_acting_on, runs_in_task},
     capture_filter::watch,
     emit::{
         CLASSIC_SLOT, Record, Span, admit, count, enter_raw, kernel_read, leave_raw, noop,
@@ -355,14 +355,10 @@ fn classify(
             // in its context may move anyone's socket. Its own close shows as the owner being
             // this process, or as a move only a close makes (a child that inherited the socket
             // and never used it).
-            let same_process = info.owner_source == owner_source::UNKNOWN || info.pid == cur.pid;
-            let exit_closes_it = call.kind != syscall::EXIT || same_process || local;
+            let exit_closes_it = exit_may_close(&call, info, cur) || local;
             let first_in_call = info.closed_by_call != call.started_ns;
             if first_in_call && exit_closes_it {
-                info.closed_by_call = call.started_ns;
-                info.released = (call.kind != syscall::SHUTDOWN) as u8;
-                call.stamp(ev);
-                claim(info, cur);
+                closed_by(&call, info, cur, ev);
                 return Some(EventKind::Close);
             }
         }
@@ -391,6 +387,23 @@ fn classify(
         return Some(EventKind::FinReceived);
     }
     Some(EventKind::State)
+}
+
+/// Whether `call`, if it is an exit, is the socket's own process exiting (or the socket has no
+/// known owner): a softirq running in an exiting task's context may move anyone's socket.
+#[inline(always)]
+fn exit_may_close(call: &PendingCall, info: &SockInfo, cur: &Current) -> bool {
+    call.kind != syscall::EXIT || info.owner_source == owner_source::UNKNOWN || info.pid == cur.pid
+}
+
+/// Records that `call` closed (or shut down) the socket: the event names the call, and the
+/// socket is the closing task's.
+#[inline(always)]
+fn closed_by(call: &PendingCall, info: &mut SockInfo, cur: &Current, ev: &mut SockEvent) {
+    info.closed_by_call = call.started_ns;
+    info.released = (call.kind != syscall::SHUTDOWN) as u8;
+    call.stamp(ev);
+    claim(info, cur);
 }
 
 /// Whether tcp_close() runs outside any teardown call the programs see: the last reference to
@@ -437,8 +450,7 @@ pub fn close_of_a_closed_socket(
     }
     let call = call_acting_on(sk, Some(info), context)?;
     let cur = current();
-    let same_process = info.owner_source == owner_source::UNKNOWN || info.pid == cur.pid;
-    if call.kind == syscall::SHUTDOWN || (call.kind == syscall::EXIT && !same_process) {
+    if call.kind == syscall::SHUTDOWN || !exit_may_close(&call, info, &cur) {
         return None;
     }
     let ev = scratch_event(slot)?;
@@ -461,11 +473,8 @@ pub fn close_of_a_closed_socket(
     ev.new_state = CLOSE;
     ev.kind = EventKind::Close as u8;
     ev.state_since_ns = info.state_since_ns;
-    info.closed_by_call = call.started_ns;
-    info.released = 1;
-    call.stamp(ev);
-    note_traced(info);
-    claim(info, &cur);
+    note_traced(info); // the owner before the close (see `handle`)
+    closed_by(&call, info, &cur, ev);
     fill_owner(ev, info);
     note_traced(info);
     if admit(ev, info.traced != 0, slot) {
