@@ -200,6 +200,9 @@ fn metrics_agree_with_the_json_lines() {
         text.contains("# TYPE tracer_events_total counter"),
         "{text}"
     );
+    // On a failure, the lines too: the metrics alone do not say which event went astray.
+    let lines: Vec<String> = out.lines.iter().map(Value::to_string).collect();
+    let lines = lines.join("\n");
     // Every (event, comm) the lines show has exactly that count in the metrics. (comm is the
     // thread's name, so one process can show several.)
     let mut counted = std::collections::BTreeMap::new();
@@ -213,7 +216,7 @@ fn metrics_agree_with_the_json_lines() {
         assert_eq!(
             metric(&text, "tracer_events_total", &labels),
             *n,
-            "{event} {comm}: {text}"
+            "{event} {comm}: {text}\n{lines}"
         );
     }
     let closer = out
@@ -223,7 +226,11 @@ fn metrics_agree_with_the_json_lines() {
         .unwrap();
     let comm = closer["comm"].as_str().unwrap();
     let resets = format!("reason=\"TCP_ABORT_ON_CLOSE\",comm=\"{comm}\"");
-    assert_eq!(metric(&text, "tracer_resets_total", &resets), 5, "{text}");
+    assert_eq!(
+        metric(&text, "tracer_resets_total", &resets),
+        5,
+        "{text}\n{lines}"
+    );
     let joined_closes = out
         .lines
         .iter()
