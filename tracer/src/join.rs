@@ -188,6 +188,23 @@ const RESET_BEFORE_EVENT_NS: u64 = 5_000_000;
 /// How far the capture's clock and the kernel's may disagree about one instant.
 const CLOCK_SKEW_NS: u64 = 50_000;
 
+/// How far a packet may seem to come before the event that sends it, or after the event it
+/// caused: the clocks' disagreement (microseconds; more for a moment after an NTP step, until
+/// the offset is measured again). A packet further on the wrong side is another connection's
+/// on the same addresses, whose own event never came (one that closed while the hooks were
+/// being attached): taken, it gave a close a RST from 158 ms before the call.
+const CAUSAL_SLACK_NS: u64 = 5_000_000;
+
+/// Whether `packet_mono` is on the right side of `event_mono` for the packet to be the event's:
+/// sent after it (a close's FIN or RST, a reset sent) or received before it (a FIN or RST that
+/// moved the socket).
+fn in_causal_order(want: &Want, packet_mono: u64, event_mono: u64) -> bool {
+    match want.dir {
+        Dir::Out => packet_mono + CAUSAL_SLACK_NS >= event_mono,
+        Dir::In => packet_mono <= event_mono + CAUSAL_SLACK_NS,
+    }
+}
+
 /// The order in which an event prefers the stored packets it matches (lowest first): nearest
 /// in time, except for a received RST. The first RST to arrive resets the socket; a second
 /// one sent before the first was processed (a client's close, then the kernel's answer to the
@@ -526,6 +543,7 @@ impl<T> Joiner<T> {
             .iter_mut()
             .filter(|e| e.claimed[s].is_none() && want.matches(e.flags))
             .filter(|e| e.first_mono.abs_diff(mono_ns) <= window)
+            .filter(|e| in_causal_order(want, e.first_mono, mono_ns))
             .min_by_key(|e| preference(want, e.first_mono, mono_ns));
         let Some(entry) = best else {
             return false;
@@ -665,9 +683,11 @@ impl<T> Joiner<T> {
             .filter_map(|id| Some((*id, self.events.get(id)?)))
             .filter(|(_, e)| {
                 e.wire.is_none()
-                    && e.want
-                        .as_ref()
-                        .is_some_and(|w| w.dir == role && w.matches(pkt.flags))
+                    && e.want.as_ref().is_some_and(|w| {
+                        w.dir == role
+                            && w.matches(pkt.flags)
+                            && in_causal_order(w, pkt.mono_ns, e.mono_ns)
+                    })
                     && e.mono_ns.abs_diff(pkt.mono_ns) <= self.window_ns
             })
             .min_by_key(|(_, e)| e.mono_ns.abs_diff(pkt.mono_ns))
@@ -1074,6 +1094,33 @@ mod tests {
         let out = j.poll(700 * MS);
         assert_eq!(packets(&out).len(), 2);
         assert!(events(out)[0].1.is_none());
+    }
+
+    /// Under churn a 4-tuple comes back within the window: a packet of an earlier connection
+    /// whose event never came (it closed while the hooks were being attached) is not the
+    /// close's, which sends its own after the call; nor is a later packet what moved a socket.
+    #[test]
+    fn a_packet_on_the_wrong_side_of_its_event_is_another_connections() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_packet(pkt(C, S, RST, 1, 100 * MS, Dir::Out));
+        j.push_event(1, 258 * MS, want(C, S, WantFlag::Rst, Dir::Out), "close");
+        j.push_packet(pkt(C, S, RST, 2, 258 * MS + 3_000, Dir::Out));
+        j.push_event(
+            2,
+            260 * MS,
+            want(S, C, WantFlag::Fin, Dir::In),
+            "fin_received",
+        );
+        j.push_packet(pkt(C, S, FIN, 3, 400 * MS, Dir::Out));
+        let out = j.poll(2000 * MS);
+        let seqs: Vec<u32> = packets(&out).iter().map(|(p, _)| p.seq).collect();
+        let ev = events(out);
+        assert_eq!(ev[0].1.as_ref().unwrap().packet.seq, 2, "its own RST");
+        assert!(
+            ev[1].1.is_none(),
+            "a FIN 140 ms after the move is not its cause"
+        );
+        assert_eq!(seqs, [1, 3], "both others are packets of their own");
     }
 
     #[test]
