@@ -630,8 +630,8 @@ fn sockets_destroyed_while_the_hooks_attach_leave_nothing_behind() {
     let connections = churn.join().unwrap();
     std::thread::sleep(Duration::from_millis(500)); // the last lines are written
     let out = tracer.stop();
-    // Connections that began well after start-up (sockets that existed before may be seen in
-    // part: their first moves came before the hooks).
+    // Every line of the churn's connections, from start-up on: one seen in part (some of its
+    // moves came before the hooks) is fine, one taken for another is not.
     let lines: Vec<&Value> = out
         .lines
         .iter()
