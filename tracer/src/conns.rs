@@ -50,6 +50,8 @@ pub struct ConnInfo {
     timewait_since: Option<u64>,
     pub fin_received: bool,
     pub rst_received: bool,
+    /// The state its socket's last event moved it to.
+    state: u8,
     fin_seen: u8,
     pub family: Family,
     /// Sequence numbers of the FINs seen on the wire, by `Dir` as this socket sees them (sent,
@@ -76,6 +78,7 @@ impl ConnInfo {
             fw2_since: None,
             fin_received: false,
             rst_received: false,
+            state: ev.new_state,
             fin_seq: [0; 2],
             fin_seen: 0,
         }
@@ -85,6 +88,15 @@ impl ConnInfo {
     /// that form has not timed out or been answered for by a listener since.
     pub fn timewait_since(&self) -> Option<u64> {
         self.timewait_since
+    }
+
+    /// Still on its way out: its socket sent its FIN and waits for the end (FIN_WAIT1,
+    /// FIN_WAIT2, CLOSING, LAST_ACK), or its time-wait form awaits the peer's FIN.
+    pub fn is_closing(&self) -> bool {
+        matches!(
+            self.state,
+            tcp_state::FIN_WAIT1 | tcp_state::FIN_WAIT2 | tcp_state::CLOSING | tcp_state::LAST_ACK
+        ) || self.awaits_peer()
     }
 
     /// Our socket is in its time-wait form and the peer has neither closed nor reset yet.
@@ -225,6 +237,7 @@ impl ConnTable {
             info.owner = ev.owner;
         }
         info.last_event_ns = ev.mono_ns;
+        info.state = ev.new_state;
         // Entered, not re-entered: a close() after shutdown() "moves" FIN_WAIT2 to itself,
         // and the wait the peer's FIN ends began when the socket got there.
         if ev.new_state == tcp_state::FIN_WAIT2 && ev.old_state != tcp_state::FIN_WAIT2 {
@@ -374,6 +387,14 @@ impl ConnTable {
         self.in_timewait > 0
     }
 
+    /// How many remembered connections are still closing (`ConnInfo::is_closing`).
+    pub fn closing(&self) -> usize {
+        self.by_id
+            .values()
+            .filter(|&&slot| self.slots[slot as usize].is_closing())
+            .count()
+    }
+
     fn forget(&mut self, id: u64) {
         let Some(slot) = self.by_id.remove(&id) else {
             return;
@@ -455,6 +476,50 @@ mod tests {
         );
         assert_eq!(table.len(), 1);
         assert_eq!(table.by_addr.len(), 1, "the old addresses' entry is gone");
+    }
+
+    /// After the traced processes exit, the run follows the connections still closing: sent
+    /// their FIN and not yet done, or in the time-wait form awaiting the peer's FIN.
+    #[test]
+    fn a_connection_is_closing_from_its_fin_to_its_end() {
+        let mut table = ConnTable::default();
+        let moved = |kind, old_state, new_state, mono| KernelEvent {
+            kind,
+            old_state,
+            new_state,
+            ..event(1, "10.0.0.1:80", "10.0.0.2:4000", mono)
+        };
+        table.observe(&moved(
+            EventKind::Close,
+            tcp_state::ESTABLISHED,
+            tcp_state::FIN_WAIT1,
+            1,
+        ));
+        assert_eq!(table.closing(), 1);
+        table.observe(&moved(
+            EventKind::State,
+            tcp_state::FIN_WAIT1,
+            tcp_state::FIN_WAIT2,
+            2,
+        ));
+        table.observe(&moved(
+            EventKind::State,
+            tcp_state::FIN_WAIT2,
+            tcp_state::CLOSE,
+            3,
+        ));
+        assert_eq!(
+            table.closing(),
+            1,
+            "its time-wait form awaits the peer's FIN"
+        );
+        table.get_mut(1).unwrap().fin_received = true;
+        assert_eq!(table.closing(), 0);
+        table.observe(&KernelEvent {
+            new_state: tcp_state::CLOSE,
+            ..event(2, "10.0.0.1:80", "10.0.0.2:4001", 4)
+        });
+        assert_eq!(table.closing(), 0, "a reset connection is done");
     }
 
     /// The count of sockets in their time-wait form follows the events and the forgetting.

@@ -190,6 +190,11 @@ impl Pipeline {
         self.joiner.push_packet(pkt);
     }
 
+    /// How many of the connections seen are still closing (see `ConnInfo::is_closing`).
+    pub fn closing_connections(&self) -> usize {
+        self.conns.closing()
+    }
+
     /// Releases what is ready: staged closes whose RST never came, joined or expired events,
     /// unclaimed packets.
     pub fn poll(&mut self, now_ns: u64, out: &Output) {

@@ -333,6 +333,9 @@ async fn event_loop(
     let mut last_clock = Instant::now();
     let mut last_pid_check = Instant::now();
     let mut last_held_check = Instant::now();
+    // Once every traced process has exited: until when their connections' teardown is
+    // followed.
+    let mut after_exit: Option<Instant> = None;
     let mut reporter = LossReporter {
         reported: Lost::default(),
         kernel_reported: KernelCounts::default(),
@@ -378,10 +381,13 @@ async fn event_loop(
                 }
                 if last_pid_check.elapsed() >= PID_CHECK {
                     last_pid_check = Instant::now();
-                    if !settings.pids.is_empty()
-                        && settings.pids.iter().all(|&p| !crate::cli::process_exists(p))
-                    {
-                        break Stop::TracedProcessesExited;
+                    if every_traced_process_exited(settings) {
+                        let until = *after_exit.get_or_insert_with(|| {
+                            announce_teardown_wait(pipeline.closing_connections(), settings)
+                        });
+                        if pipeline.closing_connections() == 0 || Instant::now() >= until {
+                            break Stop::TracedProcessesExited;
+                        }
                     }
                 }
             }
@@ -404,6 +410,36 @@ async fn event_loop(
     pipeline.flush(output);
     reporter.report(pipeline, output, &kernel, capture_stats.as_deref(), true);
     Ok(stop)
+}
+
+fn every_traced_process_exited(settings: &Settings) -> bool {
+    !settings.pids.is_empty()
+        && settings
+            .pids
+            .iter()
+            .all(|&p| !crate::cli::process_exists(p))
+}
+
+/// A process's exit closes its sockets, and their teardown goes on without it: a FIN queued
+/// behind data leaves when the data has, an orphan in FIN_WAIT2 waits for the peer's FIN (or
+/// for tcp_fin_timeout), the peers answer. The run follows that for as long as the kernel
+/// keeps such a socket (tcp_fin_timeout, plus the join window for its last packet) and ends
+/// as soon as none of the connections seen is still closing. Says so when it waits; returns
+/// the latest end.
+fn announce_teardown_wait(closing: usize, settings: &Settings) -> Instant {
+    let fin_timeout = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(60);
+    let most = Duration::from_secs(fin_timeout) + settings.join_window + Duration::from_secs(1);
+    if closing > 0 {
+        eprintln!(
+            "tracer: every traced process has exited; following the teardown of {closing} \
+             connection(s) still closing, for at most {} s (SIGINT stops now)",
+            most.as_secs()
+        );
+    }
+    Instant::now() + most
 }
 
 fn pipeline_metrics(pipeline: &Pipeline) -> Option<std::sync::Arc<Metrics>> {
