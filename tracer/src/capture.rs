@@ -217,6 +217,10 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
         .setnonblock()
         .context("making the capture non-blocking")?;
     let linktype = cap.get_datalink().0;
+    // An Ethernet frame does not say which way it went: the interface's own address does.
+    let own_mac = (linktype == DLT_EN10MB)
+        .then(|| interface_mac(&cfg.iface))
+        .flatten();
     let fd = {
         use std::os::fd::AsRawFd;
         cap.as_raw_fd()
@@ -233,6 +237,7 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
         default_iface: Arc::from(cfg.iface.as_str()),
         names: HashMap::new(),
         single_interface: cfg.iface != "any",
+        own_mac,
         loopback_ifindex: loopback_ifindex(),
         keep_headers: cfg.keep_headers,
         no_headers: Arc::from(&[][..]),
@@ -307,6 +312,9 @@ struct Reader {
     names: HashMap<u32, Arc<str>>,
     /// Not `any`: every packet is seen once.
     single_interface: bool,
+    /// The capture interface's MAC address where its frames are plain Ethernet (a single
+    /// interface such as a veth or a NIC: libpcap offers no cooked headers there).
+    own_mac: Option<[u8; 6]>,
     loopback_ifindex: u32,
     keep_headers: bool,
     /// Shared by every packet when headers are not kept: no allocation per packet.
@@ -356,7 +364,10 @@ impl Reader {
                     if wall_ns < self.stats.skip_before_wall_ns.load(Ordering::Relaxed) {
                         continue;
                     }
-                    if let Some(p) = parse_packet(self.linktype, packet.data) {
+                    if let Some(mut p) = parse_packet(self.linktype, packet.data) {
+                        if self.own_mac.is_some_and(|mac| sent_from(packet.data, &mac)) {
+                            p.dir = Dir::Out;
+                        }
                         let headers = if self.keep_headers {
                             Arc::from(&packet.data[..p.headers_len])
                         } else {
@@ -459,7 +470,8 @@ pub fn parse_packet(linktype: i32, data: &[u8]) -> Option<Parsed> {
             let ethertype = be16(data, 14)?;
             (ethertype, direction(pkttype), None, data.get(16..)?)
         }
-        // Ethernet has no direction: callers of this path treat packets as incoming.
+        // Ethernet has no direction: incoming unless the reader knows the frame came from
+        // the interface's own address (`sent_from`).
         DLT_EN10MB => (be16(data, 12)?, Dir::In, None, data.get(14..)?),
         _ => return None,
     };
@@ -480,6 +492,27 @@ pub fn parse_packet(linktype: i32, data: &[u8]) -> Option<Parsed> {
         dir,
         ifindex,
     })
+}
+
+/// Whether an Ethernet frame's source is `mac`: the host sent it on that interface (what the
+/// kernel marks PACKET_OUTGOING, which only cooked headers carry).
+fn sent_from(frame: &[u8], mac: &[u8; 6]) -> bool {
+    frame.get(6..12) == Some(&mac[..])
+}
+
+/// The interface's MAC address, from sysfs (None where it has none or cannot be read).
+fn interface_mac(iface: &str) -> Option<[u8; 6]> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).ok()?;
+    parse_mac(text.trim())
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
 
 fn direction(pkttype: u8) -> Dir {
@@ -604,6 +637,25 @@ mod tests {
         assert_eq!(p.dir, Dir::In);
         assert_eq!(p.ifindex, None);
         assert_eq!(p.flags & tcp_flags::FIN, tcp_flags::FIN);
+    }
+
+    /// On a single Ethernet interface (a veth, a NIC) the frame's source address tells a
+    /// packet this host sent from one it received; a FIN it sent was reported as `in`.
+    #[test]
+    fn an_ethernet_frame_from_the_interfaces_own_address_was_sent() {
+        let mac = parse_mac("02:42:ac:11:00:02").unwrap();
+        assert_eq!(mac, [0x02, 0x42, 0xac, 0x11, 0x00, 0x02]);
+        assert!(parse_mac("02:42:ac:11:00").is_none());
+        assert!(parse_mac("02:42:ac:11:00:02:07").is_none());
+        let seg = tcp(40000, 80, 1, 2, tcp_flags::FIN | tcp_flags::ACK);
+        let mut frame = vec![0xee; 6]; // destination
+        frame.extend_from_slice(&mac); // source
+        frame.extend_from_slice(&0x0800u16.to_be_bytes());
+        frame.extend_from_slice(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], &seg));
+        assert_eq!(parse_packet(DLT_EN10MB, &frame).unwrap().src.port(), 40000);
+        assert!(sent_from(&frame, &mac));
+        assert!(!sent_from(&frame, &[0xee; 6]));
+        assert!(!sent_from(&frame[..8], &mac));
     }
 
     #[test]

@@ -17,6 +17,8 @@ lets a server pick a port; it then prints {"listening": port} first), then follo
     linger0-close    set SO_LINGER {1, 0} and close (RST)
     send-wait        send one byte, then wait for stdin to close, then close
     hold             keep the socket open until stdin closes, then close
+    hold-upload-close    once stdin closes, send 100 kB and close at once (the FIN queues
+                     behind the data)
     hold-dup2        as hold, but the descriptor is replaced with dup2() instead of closed
     close-hold       close at once, then stay alive until stdin closes
     close-linger2-hold   as close-hold, with TCP_LINGER2 of 1 s: the socket's FIN_WAIT2 (its
@@ -66,6 +68,10 @@ def behave(sock, behaviour):
         sock.close()
     elif behaviour == "hold":
         wait_stdin_closed()
+        sock.close()
+    elif behaviour == "hold-upload-close":
+        wait_stdin_closed()
+        sock.sendall(b"u" * 100_000)
         sock.close()
     elif behaviour == "hold-dup2":
         wait_stdin_closed()

@@ -920,3 +920,74 @@ fn rst_for_data_after_the_server_closed(after: Duration) -> (Value, u32, Value) 
     tracer.stop();
     (rst, pid, close)
 }
+
+/// On a single Ethernet interface (here the root end of a veth) libpcap gives frames without a
+/// direction. A FIN this host sent that no event claimed (queued behind data on a slow link,
+/// it left after the join window) is a `packet` line with `dir: out`; it said `in`, which reads
+/// as the peer's FIN.
+#[test]
+fn a_late_fin_this_host_sent_on_a_veth_is_an_outgoing_packet() {
+    if !common::require_root() {
+        return;
+    }
+    let net = NetnsPeer::new();
+    // ~0.8 s for the client's 100 kB: its FIN leaves well after the 200 ms window.
+    common::sh(
+        "tc",
+        &[
+            "qdisc",
+            "add",
+            "dev",
+            &net.root_if,
+            "root",
+            "tbf",
+            "rate",
+            "1mbit",
+            "burst",
+            "10k",
+            "latency",
+            "5s",
+        ],
+    );
+    let ns_v4 = net.ns_v4.clone();
+    let l = net.in_ns(move || TcpListener::bind(format!("{ns_v4}:0")).unwrap());
+    let port = l.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        common::read_to_eof(&mut s)
+    });
+    let mut client = Peer::spawn(None, "client", &net.ns_v4, port, "hold-upload-close");
+    let lport = client.line()["lport"].as_u64().unwrap();
+    let mut tracer = Tracer::start(&[
+        "-i",
+        &net.root_if,
+        "--pid",
+        &client.pid.to_string(),
+        "--join-window",
+        "200ms",
+    ]);
+    tracer.wait_ready(WAIT);
+    client.wait();
+    assert_eq!(server.join().unwrap().len(), 100_000);
+    let fin = tracer.wait_for(
+        |v| v["event"] == "packet" && v["sport"] == lport && v["dport"] == port,
+        WAIT,
+    );
+    assert!(
+        fin["flags"].as_array().unwrap().contains(&"FIN".into()),
+        "{fin}"
+    );
+    assert_eq!(fin["saddr"], net.root_v4.as_str(), "{fin}");
+    assert_eq!(fin["dir"], "out", "sent by this host: {fin}");
+    let out = tracer.stop();
+    let close = out
+        .lines
+        .iter()
+        .find(|v| v["event"] == "close" && v["lport"] == lport)
+        .expect("the client's close");
+    assert_eq!(close["outcome"], "fin", "{close}");
+    assert!(
+        close["wire"].is_null(),
+        "its FIN left after the window: {close}"
+    );
+}
