@@ -182,9 +182,12 @@ fn settle_for(flags: u8, only_copy: bool, settle_ns: u64) -> u64 {
     }
 }
 
-/// A received RST that came this shortly before its event may be the one that reset the
+/// A received FIN or RST that came this shortly before its event may be the one that moved the
 /// socket (the event can wait for the socket's owner to release it: ~140 µs seen on loopback).
-const RESET_BEFORE_EVENT_NS: u64 = 5_000_000;
+const RECEIVED_BEFORE_EVENT_NS: u64 = 5_000_000;
+/// How long an event whose received packet came long before it waits for a nearer copy (a
+/// retransmission) before it takes the old one: the capture's own delay, with room.
+const OLDER_COPY_GRACE_NS: u64 = 100_000_000;
 /// How far the capture's clock and the kernel's may disagree about one instant.
 const CLOCK_SKEW_NS: u64 = 50_000;
 
@@ -212,7 +215,7 @@ fn in_causal_order(want: &Want, packet_mono: u64, event_mono: u64) -> bool {
 /// event, the earliest; nearest in time when none did.
 fn preference(want: &Want, packet_mono: u64, event_mono: u64) -> (bool, u64) {
     let arrived_just_before = packet_mono <= event_mono + CLOCK_SKEW_NS
-        && event_mono.saturating_sub(packet_mono) <= RESET_BEFORE_EVENT_NS;
+        && event_mono.saturating_sub(packet_mono) <= RECEIVED_BEFORE_EVENT_NS;
     if want.dir == Dir::In && want.flag == WantFlag::Rst && arrived_just_before {
         (false, packet_mono)
     } else {
@@ -515,10 +518,33 @@ impl<T> Joiner<T> {
         self.timers.push(deadline, release_at, id);
         if let Some(want) = want {
             let path = want.path();
-            if !self.claim_waiting_packet(id, &want, path, mono_ns) {
+            if !self.claim_waiting_packet(id, &want, path, mono_ns, true) {
                 self.waiting.entry(path).or_default().push(id);
+                if self.has_older_copy(&want, &path, mono_ns) {
+                    // The copy it waits for is a retransmission the capture brings a little
+                    // later; failing that, the old copy (`claim_at_window_end`).
+                    let at = mono_ns + OLDER_COPY_GRACE_NS.min(self.window_ns);
+                    if let Some(ev) = self.events.get_mut(&id) {
+                        ev.release_at = at;
+                    }
+                    self.timers.push(Deadline::WindowEnd, at, id);
+                }
             }
         }
+    }
+
+    /// Whether a packet the socket received long before its event (see `claim_waiting_packet`)
+    /// is stored for `want`.
+    fn has_older_copy(&self, want: &Want, path: &PathKey, mono_ns: u64) -> bool {
+        want.dir == Dir::In
+            && self.packets.get(path).is_some_and(|entries| {
+                entries.iter().any(|e| {
+                    e.claimed[slot(Dir::In)].is_none()
+                        && want.matches(e.flags)
+                        && e.first_mono + self.window_ns >= mono_ns
+                        && e.first_mono + RECEIVED_BEFORE_EVENT_NS < mono_ns
+                })
+            })
     }
 
     /// `event` in a recycled allocation where there is one.
@@ -554,16 +580,31 @@ impl<T> Joiner<T> {
         }
     }
 
-    /// Joins the event with the nearest unclaimed matching packet already seen, if any.
-    fn claim_waiting_packet(&mut self, id: u64, want: &Want, path: PathKey, mono_ns: u64) -> bool {
+    /// Joins the event with the nearest unclaimed matching packet already seen, if any. With
+    /// `recent_only`, a packet the socket received must have come shortly before the event
+    /// (`RECEIVED_BEFORE_EVENT_NS`): one long before is a copy lost on the way, whose
+    /// retransmission may still be on its way to the joiner; the event waits for it, and takes
+    /// the old copy only when its window ends with nothing nearer.
+    fn claim_waiting_packet(
+        &mut self,
+        id: u64,
+        want: &Want,
+        path: PathKey,
+        mono_ns: u64,
+        recent_only: bool,
+    ) -> bool {
         let s = slot(want.dir);
         let window = self.window_ns;
         let Some(entries) = self.packets.get_mut(&path) else {
             return false;
         };
+        let recent_enough = |first_mono: u64| {
+            !recent_only || want.dir == Dir::Out || first_mono + RECEIVED_BEFORE_EVENT_NS >= mono_ns
+        };
         let best = entries
             .iter_mut()
             .filter(|e| e.claimed[s].is_none() && want.matches(e.flags))
+            .filter(|e| recent_enough(e.first_mono))
             .filter(|e| e.first_mono.abs_diff(mono_ns) <= window)
             .filter(|e| in_causal_order(want, e.first_mono, mono_ns))
             .min_by_key(|e| preference(want, e.first_mono, mono_ns));
@@ -614,15 +655,29 @@ impl<T> Joiner<T> {
         // The kernel never retransmits a RST: the same RST again is another event's (an
         // orphan's TCP_ABORT_ON_DATA reset, then the listener's for the client's next segment:
         // same sequence number, both RST alone).
-        let retransmit = pkt.flags & tcp_flags::RST == 0 && self.is_retransmission(&path, &pkt);
+        let retransmit = pkt.flags & tcp_flags::RST == 0 && self.has_segment(&path, &pkt);
         let mut entry = PacketEntry::new(id, &pkt, retransmit);
-        if !retransmit {
-            for role in [Dir::Out, Dir::In] {
-                if let Some(ev_id) = self.nearest_waiting(&path, &pkt, role) {
-                    self.unwait(&path, ev_id);
-                    let copy = entry.copy_for(role).clone();
-                    entry.claim(role, ev_id);
-                    self.attach(ev_id, copy, id, role);
+        if retransmit {
+            self.account_retransmission(&path, &pkt, &mut entry);
+        }
+        // A retransmission is for the receiving end only: the sender's event has the first
+        // copy.
+        let roles: &[Dir] = if retransmit {
+            &[Dir::In]
+        } else {
+            &[Dir::Out, Dir::In]
+        };
+        for &role in roles {
+            if entry.claimed[slot(role)].is_some() {
+                continue;
+            }
+            if let Some(ev_id) = self.nearest_waiting(&path, &pkt, role) {
+                self.unwait(&path, ev_id);
+                let copy = entry.copy_for(role).clone();
+                entry.claim(role, ev_id);
+                self.attach(ev_id, copy, id, role);
+                if retransmit {
+                    self.count_earlier_copy(ev_id);
                 }
             }
         }
@@ -672,30 +727,62 @@ impl<T> Joiner<T> {
         true
     }
 
-    /// The same segment seen again after the duplicate threshold: count it on the events it
-    /// joined, or report it if they are gone.
-    fn is_retransmission(&mut self, path: &PathKey, pkt: &WirePacket) -> bool {
-        let Some(entries) = self.packets.get(path) else {
-            return false;
+    fn count_earlier_copy(&mut self, ev_id: u64) {
+        if let Some(w) = self.events.get_mut(&ev_id).and_then(|e| e.wire.as_mut()) {
+            w.retransmits += 1;
+        }
+    }
+
+    /// Whether the same segment was seen before (beyond the duplicate threshold: a copy within
+    /// it was merged already): this is a retransmission.
+    fn has_segment(&self, path: &PathKey, pkt: &WirePacket) -> bool {
+        self.packets
+            .get(path)
+            .is_some_and(|entries| entries.iter().any(|e| e.same_segment(pkt)))
+    }
+
+    /// A retransmitted copy `entry` (of `pkt`) is counted on the events that joined the first
+    /// copy while they still wait to settle. The receiver's event takes this copy instead when
+    /// it came before the event too: the copy that moved the socket is the last one before its
+    /// event (the earlier one was lost on the way, after the capture saw it). A copy an event
+    /// accounted for is claimed by it, so it is no `packet` line of its own; one no event saw
+    /// is reported as a retransmission when its window ends.
+    fn account_retransmission(
+        &mut self,
+        path: &PathKey,
+        pkt: &WirePacket,
+        entry: &mut PacketEntry,
+    ) {
+        let Some(original) = self
+            .packets
+            .get(path)
+            .and_then(|entries| entries.iter().find(|e| e.same_segment(pkt)))
+        else {
+            return;
         };
-        let Some(original) = entries.iter().find(|e| e.same_segment(pkt)) else {
-            return false;
-        };
-        let claimers: Vec<u64> = original.claimed.iter().flatten().copied().collect();
-        let mut counted = false;
-        for ev_id in claimers {
-            if let Some(w) = self.events.get_mut(&ev_id).and_then(|e| e.wire.as_mut()) {
-                w.retransmits += 1;
-                counted = true;
+        let claimers = original.claimed;
+        for role in [Dir::Out, Dir::In] {
+            let Some(ev_id) = claimers[slot(role)].filter(|&id| id != NO_EVENT) else {
+                continue;
+            };
+            let Some(ev) = self.events.get_mut(&ev_id) else {
+                continue; // released already
+            };
+            let mono_ns = ev.mono_ns;
+            let Some(w) = ev.wire.as_mut() else {
+                continue;
+            };
+            w.retransmits += 1;
+            let moved_the_socket = role == Dir::In
+                && pkt.mono_ns <= mono_ns + CAUSAL_SLACK_NS
+                && pkt.mono_ns.abs_diff(mono_ns) < w.packet.mono_ns.abs_diff(mono_ns);
+            if moved_the_socket {
+                w.delay_ns = pkt.mono_ns as i64 - mono_ns as i64;
+                w.packet = entry.copy_for(Dir::In).clone();
+                ev.packet_id = Some(entry.id);
             }
+            entry.claim(role, ev_id);
         }
-        if !counted && !original.claimed.iter().all(Option::is_none) {
-            self.out.push(Joined::Packet {
-                packet: pkt.clone(),
-                retransmit: true,
-            });
-        }
-        true
     }
 
     fn nearest_waiting(&self, path: &PathKey, pkt: &WirePacket, role: Dir) -> Option<u64> {
@@ -744,6 +831,9 @@ impl<T> Joiner<T> {
                 break;
             }
             self.timers.pop(queue);
+            if queue == Deadline::WindowEnd as usize {
+                self.claim_at_window_end(id);
+            }
             if let Some(ev) = self.events.get_mut(&id) {
                 ev.ready = true;
                 let conn = ev.conn;
@@ -751,6 +841,21 @@ impl<T> Joiner<T> {
             }
         }
         self.expire_packets(now_mono_ns, out);
+    }
+
+    /// An event still without its packet when its window ends takes one that came long before
+    /// it, if that is all there is (see `claim_waiting_packet`).
+    fn claim_at_window_end(&mut self, id: u64) {
+        let Some(ev) = self.events.get(&id) else {
+            return;
+        };
+        let Some(want) = ev.want.clone().filter(|_| ev.wire.is_none()) else {
+            return;
+        };
+        let (path, mono_ns) = (want.path(), ev.mono_ns);
+        if self.claim_waiting_packet(id, &want, path, mono_ns, false) {
+            self.unwait(&path, id);
+        }
     }
 
     /// Releases the ready events at the front of a connection's queue, in order.
@@ -1202,10 +1307,62 @@ mod tests {
         let out = events(j.poll(200 * MS));
         assert_eq!(out[0].1.as_ref().unwrap().retransmits, 1);
         j.push_packet(pkt(C, S, FIN, 5, 300 * MS, Dir::Out)); // after release: reported
-        let out = j.poll(301 * MS);
+        let out = j.poll(2000 * MS);
         let p = packets(&out);
-        assert_eq!(p.len(), 1);
+        assert_eq!(p.len(), 1, "once, and the counted copy not at all");
         assert!(p[0].1, "marked as a retransmission");
+        assert_eq!(p[0].0.mono_ns, 300 * MS);
+    }
+
+    /// A received FIN long before its event (the socket's owner held it that long) is still
+    /// its packet when nothing nearer comes: taken after a grace for a retransmission.
+    #[test]
+    fn a_received_fin_long_before_its_event_joins_when_nothing_nearer_came() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_packet(pkt(S, C, FIN, 5, 100 * MS, Dir::In));
+        j.push_event(
+            1,
+            130 * MS,
+            want(C, S, WantFlag::Fin, Dir::In),
+            "fin_received",
+        );
+        assert!(
+            events(j.poll(229 * MS)).is_empty(),
+            "waits for a nearer copy"
+        );
+        let ev = events(j.poll(231 * MS));
+        assert_eq!(ev[0].1.as_ref().unwrap().delay_ns, -30 * MS as i64);
+    }
+
+    /// A FIN lost after the capture saw it (a drop on the receiving host) is sent again after
+    /// the retransmission timeout: the copy that reached the socket is the one just before the
+    /// receiver's event, even when the event is in before that copy is. Both ends' events
+    /// account for it: no `packet` line.
+    #[test]
+    fn the_receiver_joins_the_retransmitted_copy_that_reached_it() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_event(1, 100 * MS, want(S, C, WantFlag::Fin, Dir::Out), "close");
+        j.push_packet(pkt(S, C, FIN, 5, 100 * MS + 8_000, Dir::In)); // lost after the tap
+        let out = events(j.poll(150 * MS));
+        assert_eq!(
+            out[0].1.as_ref().unwrap().retransmits,
+            0,
+            "the sender's line left"
+        );
+        // The receiver's event comes before its copy does (the capture is slower).
+        j.push_event(
+            2,
+            305 * MS + 20_000,
+            want(C, S, WantFlag::Fin, Dir::In),
+            "fin_received",
+        );
+        j.push_packet(pkt(S, C, FIN, 5, 305 * MS, Dir::In));
+        let out = j.poll(2000 * MS);
+        assert!(packets(&out).is_empty(), "{:?}", packets(&out));
+        let ev = events(out);
+        let w = ev[0].1.as_ref().unwrap();
+        assert_eq!(w.delay_ns, -20_000, "the copy that reached it");
+        assert_eq!(w.retransmits, 1, "an earlier copy went before");
     }
 
     #[test]
