@@ -110,10 +110,11 @@ pub fn is_followed(pid: u32) -> bool {
         && FORKED.get_ptr(pid).is_some()
 }
 
-/// Whether the calls of process `pid` are recorded: every process without `--pid`; with it,
-/// the traced ones and their forked children.
+/// Whether process `pid` is traced: every process without `--pid`; with it, the traced ones
+/// and the children they fork (followed from their fork, or from start-up for the ones that
+/// were running): a pre-forked server's workers and the connections they open themselves.
 #[inline(always)]
-fn records_calls_of(pid: u32) -> bool {
+pub fn is_traced_process(pid: u32) -> bool {
     pid_passes(pid) || is_followed(pid)
 }
 
@@ -130,7 +131,7 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
     }
     let parent = current().pid;
     let flags = field::<u64>(&ctx, setting!(newtask_flags)).unwrap_or(CLONE_THREAD);
-    if flags & CLONE_THREAD != 0 || !records_calls_of(parent) {
+    if flags & CLONE_THREAD != 0 || !is_traced_process(parent) {
         return 0;
     }
     let Some(child) = field::<i32>(&ctx, setting!(newtask_pid)).filter(|&pid| pid > 0) else {
@@ -150,7 +151,7 @@ const NOT_A_SOCKET: u64 = u64::MAX;
 #[inline(always)]
 fn begin(kind: u8, fd: i32) {
     let cur = current();
-    if !records_calls_of(cur.pid) {
+    if !is_traced_process(cur.pid) {
         return; // with --pid, other processes' calls are never looked at
     }
     let claimed_sk = socket_behind(fd).map_or(0, |sk| if sk == 0 { NOT_A_SOCKET } else { sk });
@@ -225,7 +226,7 @@ const AFTER_EXIT_NS: u64 = 20_000_000;
 #[inline(always)]
 fn end() {
     let cur = current();
-    if !records_calls_of(cur.pid) {
+    if !is_traced_process(cur.pid) {
         return; // with --pid, other processes' calls never made an entry
     }
     if let Some(call) = CALLS.get_ptr_mut(cur.tid) {
@@ -487,7 +488,7 @@ pub fn tcp_close(ctx: ProbeContext) -> u32 {
         // SAFETY: as above.
         Some(call) => unsafe { (*call).claimed_sk = sk },
         // close_range(), io_uring, or a dup'd fd's last close: a close with no known call.
-        None if records_calls_of(cur.pid) => {
+        None if is_traced_process(cur.pid) => {
             record(
                 cur.tid,
                 entry,

@@ -16,11 +16,9 @@ use aya_ebpf::{
 use tracer_common::{SeedOwner, SockEvent, TupleKey, counter, owner_source};
 
 use crate::{
-    calls::is_followed,
+    calls::is_traced_process,
     capture_filter::watch,
-    emit::{
-        CLASSIC_SLOT, Record, count, enter_raw, field, leave_raw, noop, pid_passes, scratch_event,
-    },
+    emit::{CLASSIC_SLOT, Record, count, enter_raw, field, leave_raw, noop, scratch_event},
     setting,
     state::{SockFields, TupleSource},
 };
@@ -162,7 +160,7 @@ pub fn listener_key(family: u16, lport: u16) -> u32 {
 /// This keeps tracing one quiet service on a busy host nearly free.
 #[inline(always)]
 pub fn keep_unowned(cur: &Current) -> bool {
-    pid_passes(cur.pid)
+    is_traced_process(cur.pid)
 }
 
 /// With `--pid`, whether an event of `sk` may concern a traced process, decided before the
@@ -177,7 +175,7 @@ pub fn may_concern_traced(
     cur: &Current,
     family_port: impl FnOnce() -> Option<(u16, u16)>,
 ) -> bool {
-    if pid_passes(cur.pid) {
+    if is_traced_process(cur.pid) {
         return true; // also without --pid
     }
     if sock_entry(sk).is_some() {
@@ -196,7 +194,7 @@ pub fn may_concern_traced(
 /// inherits a traced owner.
 #[inline(always)]
 fn has_traced_listener(family: u16, port: u16) -> bool {
-    listener_pid(family, port).is_some_and(pid_passes)
+    listener_pid(family, port).is_some_and(is_traced_process)
 }
 
 /// The owner recorded for the listener on (family, port), if any. Looked up only on a port
@@ -253,7 +251,7 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut 
     let inherited = unsafe { seeded.then(|| SEED.get(&key)).flatten() }
         .map(|o| (*o, owner_source::SEEDED))
         .or_else(|| listener_owner(ev.family, ev.lport).map(|o| (o, owner_source::LISTENER)));
-    let traced_owner = inherited.is_some_and(|(owner, source)| is_traced_owner(&owner, source));
+    let traced_owner = inherited.is_some_and(|(owner, _)| is_traced_owner(&owner));
     if !keep && !traced_owner {
         return None; // the caller counts the event as filtered
     }
@@ -272,12 +270,12 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut 
     SOCKS.get_ptr_mut(skaddr)
 }
 
-/// Whether an inherited owner makes the socket traced: a traced process, or (seeded from
-/// /proc) a running child of one that the tracer follows, such as a pre-forked server's worker
-/// holding a keep-alive connection when the tracer started under `--pid` of its master.
+/// Whether an inherited owner makes the socket traced: a traced process, such as a pre-forked
+/// server's worker holding a keep-alive connection (seeded from /proc) when the tracer started
+/// under `--pid` of its master.
 #[inline(always)]
-fn is_traced_owner(owner: &SeedOwner, source: u8) -> bool {
-    pid_passes(owner.pid) || (source == owner_source::SEEDED && is_followed(owner.pid))
+fn is_traced_owner(owner: &SeedOwner) -> bool {
+    is_traced_process(owner.pid)
 }
 
 /// Records the current task as the socket's owner.
@@ -295,7 +293,7 @@ pub fn claim(info: &mut SockInfo, cur: &Current) {
 /// does not make it untraced). Without `--pid` every socket passes.
 #[inline(always)]
 pub fn note_traced(info: &mut SockInfo) {
-    if info.traced == 0 && pid_passes(info.pid) {
+    if info.traced == 0 && is_traced_process(info.pid) {
         info.traced = 1;
     }
 }
@@ -325,7 +323,7 @@ pub fn sock_io(ctx: TracePointContext) -> u32 {
     if noop() {
         return 0;
     }
-    let Some(task) = io_task() else {
+    let Some(cur) = io_task() else {
         return 0;
     };
     let Some(rec) = Record::copy(&ctx, setting!(io_record_len)) else {
@@ -336,7 +334,7 @@ pub fn sock_io(ctx: TracePointContext) -> u32 {
     };
     io_seen(
         sk,
-        &task,
+        &cur,
         || rec.get::<u16>(setting!(io_protocol)),
         || Some(CLASSIC_SLOT),
     );
@@ -350,14 +348,14 @@ pub fn sock_io_raw(ctx: RawTracePointContext) -> u32 {
     if noop() {
         return 0;
     }
-    let Some(task) = io_task() else {
+    let Some(cur) = io_task() else {
         return 0;
     };
     let sk: u64 = ctx.arg(0);
     let mut entered = None;
     io_seen(
         sk,
-        &task,
+        &cur,
         || SockFields::new(sk).protocol(),
         || {
             entered = enter_raw();
@@ -374,21 +372,11 @@ pub fn sock_io_raw(ctx: RawTracePointContext) -> u32 {
 /// of every socket on the host; with --pid, an untraced task's I/O changes nothing worth
 /// knowing (it would only hand a traced socket to a process whose events are filtered out),
 /// so the programs return before reading anything. A traced process's forked child (a
-/// pre-forked server's worker) is the exception: what it serves is the traced process's.
+/// pre-forked server's worker) is traced itself (`is_traced_process`).
 #[inline(always)]
-fn io_task() -> Option<IoTask> {
+fn io_task() -> Option<Current> {
     let cur = current();
-    if keep_unowned(&cur) {
-        return Some(IoTask { cur, traced: true });
-    }
-    is_followed(cur.pid).then_some(IoTask { cur, traced: false })
-}
-
-/// A task whose I/O is looked at, and whether its process is traced itself (else it is a
-/// traced process's forked child, followed).
-struct IoTask {
-    cur: Current,
-    traced: bool,
+    keep_unowned(&cur).then_some(cur)
 }
 
 /// The task (from `io_task`) did I/O on `sk`. Only TCP sockets are in the table, so the
@@ -399,25 +387,18 @@ struct IoTask {
 /// when a socket is first seen.
 fn io_seen(
     sk: u64,
-    task: &IoTask,
+    cur: &Current,
     protocol: impl FnOnce() -> Option<u16>,
     slot: impl FnOnce() -> Option<u32>,
 ) {
     if let Some(info) = sock_entry(sk) {
         // SAFETY: entry pointer from the map; races only with the same socket's events.
-        unsafe { claim(&mut *info, &task.cur) };
+        unsafe { claim(&mut *info, cur) };
     } else if protocol() == Some(tracer_common::IPPROTO_TCP) {
         // First sight of this socket (an accepted one whose listener may already be gone):
-        // record the task doing I/O on it as its owner. Ports come with its next transition.
-        if task.traced {
-            remember_io_owner(sk, &task.cur, false);
-        } else if accepted_from_traced_listener(sk) {
-            // A followed worker serving what the traced parent's listener accepted: the
-            // socket is the traced process's, and the worker acts on it.
-            remember_io_owner(sk, &task.cur, true);
-        } else {
-            return;
-        }
+        // record the task doing I/O on it as its owner, a traced process. Ports come with its
+        // next transition.
+        remember_io_owner(sk, cur);
         if let Some(slot) = slot() {
             watch_socket(sk, slot);
         }
@@ -440,17 +421,8 @@ fn watch_socket(sk: u64, slot: u32) {
     }
 }
 
-/// Whether the socket's local port has a listener of a traced process (with the socket's
-/// own fields, where the kernel's BTF gave them).
 #[inline(always)]
-fn accepted_from_traced_listener(sk: u64) -> bool {
-    SockFields::new(sk)
-        .family_and_port()
-        .is_some_and(|(family, port)| has_traced_listener(family, port))
-}
-
-#[inline(always)]
-fn remember_io_owner(sk: u64, cur: &Current, traced: bool) {
+fn remember_io_owner(sk: u64, cur: &Current) {
     let info = SockInfo {
         conn_id: new_conn_id(),
         state_since_ns: 0,
@@ -463,7 +435,7 @@ fn remember_io_owner(sk: u64, cur: &Current, traced: bool) {
         rst_received: 0,
         lport: 0,
         rport: 0,
-        traced: traced as u8,
+        traced: 1,
     };
     // EEXIST: another event of the socket created the entry meanwhile; anything else: full.
     const EEXIST: i32 = -17;

@@ -13,11 +13,11 @@ use tracer_common::{
 };
 
 use crate::{
-    calls::{Context, PendingCall, call_acting_on, runs_in_task},
+    calls::{Context, PendingCall, call_acting_on, is_traced_process, runs_in_task},
     capture_filter::watch,
     emit::{
         CLASSIC_SLOT, Record, Span, admit, count, enter_raw, kernel_read, leave_raw, noop,
-        pid_passes, ports_pass, scratch_event, write_event,
+        ports_pass, scratch_event, write_event,
     },
     held::{hold, waits_for_its_reset},
     owners::{
@@ -225,7 +225,7 @@ fn watch_if_traced(sk: u64, ev: &SockEvent, slot: u32) {
     let owner = sock_entry(sk)
         .map(|info| unsafe { (*info).pid })
         .or_else(|| listener_pid(ev.family, ev.lport));
-    if owner.is_some_and(pid_passes) {
+    if owner.is_some_and(is_traced_process) {
         watch(ev, slot);
     }
 }

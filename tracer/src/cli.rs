@@ -50,9 +50,10 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct TraceArgs {
-    /// Only sockets owned by these processes (all their threads; a socket they owned stays
-    /// traced when a child it was handed to, such as a pre-forked worker, serves or closes
-    /// it, and names that child and its call); repeatable.
+    /// Only sockets owned by these processes (all their threads) and by the children they
+    /// fork (a pre-forked server's workers, a forking proxy's children: what a child was
+    /// handed and what it opens itself; running children are found at start-up); repeatable.
+    /// The run ends when all of them have exited and their connections finished closing.
     #[arg(short, long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
     /// Only connections whose local or remote port is PORT; repeatable.

@@ -206,6 +206,37 @@ pub fn follow_children(ebpf: &mut Ebpf, children: &[u32]) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The children the kernel programs follow for the traced processes (FORKED), read while the
+/// run goes on: the traced processes' exit does not end it while a child they forked still
+/// runs (a daemon's workers, once their parent has gone).
+pub struct Followed {
+    map: BpfHashMap<MapData, u32, u8>,
+}
+
+impl Followed {
+    pub fn new(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let map = ebpf.take_map("FORKED").context("FORKED map missing")?;
+        Ok(Self {
+            map: BpfHashMap::try_from(map)?,
+        })
+    }
+
+    /// Forgets the followed children that exited (the kernel gives their pids to new
+    /// processes, which are not the traced processes' children); says whether any still runs.
+    pub fn forget_exited(&mut self) -> bool {
+        let pids: Vec<u32> = self.map.keys().filter_map(Result::ok).collect();
+        let mut running = false;
+        for pid in pids {
+            if crate::cli::process_exists(pid) {
+                running = true;
+            } else {
+                let _ = self.map.remove(&pid);
+            }
+        }
+        running
+    }
+}
+
 /// With `--pid`, the traced listeners that other processes also hold (one worker of a
 /// pre-forked server traced, its siblings not): any such holder may accept from the listener,
 /// so what it accepts cannot inherit a traced owner from it. Without this, `--pid` of one

@@ -39,6 +39,9 @@ use crate::{
 const TICK: Duration = Duration::from_millis(20);
 const CLOCK_REFRESH: Duration = Duration::from_secs(1);
 const PID_CHECK: Duration = Duration::from_millis(200);
+/// How often the followed children that exited are forgotten while the traced processes run
+/// (a forking server may have thousands over a run).
+const FOLLOWED_SWEEP: Duration = Duration::from_secs(2);
 /// How often the closes held in the kernel are looked at (see `held`).
 const HELD_CHECK: Duration = Duration::from_millis(250);
 
@@ -212,6 +215,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
             .context("COUNTERS map missing")?,
     )?;
     let skipped = SkippedRuns::new(&loaded.ebpf);
+    let followed = owners::Followed::new(&mut loaded.ebpf)?;
     let held = HeldCloses::new(HashMap::try_from(
         loaded
             .ebpf
@@ -262,6 +266,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
             counters: &counters,
             skipped: &skipped,
             held,
+            followed,
             tables: options.tables,
         },
         capture,
@@ -333,6 +338,7 @@ async fn event_loop(
     let mut last_clock = Instant::now();
     let mut last_pid_check = Instant::now();
     let mut last_held_check = Instant::now();
+    let mut last_sweep = Instant::now();
     // Once every traced process has exited: until when their connections' teardown is
     // followed.
     let mut after_exit: Option<Instant> = None;
@@ -381,7 +387,11 @@ async fn event_loop(
                 }
                 if last_pid_check.elapsed() >= PID_CHECK {
                     last_pid_check = Instant::now();
-                    if every_traced_process_exited(settings) {
+                    if last_sweep.elapsed() >= FOLLOWED_SWEEP {
+                        last_sweep = Instant::now();
+                        kernel.followed.forget_exited();
+                    }
+                    if every_traced_process_exited(settings, &mut kernel.followed) {
                         let until = *after_exit.get_or_insert_with(|| {
                             announce_teardown_wait(pipeline.closing_connections(), settings)
                         });
@@ -412,12 +422,15 @@ async fn event_loop(
     Ok(stop)
 }
 
-fn every_traced_process_exited(settings: &Settings) -> bool {
+/// The traced processes and the children they forked (which the programs follow: what a
+/// traced process handed to them, and what they open themselves, is traced) have all exited.
+fn every_traced_process_exited(settings: &Settings, followed: &mut owners::Followed) -> bool {
     !settings.pids.is_empty()
         && settings
             .pids
             .iter()
             .all(|&p| !crate::cli::process_exists(p))
+        && !followed.forget_exited()
 }
 
 /// A process's exit closes its sockets, and their teardown goes on without it: a FIN queued
@@ -525,6 +538,8 @@ struct Kernel<'a> {
     counters: &'a PerCpuArray<MapData, u64>,
     skipped: &'a SkippedRuns,
     held: HeldCloses,
+    /// With `--pid`: the traced processes' children the programs follow.
+    followed: owners::Followed,
     /// What the per-socket tables were sized to at start-up.
     tables: TableSizes,
 }

@@ -991,3 +991,67 @@ fn a_late_fin_this_host_sent_on_a_veth_is_an_outgoing_packet() {
         "its FIN left after the window: {close}"
     );
 }
+
+/// `--pid` of a process that forks a child and exits at once (a daemon's start): the child is
+/// traced, the connection it opens itself included, and the run goes on while it runs. Both
+/// were missed: a forked child was followed only for what its parent handed to it, and the run
+/// ended with the parent, before the child had done anything.
+#[test]
+fn pid_of_a_parent_that_exits_traces_the_child_it_forked() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = common::listener("127.0.0.1:0");
+    let script = r#"
+import os, socket, sys, time
+print(os.getpid(), flush=True)
+sys.stdin.read(1)
+if os.fork() == 0:
+    time.sleep(0.5)
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    print(os.getpid(), s.getsockname()[1], flush=True)
+    time.sleep(0.2)
+    s.close()
+    time.sleep(0.3)
+os._exit(0)
+"#;
+    let mut parent = Command::new("python3")
+        .args(["-c", script, &port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(parent.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let parent_pid: u32 = line.trim().parse().unwrap();
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &parent_pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    parent.stdin.take().unwrap().write_all(b"x").unwrap(); // fork now
+    assert!(parent.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        tracer.is_running(),
+        "the parent has exited, its child runs: the run goes on"
+    );
+    let (mut server, _) = l.accept().unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let mut words = line.split_whitespace().map(|w| w.parse::<u64>().unwrap());
+    let (child, lport) = (words.next().unwrap(), words.next().unwrap());
+    common::read_to_eof(&mut server);
+    drop(server);
+    let close = tracer.wait_for(|v| v["event"] == "close" && v["lport"] == lport, WAIT);
+    assert_eq!(close["pid"], child, "the child's own connection: {close}");
+    assert_eq!(close["outcome"], "fin", "{close}");
+    assert!(close["wire"].is_object(), "its FIN joined: {close}");
+    let out = tracer.finish(Duration::from_secs(10));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "ends once the child has: {}",
+        out.stderr
+    );
+}

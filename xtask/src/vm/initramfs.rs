@@ -31,15 +31,19 @@ pub const MODES: &[&str] = &["auto", "tracepoint"];
 
 /// The `--pid` runs: the kernel filter's code paths are only verified where they can run
 /// (the verifier prunes branches on the read-only settings), so each is loaded for real while
-/// the scenarios churn connections that belong to none of the traced pids. `inline` traces one
-/// pid (compared inline in the programs), `map` more than fit inline (the PIDS map decides).
+/// the scenarios churn connections that belong to none of the traced processes. `inline` traces
+/// one pid (compared inline in the programs), `map` more than fit inline (the PIDS map decides).
+/// The traced processes are quiet sleepers the script starts (`$quiet1`...): `--pid` covers
+/// the children a process forks, and every process in the VM is init's.
 pub const PID_RUNS: &[(&str, &str)] = &[
-    ("inline", "--pid 1"),
+    ("inline", "--pid $quiet1"),
     (
         "map",
-        "--pid 1 --pid 2 --pid 3 --pid 4 --pid 5 --pid 6 --pid 7 --pid 8 --pid 9",
+        "--pid $quiet1 --pid $quiet2 --pid $quiet3 --pid $quiet4 --pid $quiet5 --pid $quiet6 \
+         --pid $quiet7 --pid $quiet8 --pid $quiet9",
     ),
 ];
+const QUIET_PROCESSES: u32 = 9;
 
 pub const BEGIN: &str = "=== tracer-vm begin ";
 pub const END: &str = "=== tracer-vm end ";
@@ -163,7 +167,8 @@ fn libraries(binaries: &[&Path]) -> anyhow::Result<BTreeSet<PathBuf>> {
 /// pass starts once both have said `ready` (a slow VM may take seconds to load them) and the
 /// tracers are stopped by SIGINT after it, so that each writes its summary.
 fn pid_filter_run() -> String {
-    let mut s = String::new();
+    let mut s =
+        format!("for i in $(seq 1 {QUIET_PROCESSES}); do sleep 100000 & eval quiet$i=$!; done\n");
     let mut pids = Vec::new();
     let mut files = Vec::new();
     for (i, (name, args)) in PID_RUNS.iter().enumerate() {
