@@ -41,12 +41,23 @@ struct KernelLabels {
     counter: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JoinLabels {
+    result: &'static str,
+}
+
+/// Where events can be lost (the summary's `lost` object): each shows from the start, at 0,
+/// so that a dashboard's rate and alert have a series before the first loss.
+const LOST_SOURCES: [&str; 4] = ["ringbuf", "capture", "output", "hooks"];
+
 /// The tracer's metrics.
 pub struct Metrics {
     registry: Registry,
     events: Family<EventLabels, Counter>,
     resets: Family<ResetLabels, Counter>,
     lost: Family<LostLabels, Counter>,
+    /// Lines that waited for their packet, joined or not (the summary's `joined`, `unjoined`).
+    joins: Family<JoinLabels, Counter>,
     /// The summary's `kernel` object as it grows.
     kernel: Family<KernelLabels, Counter>,
     close_to_wire: Histogram,
@@ -68,6 +79,16 @@ impl Metrics {
         let resets = Family::<ResetLabels, Counter>::default();
         let lost = Family::<LostLabels, Counter>::default();
         let kernel = Family::<KernelLabels, Counter>::default();
+        let joins = Family::<JoinLabels, Counter>::default();
+        for source in LOST_SOURCES {
+            // Created at 0 (the guard it returns is of no use here).
+            let _ = lost.get_or_create(&LostLabels {
+                source: source.to_string(),
+            });
+        }
+        for result in ["joined", "unjoined"] {
+            let _ = joins.get_or_create(&JoinLabels { result });
+        }
         // 1 µs to ~4 s in factors of 4: a loopback RST is tens of µs, a FIN stuck behind
         // unsent data is seconds.
         let close_to_wire = Histogram::new(
@@ -87,6 +108,12 @@ impl Metrics {
             "lost_events",
             "Events lost, by where they were lost",
             lost.clone(),
+        );
+        registry.register(
+            "joins",
+            "Lines that waited for their FIN or RST on the wire, by whether it came within the \
+             join window",
+            joins.clone(),
         );
         registry.register(
             "kernel_counts",
@@ -117,6 +144,7 @@ impl Metrics {
             events,
             resets,
             lost,
+            joins,
             kernel,
             close_to_wire,
             own_cpu,
@@ -148,6 +176,12 @@ impl Metrics {
                 source: source.to_string(),
             })
             .inc_by(count);
+    }
+
+    /// A line that waited for its packet went out, with it (`joined`) or without.
+    pub fn join(&self, joined: bool) {
+        let result = if joined { "joined" } else { "unjoined" };
+        self.joins.get_or_create(&JoinLabels { result }).inc();
     }
 
     /// The kernel counts grew from `before` to `now` (both read from the same counters).
@@ -254,7 +288,20 @@ mod tests {
                 ..first
             },
         );
+        m.join(true);
         let text = m.render();
+        assert!(
+            text.contains("tracer_joins_total{result=\"joined\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tracer_joins_total{result=\"unjoined\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tracer_lost_events_total{source=\"capture\"} 0"),
+            "every source shows, 0 too: {text}"
+        );
         assert!(
             text.contains("tracer_kernel_counts_total{counter=\"emitted\"} 25"),
             "{text}"

@@ -314,6 +314,9 @@ impl Pipeline {
             } else {
                 self.stats.unjoined += 1;
             }
+            if let Some(m) = &self.metrics {
+                m.join(wire.is_some());
+            }
         }
         if let Some(w) = wire {
             self.conns.note_fin(&w.packet);

@@ -256,6 +256,26 @@ fn metrics_agree_with_the_json_lines() {
         );
     }
     assert!(summary["kernel"]["emitted"].as_u64() > Some(0), "{summary}");
+    // Joins and losses as the summary counts them; every loss source shows, at 0 too.
+    for result in ["joined", "unjoined"] {
+        assert_eq!(
+            metric(&text, "tracer_joins_total", &format!("result=\"{result}\"")),
+            summary[result].as_u64().unwrap(),
+            "{result}: {text}\n{summary}"
+        );
+    }
+    for source in ["ringbuf", "capture", "output", "hooks"] {
+        let labels = format!("source=\"{source}\"");
+        assert!(
+            text.contains(&format!("tracer_lost_events_total{{{labels}}} ")),
+            "{text}"
+        );
+        assert_eq!(
+            metric(&text, "tracer_lost_events_total", &labels),
+            summary["lost"][source].as_u64().unwrap(),
+            "{source}: {text}"
+        );
+    }
 }
 
 #[test]
