@@ -172,10 +172,19 @@ impl CaptureHandle {
 }
 
 /// Names of the interfaces libpcap can capture on.
+/// The network interfaces a capture can open here: libpcap's devices that are network
+/// interfaces of this namespace (libpcap also lists D-Bus, netfilter queues and USB or
+/// Bluetooth monitors, which carry no TCP), `any` first.
 pub fn interface_names() -> Vec<String> {
-    Device::list()
+    let devices: Vec<String> = Device::list()
         .map(|devices| devices.into_iter().map(|d| d.name).collect())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let is_network_interface =
+        |name: &str| std::path::Path::new("/sys/class/net").join(name).exists();
+    devices
+        .into_iter()
+        .filter(|name| name == "any" || is_network_interface(name))
+        .collect()
 }
 
 /// The kernel filter: TCP with FIN or RST, IPv4 and IPv6 (IPv6 without extension headers:
