@@ -24,6 +24,7 @@ mod progstats;
 mod run;
 mod sockets;
 mod stats;
+mod timeline;
 mod tracefs;
 
 use std::process::ExitCode;

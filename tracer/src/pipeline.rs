@@ -23,6 +23,7 @@ use crate::{
     output::Output,
     pcapng::PcapngOut,
     stats::Stats,
+    timeline::Timeline,
 };
 
 /// How long an abortive close waits for its RST event before going out without one, counted
@@ -44,6 +45,9 @@ pub struct PendingLine {
     /// The outcome is whatever RST the wire shows (the kernel's RST event is missing).
     outcome_from_wire: bool,
 }
+
+/// How much longer than the join window a pretty line is held for ordering (see `timeline`).
+const TIMELINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// An abortive close waiting for the RST event of the same call.
 struct Staged {
@@ -67,6 +71,10 @@ pub struct Pipeline {
     read_at_ns: u64,
     /// What the joiner released, reused every turn.
     ready: Vec<Joined<PendingLine>>,
+    /// `--format pretty`: lines held to go out in time order, and for how long (see
+    /// `timeline`).
+    timeline: Option<Timeline>,
+    timeline_hold_ns: u64,
     pub clock: Clock,
     pub stats: Stats,
 }
@@ -91,6 +99,10 @@ impl Pipeline {
             capturing: true,
             read_at_ns: 0,
             ready: Vec::new(),
+            timeline: matches!(format, Format::Pretty { .. }).then(Timeline::default),
+            // The joiner releases a line at most its window after the event, plus the settle
+            // time and a loop turn.
+            timeline_hold_ns: (join_window + TIMELINE_MARGIN).as_nanos() as u64,
             clock: Clock::sample(),
             stats: Stats::default(),
         }
@@ -217,6 +229,9 @@ impl Pipeline {
         self.joiner.poll_into(now_ns, &mut ready);
         self.emit_all(&mut ready, out);
         self.ready = ready; // emptied, capacity kept for the next turn
+        if let Some(timeline) = &mut self.timeline {
+            timeline.release(now_ns.saturating_sub(self.timeline_hold_ns), out);
+        }
         self.conns.expire(now_ns);
     }
 
@@ -247,6 +262,9 @@ impl Pipeline {
         }
         let mut rest = self.joiner.flush();
         self.emit_all(&mut rest, out);
+        if let Some(timeline) = &mut self.timeline {
+            timeline.release(u64::MAX, out);
+        }
         if let Some(file) = &mut self.pcapng
             && let Err(e) = file.flush()
         {
@@ -323,7 +341,13 @@ impl Pipeline {
             let comment = || packet_comment(pending);
             self.record_packet(&w.packet, comment);
         }
-        if !out.try_write(|text| self.write_socket_line(pending, wire, text)) {
+        if self.timeline.is_some() {
+            let mut text = String::new();
+            self.write_socket_line(pending, wire, &mut text);
+            if let Some(timeline) = &mut self.timeline {
+                timeline.hold(pending.ev.mono_ns, text);
+            }
+        } else if !out.try_write(|text| self.write_socket_line(pending, wire, text)) {
             return; // counted as lost output
         }
         self.stats.count_line(pending.event);
@@ -380,7 +404,14 @@ impl Pipeline {
         let json = self
             .format
             .packet(&packet_line(&packet, retransmit, conn.map(|c| c.0)));
-        if out.try_line(json) {
+        let written = match &mut self.timeline {
+            Some(timeline) => {
+                timeline.hold(packet.mono_ns, json);
+                true
+            }
+            None => out.try_line(json),
+        };
+        if written {
             self.stats.count_line("packet");
             if let Some(m) = &self.metrics {
                 m.line("packet", None);

@@ -675,3 +675,58 @@ fn sockets_destroyed_while_the_hooks_attach_leave_nothing_behind() {
         assert_eq!(v["pid"], std::process::id(), "{v}");
     }
 }
+
+/// `--format pretty` is a timeline a person reads: its lines are in time order. The joiner
+/// releases a line when its packet has come, so a line that waits for nothing (a listener's
+/// close) went out before the earlier lines of connections whose FINs were still settling.
+#[test]
+fn the_pretty_timeline_is_in_time_order() {
+    if !common::require_root() {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut tracer = Command::new(TRACER)
+        .args([
+            "--format",
+            "pretty",
+            "-i",
+            "lo",
+            "--port",
+            &port.to_string(),
+        ])
+        .args(["--duration", "3s"])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(tracer.stdout.take().unwrap());
+    // The ready line (indented JSON) ends with a lone brace.
+    let mut line = String::new();
+    while stdout.read_line(&mut line).unwrap() > 0 && line.trim_end() != "}" {
+        line.clear();
+    }
+    for _ in 0..3 {
+        let (mut c, mut s) = common::tcp_pair_on(&l);
+        c.write_all(b"x").unwrap();
+        drop(c);
+        common::read_to_eof(&mut s);
+    }
+    drop(l); // its close waits for no packet
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
+    assert!(tracer.wait().unwrap().success());
+    // Each line of the timeline begins with the time of day (HH:MM:SS.nnnnnnnnn).
+    let times: Vec<&str> = text
+        .lines()
+        .filter(|l| l.as_bytes().get(2) == Some(&b':') && l.as_bytes().get(5) == Some(&b':'))
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert!(times.len() >= 12, "{text}");
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "in time order:\n{text}"
+    );
+    assert!(text.contains("LISTEN→CLOSE"), "{text}");
+}
