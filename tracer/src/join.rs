@@ -614,8 +614,12 @@ impl<T> Joiner<T> {
         let packet = entry.copy_for(want.dir).clone();
         entry.claim(want.dir, id);
         let packet_id = entry.id;
+        let retransmission = entry.retransmit;
         schedule_early_expiry(&mut self.early_order, entry, path);
         self.attach(id, packet, packet_id, want.dir);
+        if retransmission {
+            self.count_earlier_copy(id); // the receiver took a retransmission: one went before
+        }
         true
     }
 
@@ -1312,6 +1316,27 @@ mod tests {
         assert_eq!(p.len(), 1, "once, and the counted copy not at all");
         assert!(p[0].1, "marked as a retransmission");
         assert_eq!(p[0].0.mono_ns, 300 * MS);
+    }
+
+    /// The same, with the receiver's event in after the retransmission came through the
+    /// capture: it joins it, and counts the copy that went before.
+    #[test]
+    fn a_receiver_in_after_the_retransmission_counts_the_lost_copy() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_event(1, 100 * MS, want(S, C, WantFlag::Fin, Dir::Out), "close");
+        j.push_packet(pkt(S, C, FIN, 5, 100 * MS + 8_000, Dir::In));
+        j.push_packet(pkt(S, C, FIN, 5, 305 * MS, Dir::In));
+        j.push_event(
+            2,
+            305 * MS + 20_000,
+            want(C, S, WantFlag::Fin, Dir::In),
+            "fin_received",
+        );
+        let out = j.poll(2000 * MS);
+        assert!(packets(&out).is_empty(), "{:?}", packets(&out));
+        let ev = events(out);
+        let w = ev[1].1.as_ref().unwrap();
+        assert_eq!((w.delay_ns, w.retransmits), (-20_000, 1));
     }
 
     /// A received FIN long before its event (the socket's owner held it that long) is still

@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use common::{NetnsPeer, Peer, Tcpdump, TracedServer, Tracer, is, set_linger_zero, wait_readable};
+use common::{
+    NetnsPeer, Peer, Segment, Tcpdump, TracedServer, Tracer, is, set_linger_zero, wait_readable,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -1053,5 +1055,117 @@ os._exit(0)
         Some(0),
         "ends once the child has: {}",
         out.stderr
+    );
+}
+
+/// An nftables table in the root namespace, deleted when dropped.
+struct NftTable(String);
+
+impl NftTable {
+    fn create(name: &str, body: &str) -> Self {
+        use std::process::{Command, Stdio};
+        let mut nft = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft runs (cargo xtask bootstrap --test-tools installs nftables)");
+        nft.stdin
+            .take()
+            .unwrap()
+            .write_all(format!("table inet {name} {{\n{body}\n}}\n").as_bytes())
+            .unwrap();
+        assert!(nft.wait().unwrap().success(), "nft took the table");
+        NftTable(name.to_string())
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
+    }
+}
+
+/// A FIN lost after the capture saw it (dropped on its way into this host's stack) is sent
+/// again after the retransmission timeout (~200 ms): the receiver's fin_received joins the copy
+/// that reached its socket, just before its event, and counts the first; the sender's close
+/// keeps the first; nothing is left over as a packet line. The receiver joined the lost copy
+/// (delay -205 ms) whenever its event came in before the second copy came through the capture.
+#[test]
+fn a_fin_lost_after_the_capture_joins_its_retransmission_on_the_receiver() {
+    if !common::require_root() {
+        return;
+    }
+    let net = NetnsPeer::new();
+    let ns_v4 = net.ns_v4.clone();
+    let l = net.in_ns(move || TcpListener::bind(format!("{ns_v4}:0")).unwrap());
+    let port = l.local_addr().unwrap().port();
+    // The first FIN from the server to each client port is dropped in the input hook, after
+    // the capture's tap on the veth.
+    let _drop_first_fin = NftTable::create(
+        &format!("trcfin{port}"),
+        &format!(
+            "set fins {{ type inet_service; flags dynamic; timeout 60s; }}\n\
+             chain input {{ type filter hook input priority 0;\n\
+             iifname \"{}\" tcp sport {port} tcp flags & fin == fin tcp dport != @fins \
+             add @fins {{ tcp dport }} drop\n}}",
+            net.root_if
+        ),
+    );
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(b"hello").unwrap();
+        // closed here: FIN
+    });
+    let tcpdump = Tcpdump::start(&net.root_if, &format!("tcp port {port}"));
+    let mut tracer = Tracer::start(&["-i", &net.root_if, "--port", &port.to_string()]);
+    tracer.wait_ready(WAIT);
+    let mut c = TcpStream::connect((net.ns_v4.as_str(), port)).unwrap();
+    let lport = c.local_addr().unwrap().port();
+    assert_eq!(common::read_to_eof(&mut c), b"hello");
+    server.join().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    drop(c);
+    let received = tracer.wait_for(|v| is(v, "fin_received", lport, port), WAIT);
+    std::thread::sleep(Duration::from_millis(700)); // the packets' windows end
+    let out = tracer.stop();
+    let segments = tcpdump.stop_segments();
+    let fins: Vec<&Segment> = segments
+        .iter()
+        .filter(|s| s.is_fin() && s.sport == port && s.dport == lport)
+        .collect();
+    assert_eq!(
+        fins.len(),
+        2,
+        "tcpdump saw the FIN and its retransmission: {segments:?}"
+    );
+    assert_eq!(fins[0].seq, fins[1].seq);
+    let wire = &received["wire"];
+    assert_eq!(wire["seq"], fins[0].seq, "{received}");
+    let delay = wire["delay_ns"].as_i64().unwrap();
+    assert!(
+        delay.abs() < 5_000_000,
+        "the copy that reached the socket, just before its event: {received}"
+    );
+    assert_eq!(
+        wire["retransmits"], 1,
+        "the lost copy went before: {received}"
+    );
+    let close = out
+        .lines_of("close", port, lport)
+        .into_iter()
+        .next()
+        .expect("the server's close");
+    assert!(
+        close["wire"]["delay_ns"].as_i64().unwrap() < 5_000_000,
+        "the sender's close keeps the first copy: {close}"
+    );
+    assert!(
+        !out.lines
+            .iter()
+            .any(|v| v["event"] == "packet" && v["seq"] == fins[0].seq),
+        "each copy was claimed: {:?}",
+        out.lines
     );
 }

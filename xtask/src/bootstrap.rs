@@ -48,6 +48,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "python3",
         "tests' peers (tests/peer.py) and their forking and inheriting servers are python scripts",
     ),
+    (
+        "nftables",
+        "tests drop a FIN after the capture has seen it, so that the kernel retransmits it",
+    ),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
