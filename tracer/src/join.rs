@@ -584,7 +584,7 @@ impl<T> Joiner<T> {
     /// `recent_only`, a packet the socket received must have come shortly before the event
     /// (`RECEIVED_BEFORE_EVENT_NS`): one long before is a copy lost on the way, whose
     /// retransmission may still be on its way to the joiner; the event waits for it, and takes
-    /// the old copy only when its window ends with nothing nearer.
+    /// the old copy only when OLDER_COPY_GRACE_NS have passed with nothing nearer.
     fn claim_waiting_packet(
         &mut self,
         id: u64,
@@ -847,8 +847,9 @@ impl<T> Joiner<T> {
         self.expire_packets(now_mono_ns, out);
     }
 
-    /// An event still without its packet when its window ends takes one that came long before
-    /// it, if that is all there is (see `claim_waiting_packet`).
+    /// An event still without its packet when its wait ends (its window, or the grace for a
+    /// nearer copy: see `push_event`) takes one that came long before it, if that is all there
+    /// is (see `claim_waiting_packet`).
     fn claim_at_window_end(&mut self, id: u64) {
         let Some(ev) = self.events.get(&id) else {
             return;
