@@ -4,10 +4,12 @@
 
 use std::{
     borrow::Cow,
-    collections::{HashSet, VecDeque},
+    cmp::Reverse,
+    collections::{BinaryHeap, HashSet, VecDeque},
     fs::File,
     io::BufWriter,
     path::Path,
+    sync::Arc,
     time::Duration,
 };
 
@@ -38,10 +40,19 @@ type PacketId = (
     u64,
 );
 
+/// A packet waiting to be written: (capture time, arrival number, headers, comment).
+type Held = Reverse<(u64, u64, u64, Arc<[u8]>, String)>;
+
+/// Writes packets in capture order. A packet is written when the event it joined leaves the
+/// joiner (or it leaves unclaimed), up to the join window after it was captured, so packets of
+/// different connections come out of order; readers of pcapng expect them sorted by time (and
+/// some tools warn otherwise). Each packet is held until no earlier one can still come.
 pub struct PcapngOut {
     writer: PcapNgWriter<BufWriter<File>>,
     written: HashSet<PacketId>,
     order: VecDeque<PacketId>,
+    held: BinaryHeap<Held>,
+    arrivals: u64,
 }
 
 impl PcapngOut {
@@ -60,10 +71,13 @@ impl PcapngOut {
             writer,
             written: HashSet::new(),
             order: VecDeque::new(),
+            held: BinaryHeap::new(),
+            arrivals: 0,
         })
     }
 
-    /// Writes the packet with its comment, unless it was written already.
+    /// Takes the packet with its comment, unless it was taken already; it is written by
+    /// `release`, in time order.
     pub fn write(&mut self, pkt: &WirePacket, comment: String) -> anyhow::Result<()> {
         let id = (pkt.src, pkt.dst, pkt.seq, pkt.ack, pkt.flags, pkt.wall_ns);
         if !self.written.insert(id) {
@@ -75,19 +89,90 @@ impl PcapngOut {
         {
             self.written.remove(&old);
         }
-        self.writer.write_pcapng_block(EnhancedPacketBlock {
-            interface_id: 0,
-            timestamp: Duration::from_nanos(pkt.wall_ns),
-            original_len: pkt.headers.len() as u32,
-            data: Cow::Borrowed(&pkt.headers),
-            options: vec![EnhancedPacketOption::Comment(Cow::Owned(comment))],
-        })?;
+        self.arrivals += 1;
+        self.held.push(Reverse((
+            pkt.mono_ns,
+            self.arrivals,
+            pkt.wall_ns,
+            pkt.headers.clone(),
+            comment,
+        )));
         Ok(())
     }
 
+    /// Writes, in capture order, the packets captured before `until_mono_ns` (all of them with
+    /// u64::MAX).
+    pub fn release(&mut self, until_mono_ns: u64) -> anyhow::Result<()> {
+        while self
+            .held
+            .peek()
+            .is_some_and(|Reverse((mono_ns, ..))| *mono_ns < until_mono_ns)
+        {
+            let Some(Reverse((_, _, wall_ns, headers, comment))) = self.held.pop() else {
+                break;
+            };
+            self.writer.write_pcapng_block(EnhancedPacketBlock {
+                interface_id: 0,
+                timestamp: Duration::from_nanos(wall_ns),
+                original_len: headers.len() as u32,
+                data: Cow::Borrowed(&headers),
+                options: vec![EnhancedPacketOption::Comment(Cow::Owned(comment))],
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Writes every packet still held and flushes the file.
     pub fn flush(&mut self) -> anyhow::Result<()> {
         use std::io::Write;
+        self.release(u64::MAX)?;
         self.writer.get_mut().flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::Dir;
+
+    fn packet(mono_ns: u64, seq: u32) -> WirePacket {
+        WirePacket {
+            mono_ns,
+            wall_ns: mono_ns + 1_000_000_000_000,
+            src: "10.0.0.1:40000".parse().unwrap(),
+            dst: "10.0.0.2:80".parse().unwrap(),
+            flags: crate::capture::tcp_flags::FIN,
+            seq,
+            ack: 1,
+            iface: Arc::from("lo"),
+            dir: Dir::Out,
+            headers: Arc::from(&[0u8; 40][..]),
+            only_copy: true,
+        }
+    }
+
+    /// Packets come from the joiner out of capture order (each when its event leaves); the
+    /// file has them in capture order, each once.
+    #[test]
+    fn packets_are_written_in_capture_order() {
+        let path = std::env::temp_dir().join(format!("tracer-order-{}.pcapng", std::process::id()));
+        let mut out = PcapngOut::create(&path, 276).unwrap();
+        for (mono, seq) in [(30, 3), (10, 1), (30, 3), (20, 2)] {
+            out.write(&packet(mono, seq), format!("seq {seq}")).unwrap();
+        }
+        out.release(25).unwrap();
+        out.write(&packet(40, 4), "seq 4".into()).unwrap();
+        out.flush().unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let mut reader = pcap_file::pcapng::PcapNgReader::new(file).unwrap();
+        let mut times = Vec::new();
+        while let Some(block) = reader.next_block() {
+            if let pcap_file::pcapng::Block::EnhancedPacket(p) = block.unwrap() {
+                times.push(p.timestamp.as_nanos() as u64 - 1_000_000_000_000);
+            }
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(times, [10, 20, 30, 40]);
     }
 }

@@ -72,7 +72,7 @@ pub struct Pipeline {
     /// What the joiner released, reused every turn.
     ready: Vec<Joined<PendingLine>>,
     /// `--format pretty`: lines held to go out in time order, and for how long (see
-    /// `timeline`).
+    /// `timeline`; the pcapng file's packets are held as long).
     timeline: Option<Timeline>,
     timeline_hold_ns: u64,
     pub clock: Clock,
@@ -229,8 +229,15 @@ impl Pipeline {
         self.joiner.poll_into(now_ns, &mut ready);
         self.emit_all(&mut ready, out);
         self.ready = ready; // emptied, capacity kept for the next turn
+        let settled = now_ns.saturating_sub(self.timeline_hold_ns);
         if let Some(timeline) = &mut self.timeline {
-            timeline.release(now_ns.saturating_sub(self.timeline_hold_ns), out);
+            timeline.release(settled, out);
+        }
+        if let Some(file) = &mut self.pcapng
+            && let Err(e) = file.release(settled)
+        {
+            eprintln!("tracer: writing the pcapng file failed ({e:#}); no more packets go there");
+            self.pcapng = None;
         }
         self.conns.expire(now_ns);
     }
