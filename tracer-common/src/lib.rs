@@ -119,7 +119,11 @@ pub struct SockEvent {
     /// For a sent RST: whether it carries ACK (`rst_ack`), which tells two RSTs of one
     /// connection apart on the wire (an active reset from one answering a segment).
     pub rst_ack: u8,
-    pub _pad: [u8; 3],
+    /// For a move to CLOSE that is neither a close nor a received reset: the socket's error
+    /// (`sk_err`, an errno: ETIMEDOUT when retransmissions or TCP_USER_TIMEOUT gave up), 0 when
+    /// none or not known.
+    pub sk_err: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Values of `SockEvent::rst_ack`.
@@ -203,6 +207,8 @@ pub struct SockLayout {
     /// `sk_shutdown` (a byte; NONE where it is a bit-field): tcp_close() sets it to
     /// SHUTDOWN_MASK first thing.
     pub shutdown: u16,
+    /// `sk_err` (an int): the error a socket the kernel gave up on ends with.
+    pub err: u16,
 }
 
 impl SockLayout {
@@ -217,6 +223,7 @@ impl SockLayout {
         protocol: NONE,
         protocol_size: 0,
         shutdown: NONE,
+        err: NONE,
     };
 }
 

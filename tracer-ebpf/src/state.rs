@@ -324,12 +324,23 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
     let context = src.context();
     let kind = classify(sk, old, new, info, &cur, ev, context)?;
     ev.kind = kind as u8;
+    if kind == EventKind::State && new == CLOSE {
+        ev.sk_err = socket_error(sk);
+    }
     fill_owner(ev, info);
     note_traced(info);
     if admit(ev, info.traced != 0, slot) && !(waits_for_its_reset(ev, context) && hold(sk, ev)) {
         write_event(ev);
     }
     Some(())
+}
+
+/// The socket's error (`sk_err`, where the BTF gave its offset): why the kernel gave up on a
+/// connection that moved to CLOSE with no close and no reset (ETIMEDOUT: its retransmissions
+/// or TCP_USER_TIMEOUT ran out). 0 when none or not known.
+#[inline(always)]
+fn socket_error(sk: u64) -> u8 {
+    kernel_read::<i32>(sk, setting!(sock.err)).map_or(0, |err| err.clamp(0, 255) as u8)
 }
 
 /// Decides what the transition means, claiming the socket for the current task when the task

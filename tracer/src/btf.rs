@@ -82,6 +82,7 @@ const MEMBERS: &[&str] = &[
     "skc_v6_daddr",
     "sk_protocol",
     "sk_shutdown",
+    "sk_err",
     "files",
     "fdt",
     "max_fds",
@@ -271,6 +272,8 @@ impl Btf {
             protocol_size: protocol_size as u16,
             // Only for telling a close finished by another task (state.rs): optional.
             shutdown: byte_offset(sock, "sk_shutdown").unwrap_or(tracer_common::NONE),
+            // Only to say why a socket the kernel gave up on ended: optional.
+            err: byte_offset(sock, "sk_err").unwrap_or(tracer_common::NONE),
         })
     }
 

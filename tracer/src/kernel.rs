@@ -33,6 +33,8 @@ pub struct KernelEvent {
     pub its_reset: ItsReset,
     /// For a sent RST, whether it carries ACK (None: not known).
     pub rst_ack: Option<bool>,
+    /// The socket's error when the kernel gave up on it (`SockEvent::sk_err`).
+    pub sk_err: Option<u8>,
 }
 
 /// What a close that moved its socket straight to CLOSE is known to have sent.
@@ -127,6 +129,7 @@ impl KernelEvent {
                 rst_ack::WITHOUT => Some(false),
                 _ => None,
             },
+            sk_err: (raw.sk_err != 0).then_some(raw.sk_err),
         })
     }
 
@@ -235,6 +238,26 @@ fn comm(bytes: &[u8; 16]) -> Comm {
     }
 }
 
+/// The name of an errno a socket ends with (`sk_err`), as C spells it; the number for others.
+pub fn errno_name(errno: u8) -> std::borrow::Cow<'static, str> {
+    let name = match i32::from(errno) {
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::ECONNRESET => "ECONNRESET",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::ECONNABORTED => "ECONNABORTED",
+        libc::EPIPE => "EPIPE",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        libc::ENETUNREACH => "ENETUNREACH",
+        libc::EHOSTDOWN => "EHOSTDOWN",
+        libc::ENETDOWN => "ENETDOWN",
+        libc::EPROTO => "EPROTO",
+        libc::EMSGSIZE => "EMSGSIZE",
+        libc::ENOPROTOOPT => "ENOPROTOOPT",
+        other => return format!("errno {other}").into(),
+    };
+    name.into()
+}
+
 /// Kernel TCP state names without the `TCP_` prefix.
 pub fn state_name(state: u8) -> &'static str {
     match state {
@@ -303,6 +326,7 @@ impl KernelEvent {
             reason: None,
             its_reset: ItsReset::Unknown,
             rst_ack: None,
+            sk_err: None,
         }
     }
 }
@@ -334,7 +358,8 @@ mod tests {
             owner_source: owner_source::CURRENT,
             close_reset: 0,
             rst_ack: 0,
-            _pad: [0; 3],
+            sk_err: 0,
+            _pad: [0; 2],
         }
     }
 

@@ -114,6 +114,10 @@ pub struct SocketLine<'a> {
     pub reason: Option<Option<&'a str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ns: Option<Option<u64>>,
+    /// A `state` line's move to CLOSE when the kernel gave up on the connection: the socket's
+    /// error (`ETIMEDOUT`: retransmissions or TCP_USER_TIMEOUT ran out). Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wire: Option<Option<Wire<'a>>>,
     /// `"wire"` when the event was seen only on the wire (the peer's FIN into TIME_WAIT).
@@ -205,6 +209,9 @@ impl SocketLine<'_> {
         }
         if let Some(v) = self.duration_ns {
             opt(&mut o, "duration_ns", v, Object::uint);
+        }
+        if let Some(v) = self.error {
+            o.text("error", v);
         }
         if let Some(v) = &self.wire {
             opt(&mut o, "wire", v.as_ref(), |o, k, w| w.write(o.object(k)));
@@ -395,6 +402,9 @@ fn pretty_socket(l: &SocketLine<'_>, color: bool) -> String {
         Some(None) => text.push_str("  wire: none seen"),
         None => {}
     }
+    if let Some(error) = l.error {
+        text.push_str(&format!("  the kernel gave up: {error}"));
+    }
     if l.derived.is_some() {
         text.push_str("  (seen on the wire)");
     }
@@ -463,6 +473,7 @@ mod tests {
             outcome: Some(Some("rst")),
             reason: Some(Some("TCP_ABORT_ON_CLOSE")),
             duration_ns: Some(None),
+            error: None,
             wire: Some(Some(Wire {
                 time: Time(1_795_528_302_123_470_789),
                 mono_ns: 14_001,
@@ -495,6 +506,7 @@ mod tests {
         nulls.duration_ns = Some(Some(u64::MAX));
         nulls.wire = Some(None);
         nulls.derived = Some("wire");
+        nulls.error = Some("ETIMEDOUT");
         let mut absent = close_line();
         absent.comm = None;
         absent.syscall = None;

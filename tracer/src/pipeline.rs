@@ -17,7 +17,7 @@ use crate::{
     clock::Clock,
     conns::ConnTable,
     join::{Joined, Joiner, PendingEvent, Want, WantFlag, WireMatch},
-    kernel::{ItsReset, KernelEvent, Owner, ResetReasons, state_name},
+    kernel::{ItsReset, KernelEvent, Owner, ResetReasons, errno_name, state_name},
     lines::{ConnId, Flags, Format, PacketLine, SocketLine, Time, Wire},
     metrics::Metrics,
     output::Output,
@@ -535,6 +535,7 @@ impl Pipeline {
             reason: None,
             its_reset: ItsReset::Unknown,
             rst_ack: None,
+            sk_err: None,
         };
         if awaited {
             self.conns.answered(id, pkt.mono_ns);
@@ -556,6 +557,10 @@ impl Pipeline {
             Owner::Unknown(why) => (None, None, None, *why),
         };
         let is = |names: &[&str]| names.contains(&p.event);
+        let error = ev
+            .sk_err
+            .filter(|_| p.event == "state" && ev.new_state == tcp_state::CLOSE)
+            .map(errno_name);
         let line = SocketLine {
             event: p.event,
             time: Time(self.clock.mono_to_wall_ns(ev.mono_ns)),
@@ -578,6 +583,7 @@ impl Pipeline {
             reason: is(&["close", "rst_sent"]).then_some(p.reason.as_deref()),
             duration_ns: is(&["close", "fin_received", "state"])
                 .then(|| ev.duration_in_old_state()),
+            error: error.as_deref(),
             wire: (p.event != "state").then(|| wire.map(|w| self.wire(w))),
             derived: p.derived_from_wire.then_some("wire"),
         };
@@ -1481,6 +1487,7 @@ mod throughput {
             reason: Some(11),
             its_reset: ItsReset::Sent,
             rst_ack: None,
+            sk_err: None,
         };
         let received = KernelEvent {
             kind: EventKind::RstReceived,

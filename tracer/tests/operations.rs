@@ -506,7 +506,8 @@ fn a_close_left_in_the_kernels_hold_is_taken_out_and_counted() {
         owner_source: owner_source::CURRENT,
         close_reset: close_reset::UNKNOWN,
         rst_ack: 0,
-        _pad: [0; 3],
+        sk_err: 0,
+        _pad: [0; 2],
     };
     let fake_sk = 0xffff_8880_dead_b000u64;
     held.insert(fake_sk, ev, 0)

@@ -1169,3 +1169,63 @@ fn a_fin_lost_after_the_capture_joins_its_retransmission_on_the_receiver() {
         out.lines
     );
 }
+
+/// A peer that vanishes (here: everything it sends is dropped) leaves the connection to the
+/// kernel's timers: with TCP_USER_TIMEOUT (or once retransmissions run out) the kernel gives up
+/// and the socket moves to CLOSE with no FIN and no RST. The `state` line says why, as the
+/// application's next call does: ETIMEDOUT.
+#[test]
+fn a_connection_the_kernel_gives_up_on_says_etimedout() {
+    use std::os::fd::AsRawFd;
+    if !common::require_root() {
+        return;
+    }
+    let net = NetnsPeer::new();
+    let ns_v4 = net.ns_v4.clone();
+    let l = net.in_ns(move || TcpListener::bind(format!("{ns_v4}:0")).unwrap());
+    let port = l.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || l.accept().unwrap().0);
+    let mut tracer = Tracer::start(&["-i", &net.root_if, "--port", &port.to_string()]);
+    tracer.wait_ready(WAIT);
+    let mut c = TcpStream::connect((net.ns_v4.as_str(), port)).unwrap();
+    let _server_end = server.join().unwrap();
+    let lport = c.local_addr().unwrap().port();
+    let timeout_ms: libc::c_uint = 500;
+    // SAFETY: an int option on our own socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&timeout_ms as *const libc::c_uint).cast(),
+            size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    // The peer vanishes: nothing it sends reaches this host any more.
+    let _vanished = NftTable::create(
+        &format!("trcgone{port}"),
+        &format!(
+            "chain input {{ type filter hook input priority 0;\n\
+             ip saddr {} tcp sport {port} drop\n}}",
+            net.ns_v4
+        ),
+    );
+    c.write_all(b"are you there?").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 16];
+    let err = std::io::Read::read(&mut c, &mut buf).expect_err("the kernel gives up");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ETIMEDOUT),
+        "what the application sees: {err}"
+    );
+    let gave_up = tracer.wait_for(
+        |v| is(v, "state", lport, port) && v["new_state"] == "CLOSE",
+        WAIT,
+    );
+    assert_eq!(gave_up["old_state"], "ESTABLISHED", "{gave_up}");
+    assert_eq!(gave_up["error"], "ETIMEDOUT", "{gave_up}");
+    drop(c);
+    tracer.stop();
+}
