@@ -207,5 +207,15 @@ fn passes(ctx: &SkBuffContext) -> Option<bool> {
     if !ports_pass(key.lport, key.rport) {
         return Some(false);
     }
-    Some(watched_either_way(&mut key))
+    Some(answers_a_syn(&ports_and_flags) || watched_either_way(&mut key))
+}
+
+/// A RST with ACK and sequence number 0: the answer to a SYN (a connect() refused). The
+/// connecting socket is watched only once it is established (its local port is chosen after
+/// its move to SYN_SENT), so this RST would never pass; refused connects are rare, and the
+/// daemon keeps only those of a traced process's connection.
+#[inline(always)]
+fn answers_a_syn(tcp: &[u8; TCP_NEEDED]) -> bool {
+    const RST_ACK: u8 = 0x04 | 0x10;
+    tcp[13] & RST_ACK == RST_ACK && tcp[4..8] == [0; 4]
 }

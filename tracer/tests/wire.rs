@@ -1229,3 +1229,58 @@ fn a_connection_the_kernel_gives_up_on_says_etimedout() {
     drop(c);
     tracer.stop();
 }
+
+/// With `--pid`, a refused connect()'s RST is joined: the capture filter passes a traced
+/// connection's packets once it is established, and a connecting socket never is (its local
+/// port is chosen after its move to SYN_SENT), so the RST answering its SYN did not pass and
+/// the `rst_received` had `wire: null`.
+#[test]
+fn pid_trace_joins_the_reset_of_a_refused_connect() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    if !common::require_root() {
+        return;
+    }
+    let closed_port = {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let script = r#"
+import os, socket, sys
+print(os.getpid(), flush=True)
+sys.stdin.read(1)
+s = socket.socket()
+try:
+    s.connect(("127.0.0.1", int(sys.argv[1])))
+except ConnectionRefusedError:
+    print(s.getsockname()[1], flush=True)
+s.close()
+"#;
+    let mut client = Command::new("python3")
+        .args(["-c", script, &closed_port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(client.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pid = line.trim().to_string();
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &pid]);
+    tracer.wait_ready(WAIT);
+    client.stdin.take().unwrap().write_all(b"x").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let lport: u16 = line.trim().parse().expect("the connect was refused");
+    assert!(client.wait().unwrap().success());
+    let refused = tracer.wait_for(|v| is(v, "rst_received", lport, closed_port), WAIT);
+    assert_eq!(refused["old_state"], "SYN_SENT", "{refused}");
+    let wire = &refused["wire"];
+    assert_eq!(
+        wire["flags"],
+        serde_json::json!(["RST", "ACK"]),
+        "{refused}"
+    );
+    assert_eq!(wire["seq"], 0, "the answer to a SYN: {refused}");
+    tracer.stop();
+}
