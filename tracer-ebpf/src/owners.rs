@@ -113,12 +113,33 @@ pub static LISTENERS: HashMap<u32, SeedOwner> = HashMap::with_max_entries(4096, 
 #[map]
 pub static LISTEN_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 
-/// Records a listener's owner.
+/// With `--pid`, ports where a process not traced listens too (its own listener: SO_REUSEPORT,
+/// or another address): 1 once one was seen, by the daemon's seeding or the programs, never
+/// cleared. A traced listener on such a port is not recorded: the kernel spreads the port's
+/// connections over every listener, so what was accepted does not tell whose it is (each is
+/// traced once a traced process acts on it).
+#[map]
+pub static FOREIGN_LISTEN_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+
+/// Records a listener's owner, unless a process not traced listens on its port too.
 #[inline(always)]
 pub fn remember_listener(family: u16, port: u16, owner: &SeedOwner) {
+    if setting!(filter_pids) != 0 && is_marked(&FOREIGN_LISTEN_PORTS, u32::from(port)) {
+        return;
+    }
     // Marked first: a lookup that sees the mark finds the entry once it is in.
     mark(&LISTEN_PORTS, u32::from(port));
     let _ = LISTENERS.insert(listener_key(family, port), owner, 0);
+}
+
+/// With `--pid`, a process not traced listens on (family, port): the port's connections no
+/// longer tell their owner by their listener (see FOREIGN_LISTEN_PORTS).
+#[inline(always)]
+pub fn forget_listener_shared_with(family: u16, port: u16) {
+    mark(&FOREIGN_LISTEN_PORTS, u32::from(port));
+    if listener_owner(family, port).is_some() {
+        let _ = LISTENERS.remove(listener_key(family, port));
+    }
 }
 
 /// Owners of connections that existed before the tracer started, seeded from /proc.

@@ -21,9 +21,9 @@ use crate::{
     },
     held::{hold, waits_for_its_reset},
     owners::{
-        Current, LISTENERS, SockInfo, claim, current, fill_owner, keep_unowned, listener_key,
-        listener_pid, lookup_or_create, may_concern_traced, note_ports, note_traced,
-        remember_listener, sock_entry,
+        Current, LISTENERS, SockInfo, claim, current, fill_owner, forget_listener_shared_with,
+        keep_unowned, listener_key, listener_pid, lookup_or_create, may_concern_traced, note_ports,
+        note_traced, remember_listener, sock_entry,
     },
     setting,
 };
@@ -263,6 +263,12 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
     // reading the tuple.
     let cur = current();
     let records_owner = old == CLOSE && matches!(new, SYN_SENT | LISTEN) && keep_unowned(&cur);
+    if old == CLOSE && new == LISTEN && !records_owner && setting!(filter_pids) != 0 {
+        // Another process's listener on a traced listener's port (SO_REUSEPORT).
+        let (family, port) = src.family_and_port()?;
+        forget_listener_shared_with(family, port);
+        return None;
+    }
     // With --pid, the capture filter learns a traced connection when it is established.
     let watches = new == ESTABLISHED && setting!(filter_pids) != 0;
     if is_handshake(new) && !records_owner && !watches && setting!(all_states) == 0 {

@@ -82,8 +82,15 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<
     let mut shared_listeners = 0;
     if only_traced {
         let shared = shared_with_others(&listeners, &expected);
-        shared_listeners = shared.len();
-        listeners.retain(|(sock, _)| !shared.contains(&sock.inode));
+        let foreign = foreign_listen_ports(by_netns.values(), &listeners);
+        let traced = listeners.len();
+        listeners
+            .retain(|(sock, _)| !shared.contains(&sock.inode) && !foreign.contains(&sock.local.1));
+        shared_listeners = traced - listeners.len();
+        let mut marks = byte_array(ebpf, "FOREIGN_LISTEN_PORTS")?;
+        for &port in &foreign {
+            marks.set(u32::from(port), 1, 0)?;
+        }
     }
     let unseeded = write_seed(ebpf, &conns, &listeners)?;
     if only_traced {
@@ -256,6 +263,22 @@ fn shared_with_others(
         .filter(|pid| !expected.contains(pid))
         .flat_map(|pid| socket_inodes(pid).into_iter())
         .filter(|inode| inodes.contains(inode))
+        .collect()
+}
+
+/// The ports on which a listener that no traced process holds listens, in the traced
+/// processes' network namespaces (`tables`): another service's own listener on a traced
+/// listener's port (SO_REUSEPORT, or another address) takes some of the port's connections,
+/// so what is accepted there does not tell its owner (see the programs' FOREIGN_LISTEN_PORTS).
+fn foreign_listen_ports<'t>(
+    tables: impl Iterator<Item = &'t HashMap<u64, TcpSocket>>,
+    traced: &[(TcpSocket, SeedOwner)],
+) -> HashSet<u16> {
+    let traced: HashSet<u64> = traced.iter().map(|(sock, _)| sock.inode).collect();
+    tables
+        .flat_map(|table| table.values())
+        .filter(|sock| sock.state == tcp_state::LISTEN && !traced.contains(&sock.inode))
+        .map(|sock| sock.local.1)
         .collect()
 }
 

@@ -489,8 +489,9 @@ fn warn_about_seeding(seeded: &owners::SeedReport, seed_table: u32, with_pids: b
     if seeded.shared_listeners > 0 {
         eprintln!(
             "tracer: --pid: {} listening socket(s) of the traced processes are shared with \
-             processes not traced (other workers of one server?): their connections are \
-             reported once a traced process acts on them; trace the parent to get them all",
+             processes not traced (other workers of one server?), or their ports have other \
+             processes' listeners too (SO_REUSEPORT): their connections are reported once a \
+             traced process acts on them; trace the parent to get them all",
             seeded.shared_listeners
         );
     }

@@ -1284,3 +1284,82 @@ s.close()
     assert_eq!(wire["seq"], 0, "the answer to a SYN: {refused}");
     tracer.stop();
 }
+
+/// Two unrelated servers on one port (SO_REUSEPORT, each with its own listener), `--pid` of
+/// one: the other's connections are none of its business. The traced listener's owner was
+/// given to every connection accepted on the port, so the untraced server's were all reported,
+/// its peer's FINs named after the traced process.
+#[test]
+fn pid_of_one_reuseport_server_leaves_the_others_connections_out() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Child, Command, Stdio};
+    if !common::require_root() {
+        return;
+    }
+    let port = {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let script = r#"
+import os, socket, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+l.bind(("127.0.0.1", int(sys.argv[1])))
+l.listen(64)
+print(os.getpid(), flush=True)
+while True:
+    c, (_, peer) = l.accept()
+    print(peer, flush=True)
+    c.sendall(b"x")
+    c.close()
+"#;
+    let spawn = || -> (Child, BufReader<std::process::ChildStdout>, u32) {
+        let mut child = Command::new("python3")
+            .args(["-c", script, &port.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let pid = line.trim().parse().unwrap();
+        (child, out, pid)
+    };
+    let (traced, traced_out, traced_pid) = spawn();
+    let (other, other_out, _) = spawn();
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &traced_pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    for _ in 0..16 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut byte = Vec::new();
+        c.read_to_end(&mut byte).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let out = tracer.stop();
+    let served = |mut child: Child, out: BufReader<std::process::ChildStdout>| -> Vec<u64> {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        out.lines()
+            .map(|l| l.unwrap().trim().parse().unwrap())
+            .collect()
+    };
+    let (mine, others) = (served(traced, traced_out), served(other, other_out));
+    assert_eq!(mine.len() + others.len(), 16);
+    for v in out.lines.iter().filter(|v| v["lport"] == port) {
+        let peer = v["rport"].as_u64().unwrap();
+        assert!(
+            mine.contains(&peer),
+            "only the traced server's connections (it served {mine:?}): {v}"
+        );
+        assert_eq!(v["pid"], traced_pid, "{v}");
+    }
+    for peer in &mine {
+        assert!(
+            out.lines
+                .iter()
+                .any(|v| v["event"] == "close" && v["lport"] == port && v["rport"] == *peer),
+            "the traced server's close of its connection from {peer}: {:?}",
+            out.lines
+        );
+    }
+}
