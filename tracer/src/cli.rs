@@ -65,7 +65,8 @@ pub struct TraceArgs {
     /// Kernel events only, no packet capture.
     #[arg(long)]
     pub no_capture: bool,
-    /// How long a kernel event waits for its wire packet (500ms, 2s).
+    /// How long a kernel event waits for its wire packet (500ms, 2s): how far apart in time
+    /// the two may be (each also waits at least 100 ms for the other to be delivered).
     #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
     pub join_window: Duration,
     /// Stop after this long, flush, print the summary.

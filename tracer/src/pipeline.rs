@@ -46,7 +46,8 @@ pub struct PendingLine {
     outcome_from_wire: bool,
 }
 
-/// How much longer than the join window a pretty line is held for ordering (see `timeline`).
+/// How much longer than the joiner may keep a line a pretty line is held for ordering (see
+/// `timeline`).
 const TIMELINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// An abortive close waiting for the RST event of the same call.
@@ -87,8 +88,11 @@ impl Pipeline {
         format: Format,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
+        let joiner = Joiner::new(join_window, MAX_PENDING);
+        // The joiner releases a line at most this long after its event, plus a loop turn.
+        let timeline_hold_ns = joiner.longest_stay_ns() + TIMELINE_MARGIN.as_nanos() as u64;
         Self {
-            joiner: Joiner::new(join_window, MAX_PENDING),
+            joiner,
             staged: HashMap::default(),
             conns: ConnTable::default(),
             reasons,
@@ -100,9 +104,7 @@ impl Pipeline {
             read_at_ns: 0,
             ready: Vec::new(),
             timeline: matches!(format, Format::Pretty { .. }).then(Timeline::default),
-            // The joiner releases a line at most its window after the event, plus the settle
-            // time and a loop turn.
-            timeline_hold_ns: (join_window + TIMELINE_MARGIN).as_nanos() as u64,
+            timeline_hold_ns,
             clock: Clock::sample(),
             stats: Stats::default(),
         }
