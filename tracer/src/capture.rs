@@ -214,7 +214,14 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
         .buffer_size(2 << 20)
         .timeout(BLOCK_TIMEOUT_MS)
         .open()
-        .context("opening the capture (needs CAP_NET_RAW)")?;
+        .map_err(|e| {
+            let hint = if e.to_string().contains("not up") {
+                "the interface is down: bring it up (ip link set IFACE up) or choose another"
+            } else {
+                "needs CAP_NET_RAW"
+            };
+            anyhow::Error::new(e).context(format!("opening the capture ({hint})"))
+        })?;
     choose_cooked_linktype(&mut cap);
     if cfg.iface == "lo" {
         ignore_outgoing_copies(&cap);

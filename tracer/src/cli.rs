@@ -164,8 +164,13 @@ impl TraceArgs {
         pids.sort_unstable();
         pids.dedup();
         if let Some(pid) = pids.iter().find(|&&pid| !process_exists(pid)) {
+            let why = if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                format!("process {pid} has exited (a zombie its parent has not reaped)")
+            } else {
+                format!("no process with PID {pid}")
+            };
             return Err(BadInput(format!(
-                "no process with PID {pid}: check the PID (ps -p {pid}) and try again"
+                "{why}: give the PID of a running process (ps -p {pid} -o pid,stat,comm)"
             )));
         }
         if self.pcapng.is_some() && self.no_capture {
