@@ -59,6 +59,10 @@ pub struct ConnInfo {
     /// join window is a retransmission: the joiner forgets packets after the window.
     fin_seq: [u32; 2],
     pub fw2_since: Option<u64>,
+    /// The connection on these addresses before this one, if it still awaited its peer's FIN
+    /// when this one took the address index (a client reusing its port within milliseconds):
+    /// a FIN from before this one's time-wait form is that one's.
+    pub prev_on_addr: Option<u64>,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub owner: Owner,
@@ -76,6 +80,7 @@ impl ConnInfo {
             last_event_ns: ev.mono_ns,
             timewait_since: None,
             fw2_since: None,
+            prev_on_addr: None,
             fin_received: false,
             rst_received: false,
             state: ev.new_state,
@@ -269,8 +274,17 @@ impl ConnTable {
         }
         // The address index changes only with the addresses (hashing two of them for every
         // event showed in the profile).
-        if (fresh || moved) && self.by_addr.insert(info.addr_fp, slot) != Some(slot) {
-            self.order.push_back((ev.conn_id, ev.mono_ns));
+        if fresh || moved {
+            let (fp, key) = (info.addr_fp, info.addr_key());
+            let replaced = self.by_addr.insert(fp, slot);
+            if replaced != Some(slot) {
+                self.order.push_back((ev.conn_id, ev.mono_ns));
+            }
+            if let Some(old) = replaced.filter(|&old| old != slot) {
+                let old = &self.slots[old as usize];
+                let prev = (old.addr_key() == key && old.awaits_peer()).then_some(old.id);
+                self.slots[slot as usize].prev_on_addr = prev;
+            }
         }
     }
 

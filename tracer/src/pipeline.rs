@@ -476,6 +476,29 @@ impl Pipeline {
         self.emit_event(&mut line, Some(&wire), out);
     }
 
+    /// Which connection on the addresses of connection `latest` was in its time-wait form at
+    /// `at_ns`: a FIN from before a connection's time-wait form began is an earlier
+    /// connection's on the same addresses (a client reusing its port within the window, where
+    /// the latest connection took the address index). The full socket itself may take the FIN
+    /// that ends FIN_WAIT2 microseconds before its move, hence the slack (small: ports are
+    /// reused within milliseconds).
+    fn timewait_at(&self, latest: u64, at_ns: u64) -> Option<u64> {
+        const SLACK_NS: u64 = 1_000_000;
+        const MAX_EARLIER: usize = 16;
+        let mut id = latest;
+        for _ in 0..MAX_EARLIER {
+            let info = self.conns.get(id)?;
+            if info
+                .timewait_since()
+                .is_some_and(|since| at_ns + SLACK_NS >= since)
+            {
+                return Some(id);
+            }
+            id = info.prev_on_addr?;
+        }
+        None
+    }
+
     /// The peer's FIN or RST reaching a socket that already left for TIME_WAIT (or an orphaned
     /// FIN_WAIT2): no kernel event shows it (the mini socket has no tracepoint), so the wire is
     /// the witness. Each arrives once: a copy sent again derives nothing.
@@ -484,13 +507,14 @@ impl Pipeline {
         pkt: &WirePacket,
         conn: Option<(u64, Dir)>,
     ) -> Option<PendingLine> {
-        let (id, Dir::In) = conn? else {
+        let (latest, Dir::In) = conn? else {
             return None;
         };
         let rst = pkt.flags & tcp_flags::RST != 0;
         if !rst && pkt.flags & tcp_flags::FIN == 0 {
             return None;
         }
+        let id = self.timewait_at(latest, pkt.mono_ns)?;
         let info = self.conns.get_mut(id)?;
         let since = info.timewait_since()?;
         let awaited = info.awaits_peer();
@@ -1115,6 +1139,46 @@ mod tests {
         assert_eq!(names(&out), ["state", "fin_received"], "{out:?}");
         assert_eq!(out[1]["derived"], "wire");
         assert_eq!(out[1]["old_state"], "FIN_WAIT2");
+    }
+
+    /// A client that reuses its port within milliseconds: each connection on the same
+    /// addresses waits in its time-wait form for the peer's FIN, which is derived from the
+    /// wire when its window ends, by then under the address index of the last connection.
+    /// Each FIN is its own connection's (the last connection took the first FIN, 18 ms before
+    /// its own close; the others were packet lines).
+    #[test]
+    fn fins_on_reused_addresses_reach_their_own_connections() {
+        let out = lines(|p, out| {
+            for (i, at) in [(0u64, 100 * MS), (1, 106 * MS), (2, 112 * MS)] {
+                let mut tw = gone_to_time_wait(at);
+                tw.conn_id = 0xabc + i;
+                p.kernel_event(tw);
+            }
+            for (seq, at) in [(7, 101 * MS), (8, 107 * MS), (9, 113 * MS)] {
+                p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", seq, at));
+            }
+            p.poll(5_000 * MS, out);
+        });
+        let fins: Vec<(&str, u64)> = out
+            .iter()
+            .filter(|v| v["event"] == "fin_received")
+            .map(|v| {
+                (
+                    v["conn"].as_str().unwrap(),
+                    v["wire"]["seq"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            fins,
+            [
+                ("0000000000000abc", 7),
+                ("0000000000000abd", 8),
+                ("0000000000000abe", 9)
+            ],
+            "{out:?}"
+        );
+        assert!(!names(&out).contains(&"packet"), "{out:?}");
     }
 
     /// Data reaching our closed socket (an orphan in FIN_WAIT1) makes the kernel abort it with
