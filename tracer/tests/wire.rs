@@ -12,7 +12,8 @@ use std::{
 };
 
 use common::{
-    NetnsPeer, Peer, Segment, Tcpdump, TracedServer, Tracer, is, set_linger_zero, wait_readable,
+    NetnsPeer, Peer, Script, Segment, Tcpdump, TracedServer, Tracer, is, set_linger_zero,
+    wait_readable,
 };
 use serde_json::Value;
 
@@ -1000,13 +1001,12 @@ fn a_late_fin_this_host_sent_on_a_veth_is_an_outgoing_packet() {
 /// ended with the parent, before the child had done anything.
 #[test]
 fn pid_of_a_parent_that_exits_traces_the_child_it_forked() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     if !common::require_root() {
         return;
     }
     let (l, port) = common::listener("127.0.0.1:0");
-    let script = r#"
+    let mut parent = Script::spawn(
+        r#"
 import os, socket, sys, time
 print(os.getpid(), flush=True)
 sys.stdin.read(1)
@@ -1018,29 +1018,20 @@ if os.fork() == 0:
     s.close()
     time.sleep(0.3)
 os._exit(0)
-"#;
-    let mut parent = Command::new("python3")
-        .args(["-c", script, &port.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(parent.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let parent_pid: u32 = line.trim().parse().unwrap();
-    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &parent_pid.to_string()]);
+"#,
+        &[&port.to_string()],
+    );
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &parent.pid.to_string()]);
     tracer.wait_ready(WAIT);
-    parent.stdin.take().unwrap().write_all(b"x").unwrap(); // fork now
-    assert!(parent.wait().unwrap().success());
+    parent.go(); // fork now
+    parent.wait();
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         tracer.is_running(),
         "the parent has exited, its child runs: the run goes on"
     );
     let (mut server, _) = l.accept().unwrap();
-    line.clear();
-    out.read_line(&mut line).unwrap();
+    let line = parent.line(); // the child's: its pid and port
     let mut words = line.split_whitespace().map(|w| w.parse::<u64>().unwrap());
     let (child, lport) = (words.next().unwrap(), words.next().unwrap());
     common::read_to_eof(&mut server);
@@ -1236,16 +1227,12 @@ fn a_connection_the_kernel_gives_up_on_says_etimedout() {
 /// the `rst_received` had `wire: null`.
 #[test]
 fn pid_trace_joins_the_reset_of_a_refused_connect() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     if !common::require_root() {
         return;
     }
-    let closed_port = {
-        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
-    let script = r#"
+    let closed_port = common::free_port();
+    let mut client = Script::spawn(
+        r#"
 import os, socket, sys
 print(os.getpid(), flush=True)
 sys.stdin.read(1)
@@ -1255,24 +1242,14 @@ try:
 except ConnectionRefusedError:
     print(s.getsockname()[1], flush=True)
 s.close()
-"#;
-    let mut client = Command::new("python3")
-        .args(["-c", script, &closed_port.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(client.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let pid = line.trim().to_string();
-    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &pid]);
+"#,
+        &[&closed_port.to_string()],
+    );
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &client.pid.to_string()]);
     tracer.wait_ready(WAIT);
-    client.stdin.take().unwrap().write_all(b"x").unwrap();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let lport: u16 = line.trim().parse().expect("the connect was refused");
-    assert!(client.wait().unwrap().success());
+    client.go();
+    let lport: u16 = client.line().parse().expect("the connect was refused");
+    client.wait();
     let refused = tracer.wait_for(|v| is(v, "rst_received", lport, closed_port), WAIT);
     assert_eq!(refused["old_state"], "SYN_SENT", "{refused}");
     let wire = &refused["wire"];
@@ -1291,16 +1268,14 @@ s.close()
 /// its peer's FINs named after the traced process.
 #[test]
 fn pid_of_one_reuseport_server_leaves_the_others_connections_out() {
-    use std::io::{BufRead, BufReader, Read};
-    use std::process::{Child, Command, Stdio};
+    use std::io::Read;
     if !common::require_root() {
         return;
     }
-    let port = {
-        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
-    let script = r#"
+    let port = common::free_port();
+    let server = || {
+        Script::spawn(
+            r#"
 import os, socket, sys
 l = socket.socket()
 l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -1312,21 +1287,12 @@ while True:
     print(peer, flush=True)
     c.sendall(b"x")
     c.close()
-"#;
-    let spawn = || -> (Child, BufReader<std::process::ChildStdout>, u32) {
-        let mut child = Command::new("python3")
-            .args(["-c", script, &port.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        let pid = line.trim().parse().unwrap();
-        (child, out, pid)
+"#,
+            &[&port.to_string()],
+        )
     };
-    let (traced, traced_out, traced_pid) = spawn();
-    let (other, other_out, _) = spawn();
+    let (traced, other) = (server(), server());
+    let traced_pid = traced.pid;
     let mut tracer = Tracer::start(&["-i", "lo", "--pid", &traced_pid.to_string()]);
     tracer.wait_ready(WAIT);
     for _ in 0..16 {
@@ -1336,14 +1302,8 @@ while True:
     }
     std::thread::sleep(Duration::from_millis(300));
     let out = tracer.stop();
-    let served = |mut child: Child, out: BufReader<std::process::ChildStdout>| -> Vec<u64> {
-        child.kill().unwrap();
-        child.wait().unwrap();
-        out.lines()
-            .map(|l| l.unwrap().trim().parse().unwrap())
-            .collect()
-    };
-    let (mine, others) = (served(traced, traced_out), served(other, other_out));
+    let served = |s: Script| -> Vec<u64> { s.stop().iter().map(|l| l.parse().unwrap()).collect() };
+    let (mine, others) = (served(traced), served(other));
     assert_eq!(mine.len() + others.len(), 16);
     for v in out.lines.iter().filter(|v| v["lport"] == port) {
         let peer = v["rport"].as_u64().unwrap();

@@ -87,6 +87,12 @@ pub fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
     data
 }
 
+/// A loopback port nothing listens on (one the kernel just gave out and took back).
+pub fn free_port() -> u16 {
+    let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
+}
+
 /// Opens `n` loopback connections to `l` with a byte unread on each server end, then closes
 /// every server end at once: a burst of n resets (2n kernel events) in a few milliseconds.
 pub fn reset_burst(l: &TcpListener, port: u16, n: usize) -> usize {
