@@ -64,6 +64,7 @@ pub struct Metrics {
     /// The tracer's own cost, read at each scrape (as the summary line gives it at the end).
     own_cpu: Gauge<f64, AtomicU64>,
     own_peak_rss: Gauge<f64, AtomicU64>,
+    own_rss: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -129,6 +130,7 @@ impl Metrics {
         );
         let own_cpu = Gauge::<f64, AtomicU64>::default();
         let own_peak_rss = Gauge::<f64, AtomicU64>::default();
+        let own_rss = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "own_cpu_seconds",
             "CPU time the tracer itself has used (user and system, every thread)",
@@ -138,6 +140,11 @@ impl Metrics {
             "own_peak_rss_bytes",
             "The tracer's own peak resident memory",
             own_peak_rss.clone(),
+        );
+        registry.register(
+            "own_rss_bytes",
+            "The tracer's own resident memory now (its peak is usually set at start-up)",
+            own_rss.clone(),
         );
         Self {
             registry,
@@ -149,6 +156,7 @@ impl Metrics {
             close_to_wire,
             own_cpu,
             own_peak_rss,
+            own_rss,
         }
     }
 
@@ -217,6 +225,7 @@ impl Metrics {
         let own = crate::stats::OwnUsage::now();
         self.own_cpu.set(own.cpu_s);
         self.own_peak_rss.set(own.peak_rss_bytes as f64);
+        self.own_rss.set(own.rss_bytes as f64);
         let mut text = String::new();
         prometheus_text::encode(&mut text, &self.registry).expect("writing to a String");
         text
@@ -341,6 +350,7 @@ mod tests {
         };
         assert!(value("tracer_own_cpu_seconds ") > 0.0, "{text}");
         assert!(value("tracer_own_peak_rss_bytes ") > 1e6, "{text}");
+        assert!(value("tracer_own_rss_bytes ") > 1e6, "{text}");
     }
 
     #[tokio::test]

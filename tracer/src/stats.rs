@@ -125,12 +125,15 @@ impl Stats {
     }
 }
 
-/// What the tracer itself cost, for the summary: its CPU time (user and system, every thread)
-/// and its peak resident memory, as the kernel accounts them (getrusage).
+/// What the tracer itself cost, for the summary: its CPU time (user and system, every thread),
+/// its peak resident memory, as the kernel accounts them (getrusage), and its resident memory
+/// now: the peak is usually set at start-up (loading the programs parses the kernel's BTF), so
+/// only the current value shows whether memory grew over a long run.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
 pub struct OwnCost {
     pub cpu_s: f64,
     pub peak_rss_mib: f64,
+    pub rss_mib: f64,
 }
 
 impl OwnCost {
@@ -140,6 +143,7 @@ impl OwnCost {
         Self {
             cpu_s: round3(usage.cpu_s),
             peak_rss_mib: round3(usage.peak_rss_bytes as f64 / (1024.0 * 1024.0)),
+            rss_mib: round3(usage.rss_bytes as f64 / (1024.0 * 1024.0)),
         }
     }
 }
@@ -149,6 +153,7 @@ impl OwnCost {
 pub struct OwnUsage {
     pub cpu_s: f64,
     pub peak_rss_bytes: u64,
+    pub rss_bytes: u64,
 }
 
 impl OwnUsage {
@@ -166,8 +171,18 @@ impl OwnUsage {
             cpu_s: secs(usage.ru_utime) + secs(usage.ru_stime),
             // ru_maxrss is in KiB on Linux.
             peak_rss_bytes: usage.ru_maxrss as u64 * 1024,
+            rss_bytes: resident_bytes().unwrap_or(0),
         }
     }
+}
+
+/// The process's resident memory now (/proc/self/statm's second field, in pages).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf with a valid name.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
 }
 
 /// Three decimals: milliseconds of CPU, KiB of memory; more would be noise in a log line.
