@@ -217,6 +217,20 @@ fn stdout_is_terminal() -> bool {
 }
 
 /// Whether /proc/PID exists and is not a zombie.
+/// Whether `pid` is a kernel thread (PF_KTHREAD in /proc/PID/stat's flags).
+pub fn is_kernel_thread(pid: u32) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the parenthesised comm: state (3), ppid, pgrp, session, tty_nr,
+            // tpgid, flags (9).
+            let (_, rest) = stat.rsplit_once(") ")?;
+            rest.split_whitespace().nth(6)?.parse::<u64>().ok()
+        })
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
 pub fn process_exists(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised comm, which may itself contain ") ".
@@ -293,6 +307,16 @@ mod tests {
             .into_settings()
             .unwrap_err();
         assert!(err.0.contains("no process with PID 999999999"), "{err}");
+    }
+
+    #[test]
+    fn kernel_threads_are_told_from_processes() {
+        // kthreadd is pid 2 where the tests see the host's pids (not inside a container).
+        if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd") {
+            assert!(is_kernel_thread(2), "kthreadd");
+        }
+        assert!(!is_kernel_thread(std::process::id()));
+        assert!(!is_kernel_thread(999_999_999));
     }
 
     #[test]

@@ -194,6 +194,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     let seeded = owners::seed(&mut loaded.ebpf, &settings.pids, &lineage)
         .context("seeding owners of existing connections")?;
     warn_about_seeding(&seeded, options.tables.seed, !settings.pids.is_empty());
+    warn_about_kernel_threads(&settings.pids);
     if let Some(capture) = &capture
         && !settings.pids.is_empty()
     {
@@ -471,6 +472,20 @@ fn drain_packets(rx: &mut Option<mpsc::Receiver<WirePacket>>, pipeline: &mut Pip
         while let Ok(pkt) = rx.try_recv() {
             pipeline.packet(pkt);
         }
+    }
+}
+
+/// A kernel thread given to `--pid` (kthreadd, a worker) owns no sockets, nor do the kernel
+/// threads it forks: said once, since such a run traces nothing.
+fn warn_about_kernel_threads(pids: &[u32]) {
+    for pid in pids
+        .iter()
+        .filter(|&&pid| crate::cli::is_kernel_thread(pid))
+    {
+        eprintln!(
+            "tracer: --pid {pid} is a kernel thread: it owns no sockets, nor do the kernel \
+             threads it starts; give the PID of the process whose connections you want"
+        );
     }
 }
 
