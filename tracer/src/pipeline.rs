@@ -494,7 +494,12 @@ impl Pipeline {
             {
                 return Some(id);
             }
-            id = info.prev_on_addr?;
+            match info.prev_on_addr {
+                Some(earlier) => id = earlier,
+                // The earliest one there is: its own (a slow machine may take milliseconds
+                // from the capture to the socket's move).
+                None => return info.timewait_since().map(|_| id),
+            }
         }
         None
     }
@@ -1179,6 +1184,20 @@ mod tests {
             "{out:?}"
         );
         assert!(!names(&out).contains(&"packet"), "{out:?}");
+    }
+
+    /// On a slow machine (the VM suite under emulation) the full socket moves to its
+    /// time-wait form milliseconds after the capture saw the FIN that moved it: with no earlier
+    /// connection on those addresses, that FIN is still this one's.
+    #[test]
+    fn a_fin_seen_well_before_the_move_is_the_only_connections() {
+        let out = lines(|p, out| {
+            p.packet(fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 97 * MS));
+            p.kernel_event(gone_to_time_wait(100 * MS));
+            p.poll(5_000 * MS, out);
+        });
+        assert_eq!(names(&out), ["state", "fin_received"], "{out:?}");
+        assert_eq!(out[1]["wire"]["seq"], 7);
     }
 
     /// Data reaching our closed socket (an orphan in FIN_WAIT1) makes the kernel abort it with
