@@ -118,6 +118,9 @@ impl Pipeline {
     /// Takes one decoded kernel event.
     pub fn kernel_event(&mut self, mut ev: KernelEvent) {
         self.conns.complete(&mut ev);
+        if self.filter_pids && is_the_peers_reset(&ev) {
+            return;
+        }
         self.conns.observe(&ev);
         match ev.kind {
             EventKind::Close => self.close(ev),
@@ -692,6 +695,15 @@ fn close_with_its_rst(mut close: PendingLine, reason: Option<Arc<str>>) -> Pendi
     close
 }
 
+/// With `--pid`, the kernel passes a RST no socket owns (a time-wait socket's, or one for no
+/// socket) when its 4-tuple is a traced connection's either way round: sent from our end, it
+/// is ours (`ConnTable::complete` names the connection); sent from the peer's end (the untraced
+/// client's time-wait socket answering the traced server's late reply), it is the peer's, and
+/// our end's `rst_received` reports it.
+fn is_the_peers_reset(ev: &KernelEvent) -> bool {
+    ev.kind == EventKind::RstSent && ev.conn_id == 0 && matches!(ev.owner, Owner::Unknown(_))
+}
+
 /// What the pcapng comment says about the event a packet joined.
 fn packet_comment(p: &PendingLine) -> String {
     let ev = &p.ev;
@@ -828,6 +840,14 @@ mod tests {
 
     /// Runs events and packets through a pipeline; returns the lines written.
     fn lines(feed: impl FnOnce(&mut Pipeline, &Output)) -> Vec<serde_json::Value> {
+        lines_with(false, feed)
+    }
+
+    /// `lines` with `--pid` (`filter_pids`) or without.
+    fn lines_with(
+        filter_pids: bool,
+        feed: impl FnOnce(&mut Pipeline, &Output),
+    ) -> Vec<serde_json::Value> {
         let path = std::env::temp_dir().join(format!(
             "tracer-pipeline-{}-{:?}.jsonl",
             std::process::id(),
@@ -845,7 +865,7 @@ mod tests {
         let mut p = Pipeline::new(
             std::time::Duration::from_millis(500),
             reasons,
-            false,
+            filter_pids,
             Format::Json,
             None,
         );
@@ -1144,6 +1164,39 @@ mod tests {
         assert_eq!(names(&out), ["state", "fin_received"], "{out:?}");
         assert_eq!(out[1]["derived"], "wire");
         assert_eq!(out[1]["old_state"], "FIN_WAIT2");
+    }
+
+    /// With `--pid` of a server, the untraced client's time-wait socket resets the server's
+    /// late reply: the kernel passes that RST (its 4-tuple is the traced connection's, reversed),
+    /// but it is the peer's, not a `rst_sent` of ours with no owner; the server's
+    /// `rst_received` reports it. A RST our own time-wait socket sends is ours.
+    #[test]
+    fn with_pid_the_peers_reset_is_not_ours() {
+        let unowned_reset = |local: &str, remote: &str| KernelEvent {
+            conn_id: 0,
+            owner: Owner::Unknown("time-wait socket: no process owns it"),
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            ..event(
+                EventKind::RstSent,
+                tcp_state::TIME_WAIT,
+                tcp_state::TIME_WAIT,
+                101 * MS,
+                0,
+                None,
+            )
+        };
+        let out = lines_with(true, |p, out| {
+            p.kernel_event(gone_to_time_wait(100 * MS)); // ours: 10.0.0.1:80 <-> 10.0.0.2:4000
+            p.kernel_event(unowned_reset("10.0.0.2:4000", "10.0.0.1:80")); // the peer's
+            p.kernel_event(unowned_reset("10.0.0.1:80", "10.0.0.2:4000")); // ours
+            p.poll(5_000 * MS, out);
+        });
+        let resets: Vec<&serde_json::Value> =
+            out.iter().filter(|v| v["event"] == "rst_sent").collect();
+        assert_eq!(resets.len(), 1, "{out:?}");
+        assert_eq!(resets[0]["lport"], 80);
+        assert_eq!(resets[0]["owner"], "connection", "{out:?}");
     }
 
     /// A client that reuses its port within milliseconds: each connection on the same
