@@ -207,6 +207,10 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
         // Not immediate: packets come in blocks retired at least every BLOCK_TIMEOUT_MS, one
         // wakeup per block instead of one per packet. The join waits far longer than that.
         .immediate_mode(false)
+        // A bridge's own capture sees what passes between its ports only in promiscuous
+        // mode: traced containers behind it would show no packet at all. Elsewhere the
+        // host's own traffic is all there is to see.
+        .promisc(is_bridge(&cfg.iface))
         .snaplen(SNAPLEN)
         .precision(Precision::Nano)
         // 2 MiB hold ~15k headers-only packets: at 70k FIN/RST per second, 200 ms of the
@@ -298,6 +302,14 @@ fn ignore_outgoing_copies(cap: &Capture<Active>) {
             size_of::<libc::c_int>() as libc::socklen_t,
         );
     }
+}
+
+/// Whether `iface` is a Linux bridge.
+fn is_bridge(iface: &str) -> bool {
+    std::path::Path::new("/sys/class/net")
+        .join(iface)
+        .join("bridge")
+        .exists()
 }
 
 /// The loopback interface's index here (0 when there is none): on `any`, the kernel filter
