@@ -270,11 +270,15 @@ pub struct PendingEvent<T> {
 /// Under churn this is most packets, and it keeps the joiner's memory small.
 struct PacketEntry {
     id: u64,
-    /// Copies by the capture's own direction: [out, in]; empty once both ends claimed it.
-    /// Boxed: an entry without them is a few dozen bytes.
+    /// The first copy seen and the last (None while there is one): on `any` a packet is seen
+    /// at each hop in the order it went (a loopback packet leaving, then arriving; between
+    /// two namespaces on a bridge, on the sender's veth, then on the receiver's), so the
+    /// sender's end takes the first (slot 0, as `Dir::Out`) and the receiver's the last
+    /// (slot 1, `Dir::In`). Empty once both ends claimed it. Boxed: an entry without them is a
+    /// few dozen bytes.
     copies: [Option<Box<WirePacket>>; 2],
-    /// Which copies were seen, kept after the copies themselves are dropped.
-    seen: [bool; 2],
+    /// When the last copy was seen.
+    last_mono: u64,
     flags: u8,
     seq: u32,
     ack: u32,
@@ -288,10 +292,10 @@ struct PacketEntry {
 
 impl PacketEntry {
     fn new(id: u64, pkt: &WirePacket, retransmit: bool) -> Self {
-        let mut entry = Self {
+        Self {
             id,
-            copies: [None, None],
-            seen: [false, false],
+            copies: [Some(Box::new(pkt.clone())), None],
+            last_mono: pkt.mono_ns,
             flags: pkt.flags,
             seq: pkt.seq,
             ack: pkt.ack,
@@ -299,10 +303,7 @@ impl PacketEntry {
             claimed: [None, None],
             retransmit,
             only_copy: pkt.only_copy,
-        };
-        entry.seen[slot(pkt.dir)] = true;
-        entry.copies[slot(pkt.dir)] = Some(Box::new(pkt.clone()));
-        entry
+        }
     }
 
     /// A copy; only called while the entry is not fully claimed (its copies are kept).
@@ -721,23 +722,38 @@ impl<T> Joiner<T> {
         }
     }
 
-    /// A second copy of a packet already seen (interface `any`): keep it for the end it
-    /// belongs to. Returns whether `pkt` was such a copy.
+    /// The last copy seen of `pkt` (where it reached its receiver: see `PacketEntry::copies`),
+    /// if a later one than `pkt` is stored.
+    pub fn last_copy(&mut self, pkt: &WirePacket) -> Option<WirePacket> {
+        let entry = copy_of(&mut self.packets, &PathKey::of(pkt), pkt)?;
+        entry.copies[1].as_deref().cloned()
+    }
+
+    /// A further copy of a packet already seen (interface `any`): the first copy is the
+    /// sender's end's, the last the receiver's (see `PacketEntry::copies`). Returns whether
+    /// `pkt` was such a copy.
     fn merge_copy(&mut self, path: &PathKey, pkt: &WirePacket) -> bool {
         let Some(entry) = copy_of(&mut self.packets, path, pkt) else {
             return false;
         };
-        let s = slot(pkt.dir);
-        if entry.seen[s] {
-            return true; // the very same copy twice: nothing new
-        }
-        entry.seen[s] = true;
+        let role = if pkt.mono_ns > entry.last_mono {
+            entry.last_mono = pkt.mono_ns;
+            Dir::In
+        } else if pkt.mono_ns < entry.first_mono {
+            entry.first_mono = pkt.mono_ns; // the capture handed it over late
+            Dir::Out
+        } else {
+            return true; // between the two: a hop neither end is at
+        };
+        let s = slot(role);
         if !entry.fully_claimed() {
             entry.copies[s] = Some(Box::new(pkt.clone()));
         }
-        // An event on this end already joined another copy: give it the copy seen its way.
+        // An event on that end joined another copy already: it takes this one (the receiver's
+        // only if the copy came before its event: what reached the socket).
         if let Some(ev_id) = entry.claimed[s]
             && let Some(ev) = self.events.get_mut(&ev_id)
+            && (role == Dir::Out || pkt.mono_ns <= ev.mono_ns + CAUSAL_SLACK_NS)
             && let Some(w) = ev.wire.as_mut()
         {
             w.delay_ns = pkt.mono_ns as i64 - ev.mono_ns as i64;
@@ -931,8 +947,9 @@ impl<T> Joiner<T> {
                         packet: entry.any_copy().clone(),
                         retransmit: entry.retransmit,
                     }),
+                    // For the receiving end the pipeline may derive: the last copy.
                     [Some(_), None] => out.push(Joined::Unreceived {
-                        packet: entry.any_copy().clone(),
+                        packet: entry.copy_for(Dir::In).clone(),
                         retransmit: entry.retransmit,
                     }),
                     _ => {}
@@ -1119,8 +1136,8 @@ mod tests {
         assert_eq!(events(j.poll(130 * MS)).len(), 1);
     }
 
-    /// Where another copy may follow (`any`), a RST join settles as before: the copy seen
-    /// the event's way replaces the first.
+    /// Where another copy may follow (`any`), a RST join settles as before, for the copies to
+    /// be merged.
     #[test]
     fn a_rst_that_may_have_copies_settles() {
         let mut j = Joiner::new(W, 1000);
@@ -1129,7 +1146,39 @@ mod tests {
         assert!(j.poll(101 * MS).is_empty(), "settling");
         j.push_packet(pkt(C, S, RST, 9, 100 * MS + 12_000, Dir::Out));
         let out = events(j.poll(130 * MS));
-        assert_eq!(out[0].1.as_ref().unwrap().delay_ns, 12_000);
+        // The second copy came in while it settled (and was merged: no packet line); the
+        // sender keeps the first sighting, where the packet left its side.
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].1.as_ref().unwrap().delay_ns, 10_000);
+    }
+
+    /// Between two namespaces on a bridge, `any` sees a packet on the sender's veth, then on
+    /// the receiver's: the sender's line names the first, the receiver's the last (each took
+    /// the copy seen "its way" by the capture's direction, which from the root namespace is
+    /// the other end's veth).
+    #[test]
+    fn on_a_bridge_each_end_takes_the_copy_at_its_own_veth() {
+        let mut j = Joiner::new(W, 1000);
+        let at = |iface: &str, mono, dir| WirePacket {
+            iface: Arc::from(iface),
+            ..pkt(C, S, FIN, 5, mono, dir)
+        };
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        j.push_packet(at("veth-a", 100 * MS + 10_000, Dir::In));
+        j.push_packet(at("veth-b", 100 * MS + 14_000, Dir::Out));
+        j.push_event(
+            2,
+            100 * MS + 30_000,
+            want(S, C, WantFlag::Fin, Dir::In),
+            "fin_received",
+        );
+        let ev = events(j.poll(900 * MS));
+        let iface = |name: &str| {
+            let w = ev.iter().find(|e| e.0 == name).unwrap().1.clone().unwrap();
+            (w.packet.iface.to_string(), w.delay_ns)
+        };
+        assert_eq!(iface("close"), ("veth-a".into(), 10_000));
+        assert_eq!(iface("fin_received"), ("veth-b".into(), -16_000));
     }
 
     /// A client's close sends its RST (an active reset: RST+ACK), and the kernel answers the

@@ -439,9 +439,16 @@ impl Pipeline {
         if packet.flags & (tcp_flags::FIN | tcp_flags::RST) == 0 {
             return;
         }
-        if let Some(line) = self.receiver_line(packet) {
+        if let Some(mut line) = self.receiver_line(packet) {
+            // The sender's line has the first copy; the receiver's is the last (`any`), and it
+            // arrived then. Taken before the entry is marked received, which drops its copies.
+            let arrived = self
+                .joiner
+                .last_copy(packet)
+                .unwrap_or_else(|| packet.clone());
+            line.ev.mono_ns = line.ev.mono_ns.max(arrived.mono_ns);
             self.joiner.mark_received(packet);
-            self.emit_derived(line, packet.clone(), out);
+            self.emit_derived(line, arrived, out);
         }
     }
 
