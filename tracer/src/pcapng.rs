@@ -4,8 +4,7 @@
 
 use std::{
     borrow::Cow,
-    cmp::Reverse,
-    collections::{BinaryHeap, HashSet, VecDeque},
+    collections::{HashSet, VecDeque},
     fs::File,
     io::BufWriter,
     path::Path,
@@ -25,7 +24,7 @@ use pcap_file::{
     },
 };
 
-use crate::capture::WirePacket;
+use crate::{capture::WirePacket, timeline::Timeline};
 
 /// Packets remembered so that a packet carried by both ends' events is written once.
 const REMEMBERED: usize = 65_536;
@@ -40,19 +39,15 @@ type PacketId = (
     u64,
 );
 
-/// A packet waiting to be written: (capture time, arrival number, headers, comment).
-type Held = Reverse<(u64, u64, u64, Arc<[u8]>, String)>;
+/// A packet waiting to be written: (wall-clock capture time, headers, comment).
+type Held = (u64, Arc<[u8]>, String);
 
-/// Writes packets in capture order. A packet is written when the event it joined leaves the
-/// joiner (or it leaves unclaimed), up to the join window after it was captured, so packets of
-/// different connections come out of order; readers of pcapng expect them sorted by time (and
-/// some tools warn otherwise). Each packet is held until no earlier one can still come.
+/// Writes packets in capture order (see `timeline`).
 pub struct PcapngOut {
     writer: PcapNgWriter<BufWriter<File>>,
     written: HashSet<PacketId>,
     order: VecDeque<PacketId>,
-    held: BinaryHeap<Held>,
-    arrivals: u64,
+    held: Timeline<Held>,
 }
 
 impl PcapngOut {
@@ -71,8 +66,7 @@ impl PcapngOut {
             writer,
             written: HashSet::new(),
             order: VecDeque::new(),
-            held: BinaryHeap::new(),
-            arrivals: 0,
+            held: Timeline::default(),
         })
     }
 
@@ -89,28 +83,15 @@ impl PcapngOut {
         {
             self.written.remove(&old);
         }
-        self.arrivals += 1;
-        self.held.push(Reverse((
-            pkt.mono_ns,
-            self.arrivals,
-            pkt.wall_ns,
-            pkt.headers.clone(),
-            comment,
-        )));
+        self.held
+            .hold(pkt.mono_ns, (pkt.wall_ns, pkt.headers.clone(), comment));
         Ok(())
     }
 
     /// Writes, in capture order, the packets captured before `until_mono_ns` (all of them with
     /// u64::MAX).
     pub fn release(&mut self, until_mono_ns: u64) -> anyhow::Result<()> {
-        while self
-            .held
-            .peek()
-            .is_some_and(|Reverse((mono_ns, ..))| *mono_ns < until_mono_ns)
-        {
-            let Some(Reverse((_, _, wall_ns, headers, comment))) = self.held.pop() else {
-                break;
-            };
+        for (wall_ns, headers, comment) in self.held.release(until_mono_ns) {
             self.writer.write_pcapng_block(EnhancedPacketBlock {
                 interface_id: 0,
                 timestamp: Duration::from_nanos(wall_ns),

@@ -74,7 +74,7 @@ pub struct Pipeline {
     ready: Vec<Joined<PendingLine>>,
     /// `--format pretty`: lines held to go out in time order, and for how long (see
     /// `timeline`; the pcapng file's packets are held as long).
-    timeline: Option<Timeline>,
+    timeline: Option<Timeline<String>>,
     timeline_hold_ns: u64,
     pub clock: Clock,
     pub stats: Stats,
@@ -236,7 +236,10 @@ impl Pipeline {
         self.ready = ready; // emptied, capacity kept for the next turn
         let settled = now_ns.saturating_sub(self.timeline_hold_ns);
         if let Some(timeline) = &mut self.timeline {
-            timeline.release(settled, out);
+            // A line the output has no room for is counted there as lost.
+            timeline
+                .release(settled)
+                .for_each(|line| _ = out.try_line(line));
         }
         if let Some(file) = &mut self.pcapng
             && let Err(e) = file.release(settled)
@@ -275,7 +278,9 @@ impl Pipeline {
         let mut rest = self.joiner.flush();
         self.emit_all(&mut rest, out);
         if let Some(timeline) = &mut self.timeline {
-            timeline.release(u64::MAX, out);
+            timeline
+                .release(u64::MAX)
+                .for_each(|line| _ = out.try_line(line));
         }
         if let Some(file) = &mut self.pcapng
             && let Err(e) = file.flush()

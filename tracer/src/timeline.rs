@@ -1,44 +1,81 @@
-//! `--format pretty` is read by a person as a timeline, so its lines go out in time order.
-//! The joiner releases a line when its packet has come (or its window has passed), so lines of
-//! different connections leave out of order by up to the join window (a JSON consumer sorts
-//! by `mono_ns` if it cares; the contract promises no order). The timeline holds each pretty
-//! line until no earlier one can still come, then writes them sorted.
+//! Output read as a timeline goes out in time order: `--format pretty` (a person reads it) and
+//! the `-w` pcapng file (its readers expect packets sorted by time, and some tools warn
+//! otherwise). The joiner releases a line when its packet has come (or its window has passed),
+//! and a packet with the event it joined, so lines and packets of different connections leave
+//! out of order by up to the join window (a JSON consumer sorts by `mono_ns` if it cares; the
+//! contract promises no order). A timeline holds each item until no earlier one can still
+//! come, then gives them back sorted.
 
-use std::{cmp::Reverse, collections::BinaryHeap};
+use std::{cmp::Ordering, collections::BinaryHeap};
 
-use crate::output::Output;
-
-/// Lines held for ordering: (time, arrival number, text), earliest first.
-#[derive(Default)]
-pub struct Timeline {
-    held: BinaryHeap<Reverse<(u64, u64, String)>>,
+/// Items held for ordering, earliest first (by time, then by arrival).
+pub struct Timeline<T> {
+    held: BinaryHeap<Held<T>>,
     arrivals: u64,
 }
 
-impl Timeline {
-    /// Holds `text`, a line about an instant at `mono_ns`.
-    pub fn hold(&mut self, mono_ns: u64, text: String) {
-        self.arrivals += 1;
-        self.held.push(Reverse((mono_ns, self.arrivals, text)));
-    }
-
-    /// Writes, in time order, the lines about instants before `until_ns` (every line when
-    /// `until_ns` is u64::MAX). A line the output has no room for is counted there as lost.
-    pub fn release(&mut self, until_ns: u64, out: &Output) {
-        while let Some(Reverse((mono_ns, _, _))) = self.held.peek() {
-            if *mono_ns >= until_ns {
-                break;
-            }
-            let Some(Reverse((_, _, text))) = self.held.pop() else {
-                break;
-            };
-            out.try_line(text);
+impl<T> Default for Timeline<T> {
+    fn default() -> Self {
+        Self {
+            held: BinaryHeap::new(),
+            arrivals: 0,
         }
     }
+}
 
-    #[cfg(test)]
-    fn order(&mut self) -> Vec<String> {
-        std::iter::from_fn(|| self.held.pop().map(|Reverse((_, _, t))| t)).collect()
+/// An item and its place: ordered by (time, arrival) only, reversed for the max-heap.
+struct Held<T> {
+    mono_ns: u64,
+    arrival: u64,
+    item: T,
+}
+
+impl<T> Held<T> {
+    fn key(&self) -> (u64, u64) {
+        (self.mono_ns, self.arrival)
+    }
+}
+
+impl<T> PartialEq for Held<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl<T> Eq for Held<T> {}
+
+impl<T> PartialOrd for Held<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<T> Ord for Held<T> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.key().cmp(&self.key())
+    }
+}
+
+impl<T> Timeline<T> {
+    /// Holds `item`, about an instant at `mono_ns`.
+    pub fn hold(&mut self, mono_ns: u64, item: T) {
+        self.arrivals += 1;
+        self.held.push(Held {
+            mono_ns,
+            arrival: self.arrivals,
+            item,
+        });
+    }
+
+    /// The items about instants before `until_ns` (every item with u64::MAX), in time order;
+    /// each leaves the timeline as it is taken.
+    pub fn release(&mut self, until_ns: u64) -> impl Iterator<Item = T> + '_ {
+        std::iter::from_fn(move || {
+            if self.held.peek()?.mono_ns >= until_ns {
+                return None;
+            }
+            self.held.pop().map(|held| held.item)
+        })
     }
 }
 
@@ -47,12 +84,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lines_leave_by_time_then_by_arrival() {
+    fn items_leave_by_time_then_by_arrival() {
         let mut t = Timeline::default();
-        t.hold(30, "c".into());
-        t.hold(10, "a".into());
-        t.hold(30, "d".into());
-        t.hold(20, "b".into());
-        assert_eq!(t.order(), ["a", "b", "c", "d"]);
+        t.hold(30, "c");
+        t.hold(10, "a");
+        t.hold(30, "d");
+        t.hold(20, "b");
+        assert_eq!(t.release(25).collect::<Vec<_>>(), ["a", "b"]);
+        t.hold(15, "late");
+        assert_eq!(t.release(u64::MAX).collect::<Vec<_>>(), ["late", "c", "d"]);
     }
 }
