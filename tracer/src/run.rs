@@ -388,15 +388,19 @@ async fn event_loop(
                 }
                 if last_pid_check.elapsed() >= PID_CHECK {
                     last_pid_check = Instant::now();
-                    if last_sweep.elapsed() >= FOLLOWED_SWEEP {
-                        last_sweep = Instant::now();
-                        kernel.followed.forget_exited();
-                    }
-                    if every_traced_process_exited(settings, &mut kernel.followed) {
-                        let until = *after_exit.get_or_insert_with(|| {
-                            announce_teardown_wait(pipeline.closing_connections(), settings)
+                    let traced_gone = traced_processes_exited(settings);
+                    // One pass over the followed children serves both: forgetting the ones
+                    // that exited, and (once the traced processes are gone) whether any runs.
+                    let children_run = (traced_gone || last_sweep.elapsed() >= FOLLOWED_SWEEP)
+                        .then(|| {
+                            last_sweep = Instant::now();
+                            kernel.followed.forget_exited()
                         });
-                        if pipeline.closing_connections() == 0 || Instant::now() >= until {
+                    if traced_gone && children_run == Some(false) {
+                        let closing = pipeline.closing_connections();
+                        let until = *after_exit
+                            .get_or_insert_with(|| announce_teardown_wait(closing, settings));
+                        if closing == 0 || Instant::now() >= until {
                             break Stop::TracedProcessesExited;
                         }
                     }
@@ -423,15 +427,15 @@ async fn event_loop(
     Ok(stop)
 }
 
-/// The traced processes and the children they forked (which the programs follow: what a
-/// traced process handed to them, and what they open themselves, is traced) have all exited.
-fn every_traced_process_exited(settings: &Settings, followed: &mut owners::Followed) -> bool {
+/// With `--pid`, the traced processes have all exited. The run goes on while a child they
+/// forked runs (the programs follow those: what a traced process handed to them, and what
+/// they open themselves, is traced).
+fn traced_processes_exited(settings: &Settings) -> bool {
     !settings.pids.is_empty()
         && settings
             .pids
             .iter()
             .all(|&p| !crate::cli::process_exists(p))
-        && !followed.forget_exited()
 }
 
 /// A process's exit closes its sockets, and their teardown goes on without it: a FIN queued
