@@ -214,6 +214,22 @@ fn in_causal_order(want: &Want, packet_mono: u64, event_mono: u64) -> bool {
     }
 }
 
+/// Whether the stored packet `e` can join an event at `mono_ns` that wants `want`: not claimed
+/// on that end yet, of the kind wanted, within the window, on the right side of the event.
+fn joinable(e: &PacketEntry, want: &Want, mono_ns: u64, window_ns: u64) -> bool {
+    e.claimed[slot(want.dir)].is_none()
+        && want.matches(e.flags)
+        && e.first_mono.abs_diff(mono_ns) <= window_ns
+        && in_causal_order(want, e.first_mono, mono_ns)
+}
+
+/// For a packet the socket received: whether it came shortly before the event
+/// (RECEIVED_BEFORE_EVENT_NS), as the one that moved the socket does (see
+/// `Joiner::claim_waiting_packet`). A packet the socket sent always qualifies.
+fn received_recently(want: &Want, e: &PacketEntry, mono_ns: u64) -> bool {
+    want.dir == Dir::Out || e.first_mono + RECEIVED_BEFORE_EVENT_NS >= mono_ns
+}
+
 /// The order in which an event prefers the stored packets it matches (lowest first): nearest
 /// in time, except for a received RST. The first RST to arrive resets the socket; a second
 /// one sent before the first was processed (a client's close, then the kernel's answer to the
@@ -552,15 +568,11 @@ impl<T> Joiner<T> {
     /// Whether a packet the socket received long before its event (see `claim_waiting_packet`)
     /// is stored for `want`.
     fn has_older_copy(&self, want: &Want, path: &PathKey, mono_ns: u64) -> bool {
-        want.dir == Dir::In
-            && self.packets.get(path).is_some_and(|entries| {
-                entries.iter().any(|e| {
-                    e.claimed[slot(Dir::In)].is_none()
-                        && want.matches(e.flags)
-                        && e.first_mono + self.window_ns >= mono_ns
-                        && e.first_mono + RECEIVED_BEFORE_EVENT_NS < mono_ns
-                })
+        self.packets.get(path).is_some_and(|entries| {
+            entries.iter().any(|e| {
+                joinable(e, want, mono_ns, self.window_ns) && !received_recently(want, e, mono_ns)
             })
+        })
     }
 
     /// `event` in a recycled allocation where there is one.
@@ -609,20 +621,14 @@ impl<T> Joiner<T> {
         mono_ns: u64,
         recent_only: bool,
     ) -> bool {
-        let s = slot(want.dir);
         let window = self.window_ns;
         let Some(entries) = self.packets.get_mut(&path) else {
             return false;
         };
-        let recent_enough = |first_mono: u64| {
-            !recent_only || want.dir == Dir::Out || first_mono + RECEIVED_BEFORE_EVENT_NS >= mono_ns
-        };
         let best = entries
             .iter_mut()
-            .filter(|e| e.claimed[s].is_none() && want.matches(e.flags))
-            .filter(|e| recent_enough(e.first_mono))
-            .filter(|e| e.first_mono.abs_diff(mono_ns) <= window)
-            .filter(|e| in_causal_order(want, e.first_mono, mono_ns))
+            .filter(|e| joinable(e, want, mono_ns, window))
+            .filter(|e| !recent_only || received_recently(want, e, mono_ns))
             .min_by_key(|e| preference(want, e.first_mono, mono_ns));
         let Some(entry) = best else {
             return false;
