@@ -220,26 +220,23 @@ fn stdout_is_terminal() -> bool {
 /// Whether `pid` is a kernel thread (PF_KTHREAD in /proc/PID/stat's flags).
 pub fn is_kernel_thread(pid: u32) -> bool {
     const PF_KTHREAD: u64 = 0x0020_0000;
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // Fields after the parenthesised comm: state (3), ppid, pgrp, session, tty_nr,
-            // tpgid, flags (9).
-            let (_, rest) = stat.rsplit_once(") ")?;
-            rest.split_whitespace().nth(6)?.parse::<u64>().ok()
-        })
+    // After the comm: state (field 3), ppid, pgrp, session, tty_nr, tpgid, flags (9).
+    stat_after_comm(pid)
+        .and_then(|rest| rest.split_whitespace().nth(6)?.parse::<u64>().ok())
         .is_some_and(|flags| flags & PF_KTHREAD != 0)
 }
 
+/// /proc/PID/stat from its state on (field 3): what follows the parenthesised comm, which may
+/// itself contain ") ".
+fn stat_after_comm(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ").map(|(_, rest)| rest.to_string())
+}
+
 pub fn process_exists(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised comm, which may itself contain ") ".
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X'),
-        Err(_) => false,
-    }
+    stat_after_comm(pid)
+        .and_then(|rest| rest.chars().next())
+        .is_some_and(|state| state != 'Z' && state != 'X')
 }
 
 #[cfg(test)]
