@@ -1,10 +1,12 @@
 //! `-w FILE.pcapng`: the captured FIN/RST packets (headers only) with a comment on each naming
 //! the process and the event it joined, so Wireshark and tshark show who sent it. libpcap cannot
-//! write packet comments; the pcap-file crate writes pcapng.
+//! write packet comments; the pcap-file crate writes pcapng. Each interface the packets crossed
+//! has its own interface block, named (`any` captures many), so Wireshark shows where each
+//! packet was seen.
 
 use std::{
     borrow::Cow,
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     fs::File,
     io::BufWriter,
     path::Path,
@@ -39,8 +41,8 @@ type PacketId = (
     u64,
 );
 
-/// A packet waiting to be written: (wall-clock capture time, headers, comment).
-type Held = (u64, Arc<[u8]>, String);
+/// A packet waiting to be written: (wall-clock capture time, interface, headers, comment).
+type Held = (u64, Arc<str>, Arc<[u8]>, String);
 
 /// Writes packets in capture order (see `timeline`).
 pub struct PcapngOut {
@@ -48,26 +50,46 @@ pub struct PcapngOut {
     written: HashSet<PacketId>,
     order: VecDeque<PacketId>,
     held: Timeline<Held>,
+    /// The capture's link type, shared by every interface block.
+    linktype: DataLink,
+    /// The interface blocks written so far, by name: their index is the packets' interface_id.
+    interfaces: HashMap<Arc<str>, u32>,
 }
 
 impl PcapngOut {
-    /// Creates FILE (mode 0600) with one interface of the capture's link type.
+    /// Creates FILE (mode 0600) for packets of the capture's link type. Interface blocks are
+    /// written as their first packet is.
     pub fn create(path: &Path, linktype: i32) -> anyhow::Result<Self> {
         let file = crate::output::create_private(path)
             .with_context(|| format!("creating {}", path.display()))?;
-        let mut writer = PcapNgWriter::new(BufWriter::new(file))?;
-        writer.write_pcapng_block(InterfaceDescriptionBlock {
-            linktype: DataLink::from(linktype as u32),
-            snaplen: 0,
-            // Nanosecond timestamps, as captured.
-            options: vec![InterfaceDescriptionOption::IfTsResol(9)],
-        })?;
+        let writer = PcapNgWriter::new(BufWriter::new(file))?;
         Ok(Self {
             writer,
             written: HashSet::new(),
             order: VecDeque::new(),
             held: Timeline::default(),
+            linktype: DataLink::from(linktype as u32),
+            interfaces: HashMap::new(),
         })
+    }
+
+    /// The interface_id of `iface`, writing its interface block on first use.
+    fn interface_id(&mut self, iface: &Arc<str>) -> anyhow::Result<u32> {
+        if let Some(&id) = self.interfaces.get(iface) {
+            return Ok(id);
+        }
+        self.writer.write_pcapng_block(InterfaceDescriptionBlock {
+            linktype: self.linktype,
+            snaplen: 0,
+            options: vec![
+                InterfaceDescriptionOption::IfName(Cow::Owned(iface.to_string())),
+                // Nanosecond timestamps, as captured.
+                InterfaceDescriptionOption::IfTsResol(9),
+            ],
+        })?;
+        let id = self.interfaces.len() as u32;
+        self.interfaces.insert(iface.clone(), id);
+        Ok(id)
     }
 
     /// Takes the packet with its comment, unless it was taken already; it is written by
@@ -83,17 +105,23 @@ impl PcapngOut {
         {
             self.written.remove(&old);
         }
-        self.held
-            .hold(pkt.mono_ns, (pkt.wall_ns, pkt.headers.clone(), comment));
+        let held = (pkt.wall_ns, pkt.iface.clone(), pkt.headers.clone(), comment);
+        self.held.hold(pkt.mono_ns, held);
         Ok(())
     }
 
     /// Writes, in capture order, the packets captured before `until_mono_ns` (all of them with
     /// u64::MAX).
     pub fn release(&mut self, until_mono_ns: u64) -> anyhow::Result<()> {
-        for (wall_ns, headers, comment) in self.held.release(until_mono_ns) {
+        // One at a time: the interface block may have to be written first.
+        loop {
+            let next = self.held.release(until_mono_ns).next();
+            let Some((wall_ns, iface, headers, comment)) = next else {
+                break;
+            };
+            let interface_id = self.interface_id(&iface)?;
             self.writer.write_pcapng_block(EnhancedPacketBlock {
-                interface_id: 0,
+                interface_id,
                 timestamp: Duration::from_nanos(wall_ns),
                 original_len: headers.len() as u32,
                 data: Cow::Borrowed(&headers),
@@ -118,6 +146,10 @@ mod tests {
     use crate::capture::Dir;
 
     fn packet(mono_ns: u64, seq: u32) -> WirePacket {
+        packet_on(mono_ns, seq, "lo")
+    }
+
+    fn packet_on(mono_ns: u64, seq: u32, iface: &str) -> WirePacket {
         WirePacket {
             mono_ns,
             wall_ns: mono_ns + 1_000_000_000_000,
@@ -126,7 +158,7 @@ mod tests {
             flags: crate::capture::tcp_flags::FIN,
             seq,
             ack: 1,
-            iface: Arc::from("lo"),
+            iface: Arc::from(iface),
             dir: Dir::Out,
             headers: Arc::from(&[0u8; 40][..]),
             only_copy: true,
@@ -155,5 +187,38 @@ mod tests {
         }
         std::fs::remove_file(&path).unwrap();
         assert_eq!(times, [10, 20, 30, 40]);
+    }
+
+    /// With `-i any` packets cross several interfaces: each has a named interface block, and
+    /// each packet points at its own.
+    #[test]
+    fn each_packet_names_the_interface_it_was_seen_on() {
+        let path =
+            std::env::temp_dir().join(format!("tracer-ifaces-{}.pcapng", std::process::id()));
+        let mut out = PcapngOut::create(&path, 276).unwrap();
+        for (mono, iface) in [(10, "veth1"), (20, "lo"), (30, "veth1")] {
+            out.write(&packet_on(mono, mono as u32, iface), String::new())
+                .unwrap();
+        }
+        out.flush().unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let mut reader = pcap_file::pcapng::PcapNgReader::new(file).unwrap();
+        let (mut names, mut ids) = (Vec::new(), Vec::new());
+        while let Some(block) = reader.next_block() {
+            match block.unwrap() {
+                pcap_file::pcapng::Block::InterfaceDescription(idb) => {
+                    for option in idb.options {
+                        if let InterfaceDescriptionOption::IfName(name) = option {
+                            names.push(name.to_string());
+                        }
+                    }
+                }
+                pcap_file::pcapng::Block::EnhancedPacket(p) => ids.push(p.interface_id),
+                _ => {}
+            }
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(names, ["veth1", "lo"]);
+        assert_eq!(ids, [0, 1, 0]);
     }
 }

@@ -111,6 +111,8 @@ fn pcapng_has_one_comment_per_packet_naming_the_pid() {
             "-e",
             "tcp.flags.str",
             "-e",
+            "frame.interface_name",
+            "-e",
             "frame.comment",
         ])
         .output()
@@ -121,7 +123,9 @@ fn pcapng_has_one_comment_per_packet_naming_the_pid() {
     assert!(rows.len() >= 3, "{text}");
     let me = format!("pid={}", std::process::id());
     for row in &rows {
-        let (_, comment) = row.split_once('\t').unwrap_or((row, ""));
+        let mut fields = row.splitn(3, '\t').skip(1);
+        let (iface, comment) = (fields.next().unwrap_or(""), fields.next().unwrap_or(""));
+        assert_eq!(iface, "lo", "the interface is named: {row}");
         assert!(
             comment.starts_with("tracer: "),
             "a comment on every packet: {row}"
