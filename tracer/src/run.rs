@@ -194,7 +194,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     let seeded = owners::seed(&mut loaded.ebpf, &settings.pids, &lineage)
         .context("seeding owners of existing connections")?;
     warn_about_seeding(&seeded, options.tables.seed, !settings.pids.is_empty());
-    warn_about_kernel_threads(&settings.pids);
+    warn_about_pids(&settings.pids);
     if let Some(capture) = &capture
         && !settings.pids.is_empty()
     {
@@ -479,9 +479,17 @@ fn drain_packets(rx: &mut Option<mpsc::Receiver<WirePacket>>, pipeline: &mut Pip
     }
 }
 
-/// A kernel thread given to `--pid` (kthreadd, a worker) owns no sockets, nor do the kernel
-/// threads it forks: said once, since such a run traces nothing.
-fn warn_about_kernel_threads(pids: &[u32]) {
+/// `--pid` PIDs that do not select what the user likely meant, said once: a kernel thread
+/// (kthreadd, a worker) owns no sockets, nor do the kernel threads it forks, so such a run
+/// traces nothing; init's children are every process (they are followed), so `--pid 1` traces
+/// the whole host.
+fn warn_about_pids(pids: &[u32]) {
+    if pids.contains(&1) {
+        eprintln!(
+            "tracer: --pid 1 is init: every process descends from it and children are followed, \
+             so this traces every connection of the host; give the service's own PID to narrow it"
+        );
+    }
     for pid in pids
         .iter()
         .filter(|&&pid| crate::cli::is_kernel_thread(pid))
