@@ -127,7 +127,7 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
         submit_socket(ev, false, CLASSIC_SLOT); // with --pid, the listener's owner decides
         return 0;
     }
-    let traced = attribute_reset(sk, state, destroyed, ev);
+    let traced = attribute_reset(sk, state, destroyed, answers_a_segment, ev);
     if setting!(filter_pids) != 0 && unowned && ev.pid == 0 {
         if is_watched(ev, CLASSIC_SLOT) {
             // The daemon attributes it to the traced connection with these addresses.
@@ -255,6 +255,7 @@ fn attribute_reset(
     sk: u64,
     state: u8,
     destroyed: Option<*mut SockInfo>,
+    answers_a_segment: bool,
     ev: &mut SockEvent,
 ) -> bool {
     if sk == 0 {
@@ -264,11 +265,17 @@ fn attribute_reset(
     }
     // Time-wait and request sockets never reach tcp_destroy_sock: do not make entries for them.
     let full_socket = state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV;
-    // A socket in CLOSE may be destroyed already (`destroyed`, see `Destroyed`): not to be
-    // given a new entry then.
+    // A socket in CLOSE that answers a segment was destroyed already (an orphan's
+    // TCP_ABORT_ON_DATA: `Destroyed` has its entry if it had one) or still has its entry (its
+    // owner holds it): a new entry would never be removed, and the next socket the kernel puts
+    // at that address would inherit it. With `--pid`, an untraced client's orphan answering a
+    // traced server's last write (in the server's task on loopback) left such an entry, and
+    // the server's next accepted connection at that address got its unknown owner: it was
+    // never watched, and the peer's FIN never passed the capture filter.
+    let destroyed_already = state == tcp_state::CLOSE && answers_a_segment;
     let info = if destroyed.is_some() {
         destroyed
-    } else if full_socket {
+    } else if full_socket && !destroyed_already {
         lookup_or_create(sk, ev, keep_unowned(&current()))
     } else {
         sock_entry(sk)

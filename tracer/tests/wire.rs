@@ -1323,3 +1323,62 @@ while True:
         );
     }
 }
+
+/// `--pid <server>` whose untraced client closes first and whose last write then hits the
+/// client's orphan, which answers with a RST (TCP_ABORT_ON_DATA; on loopback in the server's
+/// task). That RST once gave the destroyed orphan an owner-table entry nothing removed; the
+/// server's next connection the kernel put at that address inherited its unknown owner, was
+/// never marked for the capture filter, and its peer's FIN never reached the capture
+/// (`fin_received` with `wire: null` for about half the connections). Every FIN is on the
+/// wire, so every `fin_received` is joined.
+#[test]
+fn pid_of_a_server_whose_last_writes_draw_resets_sees_every_peer_fin() {
+    use std::io::Write;
+    if !common::require_root() {
+        return;
+    }
+    const CONNECTIONS: usize = 12;
+    let port = common::free_port();
+    let server = Script::spawn(
+        r#"
+import os, socket, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", int(sys.argv[1])))
+l.listen(16)
+print(os.getpid(), flush=True)
+while True:
+    c, _ = l.accept()
+    while c.recv(4096):
+        pass
+    try:
+        c.sendall(b"x" * 24)
+    except OSError:
+        pass
+    c.close()
+"#,
+        &[&port.to_string()],
+    );
+    let server_pid = server.pid;
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &server_pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    for _ in 0..CONNECTIONS {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(b"ping").unwrap();
+        drop(c); // FIN; the server's 24 bytes then draw the orphan's RST
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let out = tracer.stop();
+    server.stop();
+    let fins: Vec<&Value> = out
+        .lines
+        .iter()
+        .filter(|v| v["event"] == "fin_received" && v["lport"] == port)
+        .collect();
+    assert_eq!(fins.len(), CONNECTIONS, "{:?}", out.lines);
+    for fin in fins {
+        assert!(fin["wire"].is_object(), "the peer's FIN is captured: {fin}");
+        assert_eq!(fin["pid"], server_pid, "{fin}");
+    }
+}
