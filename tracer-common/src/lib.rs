@@ -209,6 +209,9 @@ pub struct SockLayout {
     pub shutdown: u16,
     /// `sk_err` (an int): the error a socket the kernel gave up on ends with.
     pub err: u16,
+    /// `sk_socket` (a pointer): NULL for a connection never accepted (still in a listener's
+    /// queue), which no call on a descriptor can be closing.
+    pub socket: u16,
 }
 
 impl SockLayout {
@@ -224,6 +227,7 @@ impl SockLayout {
         protocol_size: 0,
         shutdown: NONE,
         err: NONE,
+        socket: NONE,
     };
 }
 

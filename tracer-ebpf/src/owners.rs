@@ -50,6 +50,10 @@ pub struct SockInfo {
     /// A traced process owned it (with `--pid`): its teardown stays traced whoever acts on it,
     /// such as a forked child closing a connection its traced parent accepted.
     pub traced: u8,
+    /// The family of a listener that was closed (0: none): its LISTENERS entry goes when the
+    /// socket is destroyed, not at its move to CLOSE, because the close resets the connections
+    /// still in its queue after that move, and they get their owner from that entry.
+    pub closed_listener_family: u16,
 }
 
 #[map]
@@ -256,6 +260,7 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut 
         lport: ev.lport,
         rport: ev.rport,
         traced: 0,
+        closed_listener_family: 0,
     };
     let key = TupleKey {
         laddr: ev.laddr,
@@ -457,6 +462,7 @@ fn remember_io_owner(sk: u64, cur: &Current) {
         lport: 0,
         rport: 0,
         traced: 1,
+        closed_listener_family: 0,
     };
     // EEXIST: another event of the socket created the entry meanwhile; anything else: full.
     const EEXIST: i32 = -17;
@@ -535,7 +541,7 @@ pub fn destroy_sock(ctx: TracePointContext) -> u32 {
         && let Some(info) = sock_entry(sk)
     {
         remember_destroyed(sk, info);
-        forget(sk);
+        forget(sk, info);
     }
     0
 }
@@ -558,14 +564,21 @@ pub fn destroy_sock_raw(ctx: RawTracePointContext) -> u32 {
         leave_raw(slot);
     }
     remember_destroyed(sk, info);
-    forget(sk);
+    forget(sk, info);
     0
 }
 
-/// Removes the entry of a socket that has one.
+/// Removes the entry of a socket that has one (`info`), and a closed listener's owner.
 #[inline(always)]
-fn forget(sk: u64) {
+fn forget(sk: u64, info: *mut SockInfo) {
     // A close held for its RST (only a socket with an entry has one): no RST came.
     crate::held::send_without_reset(sk);
+    // SAFETY: the entry pointer is valid until the entry is removed, below.
+    let (family, port, pid) =
+        unsafe { ((*info).closed_listener_family, (*info).lport, (*info).pid) };
+    // Unless another process listens on the port by now.
+    if family != 0 && listener_pid(family, port) == Some(pid) {
+        let _ = LISTENERS.remove(listener_key(family, port));
+    }
     let _ = SOCKS.remove(sk);
 }

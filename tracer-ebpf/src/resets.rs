@@ -24,7 +24,7 @@ use crate::{
         listener_owner, lookup_or_create, may_concern_traced, note_traced, sock_entry,
     },
     setting,
-    state::{RecordFields, SockFields, TupleSource, family_and_port, read_tuple},
+    state::{RecordFields, SockFields, TupleSource, family_and_port, never_accepted, read_tuple},
 };
 
 /// Reads a `struct sockaddr_in`/`sockaddr_in6` as stored by the tracepoint (28 bytes).
@@ -290,8 +290,10 @@ fn attribute_reset(
         }
         None => false,
     };
-    // No file refers to a time-wait or request socket: no call acts on it.
-    if full_socket && let Some(call) = call_acting_on(sk, info.as_deref(), Context::Unknown) {
+    // No file refers to a time-wait or request socket, nor to a connection never accepted
+    // (reset because its listener was closed): no call acts on it.
+    let by_a_call = full_socket && !info.as_deref().is_some_and(|i| never_accepted(sk, i));
+    if by_a_call && let Some(call) = call_acting_on(sk, info.as_deref(), Context::Unknown) {
         call.stamp(ev);
     }
     traced

@@ -304,12 +304,13 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
             return None;
         }
     }
-    if old == LISTEN && new == CLOSE && listener_pid(ev.family, ev.lport).is_some() {
-        // Looked up first: a delete takes the bucket lock even when there is nothing to delete.
-        let _ = LISTENERS.remove(listener_key(ev.family, ev.lport));
-    }
-
+    // Looked up first: a delete takes the bucket lock even when there is nothing to delete.
+    let closing_listener =
+        old == LISTEN && new == CLOSE && listener_pid(ev.family, ev.lport).is_some();
     let Some(info_ptr) = lookup_or_create(sk, ev, keep_unowned(&cur)) else {
+        if closing_listener {
+            let _ = LISTENERS.remove(listener_key(ev.family, ev.lport));
+        }
         if setting!(filter_pids) != 0 {
             count(counter::FILTERED);
         }
@@ -317,6 +318,11 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
     };
     // SAFETY: entry pointer from the map; only events of this socket write it.
     let info = unsafe { &mut *info_ptr };
+    if closing_listener {
+        // Its owner stays in LISTENERS for the connections its close resets (see
+        // `never_accepted`) until the socket is destroyed, at the end of that close.
+        info.closed_listener_family = ev.family;
+    }
     ev.state_since_ns = info.state_since_ns;
     if old != new {
         // A close() in FIN_WAIT2 (after shutdown) stores the same state again: the socket has
@@ -367,7 +373,17 @@ fn classify(
     let local = is_local_close(old, new);
     if local || new == CLOSE || old == new {
         let context = if local { Context::Task } else { context };
-        if let Some(call) = call_acting_on(sk, Some(info), context) {
+        let unaccepted = !local && never_accepted(sk, info);
+        if unaccepted {
+            // No file will ever release it: its destruction is no close either.
+            info.released = 1;
+        }
+        let call = if unaccepted {
+            None
+        } else {
+            call_acting_on(sk, Some(info), context)
+        };
+        if let Some(call) = call {
             // An exit's call takes only what the exiting task itself closes: a softirq running
             // in its context may move anyone's socket. Its own close shows as the owner being
             // this process, or as a move only a close makes (a child that inherited the socket
@@ -404,6 +420,17 @@ fn classify(
         return Some(EventKind::FinReceived);
     }
     Some(EventKind::State)
+}
+
+/// Whether the socket is a connection no process ever accepted (no `struct socket`, and no
+/// close released it): one still in a listener's queue, reset by the kernel when the listener
+/// is closed (inet_csk_listen_stop, inside the listener's close(2) or exit). That close is the
+/// listener's, not this connection's: no call on a descriptor closes a socket that never had
+/// one. (A closed socket loses its `struct socket` too, but only after its last move in the
+/// close: `released` is set by then.) False where the BTF gave no offset.
+#[inline(always)]
+pub fn never_accepted(sk: u64, info: &SockInfo) -> bool {
+    info.released == 0 && kernel_read::<u64>(sk, setting!(sock.socket)) == Some(0)
 }
 
 /// Whether `call`, if it is an exit, is the socket's own process exiting (or the socket has no

@@ -83,6 +83,7 @@ const MEMBERS: &[&str] = &[
     "sk_protocol",
     "sk_shutdown",
     "sk_err",
+    "sk_socket",
     "files",
     "fdt",
     "max_fds",
@@ -274,6 +275,8 @@ impl Btf {
             shutdown: byte_offset(sock, "sk_shutdown").unwrap_or(tracer_common::NONE),
             // Only to say why a socket the kernel gave up on ended: optional.
             err: byte_offset(sock, "sk_err").unwrap_or(tracer_common::NONE),
+            // Only to tell a connection never accepted: optional.
+            socket: byte_offset(sock, "sk_socket").unwrap_or(tracer_common::NONE),
         })
     }
 

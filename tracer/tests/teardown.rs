@@ -1372,3 +1372,60 @@ fn an_accepted_socket_keeps_its_owner_after_the_listener_closes() {
     drop(server);
     tracer.stop();
 }
+
+/// Closing a listener resets the connections still in its accept queue (the kernel's
+/// inet_csk_listen_stop, inside the listener's close(2)). Those connections were never
+/// accepted and had no descriptor: the close was the listener's, not theirs. Each is an
+/// `rst_sent` owned through the listener (it was once a `close` naming the listener's fd, with
+/// the SO_LINGER 0 explanation). The clients' ECONNRESET and the RSTs on the wire are the
+/// independent witnesses.
+#[test]
+fn closing_a_listener_resets_its_queue_without_closing_those_connections() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let mut tracer = common::Tracer::start(&["-i", "lo", "--pid", &me().to_string()]);
+    tracer.wait_ready(WAIT);
+    let mut clients: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let client_ports: Vec<u16> = clients
+        .iter()
+        .map(|c| c.local_addr().unwrap().port())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100)); // the handshakes are done: all queued
+    drop(l);
+    for c in &mut clients {
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        let err = c
+            .read(&mut [0; 1])
+            .expect_err("reset by the listener's close");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let out = tracer.stop();
+    for &client in &client_ports {
+        let server_side = |event: &str| {
+            out.lines
+                .iter()
+                .find(|v| is(v, event, port, client))
+                .cloned()
+        };
+        assert!(
+            server_side("close").is_none(),
+            "no close of a connection never accepted: {:?}",
+            out.lines
+        );
+        let rst = server_side("rst_sent")
+            .unwrap_or_else(|| panic!("the reset of {client}: {:?}", out.lines));
+        assert_eq!(rst["pid"], me(), "{rst}");
+        assert_eq!(rst["owner"], "listener", "{rst}");
+        assert!(rst["syscall"].is_null() && rst["fd"].is_null(), "{rst}");
+        assert!(
+            rst["reason"].is_null() || rst["reason"] == "TCP_STATE",
+            "{rst}"
+        );
+        assert!(rst["wire"].is_object(), "its RST on the wire: {rst}");
+    }
+}
