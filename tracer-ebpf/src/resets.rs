@@ -120,6 +120,9 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     }
     ev.old_state = state;
     ev.new_state = state;
+    if state == tcp_state::TIME_WAIT && sk != 0 {
+        timewait_reset(sk, ev);
+    }
     ev.reason = reason_of(&rec, &layout);
     ev.rst_ack = rst_ack_of(skb);
     if state == tcp_state::LISTEN && sk != 0 {
@@ -139,6 +142,20 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     }
     submit_socket(ev, traced, CLASSIC_SLOT);
     0
+}
+
+/// A time-wait socket's RST: the kernel kills the socket right after (TCP_TW_RST), so the
+/// line moves to CLOSE, from the state the socket really was in: its substate, FIN_WAIT2 for an
+/// orphan whose peer never closed (data from a peer sitting in CLOSE_WAIT: a stale pooled
+/// connection reused), TIME_WAIT once the peer's FIN had come. (`sk_state` says TIME_WAIT for
+/// both.) Its owner is the connection's, which only the daemon knows.
+#[inline(always)]
+fn timewait_reset(sk: u64, ev: &mut SockEvent) {
+    ev.owner_source = owner_source::TIME_WAIT;
+    if let Some(substate) = kernel_read::<u8>(sk, setting!(timewait.substate)) {
+        ev.old_state = substate;
+    }
+    ev.new_state = tcp_state::CLOSE;
 }
 
 /// Whether the RST carries ACK, as tcp_v4/v6_send_reset() decide: an answer to a segment

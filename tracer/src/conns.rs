@@ -157,6 +157,17 @@ pub fn answered_without_its_socket(state: u8) -> bool {
     matches!(state, 0 | tcp_state::LISTEN)
 }
 
+/// Whether `ev` is a RST sent by a connection's time-wait form, which the kernel kills with it:
+/// `old_state` its substate (FIN_WAIT2 until the peer's FIN came, then TIME_WAIT), `new_state`
+/// CLOSE (older builds of the programs said TIME_WAIT for both).
+pub fn is_timewait_reset(ev: &KernelEvent) -> bool {
+    ev.kind == EventKind::RstSent
+        && matches!(
+            (ev.old_state, ev.new_state),
+            (tcp_state::TIME_WAIT, _) | (tcp_state::FIN_WAIT2, tcp_state::CLOSE)
+        )
+}
+
 /// Connections by conn id and by address pair.
 #[derive(Default)]
 pub struct ConnTable {
@@ -257,8 +268,10 @@ impl ConnTable {
             EventKind::RstSent if answered_without_its_socket(ev.old_state) => {
                 info.timewait_since = None
             }
-            // Its time-wait form timed out in FIN_WAIT2: nothing of it is left to await.
+            // Its time-wait form timed out in FIN_WAIT2, or sent a RST and was killed with it:
+            // nothing of it is left to await.
             EventKind::Fin2Timeout => info.timewait_since = None,
+            _ if is_timewait_reset(ev) => info.timewait_since = None,
             _ if ev.old_state == tcp_state::FIN_WAIT2 && ev.new_state == tcp_state::CLOSE => {
                 info.timewait_since = Some(ev.mono_ns);
                 if info.awaits_peer() {
@@ -303,6 +316,7 @@ impl ConnTable {
         // connection gone from it: the kernel has no owner for it, but the connection it
         // belonged to may have been seen, with its owner.
         let unowned_reset = ev.old_state == tcp_state::TIME_WAIT
+            || is_timewait_reset(ev)
             || (ev.kind == EventKind::RstSent && answered_without_its_socket(ev.old_state));
         let timed_out = ev.kind == EventKind::Fin2Timeout;
         if ev.conn_id == 0

@@ -753,7 +753,9 @@ fn pid_trace_keeps_the_rst_a_closed_servers_kernel_sends() {
         // connection (it had a new `conn`, and the listener's owner).
         assert_eq!(rst["conn"], close["conn"], "the closed connection's: {rst}");
         assert_ne!(rst["owner"], "listener", "{rst}");
-        if rst["old_state"] == "TIME_WAIT" {
+        if rst["old_state"] != "CLOSE" {
+            // The time-wait form's (killed with its RST).
+            assert_eq!(rst["new_state"], "CLOSE", "{rst}");
             assert!(
                 rst["reason"].is_null() || rst["reason"] == "TCP_TIMEWAIT_SOCKET",
                 "{rst}"
@@ -773,7 +775,10 @@ fn pid_trace_keeps_the_rst_a_closed_servers_kernel_sends() {
 /// The same, later: once the server's FIN is acknowledged, its closed socket is a kernel-only
 /// time-wait socket that no process owns, even in the kernel's own tables. Data arriving then
 /// is answered with a RST by that socket (TCP_TIMEWAIT_SOCKET). With `--pid` of the server it
-/// must still be reported, on the server's connection (`owner: "connection"`, its pid).
+/// must still be reported, on the server's connection (`owner: "connection"`, its pid), from
+/// the state the socket was really in: FIN_WAIT2 (this client never closed: `ss` shows
+/// FIN-WAIT-2, though the kernel's `sk_state` of a time-wait socket says TIME_WAIT), to CLOSE
+/// (the kernel kills the time-wait socket with its RST).
 #[test]
 fn pid_trace_keeps_the_rst_a_closed_servers_time_wait_socket_sends() {
     if !common::require_root() {
@@ -782,7 +787,8 @@ fn pid_trace_keeps_the_rst_a_closed_servers_time_wait_socket_sends() {
     // Long enough for our ACK of the server's FIN to go out (even a delayed one): the server's
     // socket then leaves for its time-wait form.
     let (rst, server_pid, _) = rst_for_data_after_the_server_closed(Duration::from_millis(500));
-    assert_eq!(rst["old_state"], "TIME_WAIT", "{rst}");
+    assert_eq!(rst["old_state"], "FIN_WAIT2", "{rst}");
+    assert_eq!(rst["new_state"], "CLOSE", "{rst}");
     assert_eq!(rst["pid"], server_pid, "{rst}");
     assert_eq!(rst["owner"], "connection", "{rst}");
     assert!(
