@@ -7,7 +7,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use anyhow::Context as _;
@@ -31,6 +31,10 @@ pub struct SeedReport {
     pub shared_listeners: usize,
     /// With `--pid`: the traced processes' running descendants, followed for their calls.
     pub children: usize,
+    /// With `--pid`: the (local, remote) ends of the traced processes' connections found. The
+    /// daemon knows a connection from its events; until a seeded one has any, its packets
+    /// (a RST some middlebox or netfilter rule forged on it) are still the traced process's.
+    pub traced_ends: Vec<(SocketAddr, SocketAddr)>,
 }
 
 /// Seeds the kernel tables for `pids`, or for every process when `pids` is empty, `lineage`
@@ -96,12 +100,21 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<
     if only_traced {
         watch_seeded(ebpf, &conns)?;
     }
+    let traced_ends = if only_traced {
+        conns
+            .iter()
+            .map(|(sock, _)| (sock.local.into(), sock.remote.into()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(SeedReport {
         connections: conns.len() - unseeded,
         unseeded,
         listeners: listeners.len(),
         shared_listeners,
         children: lineage.children.len(),
+        traced_ends,
     })
 }
 

@@ -247,6 +247,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     if let Some(file) = pcapng {
         pipeline.write_pcapng(file);
     }
+    pipeline.know_seeded(&seeded.traced_ends);
     // Handlers before `ready`: whoever waits for `ready` may signal at once.
     let signals = Signals::install()?;
     output.line(ready_line(

@@ -1388,3 +1388,70 @@ while True:
         assert_eq!(fin["pid"], server_pid, "{fin}");
     }
 }
+
+/// A RST forged by netfilter (`reject with tcp reset`) on a connection the traced server held
+/// before the tracer started: no socket sent it and the connection had no event yet, so no
+/// line would claim it; with `--pid` it was dropped as another process's packet. It is the
+/// traced connection's: a `packet` line (the wire is the only witness; the server's socket
+/// stays ESTABLISHED). The client's ECONNRESET is the independent check that it was sent.
+#[test]
+fn pid_reports_a_reset_netfilter_forged_on_a_connection_from_before_the_start() {
+    use std::io::Read;
+    if !common::require_root() {
+        return;
+    }
+    let port = common::free_port();
+    let server = Script::spawn(
+        r#"
+import os, socket, sys, time
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", int(sys.argv[1])))
+l.listen(4)
+print(os.getpid(), flush=True)
+c, _ = l.accept()
+time.sleep(60)
+"#,
+        &[&port.to_string()],
+    );
+    let server_pid = server.pid;
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let client_port = client.local_addr().unwrap().port();
+    std::thread::sleep(Duration::from_millis(200)); // accepted: a connection before the start
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &server_pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    let table = NftTable::create(
+        &format!("trcrej{port}"),
+        &format!(
+            "chain input {{ type filter hook input priority 0;\n\
+             tcp sport {client_port} tcp dport {port} tcp flags & syn == 0 \
+             reject with tcp reset\n}}"
+        ),
+    );
+    client.write_all(b"data").unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let err = client.read(&mut [0; 1]).expect_err("reset by netfilter");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    drop(table);
+    std::thread::sleep(Duration::from_millis(800)); // the packet's window ends
+    let out = tracer.stop();
+    server.stop();
+    let forged = out.lines.iter().find(|v| {
+        v["event"] == "packet"
+            && v["sport"] == port
+            && v["dport"] == client_port
+            && v["flags"].as_array().unwrap().contains(&"RST".into())
+    });
+    assert!(
+        forged.is_some(),
+        "the forged RST on the traced connection: {:?}",
+        out.lines
+    );
+    assert!(
+        !out.lines
+            .iter()
+            .any(|v| v["event"] == "rst_sent" && v["lport"] == port),
+        "the server's socket sent nothing: {:?}",
+        out.lines
+    );
+}
