@@ -195,6 +195,9 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         .context("seeding owners of existing connections")?;
     warn_about_seeding(&seeded, options.tables.seed, !settings.pids.is_empty());
     warn_about_pids(&settings.pids);
+    if let Some(iface) = &settings.capture_iface {
+        warn_about_other_namespaces(&settings.pids, iface);
+    }
     if let Some(capture) = &capture
         && !settings.pids.is_empty()
     {
@@ -499,6 +502,34 @@ fn warn_about_pids(pids: &[u32]) {
             "tracer: --pid {pid} is a kernel thread: it owns no sockets, nor do the kernel \
              threads it starts; give the PID of the process whose connections you want"
         );
+    }
+}
+
+/// A traced process in another network namespace (a container's) is traced by the programs
+/// (they see every namespace), but the capture sees only this namespace's interfaces: that
+/// namespace's own loopback traffic never passes here, and its lines would have `wire: null`
+/// with nothing saying why. Said once per namespace.
+fn warn_about_other_namespaces(pids: &[u32], iface: &str) {
+    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    let Some(ours) = netns("self") else {
+        return;
+    };
+    let mut said = Vec::new();
+    for pid in pids {
+        let Some(theirs) = netns(&pid.to_string()) else {
+            continue; // gone, or not ours to read: nothing to say
+        };
+        if theirs == ours || said.contains(&theirs) {
+            continue;
+        }
+        eprintln!(
+            "tracer: --pid {pid} is in another network namespace ({}): the capture on {iface} \
+             here sees its traffic only where it crosses an interface of this namespace (its \
+             veth); its loopback traffic has wire null. To capture inside it, run the tracer \
+             there: nsenter --net=/proc/{pid}/ns/net tracer --pid {pid} ...",
+            theirs.display()
+        );
+        said.push(theirs);
     }
 }
 

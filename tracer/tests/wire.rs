@@ -1455,3 +1455,37 @@ time.sleep(60)
         out.lines
     );
 }
+
+/// `--pid` of a process in another network namespace (a container's): the programs trace it,
+/// but the capture here never sees that namespace's loopback, and its lines would carry
+/// `wire: null` with nothing saying why. Stderr says so once and how to capture there.
+#[test]
+fn pid_in_another_network_namespace_says_what_the_capture_cannot_see() {
+    if !common::require_root() {
+        return;
+    }
+    let net = NetnsPeer::new();
+    let mut contained = std::process::Command::new("ip")
+        .args(["netns", "exec", &net.ns, "sleep", "30"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // ip has exec'd into sleep in the namespace
+    let pid = contained.id().to_string();
+    let mut tracer = Tracer::start(&["--pid", &pid, "--duration", "1s"]);
+    tracer.wait_ready(WAIT);
+    let out = tracer.finish(WAIT);
+    let _ = contained.kill();
+    let _ = contained.wait();
+    assert!(out.status.success(), "{}", out.stderr);
+    let said: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("another network namespace"))
+        .collect();
+    assert_eq!(said.len(), 1, "{}", out.stderr);
+    assert!(
+        said[0].contains(&format!("nsenter --net=/proc/{pid}/ns/net")),
+        "{}",
+        said[0]
+    );
+}
