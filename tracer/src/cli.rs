@@ -60,17 +60,29 @@ pub struct TraceArgs {
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
     /// Capture interface for wire packets.
-    #[arg(short, long, value_name = "NAME", default_value = "any")]
+    #[arg(
+        short,
+        long,
+        value_name = "NAME",
+        default_value = "any",
+        conflicts_with = "no_capture"
+    )]
     pub interface: String,
     /// Kernel events only, no packet capture.
     #[arg(long)]
     pub no_capture: bool,
     /// How long a kernel event waits for its wire packet (500ms, 2s): how far apart in time
     /// the two may be (each also waits at least 100 ms for the other to be delivered).
-    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "500ms",
+        value_parser = parse_duration,
+        allow_hyphen_values = true
+    )]
     pub join_window: Duration,
     /// Stop after this long, flush, print the summary.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub duration: Option<Duration>,
     /// Append JSON lines to PATH instead of stdout (created 0600; reopened on SIGHUP).
     #[arg(short, long, value_name = "PATH")]
@@ -105,6 +117,11 @@ pub struct TraceArgs {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
+    if text.starts_with('-') {
+        return Err(format!(
+            "duration {text:?} is negative; write a positive one like 500ms, 2s or 1m"
+        ));
+    }
     let duration = humantime::parse_duration(text)
         .map_err(|e| format!("malformed duration {text:?} ({e}); write it like 500ms, 2s or 1m"))?;
     if duration.is_zero() {
@@ -257,6 +274,25 @@ mod tests {
         assert_eq!(settings.probes, ProbeMode::Auto);
         assert!(!settings.all_states);
         assert!(matches!(settings.destination, Destination::Stdout));
+    }
+
+    /// Inputs that clap would misread or that make no sense together get one line that says
+    /// what to write instead.
+    #[test]
+    fn a_negative_duration_and_an_interface_without_capture_are_refused() {
+        let negative = parse(&["--join-window", "-1s"]).unwrap_err().to_string();
+        assert!(negative.contains("is negative"), "{negative}");
+        let without_capture = parse(&["--no-capture", "-i", "lo"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            without_capture.contains("cannot be used with"),
+            "{without_capture}"
+        );
+        assert!(
+            parse(&["--no-capture"]).is_ok(),
+            "the default interface does not conflict"
+        );
     }
 
     #[test]

@@ -233,7 +233,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
             let metrics = std::sync::Arc::new(Metrics::new());
             let bound = metrics::serve(addr, metrics.clone())
                 .await
-                .map_err(|e| BadInput(format!("{e:#}: choose a free address for --metrics")))?;
+                .map_err(|e| BadInput(metrics_bind_error(&e, addr)))?;
             eprintln!("tracer: metrics on http://{bound}/metrics");
             Some(metrics)
         }
@@ -502,6 +502,23 @@ fn warn_about_pids(pids: &[u32]) {
             "tracer: --pid {pid} is a kernel thread: it owns no sockets, nor do the kernel \
              threads it starts; give the PID of the process whose connections you want"
         );
+    }
+}
+
+/// What to say when the metrics endpoint cannot be bound: a port below 1024 needs a privilege
+/// the daemon gave up once started (even as root), anything else wants another address.
+fn metrics_bind_error(e: &anyhow::Error, addr: std::net::SocketAddr) -> String {
+    let denied = e
+        .downcast_ref::<std::io::Error>()
+        .or_else(|| e.root_cause().downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied);
+    if denied && addr.port() < 1024 {
+        format!(
+            "--metrics {addr}: ports below 1024 need CAP_NET_BIND_SERVICE, which the tracer \
+             gives up once started; choose a port of 1024 or above (9464 is usual)"
+        )
+    } else {
+        format!("{e:#}: choose a free address for --metrics")
     }
 }
 
