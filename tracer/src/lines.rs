@@ -309,12 +309,48 @@ impl Format {
         }
     }
 
-    /// `ready` and `summary` are structured; pretty shows them as indented JSON.
+    /// `ready` and `summary` are structured; pretty shows each as one line of the timeline:
+    /// its clock time, its name, then `key=value` pairs (nested objects in parentheses, lists
+    /// comma-separated, nulls as `-`).
     pub fn document<T: Serialize>(self, value: &T) -> String {
         match self {
             Format::Json => json(value),
-            Format::Pretty { .. } => serde_json::to_string_pretty(value).expect("plain data"),
+            Format::Pretty { .. } => {
+                pretty_document(&serde_json::to_value(value).expect("plain data"))
+            }
         }
+    }
+}
+
+fn pretty_document(doc: &serde_json::Value) -> String {
+    let field = |name: &str| doc.get(name).and_then(|v| v.as_str()).unwrap_or("");
+    let mut text = format!("{}  {:<12}", clock_part(field("time")), field("event"));
+    if let Some(fields) = doc.as_object() {
+        for (key, value) in fields {
+            if !matches!(key.as_str(), "event" | "time" | "mono_ns") {
+                text.push_str(&format!("  {key}={}", compact(value)));
+            }
+        }
+    }
+    text
+}
+
+/// A JSON value on one line, for people (see `Format::document`).
+fn compact(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match value {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) if items.is_empty() => "-".to_string(),
+        Value::Array(items) => items.iter().map(compact).collect::<Vec<_>>().join(","),
+        Value::Object(fields) => {
+            let inner: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("{k}={}", compact(v)))
+                .collect();
+            format!("({})", inner.join(" "))
+        }
+        other => other.to_string(),
     }
 }
 
@@ -539,6 +575,14 @@ mod tests {
 
     #[test]
     fn pretty_reads_as_a_sentence() {
+        let doc = serde_json::json!({
+            "event": "summary", "time": "2026-11-24T13:51:42.123456789Z", "mono_ns": 1,
+            "counts": {"close": 2}, "pids": [7, 8], "capture": null,
+        });
+        assert_eq!(
+            Format::Pretty { color: false }.document(&doc),
+            "13:51:42.123456789  summary       capture=-  counts=(close=2)  pids=7,8"
+        );
         let text = Format::Pretty { color: false }.socket(&close_line());
         assert_eq!(
             text,

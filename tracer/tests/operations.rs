@@ -703,11 +703,13 @@ fn the_pretty_timeline_is_in_time_order() {
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(tracer.stdout.take().unwrap());
-    // The ready line (indented JSON) ends with a lone brace.
+    // The ready line comes first, one line like every other.
     let mut line = String::new();
-    while stdout.read_line(&mut line).unwrap() > 0 && line.trim_end() != "}" {
-        line.clear();
-    }
+    stdout.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("ready") && line.contains("capture=lo"),
+        "{line}"
+    );
     for _ in 0..3 {
         let (mut c, mut s) = common::tcp_pair_on(&l);
         c.write_all(b"x").unwrap();
@@ -730,4 +732,8 @@ fn the_pretty_timeline_is_in_time_order() {
         "in time order:\n{text}"
     );
     assert!(text.contains("LISTEN→CLOSE"), "{text}");
+    assert!(
+        text.lines().last().is_some_and(|l| l.contains("summary")),
+        "the summary ends the timeline, on one line: {text}"
+    );
 }
