@@ -84,6 +84,18 @@ pub fn sock_entry(sk: u64) -> Option<*mut SockInfo> {
     SOCKS.get_ptr_mut(sk)
 }
 
+/// Removes an entry left at the address of a socket that is just beginning its life (see
+/// `state::is_new_socket`): the kernel reuses a freed socket's memory at once, and an entry a
+/// destroyed socket kept (a destruction missed, or an entry made after it) would hand the new
+/// socket its `conn`, its owner (a traced one, with `--pid`, to an untraced process's
+/// connection), and its marks.
+#[inline(always)]
+pub fn drop_stale_entry(sk: u64) {
+    if sock_entry(sk).is_some() {
+        let _ = SOCKS.remove(sk);
+    }
+}
+
 /// Puts an entry in SOCKS, marked first so that no lookup can miss it.
 #[inline(always)]
 fn insert_sock(sk: u64, info: &SockInfo, flags: u64) -> Result<(), i32> {

@@ -21,9 +21,9 @@ use crate::{
     },
     held::{hold, waits_for_its_reset},
     owners::{
-        Current, LISTENERS, SockInfo, claim, current, fill_owner, forget_listener_shared_with,
-        keep_unowned, listener_key, listener_pid, lookup_or_create, may_concern_traced, note_ports,
-        note_traced, remember_listener, sock_entry,
+        Current, LISTENERS, SockInfo, claim, current, drop_stale_entry, fill_owner,
+        forget_listener_shared_with, keep_unowned, listener_key, listener_pid, lookup_or_create,
+        may_concern_traced, note_ports, note_traced, remember_listener, sock_entry,
     },
     setting,
 };
@@ -243,6 +243,14 @@ fn is_handshake(new: u8) -> bool {
     )
 }
 
+/// The first move of a connection's socket: a connect() (CLOSE -> SYN_SENT; a socket whose
+/// connect failed may connect again: a new connection), or a child cloned from its listener
+/// when the handshake completes (LISTEN -> SYN_RECV, the state the clone copied). Whatever
+/// entry exists at its address then is not this connection's.
+fn is_new_socket(old: u8, new: u8) -> bool {
+    matches!((old, new), (CLOSE, SYN_SENT) | (LISTEN, SYN_RECV))
+}
+
 /// Transitions that only tcp_close()/tcp_shutdown() make, always in the owner's task.
 fn is_local_close(old: u8, new: u8) -> bool {
     matches!(
@@ -261,6 +269,9 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
     // Most transitions are the handshake; unless they are shown, or connect()/listen() must
     // record an owner (with --pid only a traced task's), they need nothing more: return before
     // reading the tuple.
+    if is_new_socket(old, new) {
+        drop_stale_entry(sk);
+    }
     let cur = current();
     let records_owner = old == CLOSE && matches!(new, SYN_SENT | LISTEN) && keep_unowned(&cur);
     if old == CLOSE && new == LISTEN && !records_owner && setting!(filter_pids) != 0 {
