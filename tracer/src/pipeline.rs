@@ -438,9 +438,7 @@ impl Pipeline {
             };
             format!("tracer: {what} no kernel event claimed within the join window")
         });
-        let json = self
-            .format
-            .packet(&packet_line(&packet, retransmit, conn.map(|c| c.0)));
+        let json = self.format.packet(&packet_line(&packet, retransmit, conn));
         let written = match &mut self.timeline {
             Some(timeline) => {
                 timeline.hold(packet.mono_ns, json);
@@ -775,7 +773,18 @@ fn want_for(ev: &KernelEvent, flag: WantFlag, dir: Dir) -> Option<Want> {
     })
 }
 
-fn packet_line(p: &WirePacket, retransmit: bool, conn: Option<u64>) -> PacketLine<'_> {
+/// The loopback interface: both ends of what crosses it are this host's.
+const LOOPBACK: &str = "lo";
+
+/// A `packet` line. On loopback every packet is both sent and received by this host, and the
+/// capture's direction only says which copy it kept (the arriving one with `--pid`): there the
+/// line's `dir` is the named connection's, as on the lines it would have joined (`out` when
+/// that socket sent it).
+fn packet_line(p: &WirePacket, retransmit: bool, conn: Option<(u64, Dir)>) -> PacketLine<'_> {
+    let dir = match conn {
+        Some((_, dir)) if &*p.iface == LOOPBACK => dir,
+        _ => p.dir,
+    };
     PacketLine {
         event: "packet",
         time: Time(p.wall_ns),
@@ -786,10 +795,10 @@ fn packet_line(p: &WirePacket, retransmit: bool, conn: Option<u64>) -> PacketLin
         dport: p.dst.port(),
         flags: Flags(p.flags),
         iface: &p.iface,
-        dir: p.dir.as_str(),
+        dir: dir.as_str(),
         seq: p.seq,
         ack: p.ack,
-        conn: conn.map(ConnId),
+        conn: conn.map(|(id, _)| ConnId(id)),
         retransmit,
     }
 }
@@ -1369,6 +1378,31 @@ mod tests {
             p.poll(late + 1_000 * MS, out);
         });
         assert_eq!(names(&out), ["state", "packet"], "{out:?}");
+    }
+
+    /// On loopback the capture keeps one copy of each packet (the arriving one with `--pid`),
+    /// whose direction says nothing about who sent it: a `packet` line there takes its `dir`
+    /// from the connection it names. Our own late FIN is `out`, though captured arriving.
+    #[test]
+    fn a_loopback_packet_line_has_its_connections_direction() {
+        let out = lines(|p, out| {
+            p.kernel_event(ours(tcp_state::FIN_WAIT1, tcp_state::FIN_WAIT2, 100 * MS));
+            let ours_late = WirePacket {
+                iface: StdArc::from("lo"),
+                dir: Dir::In,
+                ..fin_packet("10.0.0.1:80", "10.0.0.2:4000", 7, 101 * MS)
+            };
+            let theirs_on_a_veth = WirePacket {
+                dir: Dir::In,
+                ..fin_packet("10.0.0.1:80", "10.0.0.2:4000", 9, 102 * MS)
+            };
+            p.packet(ours_late);
+            p.packet(theirs_on_a_veth);
+            p.poll(2_000 * MS, out);
+        });
+        assert_eq!(names(&out), ["state", "packet", "packet"], "{out:?}");
+        assert_eq!(out[1]["dir"], "out", "{out:?}");
+        assert_eq!(out[2]["dir"], "in", "elsewhere the capture's: {out:?}");
     }
 
     /// Our FIN_WAIT2 socket went to TIME_WAIT; the peer's FIN is derived from the wire once,
