@@ -1,6 +1,7 @@
 //! With `--pid`, the capture's kernel filter: a socket filter on the capture socket that passes
 //! a FIN or RST only when its 4-tuple is a traced process's connection (WATCHED, filled by the
-//! other programs). Without it every FIN and RST of the host is copied into the capture ring and
+//! other programs), or when it arrives at a traced listener's port (its connection may not exist
+//! yet: `arrives_at_a_traced_listener`). Without it every FIN and RST of the host is copied into the capture ring and
 //! thrown away by the daemon: tracing one quiet service on a busy host should cost neither.
 
 use core::{ffi::c_void, mem::MaybeUninit};
@@ -15,7 +16,7 @@ use tracer_common::{AF_INET, AF_INET6, SockEvent, TupleKey};
 
 use crate::{
     emit::{SLOTS, ports_pass},
-    owners::{is_marked, mark},
+    owners::{FOREIGN_LISTEN_PORTS, LISTEN_PORTS, is_marked, mark},
     setting,
 };
 
@@ -207,7 +208,26 @@ fn passes(ctx: &SkBuffContext) -> Option<bool> {
     if !ports_pass(key.lport, key.rport) {
         return Some(false);
     }
-    Some(answers_a_syn(&ports_and_flags) || watched_either_way(&mut key))
+    Some(
+        answers_a_syn(&ports_and_flags)
+            || arrives_at_a_traced_listener(ctx, key.rport)
+            || watched_either_way(&mut key),
+    )
+}
+
+/// A FIN or RST arriving at the port of a traced process's listener (with `--pid` only traced
+/// listeners are recorded; not where an untraced process listens too). Its connection may not
+/// be watched yet: with TCP_DEFER_ACCEPT (Apache's default) the server's socket is created by
+/// the client's first data, or by its FIN when it sends none (a health check, a port probe),
+/// microseconds after this filter saw that FIN. What passes for another connection on the port
+/// is left to the daemon, which keeps only the traced connections' packets.
+#[inline(always)]
+fn arrives_at_a_traced_listener(ctx: &SkBuffContext, dport: u16) -> bool {
+    // SAFETY: a read of the program's context, which the verifier rewrites to the skb's field.
+    let pkt_type = unsafe { (*ctx.skb.skb).pkt_type };
+    pkt_type != PACKET_OUTGOING
+        && is_marked(&LISTEN_PORTS, u32::from(dport))
+        && !is_marked(&FOREIGN_LISTEN_PORTS, u32::from(dport))
 }
 
 /// A RST with ACK and sequence number 0: the answer to a SYN (a connect() refused). The

@@ -31,10 +31,6 @@ pub struct SeedReport {
     pub shared_listeners: usize,
     /// With `--pid`: the traced processes' running descendants, followed for their calls.
     pub children: usize,
-    /// With `--pid`: the (local, remote) ends of the traced processes' connections found. The
-    /// daemon knows a connection from its events; until a seeded one has any, its packets
-    /// (a RST some middlebox or netfilter rule forged on it) are still the traced process's.
-    pub traced_ends: Vec<(SocketAddr, SocketAddr)>,
 }
 
 /// Seeds the kernel tables for `pids`, or for every process when `pids` is empty, `lineage`
@@ -100,21 +96,12 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<
     if only_traced {
         watch_seeded(ebpf, &conns)?;
     }
-    let traced_ends = if only_traced {
-        conns
-            .iter()
-            .map(|(sock, _)| (sock.local.into(), sock.remote.into()))
-            .collect()
-    } else {
-        Vec::new()
-    };
     Ok(SeedReport {
         connections: conns.len() - unseeded,
         unseeded,
         listeners: listeners.len(),
         shared_listeners,
         children: lineage.children.len(),
-        traced_ends,
     })
 }
 
@@ -182,6 +169,35 @@ fn watch_seeded(ebpf: &mut Ebpf, conns: &[(TcpSocket, SeedOwner)]) -> anyhow::Re
         let _ = watched.insert(wire_key(sock), 1, 0);
     }
     Ok(())
+}
+
+/// With `--pid`, the traced connections' 4-tuples as the capture filter knows them (WATCHED:
+/// seeded at start-up, then filled by the programs as each is established). The daemon knows a
+/// connection from its events; a packet on one that has had none (a RST a firewall rule or a
+/// middlebox forged: no socket sent it) is still the traced process's when its tuple is here.
+/// One lookup per packet that no event claimed.
+pub struct WatchedTuples(BpfHashMap<MapData, TupleKey, u8>);
+
+impl WatchedTuples {
+    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let map = ebpf.take_map("WATCHED").context("WATCHED map missing")?;
+        Ok(Self(BpfHashMap::try_from(map)?))
+    }
+
+    /// Whether the packet's 4-tuple, either way round, is a traced connection's.
+    pub fn contains(&self, src: SocketAddr, dst: SocketAddr) -> bool {
+        let key = |local: SocketAddr, remote: SocketAddr| {
+            wire_key(&TcpSocket {
+                local: (local.ip(), local.port()),
+                remote: (remote.ip(), remote.port()),
+                state: 0,
+                inode: 0,
+            })
+        };
+        [key(src, dst), key(dst, src)]
+            .iter()
+            .any(|k| self.0.get(k, 0).is_ok())
+    }
 }
 
 /// With `--pid`, the traced processes' place in the process tree, read once from /proc.

@@ -4,11 +4,11 @@
 //! wait in the joiner for it. A close that moved the socket straight to CLOSE is staged for a
 //! moment, because the RST it sends (with the kernel's reason) is the next kernel event.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 // Keys are kernel-drawn random ids and addresses, not attacker-chosen: FxHash is safe and
 // several times cheaper than SipHash on this per-event path.
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use rustc_hash::FxHashMap as HashMap;
 
 use tracer_common::{EventKind, tcp_state};
 
@@ -21,6 +21,7 @@ use crate::{
     lines::{ConnId, Flags, Format, PacketLine, SocketLine, Time, Wire},
     metrics::Metrics,
     output::Output,
+    owners::WatchedTuples,
     pcapng::PcapngOut,
     stats::Stats,
     timeline::Timeline,
@@ -76,9 +77,8 @@ pub struct Pipeline {
     /// `timeline`; the pcapng file's packets are held as long).
     timeline: Option<Timeline<String>>,
     timeline_hold_ns: u64,
-    /// With `--pid`: the ends (local, remote) of the traced connections that existed before the
-    /// start (see `SeedReport::traced_ends`), IPv4-mapped addresses as IPv4 (what packets carry).
-    seeded_ends: HashSet<(SocketAddr, SocketAddr)>,
+    /// With `--pid`: the traced connections' tuples (see `WatchedTuples`).
+    watched: Option<WatchedTuples>,
     pub clock: Clock,
     pub stats: Stats,
 }
@@ -108,26 +108,24 @@ impl Pipeline {
             ready: Vec::new(),
             timeline: matches!(format, Format::Pretty { .. }).then(Timeline::default),
             timeline_hold_ns,
-            seeded_ends: HashSet::default(),
+            watched: None,
             clock: Clock::sample(),
             stats: Stats::default(),
         }
     }
 
-    /// With `--pid`: the traced connections found at start-up (see `seeded_ends`).
-    pub fn know_seeded(&mut self, ends: &[(SocketAddr, SocketAddr)]) {
-        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
-        self.seeded_ends = ends
-            .iter()
-            .map(|&(local, remote)| (canonical(local), canonical(remote)))
-            .collect();
+    /// With `--pid`: where to look up a traced connection the pipeline has seen no event of.
+    pub fn know_watched(&mut self, watched: WatchedTuples) {
+        self.watched = Some(watched);
     }
 
-    /// Whether the packet is on a traced connection that existed before the start.
-    fn on_a_seeded_connection(&self, packet: &WirePacket) -> bool {
-        !self.seeded_ends.is_empty()
-            && (self.seeded_ends.contains(&(packet.src, packet.dst))
-                || self.seeded_ends.contains(&(packet.dst, packet.src)))
+    /// Whether the packet is on a traced connection (with `--pid`), known here or not.
+    fn on_a_traced_connection(&self, packet: &WirePacket, conn: Option<(u64, Dir)>) -> bool {
+        conn.is_some()
+            || self
+                .watched
+                .as_ref()
+                .is_some_and(|w| w.contains(packet.src, packet.dst))
     }
 
     /// Says when the daemon begins reading a batch of kernel events (its monotonic clock).
@@ -427,7 +425,7 @@ impl Pipeline {
             self.emit_derived(line, packet, out);
             return;
         }
-        if self.filter_pids && conn.is_none() && !self.on_a_seeded_connection(&packet) {
+        if self.filter_pids && !self.on_a_traced_connection(&packet, conn) {
             return; // --pid: only packets of the traced processes' connections
         }
         self.record_packet(&packet, || {

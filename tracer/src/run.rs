@@ -250,7 +250,11 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     if let Some(file) = pcapng {
         pipeline.write_pcapng(file);
     }
-    pipeline.know_seeded(&seeded.traced_ends);
+    if !settings.pids.is_empty() && capture.is_some() {
+        pipeline.know_watched(
+            owners::WatchedTuples::take(&mut loaded.ebpf).context("reading WATCHED")?,
+        );
+    }
     // Handlers before `ready`: whoever waits for `ready` may signal at once.
     let signals = Signals::install()?;
     output.line(ready_line(

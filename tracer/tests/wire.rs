@@ -1389,13 +1389,14 @@ while True:
     }
 }
 
-/// A RST forged by netfilter (`reject with tcp reset`) on a connection the traced server held
-/// before the tracer started: no socket sent it and the connection had no event yet, so no
-/// line would claim it; with `--pid` it was dropped as another process's packet. It is the
-/// traced connection's: a `packet` line (the wire is the only witness; the server's socket
-/// stays ESTABLISHED). The client's ECONNRESET is the independent check that it was sent.
+/// A RST forged by netfilter (`reject with tcp reset`) on the traced server's connections, one
+/// held before the tracer started and one made after: no socket sent it and the connections
+/// had no teardown event yet, so no line would claim it; with `--pid` it was dropped as another
+/// process's packet. It is the traced connection's: a `packet` line (the wire is the only
+/// witness; the server's socket stays ESTABLISHED). The clients' ECONNRESET is the independent
+/// check that it was sent.
 #[test]
-fn pid_reports_a_reset_netfilter_forged_on_a_connection_from_before_the_start() {
+fn pid_reports_a_reset_netfilter_forged_on_a_traced_connection() {
     use std::io::Read;
     if !common::require_root() {
         return;
@@ -1409,44 +1410,50 @@ l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 l.bind(("127.0.0.1", int(sys.argv[1])))
 l.listen(4)
 print(os.getpid(), flush=True)
-c, _ = l.accept()
+kept = [l.accept()[0] for _ in range(2)]
 time.sleep(60)
 "#,
         &[&port.to_string()],
     );
     let server_pid = server.pid;
-    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let client_port = client.local_addr().unwrap().port();
+    let before = TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::thread::sleep(Duration::from_millis(200)); // accepted: a connection before the start
     let mut tracer = Tracer::start(&["-i", "lo", "--pid", &server_pid.to_string()]);
     tracer.wait_ready(WAIT);
+    let after = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::thread::sleep(Duration::from_millis(200)); // accepted
     let table = NftTable::create(
         &format!("trcrej{port}"),
         &format!(
             "chain input {{ type filter hook input priority 0;\n\
-             tcp sport {client_port} tcp dport {port} tcp flags & syn == 0 \
-             reject with tcp reset\n}}"
+             tcp dport {port} tcp flags & syn == 0 reject with tcp reset\n}}"
         ),
     );
-    client.write_all(b"data").unwrap();
-    client.set_read_timeout(Some(WAIT)).unwrap();
-    let err = client.read(&mut [0; 1]).expect_err("reset by netfilter");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    let mut client_ports = Vec::new();
+    for mut client in [before, after] {
+        client_ports.push(client.local_addr().unwrap().port());
+        client.write_all(b"data").unwrap();
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        let err = client.read(&mut [0; 1]).expect_err("reset by netfilter");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    }
     drop(table);
-    std::thread::sleep(Duration::from_millis(800)); // the packet's window ends
+    std::thread::sleep(Duration::from_millis(800)); // the packets' windows end
     let out = tracer.stop();
     server.stop();
-    let forged = out.lines.iter().find(|v| {
-        v["event"] == "packet"
-            && v["sport"] == port
-            && v["dport"] == client_port
-            && v["flags"].as_array().unwrap().contains(&"RST".into())
-    });
-    assert!(
-        forged.is_some(),
-        "the forged RST on the traced connection: {:?}",
-        out.lines
-    );
+    for client_port in client_ports {
+        let forged = out.lines.iter().find(|v| {
+            v["event"] == "packet"
+                && v["sport"] == port
+                && v["dport"] == client_port
+                && v["flags"].as_array().unwrap().contains(&"RST".into())
+        });
+        assert!(
+            forged.is_some(),
+            "the forged RST on the traced connection from {client_port}: {:?}",
+            out.lines
+        );
+    }
     assert!(
         !out.lines
             .iter()
@@ -1488,4 +1495,59 @@ fn pid_in_another_network_namespace_says_what_the_capture_cannot_see() {
         "{}",
         said[0]
     );
+}
+
+/// A listener with TCP_DEFER_ACCEPT (Apache's default) creates the server's socket only when
+/// the client's first data comes, or its FIN when it sends none (a health check, a port probe,
+/// a preconnect never used): that FIN reaches the capture filter before the connection exists,
+/// so with `--pid` it was never marked and the FIN never captured (`fin_received` with
+/// `wire: null`). FINs arriving at a traced listener's port pass now.
+#[test]
+fn pid_of_a_defer_accept_server_captures_the_fin_that_creates_its_connection() {
+    if !common::require_root() {
+        return;
+    }
+    const CONNECTIONS: usize = 6;
+    let port = common::free_port();
+    let server = Script::spawn(
+        r#"
+import os, socket, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
+l.bind(("127.0.0.1", int(sys.argv[1])))
+l.listen(16)
+print(os.getpid(), flush=True)
+while True:
+    c, _ = l.accept()
+    c.recv(10)
+    c.close()
+"#,
+        &[&port.to_string()],
+    );
+    let server_pid = server.pid;
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &server_pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    for _ in 0..CONNECTIONS {
+        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        drop(c); // no data: the FIN creates the server's socket
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let out = tracer.stop();
+    server.stop();
+    let fins: Vec<&Value> = out
+        .lines
+        .iter()
+        .filter(|v| v["event"] == "fin_received" && v["lport"] == port)
+        .collect();
+    assert_eq!(fins.len(), CONNECTIONS, "{:?}", out.lines);
+    for fin in fins {
+        assert!(
+            fin["wire"].is_object(),
+            "the client's FIN is captured: {fin}"
+        );
+        assert_eq!(fin["pid"], server_pid, "{fin}");
+    }
 }
