@@ -1,8 +1,9 @@
 //! With `--pid`, the capture's kernel filter: a socket filter on the capture socket that passes
 //! a FIN or RST only when its 4-tuple is a traced process's connection (WATCHED, filled by the
-//! other programs), or when it arrives at a traced listener's port (its connection may not exist
-//! yet: `arrives_at_a_traced_listener`). Without it every FIN and RST of the host is copied into the capture ring and
-//! thrown away by the daemon: tracing one quiet service on a busy host should cost neither.
+//! other programs), or when it arrives at a traced listener's port (its connection may not
+//! exist yet: `arrives_at_a_traced_listener`). Without it every FIN and RST of the host is
+//! copied into the capture ring and thrown away by the daemon: tracing one quiet service on a
+//! busy host should cost neither.
 
 use core::{ffi::c_void, mem::MaybeUninit};
 
