@@ -586,6 +586,18 @@ impl<T> Joiner<T> {
         }
     }
 
+    /// Lets `revise` change every event of connection `conn` still held here, joined or not.
+    pub fn revise_held(&mut self, conn: u64, mut revise: impl FnMut(&mut T)) {
+        let Some(ids) = self.by_conn.get(&conn) else {
+            return;
+        };
+        for id in ids {
+            if let Some(ev) = self.events.get_mut(id) {
+                revise(&mut ev.item);
+            }
+        }
+    }
+
     /// Lets `revise` change the unjoined events of connection `conn` that still wait for a
     /// packet; those it says no longer want one leave as soon as their turn comes.
     pub fn stop_waiting(&mut self, conn: u64, mut revise: impl FnMut(&mut T) -> bool) {

@@ -119,6 +119,39 @@ impl Pipeline {
         self.watched = Some(watched);
     }
 
+    /// A pre-forked server's worker that accepted a connection and has not read or written it
+    /// yet is invisible (accept itself has no hook without the syscall tracepoints): the peer's
+    /// FIN or RST meanwhile names the listener's owner (nginx's master). The worker's first act
+    /// on the socket (usually its close, right after reading the EOF) names it: the lines of the
+    /// connection still held get that owner too.
+    fn name_the_accepting_process(&mut self, ev: &KernelEvent) {
+        let Owner::Known {
+            how: "task",
+            pid,
+            tid,
+            comm,
+        } = ev.owner
+        else {
+            return;
+        };
+        if ev.conn_id == 0 {
+            return;
+        }
+        self.joiner.revise_held(ev.conn_id, |line| {
+            if let Owner::Known {
+                how: "listener", ..
+            } = line.ev.owner
+            {
+                line.ev.owner = Owner::Known {
+                    pid,
+                    tid,
+                    comm,
+                    how: "task",
+                };
+            }
+        });
+    }
+
     /// Whether the packet is on a traced connection (with `--pid`), known here or not.
     fn on_a_traced_connection(&self, packet: &WirePacket, conn: Option<(u64, Dir)>) -> bool {
         conn.is_some()
@@ -140,6 +173,7 @@ impl Pipeline {
             return;
         }
         self.conns.observe(&ev);
+        self.name_the_accepting_process(&ev);
         match ev.kind {
             EventKind::Close => self.close(ev),
             EventKind::RstSent => self.rst_sent(ev),
@@ -1376,6 +1410,54 @@ mod tests {
             p.poll(late + 1_000 * MS, out);
         });
         assert_eq!(names(&out), ["state", "packet"], "{out:?}");
+    }
+
+    /// A worker that accepted a connection and has not touched it yet is invisible: the peer's
+    /// FIN names the listener's owner (the master, pid 7 here). The worker's close that follows
+    /// (after reading the EOF), while the FIN's line still waits, names the worker on both.
+    #[test]
+    fn the_accepting_workers_close_names_it_on_the_peers_fin() {
+        let out = lines(|p, out| {
+            let mut fin = event(
+                EventKind::FinReceived,
+                tcp_state::ESTABLISHED,
+                tcp_state::CLOSE_WAIT,
+                100 * MS,
+                0,
+                None,
+            );
+            fin.owner = Owner::Known {
+                pid: 7,
+                tid: 7,
+                comm: "master".into(),
+                how: "listener",
+            };
+            p.kernel_event(fin);
+            let mut close = event(
+                EventKind::Close,
+                tcp_state::CLOSE_WAIT,
+                tcp_state::LAST_ACK,
+                100 * MS + 300_000,
+                5,
+                None,
+            );
+            close.owner = Owner::Known {
+                pid: 9,
+                tid: 9,
+                comm: "worker".into(),
+                how: "task",
+            };
+            p.kernel_event(close);
+            p.poll(2_000 * MS, out);
+        });
+        assert_eq!(names(&out), ["fin_received", "close"], "{out:?}");
+        for line in &out {
+            assert_eq!(
+                (&line["pid"], &line["owner"]),
+                (&9.into(), &"task".into()),
+                "{out:?}"
+            );
+        }
     }
 
     /// On loopback the capture keeps one copy of each packet (the arriving one with `--pid`),
