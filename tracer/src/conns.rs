@@ -13,7 +13,7 @@
 
 use std::{collections::VecDeque, hash::BuildHasher, net::SocketAddr};
 
-use rustc_hash::{FxBuildHasher, FxHashMap as HashMap};
+use rustc_hash::{FxBuildHasher, FxHashMap as HashMap, FxHashSet as HashSet};
 use tracer_common::{EventKind, tcp_state};
 
 use crate::{
@@ -184,7 +184,19 @@ pub struct ConnTable {
     order: VecDeque<(u64, u64)>,
     /// (conn id, since): connections whose socket awaits the peer's FIN in its time-wait form.
     awaiting: VecDeque<(u64, u64)>,
+    /// FINs of connections the table did not know when they were seen (no teardown event yet:
+    /// the peer's FIN lost on its way in, its copies sent again): (source, destination,
+    /// sequence number), the oldest first, at most STRAY_FINS.
+    stray_fins: VecDeque<StrayFin>,
+    /// The same, to look up.
+    stray_set: HashSet<StrayFin>,
 }
+
+/// A FIN by (source, destination, sequence number).
+type StrayFin = (SocketAddr, SocketAddr, u32);
+
+/// How many FINs of unknown connections are remembered (see `ConnTable::stray_fins`).
+const STRAY_FINS: usize = 1024;
 
 impl ConnTable {
     pub fn get(&self, id: u64) -> Option<&ConnInfo> {
@@ -351,22 +363,34 @@ impl ConnTable {
         if pkt.flags & tcp_flags::FIN == 0 {
             return;
         }
+        let mut known = false;
         for (key, dir) in ends(pkt) {
             if let Some(info) = self.by_addr_mut(&key) {
                 info.fin_seq[dir as usize] = pkt.seq;
                 info.fin_seen |= 1 << dir as usize;
+                known = true;
+            }
+        }
+        let stray = (pkt.src, pkt.dst, pkt.seq);
+        if !known && self.stray_set.insert(stray) {
+            self.stray_fins.push_back(stray);
+            if self.stray_fins.len() > STRAY_FINS
+                && let Some(oldest) = self.stray_fins.pop_front()
+            {
+                self.stray_set.remove(&oldest);
             }
         }
     }
 
-    /// Whether this FIN was seen before (on either end's connection).
+    /// Whether this FIN was seen before (on either end's connection, or before the
+    /// connection was known).
     pub fn fin_seen_before(&self, pkt: &WirePacket) -> bool {
         pkt.flags & tcp_flags::FIN != 0
-            && ends(pkt).into_iter().any(|(key, dir)| {
+            && (ends(pkt).into_iter().any(|(key, dir)| {
                 let i = dir as usize;
                 self.by_addr(&key)
                     .is_some_and(|c| c.fin_seen & (1 << i) != 0 && c.fin_seq[i] == pkt.seq)
-            })
+            }) || self.stray_set.contains(&(pkt.src, pkt.dst, pkt.seq)))
     }
 
     pub fn expire(&mut self, now_ns: u64) {

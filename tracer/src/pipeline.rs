@@ -1412,6 +1412,26 @@ mod tests {
         assert_eq!(names(&out), ["state", "packet"], "{out:?}");
     }
 
+    /// A FIN of a connection the tracer has no event of yet (no teardown event so far: the
+    /// peer's FIN lost on its way in, its copies sent again with backoff): each copy after
+    /// the first is a retransmission, as for a known connection.
+    #[test]
+    fn copies_of_a_fin_on_an_unknown_connection_are_retransmissions() {
+        let out = lines(|p, out| {
+            for at in [100, 400, 1_000, 2_200] {
+                p.packet(fin_packet("10.9.9.2:4000", "10.9.9.1:80", 7, at * MS));
+                p.poll((at + 150) * MS, out);
+            }
+            p.poll(5_000 * MS, out);
+        });
+        let flags: Vec<Option<bool>> = out.iter().map(|l| l["retransmit"].as_bool()).collect();
+        assert_eq!(
+            flags,
+            [Some(false), Some(true), Some(true), Some(true)],
+            "{out:?}"
+        );
+    }
+
     /// A worker that accepted a connection and has not touched it yet is invisible: the peer's
     /// FIN names the listener's owner (the master, pid 7 here). The worker's close that follows
     /// (after reading the EOF), while the FIN's line still waits, names the worker on both.
