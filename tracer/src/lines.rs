@@ -270,26 +270,7 @@ impl Format {
     pub fn packet(self, line: &PacketLine<'_>) -> String {
         match self {
             Format::Json => json(line),
-            Format::Pretty { color } => paint(
-                color,
-                BLUE,
-                &format!(
-                    "{}  packet        {}:{} > {}:{}  {} {} on {}{}",
-                    clock_part(&line.time.to_string()),
-                    line.saddr,
-                    line.sport,
-                    line.daddr,
-                    line.dport,
-                    line.flags,
-                    line.dir,
-                    line.iface,
-                    if line.retransmit {
-                        " (retransmission)"
-                    } else {
-                        ""
-                    }
-                ),
-            ),
+            Format::Pretty { color } => paint(color, BLUE, &pretty_packet(line)),
         }
     }
 
@@ -320,6 +301,35 @@ impl Format {
             }
         }
     }
+}
+
+/// A packet line in the timeline's columns. On a connection the tracer knows, its socket's end
+/// comes first, as on that connection's socket lines (`<` for what it received), and its
+/// `conn`; otherwise source > destination.
+fn pretty_packet(line: &PacketLine<'_>) -> String {
+    let (src, dst) = (
+        format!("{}:{}", line.saddr, line.sport),
+        format!("{}:{}", line.daddr, line.dport),
+    );
+    let ends = match (line.conn, line.dir) {
+        (Some(_), "in") => format!("{dst} < {src}"),
+        _ => format!("{src} > {dst}"),
+    };
+    let mut text = format!(
+        "{}  packet        {:<18}  {ends}  {} {} on {}",
+        clock_part(&line.time.to_string()),
+        "",
+        line.flags,
+        line.dir,
+        line.iface,
+    );
+    if line.retransmit {
+        text.push_str(" (retransmission)");
+    }
+    if let Some(conn) = line.conn {
+        text.push_str(&format!("  conn {}", &conn.to_string()[..8]));
+    }
+    text
 }
 
 fn pretty_document(doc: &serde_json::Value) -> String {
@@ -486,6 +496,43 @@ pub fn human_ns(ns: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A packet line on a known connection reads like that connection's socket lines: its
+    /// socket's end first (`<` for what it received) and its conn; otherwise source first.
+    #[test]
+    fn a_pretty_packet_line_puts_its_connections_end_first() {
+        let packet = |conn: Option<u64>, dir: &'static str| PacketLine {
+            event: "packet",
+            time: Time(1_795_528_302_123_456_789),
+            mono_ns: 1,
+            saddr: "127.0.0.1".parse().unwrap(),
+            sport: 7601,
+            daddr: "127.0.0.1".parse().unwrap(),
+            dport: 36792,
+            flags: Flags(0x11),
+            iface: "lo",
+            dir,
+            seq: 1,
+            ack: 1,
+            conn: conn.map(ConnId),
+            retransmit: true,
+        };
+        let pretty = Format::Pretty { color: false };
+        let known = pretty.packet(&packet(Some(0xabcdef0123456789), "in"));
+        assert!(
+            known.contains("127.0.0.1:36792 < 127.0.0.1:7601"),
+            "{known}"
+        );
+        assert!(
+            known.ends_with("(retransmission)  conn abcdef01"),
+            "{known}"
+        );
+        let unknown = pretty.packet(&packet(None, "in"));
+        assert!(
+            unknown.contains("127.0.0.1:7601 > 127.0.0.1:36792"),
+            "{unknown}"
+        );
+    }
 
     fn close_line() -> SocketLine<'static> {
         SocketLine {
