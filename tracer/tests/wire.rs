@@ -1343,10 +1343,7 @@ fn pid_of_a_server_whose_last_writes_draw_resets_sees_every_peer_fin() {
     if !common::require_root() {
         return;
     }
-    const CONNECTIONS: usize = 12;
-    let port = common::free_port();
-    let server = Script::spawn(
-        r#"
+    let server = r#"
 import os, socket, sys
 l = socket.socket()
 l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1362,17 +1359,27 @@ while True:
     except OSError:
         pass
     c.close()
-"#,
-        &[&port.to_string()],
-    );
-    let server_pid = server.pid;
-    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &server_pid.to_string()]);
-    tracer.wait_ready(WAIT);
-    for _ in 0..CONNECTIONS {
+"#;
+    pid_server_joins_every_peer_fin(server, 12, |port| {
         let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
         c.write_all(b"ping").unwrap();
         drop(c); // FIN; the server's 24 bytes then draw the orphan's RST
         std::thread::sleep(Duration::from_millis(60));
+    });
+}
+
+/// Runs `client` `connections` times against the Python `server` (its port is its argument; it
+/// prints its pid first) under `--pid <server>` on `lo`, and checks that every connection has a
+/// `fin_received` on the server's side, named after the server and joined to the peer's FIN
+/// (every FIN is on the wire).
+fn pid_server_joins_every_peer_fin(server: &str, connections: usize, client: impl Fn(u16)) {
+    let port = common::free_port();
+    let server = Script::spawn(server, &[&port.to_string()]);
+    let server_pid = server.pid;
+    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &server_pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    for _ in 0..connections {
+        client(port);
     }
     std::thread::sleep(Duration::from_millis(700));
     let out = tracer.stop();
@@ -1382,7 +1389,7 @@ while True:
         .iter()
         .filter(|v| v["event"] == "fin_received" && v["lport"] == port)
         .collect();
-    assert_eq!(fins.len(), CONNECTIONS, "{:?}", out.lines);
+    assert_eq!(fins.len(), connections, "{:?}", out.lines);
     for fin in fins {
         assert!(fin["wire"].is_object(), "the peer's FIN is captured: {fin}");
         assert_eq!(fin["pid"], server_pid, "{fin}");
@@ -1507,10 +1514,7 @@ fn pid_of_a_defer_accept_server_captures_the_fin_that_creates_its_connection() {
     if !common::require_root() {
         return;
     }
-    const CONNECTIONS: usize = 6;
-    let port = common::free_port();
-    let server = Script::spawn(
-        r#"
+    let server = r#"
 import os, socket, sys
 l = socket.socket()
 l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1522,32 +1526,11 @@ while True:
     c, _ = l.accept()
     c.recv(10)
     c.close()
-"#,
-        &[&port.to_string()],
-    );
-    let server_pid = server.pid;
-    let mut tracer = Tracer::start(&["-i", "lo", "--pid", &server_pid.to_string()]);
-    tracer.wait_ready(WAIT);
-    for _ in 0..CONNECTIONS {
+"#;
+    pid_server_joins_every_peer_fin(server, 6, |port| {
         let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
         std::thread::sleep(Duration::from_millis(30));
         drop(c); // no data: the FIN creates the server's socket
         std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(700));
-    let out = tracer.stop();
-    server.stop();
-    let fins: Vec<&Value> = out
-        .lines
-        .iter()
-        .filter(|v| v["event"] == "fin_received" && v["lport"] == port)
-        .collect();
-    assert_eq!(fins.len(), CONNECTIONS, "{:?}", out.lines);
-    for fin in fins {
-        assert!(
-            fin["wire"].is_object(),
-            "the client's FIN is captured: {fin}"
-        );
-        assert_eq!(fin["pid"], server_pid, "{fin}");
-    }
+    });
 }
