@@ -571,7 +571,9 @@ fn warn_about_seeding(seeded: &owners::SeedReport, seed_table: u32, with_pids: b
             "tracer: --pid: {} listening socket(s) of the traced processes are shared with \
              processes not traced (other workers of one server?), or their ports have other \
              processes' listeners too (SO_REUSEPORT): their connections are reported once a \
-             traced process acts on them; trace the parent to get them all",
+             traced process acts on them (a peer's FIN or RST on a connection accepted but not \
+             yet read or written is not reported, nor its packet); trace the parent to get \
+             them all",
             seeded.shared_listeners
         );
     }
