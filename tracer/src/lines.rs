@@ -327,9 +327,14 @@ fn pretty_packet(line: &PacketLine<'_>) -> String {
         text.push_str(" (retransmission)");
     }
     if let Some(conn) = line.conn {
-        text.push_str(&format!("  conn {}", &conn.to_string()[..8]));
+        text.push_str(&conn_suffix(conn));
     }
     text
+}
+
+/// How the timeline names a connection, after a line: the first 8 hex digits of its id.
+fn conn_suffix(conn: ConnId) -> String {
+    format!("  conn {}", &conn.to_string()[..8])
 }
 
 fn pretty_document(doc: &serde_json::Value) -> String {
@@ -461,7 +466,7 @@ fn pretty_socket(l: &SocketLine<'_>, color: bool) -> String {
         text.push_str(&format!("  owner {}", l.owner));
     }
     if let Some(conn) = &l.conn {
-        text.push_str(&format!("  conn {}", &conn.to_string()[..8]));
+        text.push_str(&conn_suffix(*conn));
     }
     let code = match (l.event, l.outcome) {
         ("close", Some(Some("rst"))) | ("rst_sent", _) | ("rst_received", _) => RED,
