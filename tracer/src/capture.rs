@@ -73,6 +73,9 @@ pub struct WirePacket {
     /// loopback's (whose leaving copy is dropped, on `any` too). Otherwise another copy may
     /// follow (the same packet on a bridge and its port, on a veth pair's two ends).
     pub only_copy: bool,
+    /// Captured on a loopback (this namespace's or another's): sent and received by this
+    /// host, and `dir` only says which of the two copies the capture kept.
+    pub on_loopback: bool,
 }
 
 /// Link-layer types this module parses.
@@ -96,6 +99,26 @@ pub struct CaptureConfig {
     /// Deliver nothing until `start_delivering` (with `--pid`, whose own kernel filter replaces
     /// the plain one after the programs are loaded).
     pub held: bool,
+    /// Other network namespaces whose loopback is captured too (a traced process's container:
+    /// its loopback traffic never crosses an interface of this namespace).
+    pub namespaces: Vec<Namespace>,
+}
+
+/// Another network namespace, reached through a process in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub pid: u32,
+    /// As `/proc/PID/ns/net` names it, and `lsns` and `ip netns identify` show it:
+    /// `net:[4026532845]`.
+    pub id: String,
+}
+
+impl Namespace {
+    /// The name its loopback's packets carry in `iface`: `lo` alone would read as this
+    /// namespace's.
+    pub fn loopback_name(&self) -> String {
+        format!("lo@{}", self.id)
+    }
 }
 
 /// Counters shared with the capture thread.
@@ -118,10 +141,17 @@ pub struct CaptureHandle {
     pub stats: Arc<CaptureStats>,
     pub iface: String,
     pub clock: SharedClock,
-    /// The link-layer type of `WirePacket::headers`.
+    /// The link-layer type of `WirePacket::headers`, `iface`'s.
     pub linktype: i32,
-    /// The capture socket (owned by the capture thread; valid while this handle lives).
-    pub fd: std::os::fd::RawFd,
+    /// The link types of the other interfaces captured (another namespace's loopback has no
+    /// cooked headers to offer: plain Ethernet).
+    pub other_linktypes: Vec<(Arc<str>, i32)>,
+    /// The capture sockets, `iface`'s first (owned by the capture threads; valid while this
+    /// handle lives).
+    pub fds: Vec<std::os::fd::RawFd>,
+    /// The namespaces whose loopback is captured too, and those that could not be (why).
+    pub namespaces: Vec<Namespace>,
+    pub unreachable: Vec<(Namespace, String)>,
     guard: CaptureGuard,
 }
 
@@ -145,16 +175,16 @@ pub struct CaptureParts {
     pub guard: CaptureGuard,
 }
 
-/// Stops and joins the capture thread when dropped.
+/// Stops and joins the capture threads when dropped.
 pub struct CaptureGuard {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Drop for CaptureGuard {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -200,9 +230,79 @@ pub fn filter_expression(ports: &[u16]) -> String {
 }
 
 /// Opens the capture now (so a bad interface or a missing privilege fails before `ready`) and
-/// reads it on a thread.
+/// reads it on a thread; with `namespaces`, their loopbacks too, each on a thread of its own.
 pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHandle> {
-    let mut cap = Capture::from_device(cfg.iface.as_str())
+    let cap = open_device(&cfg.iface, &cfg.ports)?;
+    let linktype = cap.get_datalink().0;
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let stats = Arc::new(CaptureStats::default());
+    if cfg.held {
+        stats.skip_before_wall_ns.store(u64::MAX, Ordering::Relaxed);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = |cap: Capture<Active>, iface: &str, loopback: bool| Reader {
+        linktype: cap.get_datalink().0,
+        default_iface: Arc::from(iface),
+        names: HashMap::new(),
+        single_interface: iface != "any",
+        // An Ethernet frame does not say which way it went: the interface's own address does.
+        own_mac: (linktype == DLT_EN10MB)
+            .then(|| interface_mac(iface))
+            .flatten(),
+        loopback,
+        loopback_ifindex: loopback_ifindex(),
+        keep_headers: cfg.keep_headers,
+        no_headers: Arc::from(&[][..]),
+        clock: clock.clone(),
+        tx: tx.clone(),
+        stats: stats.clone(),
+        stop: stop.clone(),
+        cap,
+    };
+    let mut readers = vec![reader(cap, &cfg.iface, is_loopback(&cfg.iface))];
+    let (mut namespaces, mut unreachable) = (Vec::new(), Vec::new());
+    for ns in &cfg.namespaces {
+        match open_loopback_in(ns, &cfg.ports) {
+            Ok(cap) => {
+                readers.push(reader(cap, &ns.loopback_name(), true));
+                namespaces.push(ns.clone());
+            }
+            Err(e) => unreachable.push((ns.clone(), format!("{e:#}"))),
+        }
+    }
+    let other_linktypes = readers[1..]
+        .iter()
+        .map(|r| (r.default_iface.clone(), r.linktype))
+        .collect();
+    let fds = readers
+        .iter()
+        .map(|r| std::os::fd::AsRawFd::as_raw_fd(&r.cap))
+        .collect();
+    let threads = readers
+        .into_iter()
+        .map(|r| {
+            std::thread::Builder::new()
+                .name("tracer-capture".into())
+                .spawn(move || r.run())
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(CaptureHandle {
+        rx,
+        stats,
+        iface: cfg.iface.clone(),
+        clock,
+        linktype,
+        other_linktypes,
+        fds,
+        namespaces,
+        unreachable,
+        guard: CaptureGuard { stop, threads },
+    })
+}
+
+/// A non-blocking capture of `iface` with the plain FIN/RST filter.
+fn open_device(iface: &str, ports: &[u16]) -> anyhow::Result<Capture<Active>> {
+    let mut cap = Capture::from_device(iface)
         .context("finding the capture device")?
         // Not immediate: packets come in blocks retired at least every BLOCK_TIMEOUT_MS, one
         // wakeup per block instead of one per packet. The join waits far longer than that.
@@ -210,7 +310,7 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
         // A bridge's own capture sees what passes between its ports only in promiscuous
         // mode: traced containers behind it would show no packet at all. Elsewhere the
         // host's own traffic is all there is to see.
-        .promisc(is_bridge(&cfg.iface))
+        .promisc(is_bridge(iface))
         .snaplen(SNAPLEN)
         .precision(Precision::Nano)
         // 2 MiB hold ~15k headers-only packets: at 70k FIN/RST per second, 200 ms of the
@@ -227,60 +327,32 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
             anyhow::Error::new(e).context(format!("opening the capture ({hint})"))
         })?;
     choose_cooked_linktype(&mut cap);
-    if cfg.iface == "lo" {
+    if is_loopback(iface) {
         ignore_outgoing_copies(&cap);
     }
-    cap.filter(&filter_expression(&cfg.ports), true)
+    cap.filter(&filter_expression(ports), true)
         .context("compiling the capture filter")?;
     // Non-blocking, waited on with poll(2): the thread must notice when it is told to stop.
-    let cap = cap
-        .setnonblock()
-        .context("making the capture non-blocking")?;
-    let linktype = cap.get_datalink().0;
-    // An Ethernet frame does not say which way it went: the interface's own address does.
-    let own_mac = (linktype == DLT_EN10MB)
-        .then(|| interface_mac(&cfg.iface))
-        .flatten();
-    let fd = {
-        use std::os::fd::AsRawFd;
-        cap.as_raw_fd()
+    cap.setnonblock().context("making the capture non-blocking")
+}
+
+/// A capture of another namespace's loopback. A packet socket belongs to the namespace it was
+/// created in, so a short-lived thread enters the namespace (setns: CAP_SYS_ADMIN) and opens
+/// it there; the socket stays bound to that namespace's `lo` wherever it is read.
+fn open_loopback_in(ns: &Namespace, ports: &[u16]) -> anyhow::Result<Capture<Active>> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/{}/ns/net", ns.pid);
+    let netns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    let open_there = || -> anyhow::Result<Capture<Active>> {
+        // SAFETY: a namespace file this thread holds open; only this thread moves.
+        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            let e = std::io::Error::last_os_error();
+            anyhow::bail!("entering its namespace ({e}; needs CAP_SYS_ADMIN)");
+        }
+        open_device("lo", ports)
     };
-    let (tx, rx) = mpsc::channel(QUEUE);
-    let stats = Arc::new(CaptureStats::default());
-    if cfg.held {
-        stats.skip_before_wall_ns.store(u64::MAX, Ordering::Relaxed);
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = Reader {
-        cap,
-        linktype,
-        default_iface: Arc::from(cfg.iface.as_str()),
-        names: HashMap::new(),
-        single_interface: cfg.iface != "any",
-        own_mac,
-        loopback_ifindex: loopback_ifindex(),
-        keep_headers: cfg.keep_headers,
-        no_headers: Arc::from(&[][..]),
-        clock: clock.clone(),
-        tx,
-        stats: stats.clone(),
-        stop: stop.clone(),
-    };
-    let thread = std::thread::Builder::new()
-        .name("tracer-capture".into())
-        .spawn(move || reader.run())?;
-    Ok(CaptureHandle {
-        rx,
-        stats,
-        iface: cfg.iface.clone(),
-        clock,
-        linktype,
-        fd,
-        guard: CaptureGuard {
-            stop,
-            thread: Some(thread),
-        },
-    })
+    std::thread::scope(|s| s.spawn(open_there).join())
+        .map_err(|_| anyhow::anyhow!("the thread opening its capture panicked"))?
 }
 
 /// On `lo` every packet passes the capture twice, leaving and arriving, and libpcap throws the
@@ -302,6 +374,15 @@ fn ignore_outgoing_copies(cap: &Capture<Active>) {
             size_of::<libc::c_int>() as libc::socklen_t,
         );
     }
+}
+
+/// Whether `iface` is this namespace's loopback.
+fn is_loopback(iface: &str) -> bool {
+    let index = loopback_ifindex();
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    index != 0
+        && std::ffi::CString::new(iface)
+            .is_ok_and(|name| unsafe { libc::if_nametoindex(name.as_ptr()) } == index)
 }
 
 /// Whether `iface` is a Linux bridge.
@@ -336,10 +417,13 @@ fn choose_cooked_linktype(cap: &mut Capture<Active>) {
 struct Reader {
     cap: Capture<Active>,
     linktype: i32,
+    /// The interface's name (another namespace's loopback: `lo@net:[...]`).
     default_iface: Arc<str>,
     names: HashMap<u32, Arc<str>>,
-    /// Not `any`: every packet is seen once.
+    /// Not `any`: every packet is seen once, and is `default_iface`'s.
     single_interface: bool,
+    /// A loopback (this namespace's or another's): every packet is this host's both ways.
+    loopback: bool,
     /// The capture interface's MAC address where its frames are plain Ethernet (a single
     /// interface such as a veth or a NIC: libpcap offers no cooked headers there).
     own_mac: Option<[u8; 6]>,
@@ -412,10 +496,15 @@ impl Reader {
 
     fn deliver(&mut self, p: Parsed, wall_ns: u64, headers: Arc<[u8]>) {
         self.stats.captured.fetch_add(1, Ordering::Relaxed);
+        // An index names an interface of the namespace the capture is in, which need not be
+        // this one: a single interface's capture names its packets by the interface itself.
         let iface = match p.ifindex {
-            Some(index) => self.iface_name(index),
-            None => self.default_iface.clone(),
+            Some(index) if !self.single_interface => self.iface_name(index),
+            _ => self.default_iface.clone(),
         };
+        let on_loopback = self.loopback
+            || p.ifindex
+                .is_some_and(|i| i != 0 && i == self.loopback_ifindex);
         let packet = WirePacket {
             mono_ns: self.clock.get().wall_to_mono_ns(wall_ns),
             wall_ns,
@@ -427,9 +516,8 @@ impl Reader {
             iface,
             dir: p.dir,
             headers,
-            only_copy: self.single_interface
-                || p.ifindex
-                    .is_some_and(|i| i != 0 && i == self.loopback_ifindex),
+            only_copy: self.single_interface || on_loopback,
+            on_loopback,
         };
         if self.tx.try_send(packet).is_err() {
             self.stats.channel_dropped.fetch_add(1, Ordering::Relaxed);
@@ -724,6 +812,7 @@ mod tests {
                 ports: vec![port],
                 keep_headers: true,
                 held: false,
+                namespaces: Vec::new(),
             },
             SharedClock::new(),
         )
@@ -750,6 +839,7 @@ mod tests {
             "only FIN/RST pass the filter: {fin:?}"
         );
         assert_eq!(&*fin.iface, "lo");
+        assert!(fin.on_loopback && fin.only_copy, "{fin:?}");
         drop(server);
     }
 }

@@ -488,6 +488,7 @@ mod tests {
             seq: 1,
             ack: 0,
             iface: std::sync::Arc::from("lo"),
+            on_loopback: true,
             dir: Dir::Out,
             headers: std::sync::Arc::from(&[][..]),
             only_copy: false,

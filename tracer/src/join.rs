@@ -1072,6 +1072,7 @@ mod tests {
             seq,
             ack: 7,
             iface: Arc::from("lo"),
+            on_loopback: true,
             dir,
             headers: Arc::from(&[][..]),
             only_copy: false,
@@ -1245,6 +1246,7 @@ mod tests {
         let mut j = Joiner::new(W, 1000);
         let once = |mono| WirePacket {
             only_copy: true,
+            on_loopback: false,
             ..pkt(C, S, RST, 9, mono, Dir::Out)
         };
         j.push_event(1, 100 * MS, want(C, S, WantFlag::Rst, Dir::Out), "orphan");

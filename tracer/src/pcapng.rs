@@ -50,8 +50,9 @@ pub struct PcapngOut {
     written: HashSet<PacketId>,
     order: VecDeque<PacketId>,
     held: Timeline<Held>,
-    /// The capture's link type, shared by every interface block.
+    /// The capture's link type, every interface block's but those in `linktypes`.
     linktype: DataLink,
+    linktypes: HashMap<Arc<str>, DataLink>,
     /// The interface blocks written so far, by name: their index is the packets' interface_id.
     interfaces: HashMap<Arc<str>, u32>,
 }
@@ -69,8 +70,16 @@ impl PcapngOut {
             order: VecDeque::new(),
             held: Timeline::default(),
             linktype: DataLink::from(linktype as u32),
+            linktypes: HashMap::new(),
             interfaces: HashMap::new(),
         })
+    }
+
+    /// Gives `iface`'s packets a link type other than the capture's.
+    pub fn with_linktype(mut self, iface: Arc<str>, linktype: i32) -> Self {
+        self.linktypes
+            .insert(iface, DataLink::from(linktype as u32));
+        self
     }
 
     /// The interface_id of `iface`, writing its interface block on first use.
@@ -79,7 +88,7 @@ impl PcapngOut {
             return Ok(id);
         }
         self.writer.write_pcapng_block(InterfaceDescriptionBlock {
-            linktype: self.linktype,
+            linktype: self.linktypes.get(iface).copied().unwrap_or(self.linktype),
             snaplen: 0,
             options: vec![
                 InterfaceDescriptionOption::IfName(Cow::Owned(iface.to_string())),
@@ -162,6 +171,7 @@ mod tests {
             dir: Dir::Out,
             headers: Arc::from(&[0u8; 40][..]),
             only_copy: true,
+            on_loopback: iface == "lo",
         }
     }
 

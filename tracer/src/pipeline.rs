@@ -805,16 +805,13 @@ fn want_for(ev: &KernelEvent, flag: WantFlag, dir: Dir) -> Option<Want> {
     })
 }
 
-/// The loopback interface: both ends of what crosses it are this host's.
-const LOOPBACK: &str = "lo";
-
 /// A `packet` line. On loopback every packet is both sent and received by this host, and the
 /// capture's direction only says which copy it kept (the arriving one with `--pid`): there the
 /// line's `dir` is the named connection's, as on the lines it would have joined (`out` when
 /// that socket sent it).
 fn packet_line(p: &WirePacket, retransmit: bool, conn: Option<(u64, Dir)>) -> PacketLine<'_> {
     let dir = match conn {
-        Some((_, dir)) if &*p.iface == LOOPBACK => dir,
+        Some((_, dir)) if p.on_loopback => dir,
         _ => p.dir,
     };
     PacketLine {
@@ -905,6 +902,7 @@ mod tests {
             seq: 42,
             ack: 1,
             iface: StdArc::from("veth0"),
+            on_loopback: false,
             dir: Dir::Out,
             headers: StdArc::from(&[][..]),
             only_copy: false,
@@ -1488,6 +1486,7 @@ mod tests {
             p.kernel_event(ours(tcp_state::FIN_WAIT1, tcp_state::FIN_WAIT2, 100 * MS));
             let ours_late = WirePacket {
                 iface: StdArc::from("lo"),
+                on_loopback: true,
                 dir: Dir::In,
                 ..fin_packet("10.0.0.1:80", "10.0.0.2:4000", 7, 101 * MS)
             };
@@ -1819,6 +1818,7 @@ mod throughput {
             dir: Dir::Out,
             headers: shared.no_headers.clone(),
             only_copy: true, // on `lo`, as in the bench
+            on_loopback: true,
         });
     }
 

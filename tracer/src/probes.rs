@@ -758,7 +758,10 @@ pub fn filter_capture_to_traced(ebpf: &mut Ebpf, capture: std::os::fd::BorrowedF
             .program_mut("watched_packets")
             .context("program watched_packets missing from the eBPF object")?
             .try_into()?;
-        program.load().map_err(explain_verifier)?;
+        // Loaded once, attached to each capture socket (another namespace's loopback too).
+        if program.fd().is_err() {
+            program.load().map_err(explain_verifier)?;
+        }
         program.attach(capture)?;
         Ok(())
     };

@@ -158,8 +158,11 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     // Opened before the capabilities go, like every other file.
     let pcapng = match (&settings.pcapng, &capture) {
         (Some(path), Some(capture)) => Some(
-            PcapngOut::create(path, capture.linktype)
-                .map_err(|e| BadInput(format!("{e:#}: choose a writable path for -w")))?,
+            capture.other_linktypes.iter().fold(
+                PcapngOut::create(path, capture.linktype)
+                    .map_err(|e| BadInput(format!("{e:#}: choose a writable path for -w")))?,
+                |out, (iface, linktype)| out.with_linktype(iface.clone(), *linktype),
+            ),
         ),
         _ => None,
     };
@@ -195,15 +198,18 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         .context("seeding owners of existing connections")?;
     warn_about_seeding(&seeded, options.tables.seed, !settings.pids.is_empty());
     warn_about_pids(&settings.pids);
-    if let Some(iface) = &settings.capture_iface {
-        warn_about_other_namespaces(&settings.pids, iface);
+    if let Some(capture) = &capture {
+        warn_about_other_namespaces(&settings.pids, capture);
     }
     if let Some(capture) = &capture
         && !settings.pids.is_empty()
     {
-        // SAFETY: the capture socket stays open as long as `capture`, which outlives this call.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(capture.fd) };
-        probes::filter_capture_to_traced(&mut loaded.ebpf, fd);
+        for &fd in &capture.fds {
+            // SAFETY: the capture sockets stay open as long as `capture`, which outlives
+            // this call.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            probes::filter_capture_to_traced(&mut loaded.ebpf, fd);
+        }
         capture.start_delivering();
     }
     let ring = RingBuf::try_from(
@@ -310,6 +316,12 @@ fn open_capture(settings: &Settings) -> anyhow::Result<Option<CaptureHandle>> {
         ports: settings.ports.clone(),
         keep_headers: settings.pcapng.is_some(),
         held: !settings.pids.is_empty(),
+        // On `any` only: a capture of one interface is what the user asked for.
+        namespaces: if iface == "any" {
+            other_namespaces(&settings.pids)
+        } else {
+            Vec::new()
+        },
     };
     capture::open(&cfg, SharedClock::new())
         .with_context(|| format!("opening the packet capture on {iface}"))
@@ -526,31 +538,62 @@ fn metrics_bind_error(e: &anyhow::Error, addr: std::net::SocketAddr) -> String {
     }
 }
 
-/// A traced process in another network namespace (a container's) is traced by the programs
-/// (they see every namespace), but the capture sees only this namespace's interfaces: that
-/// namespace's own loopback traffic never passes here, and its lines would have `wire: null`
-/// with nothing saying why. Said once per namespace.
-fn warn_about_other_namespaces(pids: &[u32], iface: &str) {
-    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
-    let Some(ours) = netns("self") else {
-        return;
+/// The network namespaces of the traced processes other than this one (a container's), each
+/// with the first traced process in it. The programs trace their sockets (they see every
+/// namespace), but that namespace's loopback traffic never crosses an interface here.
+fn other_namespaces(pids: &[u32]) -> Vec<capture::Namespace> {
+    let netns = |pid: &str| {
+        std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            .ok()
+            .map(|link| link.to_string_lossy().into_owned())
     };
-    let mut said = Vec::new();
-    for pid in pids {
-        let Some(theirs) = netns(&pid.to_string()) else {
-            continue; // gone, or not ours to read: nothing to say
-        };
-        if theirs == ours || said.contains(&theirs) {
+    let Some(ours) = netns("self") else {
+        return Vec::new();
+    };
+    let mut found: Vec<capture::Namespace> = Vec::new();
+    for &pid in pids {
+        // Gone, or not ours to read: nothing to capture there.
+        let Some(id) = netns(&pid.to_string()) else {
             continue;
+        };
+        if id != ours && !found.iter().any(|ns| ns.id == id) {
+            found.push(capture::Namespace { pid, id });
         }
-        eprintln!(
-            "tracer: --pid {pid} is in another network namespace ({}): the capture on {iface} \
-             here sees its traffic only where it crosses an interface of this namespace (its \
-             veth); its loopback traffic has wire null. To capture inside it, run the tracer \
-             there: nsenter --net=/proc/{pid}/ns/net tracer --pid {pid} ...",
-            theirs.display()
+    }
+    found
+}
+
+/// Says once per namespace what the capture sees of a traced process in another network
+/// namespace: without it, its loopback connections' lines would have `wire: null` with nothing
+/// saying why.
+fn warn_about_other_namespaces(pids: &[u32], capture: &CaptureHandle) {
+    for ns in other_namespaces(pids) {
+        let (pid, id) = (ns.pid, &ns.id);
+        let nsenter = format!(
+            "run the tracer there: nsenter --net=/proc/{pid}/ns/net tracer --pid {pid} ..."
         );
-        said.push(theirs);
+        if capture.namespaces.contains(&ns) {
+            eprintln!(
+                "tracer: --pid {pid} is in another network namespace ({id}): its loopback is \
+                 captured too, as {}; its other traffic where it crosses an interface of this \
+                 namespace (its veth)",
+                ns.loopback_name()
+            );
+        } else if let Some((_, why)) = capture.unreachable.iter().find(|(n, _)| *n == ns) {
+            eprintln!(
+                "tracer: --pid {pid} is in another network namespace ({id}): its loopback could \
+                 not be captured ({why}), and its loopback connections have wire null; to \
+                 capture inside it, {nsenter}"
+            );
+        } else {
+            eprintln!(
+                "tracer: --pid {pid} is in another network namespace ({id}): the capture on {} \
+                 sees its traffic only where it crosses that interface, and its loopback \
+                 connections have wire null; capture on any (the default) to include its \
+                 loopback, or {nsenter}",
+                capture.iface
+            );
+        }
     }
 }
 
@@ -767,6 +810,9 @@ struct ReadyLine<'a> {
     mono_ns: u64,
     probes: &'a [String],
     capture: Option<&'a str>,
+    /// Other network namespaces' loopbacks captured besides `capture` (`lo@net:[...]`: a
+    /// traced process's container).
+    capture_also: Vec<String>,
     pids: Option<&'a [u32]>,
     version: &'static str,
     kernel: String,
@@ -809,6 +855,11 @@ fn ready_line(
         mono_ns,
         probes: attached,
         capture: capture.as_ref().map(|c| c.iface.as_str()),
+        capture_also: capture
+            .iter()
+            .flat_map(|c| &c.namespaces)
+            .map(|ns| ns.loopback_name())
+            .collect(),
         pids: (!settings.pids.is_empty()).then_some(settings.pids.as_slice()),
         version: env!("CARGO_PKG_VERSION"),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")

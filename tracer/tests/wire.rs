@@ -1470,11 +1470,48 @@ time.sleep(60)
     );
 }
 
-/// `--pid` of a process in another network namespace (a container's): the programs trace it,
-/// but the capture here never sees that namespace's loopback, and its lines would carry
-/// `wire: null` with nothing saying why. Stderr says so once and how to capture there.
+/// `--pid` of a process in another network namespace (a container's): the programs trace it
+/// (they see every namespace), but its loopback traffic never crosses an interface here, and
+/// its loopback connections had `wire: null` (a sidecar and its application talk that way).
+/// On `any` the tracer captures that namespace's loopback too: the server's RST for its unread
+/// byte is joined, named `lo@net:[...]`, and is the RST tcpdump sees inside the namespace.
 #[test]
-fn pid_in_another_network_namespace_says_what_the_capture_cannot_see() {
+fn pid_in_another_network_namespace_captures_its_loopback() {
+    if !common::require_root() {
+        return;
+    }
+    let net = NetnsPeer::new();
+    let mut inside = Tcpdump::start_in(Some(&net.ns), "lo", "tcp[tcpflags] & tcp-rst != 0");
+    let (mut server, port) = Peer::server(Some(&net.ns), "127.0.0.1", 0, "unread-close");
+    let mut tracer = Tracer::start(&["--pid", &server.pid.to_string()]);
+    let ready = tracer.wait_ready(WAIT);
+    let netns = std::fs::read_link(format!("/proc/{}/ns/net", server.pid)).unwrap();
+    let name = format!("lo@{}", netns.display());
+    assert_eq!(ready["capture_also"], serde_json::json!([name]), "{ready}");
+    let mut client = Peer::spawn(Some(&net.ns), "client", "127.0.0.1", port, "send-wait");
+    let client_port = client.line()["lport"].as_u64().unwrap() as u16;
+    server.line();
+    let close = tracer.wait_for(|v| is(v, "close", port, client_port), WAIT);
+    let rst = inside.wait_for(|s| s.is_rst() && s.sport == port, WAIT);
+    assert_eq!(close["outcome"], "rst", "{close}");
+    assert_eq!(close["wire"]["iface"], name.as_str(), "{close}");
+    assert_eq!(close["wire"]["dir"], "out", "{close}");
+    assert_eq!(close["wire"]["seq"], rst.seq, "{close} vs tcpdump {rst:?}");
+    client.release();
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("its loopback is captured too, as {name}")),
+        "{}",
+        out.stderr
+    );
+}
+
+/// With an interface chosen (`-i`), nothing else is captured: stderr says once what that
+/// capture cannot see of a process in another namespace, and how to see it.
+#[test]
+fn pid_in_another_network_namespace_says_what_a_chosen_interface_cannot_see() {
     if !common::require_root() {
         return;
     }
@@ -1485,23 +1522,25 @@ fn pid_in_another_network_namespace_says_what_the_capture_cannot_see() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300)); // ip has exec'd into sleep in the namespace
     let pid = contained.id().to_string();
-    let mut tracer = Tracer::start(&["--pid", &pid, "--duration", "1s"]);
-    tracer.wait_ready(WAIT);
+    let mut tracer = Tracer::start(&["--pid", &pid, "-i", "lo", "--duration", "1s"]);
+    let ready = tracer.wait_ready(WAIT);
     let out = tracer.finish(WAIT);
     let _ = contained.kill();
     let _ = contained.wait();
     assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(ready["capture_also"], serde_json::json!([]), "{ready}");
     let said: Vec<&str> = out
         .stderr
         .lines()
         .filter(|l| l.contains("another network namespace"))
         .collect();
     assert_eq!(said.len(), 1, "{}", out.stderr);
-    assert!(
-        said[0].contains(&format!("nsenter --net=/proc/{pid}/ns/net")),
-        "{}",
-        said[0]
-    );
+    for hint in [
+        "capture on any",
+        &format!("nsenter --net=/proc/{pid}/ns/net"),
+    ] {
+        assert!(said[0].contains(hint), "{}", said[0]);
+    }
 }
 
 /// A listener with TCP_DEFER_ACCEPT (Apache's default) creates the server's socket only when

@@ -94,7 +94,20 @@ pub struct Tcpdump {
 impl Tcpdump {
     /// Starts `tcpdump -i IFACE -nn -S -tt -l -U FILTER` and waits until it listens.
     pub fn start(iface: &str, filter: &str) -> Self {
-        let mut child = Command::new("tcpdump")
+        Self::start_in(None, iface, filter)
+    }
+
+    /// The same inside network namespace `ns` (`ip netns exec NS tcpdump ...`).
+    pub fn start_in(ns: Option<&str>, iface: &str, filter: &str) -> Self {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "tcpdump"]);
+                c
+            }
+            None => Command::new("tcpdump"),
+        };
+        let mut child = cmd
             .args(["-i", iface, "-nn", "-S", "-tt", "-l", "-U", filter])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
