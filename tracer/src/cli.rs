@@ -59,7 +59,8 @@ pub struct TraceArgs {
     /// Only connections whose local or remote port is PORT; repeatable.
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
-    /// Capture interface for wire packets.
+    /// Capture interface for wire packets (`any`: every interface of this network namespace,
+    /// and with --pid the loopback of each traced process in another one, a container's).
     #[arg(
         short,
         long,
