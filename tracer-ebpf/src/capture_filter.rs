@@ -77,6 +77,17 @@ pub fn is_watched(ev: &SockEvent, slot: u32) -> bool {
     wire_key(ev, slot).is_some_and(|key| watched_either_way(key))
 }
 
+/// Whether the event's 4-tuple, as written (its socket's local end first), is a traced
+/// connection's: the socket is the traced end, not the peer of one (both ends are this host's
+/// on loopback, and the peer's time-wait socket has the same addresses the other way round).
+#[inline(always)]
+pub fn is_watched_end(ev: &SockEvent, slot: u32) -> bool {
+    wire_key(ev, slot).is_some_and(|key| {
+        // SAFETY: a presence check only.
+        is_marked(&WATCHED_PORTS, u32::from(key.lport)) && unsafe { WATCHED.get(&*key) }.is_some()
+    })
+}
+
 /// Whether `key`, as written or with its ends swapped, is in WATCHED (a packet sent by the
 /// watched socket has its local end as source, one it receives as destination). Leaves `key`
 /// swapped when the first lookup misses.

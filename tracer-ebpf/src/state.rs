@@ -23,7 +23,7 @@ use crate::{
     owners::{
         Current, LISTENERS, SockInfo, claim, current, drop_stale_entry, fill_owner,
         forget_listener_shared_with, keep_unowned, listener_key, listener_pid, lookup_or_create,
-        may_concern_traced, note_ports, note_traced, remember_listener, sock_entry,
+        may_concern_traced, note_ports, note_traced, remember_listener,
     },
     setting,
 };
@@ -214,22 +214,6 @@ pub fn read_tuple(rec: &Record, layout: &TupleLayout, ev: &mut SockEvent) -> Opt
     Some(())
 }
 
-/// With `--pid`, a traced process's connection is marked for the capture filter as soon as it
-/// is established: the first FIN or RST may be the peer's, seen on the wire before any event of
-/// this socket. A traced connect() made the socket's entry; an accepted socket has none yet and
-/// its listener names the owner. (Looked up, not created: a second inlined lookup_or_create
-/// put set_state over the 512-byte stack on 6.1.)
-#[inline(always)]
-fn watch_if_traced(sk: u64, ev: &SockEvent, slot: u32) {
-    // SAFETY: a value copied out at once.
-    let owner = sock_entry(sk)
-        .map(|info| unsafe { (*info).pid })
-        .or_else(|| listener_pid(ev.family, ev.lport));
-    if owner.is_some_and(is_traced_process) {
-        watch(ev, slot);
-    }
-}
-
 /// Family and local port only: what finding a listener needs.
 #[inline(always)]
 pub fn family_and_port(rec: &Record, layout: &TupleLayout) -> Option<(u16, u16)> {
@@ -307,10 +291,7 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
     ev.new_state = new;
 
     if is_handshake(new) {
-        remember_process_context_owner(sk, old, new, ev, &cur);
-        if watches {
-            watch_if_traced(sk, ev, slot);
-        }
+        remember_handshake_owner(sk, old, new, ev, &cur, watches, slot);
         if setting!(all_states) == 0 {
             return None;
         }
@@ -538,23 +519,51 @@ pub fn close_of_a_closed_socket(
     Some(())
 }
 
-/// connect() and listen() run in the owner's task: record it before any softirq transition.
+/// What the handshake must record: the owner of a traced task's connect() or listen() (with
+/// `--pid`, other processes' need no bookkeeping) and, with `--pid`, a traced process's connection
+/// once established. That one is marked for the capture filter at once (the first FIN or RST may
+/// be the peer's, on the wire before any other event of the socket), and an accepted socket gets
+/// its entry, with its listener's owner: until the accepting process touches it, the listener
+/// is all that names its owner, and a listener may close first (a one-shot server, a graceful
+/// restart's old listeners), after which its connections' FINs would be no one's. (One call of
+/// `lookup_or_create` for both: a second inlined copy put set_state over the 512-byte stack on
+/// 6.1.)
 #[inline(always)]
-fn remember_process_context_owner(sk: u64, old: u8, new: u8, ev: &SockEvent, cur: &Current) {
-    if old != CLOSE || !keep_unowned(cur) {
-        return; // with --pid, connects and listens of other processes need no bookkeeping
-    }
-    if new == SYN_SENT {
-        if let Some(info) = lookup_or_create(sk, ev, true) {
-            // SAFETY: entry pointer from the map.
-            unsafe { claim(&mut *info, cur) };
-        }
-    } else if new == LISTEN {
+fn remember_handshake_owner(
+    sk: u64,
+    old: u8,
+    new: u8,
+    ev: &SockEvent,
+    cur: &Current,
+    watches: bool,
+    slot: u32,
+) {
+    let by_a_traced_task = old == CLOSE && keep_unowned(cur);
+    if by_a_traced_task && new == LISTEN {
         let owner = SeedOwner {
             pid: cur.pid,
             tid: cur.tid,
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
         };
         remember_listener(ev.family, ev.lport, &owner);
+        return;
+    }
+    let connects = by_a_traced_task && new == SYN_SENT;
+    let established = watches && new == ESTABLISHED;
+    if !connects && !established {
+        return;
+    }
+    // A connect() claims the socket; an accepted socket gets an entry only when its listener's
+    // (or the seed table's) owner is traced.
+    let Some(info) = lookup_or_create(sk, ev, connects) else {
+        return;
+    };
+    // SAFETY: entry pointer from the map; only events of this socket write it.
+    let info = unsafe { &mut *info };
+    if connects {
+        claim(info, cur);
+    }
+    if established && (info.traced != 0 || is_traced_process(info.pid)) {
+        watch(ev, slot);
     }
 }

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use tracer_common::{EventKind, TimewaitLayout, counter, owner_source, tcp_state};
 
 use crate::{
-    capture_filter::is_watched,
+    capture_filter::is_watched_end,
     emit::{
         CLASSIC_SLOT, count, empty_event, enter_raw, field, kernel_read, leave_raw, noop,
         submit_unowned,
@@ -72,8 +72,9 @@ fn timer_expired(timer: u64, slot: u32) {
     ev.old_state = tcp_state::FIN_WAIT2;
     ev.new_state = tcp_state::CLOSE;
     ev.owner_source = owner_source::TIME_WAIT;
-    // With --pid, only a traced connection's (its addresses were marked while it lived).
-    if setting!(filter_pids) != 0 && !is_watched(&ev, slot) {
+    // With --pid, only a traced socket's (its addresses were marked while it lived, local end
+    // first): on loopback the traced socket's untraced peer has the same addresses reversed.
+    if setting!(filter_pids) != 0 && !is_watched_end(&ev, slot) {
         count(counter::FILTERED);
         return;
     }

@@ -906,6 +906,82 @@ fn pid_trace_reports_a_fin_wait2_that_times_out() {
     tracer.stop();
 }
 
+/// `--pid` of a server that closed its listener after accepting (a one-shot server; a graceful
+/// restart's old listeners) and has not touched the connection yet: only the listener named
+/// the connection's owner, and once it was closed the peer's FIN was no one's (no line, the
+/// FIN unjoined as a `packet`). The accepted socket keeps its listener's owner now.
+#[test]
+fn pid_of_a_server_that_closed_its_listener_sees_the_fin_of_a_connection_it_accepted() {
+    if !common::require_root() {
+        return;
+    }
+    let (mut server, port) = Peer::server(None, "127.0.0.1", 0, "hold");
+    let mut tracer = Tracer::start(&["--pid", &server.pid.to_string(), "-i", "lo"]);
+    tracer.wait_ready(WAIT);
+    let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let client_port = client.local_addr().unwrap().port();
+    server.line();
+    let listener = tracer.wait_for(|v| is(v, "close", port, 0), WAIT);
+    assert_eq!(listener["old_state"], "LISTEN", "{listener}");
+    drop(client);
+    let fin = tracer.wait_for(|v| is(v, "fin_received", port, client_port), WAIT);
+    assert_eq!(fin["pid"], server.pid, "{fin}");
+    assert_eq!(fin["owner"], "listener", "{fin}");
+    check_wire(&fin, "FIN", "in");
+    server.wait();
+    tracer.stop();
+}
+
+/// The other way round: `--pid` of a server whose untraced client closed with a TCP_LINGER2 of
+/// 1 s while the server held the connection (CLOSE_WAIT). The client's socket, orphaned, times
+/// out in FIN_WAIT2: that is the client's end, not the server's, and with `--pid` of the
+/// server it is no line (it was one, ownerless, matched by its addresses either way round).
+#[test]
+fn pid_of_a_server_leaves_out_its_untraced_peers_fin_wait2_timeout() {
+    if !common::require_root() {
+        return;
+    }
+    let (mut server, port) = Peer::server(None, "127.0.0.1", 0, "hold");
+    let mut tracer = Tracer::start(&["--pid", &server.pid.to_string(), "-i", "lo"]);
+    tracer.wait_ready(WAIT);
+    let mut client = Peer::spawn(None, "client", "127.0.0.1", port, "close-linger2-hold");
+    let client_port = client.line()["lport"].as_u64().unwrap() as u16;
+    server.line();
+    tracer.wait_for(|v| is(v, "fin_received", port, client_port), WAIT);
+    let clients_fin_wait2 = || {
+        let filter = format!("sport = :{client_port} and dport = :{port}");
+        !common::sh("ss", &["-Htn", "state", "fin-wait-2", &filter])
+            .trim()
+            .is_empty()
+    };
+    assert!(
+        clients_fin_wait2(),
+        "ss shows the client's socket in FIN-WAIT-2"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while clients_fin_wait2() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client's FIN_WAIT2 timed out"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its end would have been reported at once (a state line waits for no packet).
+    std::thread::sleep(Duration::from_millis(700));
+    let out = tracer.stop();
+    let clients: Vec<&Value> = out
+        .lines
+        .iter()
+        .filter(|v| v["lport"] == client_port && v["rport"] == port)
+        .collect();
+    assert!(
+        clients.is_empty(),
+        "the untraced client's socket: {clients:?}"
+    );
+    client.release();
+    server.release();
+}
+
 /// Traces a server with `--pid`; it closes its connection, the client writes `after` the
 /// server's FIN arrived. Returns the server's `rst_sent` line (its wire packet checked), the
 /// server's pid and its `close` line.
