@@ -66,6 +66,10 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub owner: Owner,
+    /// The owner when the socket went to its time-wait form: what the peer's FIN or RST
+    /// reaching that form (lines derived from the wire) names, not whichever thread closed
+    /// the descriptor later (after a shutdown(), the socket goes first).
+    pub timewait_owner: Owner,
 }
 
 impl ConnInfo {
@@ -77,6 +81,7 @@ impl ConnInfo {
             remote: ev.remote,
             family: ev.family,
             owner: ev.owner,
+            timewait_owner: ev.owner,
             last_event_ns: ev.mono_ns,
             timewait_since: None,
             fw2_since: None,
@@ -286,6 +291,7 @@ impl ConnTable {
             _ if is_timewait_reset(ev) => info.timewait_since = None,
             _ if ev.old_state == tcp_state::FIN_WAIT2 && ev.new_state == tcp_state::CLOSE => {
                 info.timewait_since = Some(ev.mono_ns);
+                info.timewait_owner = info.owner;
                 if info.awaits_peer() {
                     self.awaiting.push_back((ev.conn_id, ev.mono_ns));
                 }

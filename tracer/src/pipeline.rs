@@ -620,7 +620,7 @@ impl Pipeline {
             conn_id: id,
             state_since_ns,
             call_id: 0,
-            owner: info.owner,
+            owner: info.timewait_owner,
             family: info.family,
             local: info.local,
             remote: info.remote,
@@ -1095,6 +1095,43 @@ mod tests {
         assert_eq!(fin["mono_ns"], 100 * MS + 14_000, "{fin}");
         assert_eq!(fin["duration_ns"], 9_000, "{fin}");
         assert_eq!(fin["wire"]["delay_ns"], -14_000, "{fin}");
+    }
+
+    /// After shutdown(SHUT_WR) in one thread, the peer's FIN moved the socket to its time-wait
+    /// form; another thread closed the descriptor later. The line derived from that FIN names
+    /// the owner at the move (it named the later closer, read by the time it was derived).
+    #[test]
+    fn a_line_derived_from_the_wire_names_the_owner_at_the_time_wait_move() {
+        let by = |tid: u32, mut e: KernelEvent| {
+            e.owner = Owner::Known {
+                pid: 7,
+                tid,
+                comm: "srv".into(),
+                how: "task",
+            };
+            e
+        };
+        let out = lines(|p, out| {
+            p.kernel_event(by(
+                8,
+                ours(tcp_state::FIN_WAIT1, tcp_state::FIN_WAIT2, 90 * MS),
+            ));
+            p.kernel_event(peer_close(100 * MS));
+            p.packet(peer_fin_out(100 * MS + 10_000));
+            p.kernel_event(by(
+                8,
+                ours(tcp_state::FIN_WAIT2, tcp_state::CLOSE, 100 * MS + 20_000),
+            ));
+            let mut close = by(9, ours(tcp_state::CLOSE, tcp_state::CLOSE, 300 * MS));
+            close.kind = EventKind::Close;
+            p.kernel_event(close);
+            p.poll(2_000 * MS, out);
+        });
+        let fin = out
+            .iter()
+            .find(|v| v["event"] == "fin_received")
+            .unwrap_or_else(|| panic!("{out:?}"));
+        assert_eq!(fin["tid"], 8, "{fin}");
     }
 
     /// Our move to TIME_WAIT is read only after the peer's close left: the packet, which
