@@ -266,7 +266,10 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
     }
     // With --pid, the capture filter learns a traced connection when it is established.
     let watches = new == ESTABLISHED && setting!(filter_pids) != 0;
-    if is_handshake(new) && !records_owner && !watches && setting!(all_states) == 0 {
+    // An accepted socket is established: it takes its listener's owner now (see
+    // `remember_handshake_owner`).
+    let accepted = old == SYN_RECV && new == ESTABLISHED;
+    if is_handshake(new) && !records_owner && !watches && !accepted && setting!(all_states) == 0 {
         return None;
     }
     if !may_concern_traced(sk, &cur, || src.family_and_port()) {
@@ -520,13 +523,14 @@ pub fn close_of_a_closed_socket(
 }
 
 /// What the handshake must record: the owner of a traced task's connect() or listen() (with
-/// `--pid`, other processes' need no bookkeeping) and, with `--pid`, a traced process's connection
-/// once established. That one is marked for the capture filter at once (the first FIN or RST may
-/// be the peer's, on the wire before any other event of the socket), and an accepted socket gets
-/// its entry, with its listener's owner: until the accepting process touches it, the listener
-/// is all that names its owner, and a listener may close first (a one-shot server, a graceful
-/// restart's old listeners), after which its connections' FINs would be no one's. (One call of
-/// `lookup_or_create` for both: a second inlined copy put set_state over the 512-byte stack on
+/// `--pid`, other processes' need no bookkeeping); an accepted socket's entry, with its
+/// listener's owner, once established: until the accepting process touches it, the listener is
+/// all that names its owner, and a listener may close first (a one-shot server, a graceful
+/// restart's old listeners), after which the connection's FIN or RST would be no one's (with
+/// `--pid`, only a traced listener's connections get one); and, with `--pid`, a traced
+/// connection is marked for the capture filter once established (the first FIN or RST may be
+/// the peer's, on the wire before any other event of the socket). (One call of
+/// `lookup_or_create` for all: a second inlined copy put set_state over the 512-byte stack on
 /// 6.1.)
 #[inline(always)]
 fn remember_handshake_owner(
@@ -549,13 +553,14 @@ fn remember_handshake_owner(
         return;
     }
     let connects = by_a_traced_task && new == SYN_SENT;
-    let established = watches && new == ESTABLISHED;
+    let established = new == ESTABLISHED && (watches || old == SYN_RECV);
     if !connects && !established {
         return;
     }
-    // A connect() claims the socket; an accepted socket gets an entry only when its listener's
-    // (or the seed table's) owner is traced.
-    let Some(info) = lookup_or_create(sk, ev, connects) else {
+    // A connect() claims the socket. With `--pid`, an accepted socket gets an entry only when
+    // its listener's (or the seed table's) owner is traced.
+    let keep = connects || (established && setting!(filter_pids) == 0);
+    let Some(info) = lookup_or_create(sk, ev, keep) else {
         return;
     };
     // SAFETY: entry pointer from the map; only events of this socket write it.
@@ -563,7 +568,7 @@ fn remember_handshake_owner(
     if connects {
         claim(info, cur);
     }
-    if established && (info.traced != 0 || is_traced_process(info.pid)) {
+    if watches && (info.traced != 0 || is_traced_process(info.pid)) {
         watch(ev, slot);
     }
 }

@@ -906,30 +906,39 @@ fn pid_trace_reports_a_fin_wait2_that_times_out() {
     tracer.stop();
 }
 
-/// `--pid` of a server that closed its listener after accepting (a one-shot server; a graceful
-/// restart's old listeners) and has not touched the connection yet: only the listener named
-/// the connection's owner, and once it was closed the peer's FIN was no one's (no line, the
-/// FIN unjoined as a `packet`). The accepted socket keeps its listener's owner now.
+/// A server that closed its listener after accepting (a one-shot server; a graceful restart's
+/// old listeners) and has not touched the connection yet: only the listener named the
+/// connection's owner, and once it was closed the peer's FIN was no one's (with `--pid` no line
+/// at all, the FIN an unjoined `packet`; tracing everything, `pid` null). The accepted socket
+/// keeps its listener's owner now.
 #[test]
-fn pid_of_a_server_that_closed_its_listener_sees_the_fin_of_a_connection_it_accepted() {
+fn a_server_that_closed_its_listener_owns_the_fin_of_a_connection_it_accepted() {
     if !common::require_root() {
         return;
     }
-    let (mut server, port) = Peer::server(None, "127.0.0.1", 0, "hold");
-    let mut tracer = Tracer::start(&["--pid", &server.pid.to_string(), "-i", "lo"]);
-    tracer.wait_ready(WAIT);
-    let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let client_port = client.local_addr().unwrap().port();
-    server.line();
-    let listener = tracer.wait_for(|v| is(v, "close", port, 0), WAIT);
-    assert_eq!(listener["old_state"], "LISTEN", "{listener}");
-    drop(client);
-    let fin = tracer.wait_for(|v| is(v, "fin_received", port, client_port), WAIT);
-    assert_eq!(fin["pid"], server.pid, "{fin}");
-    assert_eq!(fin["owner"], "listener", "{fin}");
-    check_wire(&fin, "FIN", "in");
-    server.wait();
-    tracer.stop();
+    for traced in [true, false] {
+        let (mut server, port) = Peer::server(None, "127.0.0.1", 0, "hold");
+        let (pid, port_arg) = (server.pid.to_string(), port.to_string());
+        let args = if traced {
+            ["--pid", &pid, "-i", "lo"]
+        } else {
+            ["--port", &port_arg, "-i", "lo"]
+        };
+        let mut tracer = Tracer::start(&args);
+        tracer.wait_ready(WAIT);
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let client_port = client.local_addr().unwrap().port();
+        server.line();
+        let listener = tracer.wait_for(|v| is(v, "close", port, 0), WAIT);
+        assert_eq!(listener["old_state"], "LISTEN", "{listener}");
+        drop(client);
+        let fin = tracer.wait_for(|v| is(v, "fin_received", port, client_port), WAIT);
+        assert_eq!(fin["pid"], server.pid, "{args:?}: {fin}");
+        assert_eq!(fin["owner"], "listener", "{args:?}: {fin}");
+        check_wire(&fin, "FIN", "in");
+        server.wait();
+        tracer.stop();
+    }
 }
 
 /// The other way round: `--pid` of a server whose untraced client closed with a TCP_LINGER2 of
