@@ -31,7 +31,7 @@ use tracer_common::{
 
 use crate::{
     emit::{Span, field, kernel_read, noop, pid_passes},
-    owners::{SockInfo, current, is_marked, mark},
+    owners::{RELEASED, SockInfo, current, is_marked, mark},
     setting,
 };
 
@@ -267,7 +267,7 @@ pub fn call_acting_on(sk: u64, info: Option<&SockInfo>, context: Context) -> Opt
     if !is_current(call) {
         return None;
     }
-    if info.is_some_and(|i| i.released != 0 && i.closed_by_call != call.started_ns) {
+    if info.is_some_and(|i| i.released == RELEASED && i.closed_by_call != call.started_ns) {
         return None;
     }
     if call.kind == syscall::EXIT || call.claimed_sk == sk {
@@ -351,19 +351,30 @@ fn exiting() -> bool {
     offset == NONE || kernel_read::<u32>(task, offset).is_some_and(|f| f & PF_EXITING != 0)
 }
 
-/// The kind of call and its descriptor for a teardown syscall's number (close_range's
-/// descriptors are a range: none is named).
+/// Whether the current task is a kernel thread (PF_KTHREAD); false where the BTF did not say.
 #[inline(always)]
-fn teardown_call(nr: u64, arg0: u64) -> Option<(u8, i32)> {
+pub fn in_kernel_thread() -> bool {
+    const PF_KTHREAD: u32 = 0x0020_0000;
+    let offset = setting!(regs.task_flags);
+    // SAFETY: plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    offset != NONE && kernel_read::<u32>(task, offset).is_some_and(|f| f & PF_KTHREAD != 0)
+}
+
+/// The kind of call and its descriptor for a teardown syscall's number (close_range's
+/// descriptors are a range: none is named); `syscall::NONE` for any other syscall.
+#[inline(always)]
+fn teardown_call(nr: u64, arg0: u64) -> (u8, i32) {
     let layout: RegsLayout = setting!(regs);
     if nr == u64::from(layout.nr_close) {
-        Some((syscall::CLOSE, arg0 as i32))
+        (syscall::CLOSE, arg0 as i32)
     } else if nr == u64::from(layout.nr_shutdown) {
-        Some((syscall::SHUTDOWN, arg0 as i32))
+        (syscall::SHUTDOWN, arg0 as i32)
     } else if nr == u64::from(layout.nr_close_range) {
-        Some((syscall::CLOSE, -1))
+        (syscall::CLOSE, -1)
     } else {
-        None
+        // Not an Option: the verifier refuses LLVM's spill of the unset fields of a None.
+        (syscall::NONE, -1)
     }
 }
 
@@ -383,7 +394,7 @@ fn call_from_registers(sk: u64, info: Option<&SockInfo>, context: Context) -> Op
         .map(|e| unsafe { *e })
         .filter(|call| call.started_ns != 0);
     let released_by_other = |call: &PendingCall| {
-        info.is_some_and(|i| i.released != 0 && i.closed_by_call != call.started_ns)
+        info.is_some_and(|i| i.released == RELEASED && i.closed_by_call != call.started_ns)
     };
     // An exiting task closes its files whatever syscall it was in when it was killed; an exit
     // entry that an earlier thread of the same tid left (the LRU keeps it) names nothing.
@@ -392,11 +403,12 @@ fn call_from_registers(sk: u64, info: Option<&SockInfo>, context: Context) -> Op
     {
         return (own_context != Some(false) && !released_by_other(&call)).then_some(call);
     }
-    let Some((kind, fd)) = teardown_call(nr, arg0) else {
+    let (kind, fd) = teardown_call(nr, arg0);
+    if kind == syscall::NONE {
         // A close the tcp_close kprobe saw outside any of these calls.
         let call = recorded.filter(|call| call.kind == syscall::NONE && call.claimed_sk == sk)?;
         return (own_context != Some(false) && !released_by_other(&call)).then_some(call);
-    };
+    }
     if let Some(call) = recorded {
         let same_call = call.kind == kind && call.fd == fd && call.claimed_sk == sk;
         if same_call {
@@ -500,6 +512,25 @@ pub fn tcp_close(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// Whether the current task is in close(2), shutdown(2) or close_range(2), or exiting (as
+/// far as its registers tell: false where calls are not named from them).
+#[inline(always)]
+pub fn in_a_teardown_call(context: Context) -> bool {
+    calls_from_registers()
+        && (exiting_with_its_call()
+            || syscall_of_current_task(context)
+                .is_some_and(|(nr, arg0, _)| teardown_call(nr, arg0).0 != syscall::NONE))
+}
+
+/// Whether the current task is exiting with an exit recorded in CALLS.
+#[inline(always)]
+fn exiting_with_its_call() -> bool {
+    let entry = CALLS.get_ptr_mut(current().tid);
+    // SAFETY: this task's own entry, read at once.
+    entry.is_some_and(|call| unsafe { (*call).kind == syscall::EXIT && (*call).started_ns != 0 })
+        && exiting()
+}
+
 /// Without syscall tracepoints: a tcp_close() outside close, shutdown and close_range (io_uring,
 /// dup2() over the descriptor, exec closing close-on-exec files) or process exit gets a call
 /// of no known kind for this socket, as with them.
@@ -507,7 +538,7 @@ pub fn tcp_close(ctx: ProbeContext) -> u32 {
 fn close_outside_calls(sk: u64) {
     // tcp_close() runs in the closing task (or a kernel worker, whose registers name no call).
     if syscall_of_current_task(Context::Task)
-        .is_some_and(|(nr, arg0, _)| teardown_call(nr, arg0).is_some())
+        .is_some_and(|(nr, arg0, _)| teardown_call(nr, arg0).0 != syscall::NONE)
     {
         return;
     }

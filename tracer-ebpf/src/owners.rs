@@ -44,8 +44,10 @@ pub struct SockInfo {
     /// Kept so that events which only know the socket (the kprobe path) still pass --port.
     pub lport: u16,
     pub rport: u16,
-    /// Its last file reference is gone (a close, an exit, or a close no call showed):
-    /// tcp_close runs once per socket, so no later call can be the one closing it.
+    /// Its last file reference is gone (RELEASED: a close, an exit, or a close no call showed:
+    /// tcp_close runs once per socket, so no later call can be the one closing it), or may be
+    /// (RELEASED_MAYBE: a move only a close or a shutdown makes, with no call to tell which:
+    /// io_uring's; a later close call on it is its release).
     pub released: u8,
     /// A traced process owned it (with `--pid`): its teardown stays traced whoever acts on it,
     /// such as a forked child closing a connection its traced parent accepted.
@@ -55,6 +57,10 @@ pub struct SockInfo {
     /// still in its queue after that move, and they get their owner from that entry.
     pub closed_listener_family: u16,
 }
+
+/// `SockInfo::released` values.
+pub const RELEASED: u8 = 1;
+pub const RELEASED_MAYBE: u8 = 2;
 
 #[map]
 pub static SOCKS: HashMap<u64, SockInfo> = HashMap::with_max_entries(65536, 0);
@@ -316,10 +322,15 @@ fn is_traced_owner(owner: &SeedOwner) -> bool {
     is_traced_process(owner.pid)
 }
 
-/// Records the current task as the socket's owner.
+/// Records the current task as the socket's owner. A kernel thread finishing a process's
+/// socket does not own it (a kworker dropping an io_uring's last file reference after the
+/// process exited, MPTCP's worker closing its subflows): the owner stays.
 #[inline(always)]
 pub fn claim(info: &mut SockInfo, cur: &Current) {
     if info.pid != cur.pid || info.tid != cur.tid || info.owner_source != owner_source::CURRENT {
+        if info.owner_source != owner_source::UNKNOWN && crate::calls::in_kernel_thread() {
+            return;
+        }
         info.pid = cur.pid;
         info.tid = cur.tid;
         info.comm = bpf_get_current_comm().unwrap_or([0; 16]);
@@ -572,7 +583,9 @@ pub fn destroy_sock_raw(ctx: RawTracePointContext) -> u32 {
     };
     if let Some(slot) = enter_raw() {
         // The arguments array lies on the kernel stack this program runs on.
-        let _ = crate::state::close_of_a_closed_socket(sk, info, ctx.as_ptr() as u64, slot);
+        let stack = ctx.as_ptr() as u64;
+        let _ = crate::state::close_of_a_closed_socket(sk, info, stack, slot);
+        let _ = crate::state::close_of_a_closed_socket_by_no_call(sk, info, stack, slot);
         leave_raw(slot);
     }
     remember_destroyed(sk, info);

@@ -13,7 +13,9 @@ use tracer_common::{
 };
 
 use crate::{
-    calls::{Context, PendingCall, call_acting_on, is_traced_process, runs_in_task},
+    calls::{
+        Context, PendingCall, call_acting_on, in_a_teardown_call, is_traced_process, runs_in_task,
+    },
     capture_filter::watch,
     emit::{
         CLASSIC_SLOT, Record, Span, admit, count, enter_raw, kernel_read, leave_raw, noop,
@@ -21,9 +23,9 @@ use crate::{
     },
     held::{hold, waits_for_its_reset},
     owners::{
-        Current, LISTENERS, SockInfo, claim, current, drop_stale_entry, fill_owner,
-        forget_listener_shared_with, keep_unowned, listener_key, listener_pid, lookup_or_create,
-        may_concern_traced, note_ports, note_traced, remember_listener,
+        Current, LISTENERS, RELEASED, RELEASED_MAYBE, SockInfo, claim, current, drop_stale_entry,
+        fill_owner, forget_listener_shared_with, keep_unowned, listener_key, listener_pid,
+        lookup_or_create, may_concern_traced, note_ports, note_traced, remember_listener,
     },
     setting,
 };
@@ -371,7 +373,7 @@ fn classify(
         let unaccepted = !local && never_accepted(sk, info);
         if unaccepted {
             // No file will ever release it: its destruction is no close either.
-            info.released = 1;
+            info.released = RELEASED;
         }
         let call = if unaccepted {
             None
@@ -391,9 +393,10 @@ fn classify(
             }
         }
         if local {
-            // A close with no visible call (io_uring, close_range, a deferred fput).
+            // A close with no visible call (io_uring, close_range, a deferred fput), or a
+            // shutdown (io_uring's): a later close call on the socket is its release.
             info.closed_by_call = 0;
-            info.released = 1;
+            info.released = RELEASED_MAYBE;
             claim(info, cur);
             return Some(EventKind::Close);
         }
@@ -404,7 +407,7 @@ fn classify(
                 claim(info, cur);
             }
             info.closed_by_call = 0;
-            info.released = 1;
+            info.released = RELEASED;
             return Some(EventKind::Close);
         }
         if old == new {
@@ -440,7 +443,9 @@ fn exit_may_close(call: &PendingCall, info: &SockInfo, cur: &Current) -> bool {
 #[inline(always)]
 fn closed_by(call: &PendingCall, info: &mut SockInfo, cur: &Current, ev: &mut SockEvent) {
     info.closed_by_call = call.started_ns;
-    info.released = (call.kind != syscall::SHUTDOWN) as u8;
+    if call.kind != syscall::SHUTDOWN {
+        info.released = RELEASED;
+    }
     call.stamp(ev);
     claim(info, cur);
 }
@@ -484,7 +489,7 @@ pub fn close_of_a_closed_socket(
     let context = Context::Stack(stack);
     // SAFETY: entry pointer from the map; only events of this socket write it.
     let info = unsafe { &mut *info_ptr };
-    if info.released != 0 || !runs_in_task(context) {
+    if info.released == RELEASED || !runs_in_task(context) {
         return None; // its close was seen (and gave its line), or this is no task's doing
     }
     let call = call_acting_on(sk, Some(info), context)?;
@@ -492,6 +497,49 @@ pub fn close_of_a_closed_socket(
     if call.kind == syscall::SHUTDOWN || !exit_may_close(&call, info, &cur) {
         return None;
     }
+    emit_close_of_a_closed_socket(sk, info, slot, |info, ev| closed_by(&call, info, &cur, ev))
+}
+
+/// The same destruction in no call at all: a close io_uring made (or a dup2 over the
+/// descriptor), in a task of the owner's own process (one of another process only borrowed
+/// the file: see `closed_outside_calls`). After a move no call showed (`RELEASED_MAYBE`) this
+/// may be that close's end: no line. Run after `close_of_a_closed_socket`, which releases the
+/// socket when a call closed it.
+#[inline(always)]
+pub fn close_of_a_closed_socket_by_no_call(
+    sk: u64,
+    info_ptr: *mut SockInfo,
+    stack: u64,
+    slot: u32,
+) -> Option<()> {
+    let context = Context::Stack(stack);
+    // SAFETY: entry pointer from the map; only events of this socket write it.
+    let info = unsafe { &mut *info_ptr };
+    let cur = current();
+    if info.released != 0
+        || info.owner_source == owner_source::UNKNOWN
+        || info.pid != cur.pid
+        || !runs_in_task(context)
+        || in_a_teardown_call(context)
+    {
+        return None;
+    }
+    emit_close_of_a_closed_socket(sk, info, slot, |info, _| {
+        info.closed_by_call = 0;
+        info.released = RELEASED;
+        claim(info, &cur);
+    })
+}
+
+/// The `CLOSE -> CLOSE` close line of `close_of_a_closed_socket`; `closing` records the close
+/// on the socket's entry (and names the call on the event, if one is known).
+#[inline(always)]
+fn emit_close_of_a_closed_socket(
+    sk: u64,
+    info: &mut SockInfo,
+    slot: u32,
+    closing: impl FnOnce(&mut SockInfo, &mut SockEvent),
+) -> Option<()> {
     let ev = scratch_event(slot)?;
     SockFields::new(sk).read_tuple(ev)?;
     // A connect() that failed was disconnected (tcp_disconnect() zeroes the remote end and
@@ -513,7 +561,7 @@ pub fn close_of_a_closed_socket(
     ev.kind = EventKind::Close as u8;
     ev.state_since_ns = info.state_since_ns;
     note_traced(info); // the owner before the close (see `handle`)
-    closed_by(&call, info, &cur, ev);
+    closing(info, ev);
     fill_owner(ev, info);
     note_traced(info);
     if admit(ev, info.traced != 0, slot) {

@@ -65,6 +65,13 @@ fn a_graceful_loopback_close_is_reported_on_both_ends() {
 
     let out = tracer.stop();
     assert_eq!(out.status.code(), Some(0), "stderr:\n{}", out.stderr);
+    // Every program this kernel's plan chose was accepted: a verifier refusal (a program
+    // grown past what this kernel's verifier takes) would otherwise fall back quietly.
+    assert!(
+        !out.stderr.contains("could not be attached"),
+        "stderr:\n{}",
+        out.stderr
+    );
     for line in &out.lines {
         check_common_fields(line);
     }

@@ -1429,3 +1429,117 @@ fn closing_a_listener_resets_its_queue_without_closing_those_connections() {
         assert!(rst["wire"].is_object(), "its RST on the wire: {rst}");
     }
 }
+
+/// Runs one io_uring operation and waits for its completion; returns its result.
+fn io_uring_run(ring: &mut io_uring::IoUring, op: io_uring::squeue::Entry) -> i32 {
+    // SAFETY: the operation's buffers (none here) outlive its completion, waited for below.
+    unsafe { ring.submission().push(&op).expect("room in the ring") };
+    ring.submit_and_wait(1).expect("io_uring_enter");
+    ring.completion().next().expect("a completion").result()
+}
+
+/// io_uring's shutdown (run by an io-wq worker, no syscall of its own) then close(2) after the
+/// peer's FIN: the shutdown is the `close` line with no call; the close(2), of a socket already
+/// in CLOSE, had no line (the move no call showed was taken for the socket's release).
+#[test]
+fn an_io_uring_shutdown_leaves_the_later_close_its_line() {
+    if !common::require_root() {
+        return;
+    }
+    let Served {
+        mut tracer,
+        peer,
+        server,
+        port,
+        peer_port,
+        _listener,
+    } = served_client("wait-eof-close");
+    let mut ring = io_uring::IoUring::new(4).unwrap();
+    let fd = io_uring::types::Fd(server.as_raw_fd());
+    let done = io_uring_run(
+        &mut ring,
+        io_uring::opcode::Shutdown::new(fd, libc::SHUT_WR).build(),
+    );
+    assert_eq!(done, 0, "IORING_OP_SHUTDOWN");
+    let shutdown = tracer.wait_for(|v| is(v, "close", port, peer_port), WAIT);
+    assert_eq!(shutdown["syscall"], Value::Null, "{shutdown}");
+    assert_eq!(shutdown["outcome"], "fin", "{shutdown}");
+    assert_eq!(shutdown["pid"], me(), "{shutdown}");
+    peer.wait(); // it read our FIN and closed: our socket handed over to its time-wait form
+    tracer.wait_for(
+        |v| is(v, "state", port, peer_port) && v["new_state"] == "CLOSE",
+        WAIT,
+    );
+    let server_fd = server.as_raw_fd();
+    drop(server);
+    let close = tracer.wait_for(
+        |v| is(v, "close", port, peer_port) && v["old_state"] == "CLOSE",
+        WAIT,
+    );
+    assert_eq!(close["syscall"], "close", "{close}");
+    assert_eq!(close["fd"], server_fd, "{close}");
+    assert_eq!(close["new_state"], "CLOSE", "{close}");
+    stops_cleanly(tracer);
+}
+
+/// io_uring's close of a socket the peer reset: no state moves, and no syscall names it; the
+/// socket's destruction in the owner's own task is its close (it had no line).
+#[test]
+fn an_io_uring_close_of_a_reset_socket_is_a_close() {
+    if !common::require_root() {
+        return;
+    }
+    let (peer, port, mut tracer, client, my_port) = reset_by_a_linger0_server();
+    tracer.wait_for(|v| is(v, "rst_received", my_port, port), WAIT);
+    let mut ring = io_uring::IoUring::new(4).unwrap();
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(client);
+    let done = io_uring_run(
+        &mut ring,
+        io_uring::opcode::Close::new(io_uring::types::Fd(fd)).build(),
+    );
+    assert_eq!(done, 0, "IORING_OP_CLOSE");
+    let close = tracer.wait_for(|v| is(v, "close", my_port, port), WAIT);
+    assert_eq!(close["pid"], me(), "{close}");
+    assert_eq!(close["syscall"], Value::Null, "{close}");
+    assert_eq!(
+        (&close["old_state"], &close["new_state"]),
+        (&"CLOSE".into(), &"CLOSE".into())
+    );
+    assert_eq!(close["outcome"], Value::Null, "{close}");
+    peer.wait();
+    stops_cleanly(tracer);
+}
+
+/// A socket whose last reference an io_uring ring held (a registered file): close(2) leaves it
+/// open, and when the ring goes, a kernel worker (kworker) releases the ring's files and
+/// finishes the close (so too at the exit of a process whose ring held a socket). The socket
+/// is still this process's: its `close` named the kworker (`owner: task`, its pid and comm),
+/// which owns nothing.
+#[test]
+fn a_close_a_kernel_worker_finishes_names_the_sockets_process() {
+    if !common::require_root() {
+        return;
+    }
+    let (mut peer, port) = Peer::server(None, "127.0.0.1", 0, "wait-eof-close");
+    let mut tracer = tracer_for(port);
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let my_port = client.local_addr().unwrap().port();
+    peer.line();
+    let ring = io_uring::IoUring::new(4).unwrap();
+    ring.submitter()
+        .register_files(&[client.as_raw_fd()])
+        .expect("IORING_REGISTER_FILES");
+    drop(client); // the ring's reference keeps the socket open
+    std::thread::sleep(Duration::from_millis(100));
+    drop(ring);
+    let close = tracer.wait_for(|v| is(v, "close", my_port, port), WAIT);
+    assert_eq!(close["pid"], me(), "{close}");
+    assert!(
+        !close["comm"].as_str().unwrap_or("").starts_with("kworker"),
+        "{close}"
+    );
+    assert_eq!(close["syscall"], Value::Null, "{close}");
+    assert_eq!(close["outcome"], "fin", "{close}");
+    peer.wait();
+    stops_cleanly(tracer);
+}
