@@ -362,19 +362,18 @@ pub fn in_kernel_thread() -> bool {
 }
 
 /// The kind of call and its descriptor for a teardown syscall's number (close_range's
-/// descriptors are a range: none is named); `syscall::NONE` for any other syscall.
+/// descriptors are a range: none is named).
 #[inline(always)]
-fn teardown_call(nr: u64, arg0: u64) -> (u8, i32) {
+fn teardown_call(nr: u64, arg0: u64) -> Option<(u8, i32)> {
     let layout: RegsLayout = setting!(regs);
     if nr == u64::from(layout.nr_close) {
-        (syscall::CLOSE, arg0 as i32)
+        Some((syscall::CLOSE, arg0 as i32))
     } else if nr == u64::from(layout.nr_shutdown) {
-        (syscall::SHUTDOWN, arg0 as i32)
+        Some((syscall::SHUTDOWN, arg0 as i32))
     } else if nr == u64::from(layout.nr_close_range) {
-        (syscall::CLOSE, -1)
+        Some((syscall::CLOSE, -1))
     } else {
-        // Not an Option: the verifier refuses LLVM's spill of the unset fields of a None.
-        (syscall::NONE, -1)
+        None
     }
 }
 
@@ -403,12 +402,11 @@ fn call_from_registers(sk: u64, info: Option<&SockInfo>, context: Context) -> Op
     {
         return (own_context != Some(false) && !released_by_other(&call)).then_some(call);
     }
-    let (kind, fd) = teardown_call(nr, arg0);
-    if kind == syscall::NONE {
+    let Some((kind, fd)) = teardown_call(nr, arg0) else {
         // A close the tcp_close kprobe saw outside any of these calls.
         let call = recorded.filter(|call| call.kind == syscall::NONE && call.claimed_sk == sk)?;
         return (own_context != Some(false) && !released_by_other(&call)).then_some(call);
-    }
+    };
     if let Some(call) = recorded {
         let same_call = call.kind == kind && call.fd == fd && call.claimed_sk == sk;
         if same_call {
@@ -519,7 +517,7 @@ pub fn in_a_teardown_call(context: Context) -> bool {
     calls_from_registers()
         && (exiting_with_its_call()
             || syscall_of_current_task(context)
-                .is_some_and(|(nr, arg0, _)| teardown_call(nr, arg0).0 != syscall::NONE))
+                .is_some_and(|(nr, arg0, _)| teardown_call(nr, arg0).is_some()))
 }
 
 /// Whether the current task is exiting with an exit recorded in CALLS.
@@ -538,7 +536,7 @@ fn exiting_with_its_call() -> bool {
 fn close_outside_calls(sk: u64) {
     // tcp_close() runs in the closing task (or a kernel worker, whose registers name no call).
     if syscall_of_current_task(Context::Task)
-        .is_some_and(|(nr, arg0, _)| teardown_call(nr, arg0).0 != syscall::NONE)
+        .is_some_and(|(nr, arg0, _)| teardown_call(nr, arg0).is_some())
     {
         return;
     }
