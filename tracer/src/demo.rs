@@ -87,24 +87,21 @@ const LINGER: Duration = Duration::from_millis(600);
 const WINDOW: &str = "300ms";
 
 pub fn run(json: bool) -> anyhow::Result<ExitCode> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
-    let port = listener.local_addr()?.port();
-    let mut tracer = Tracer::start(port)?;
-    let mut results = Vec::new();
-    for scenario in SCENARIOS {
-        let ports = (scenario.run)(&listener).with_context(|| scenario.name)?;
-        thread::sleep(Duration::from_millis(700)); // the join window, and the last transitions
-        results.push((scenario, ports));
+    let (mut results, mut lines) = run_scenarios()?;
+    let lost = lost_events(&lines);
+    if lost > 0 && !all_explained(&results, &lines) {
+        // A busy machine: the kernel skips a program run that would nest in another on the
+        // same CPU (a softirq interrupting it), and the tracer reports the event lost. The
+        // scenarios are not at fault: once more.
+        eprintln!(
+            "tracer demo: the tracer lost {lost} event(s) on this busy machine (reported in its \
+             summary); running the scenarios again"
+        );
+        (results, lines) = run_scenarios()?;
     }
-    let lines = tracer.stop()?;
     let mut all_ok = true;
     for (scenario, ports) in results {
-        let mut mine: Vec<Value> = lines
-            .iter()
-            .filter(|v| belongs(v, ports))
-            .cloned()
-            .collect();
-        mine.sort_by_key(|v| v["mono_ns"].as_u64());
+        let mine = lines_of(&lines, ports);
         let verdict = (scenario.check)(&mine, ports);
         all_ok &= verdict.is_ok();
         if json {
@@ -127,6 +124,48 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Runs every scenario under one tracer: each scenario with its connection's ports, and every
+/// line the tracer printed.
+fn run_scenarios() -> anyhow::Result<(Vec<(&'static Scenario, Ports)>, Vec<Value>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
+    let port = listener.local_addr()?.port();
+    let mut tracer = Tracer::start(port)?;
+    let mut results = Vec::new();
+    for scenario in SCENARIOS {
+        let ports = (scenario.run)(&listener).with_context(|| scenario.name)?;
+        thread::sleep(Duration::from_millis(700)); // the join window, and the last transitions
+        results.push((scenario, ports));
+    }
+    Ok((results, tracer.stop()?))
+}
+
+/// Whether every scenario's check passes on these lines.
+fn all_explained(results: &[(&Scenario, Ports)], lines: &[Value]) -> bool {
+    results
+        .iter()
+        .all(|(scenario, ports)| (scenario.check)(&lines_of(lines, *ports), *ports).is_ok())
+}
+
+/// The lines of one scenario's connection, in time order.
+fn lines_of(lines: &[Value], ports: Ports) -> Vec<Value> {
+    let mut mine: Vec<Value> = lines
+        .iter()
+        .filter(|v| belongs(v, ports))
+        .cloned()
+        .collect();
+    mine.sort_by_key(|v| v["mono_ns"].as_u64());
+    mine
+}
+
+/// The events the tracer's summary reports lost, all sources together.
+fn lost_events(lines: &[Value]) -> u64 {
+    lines
+        .iter()
+        .rfind(|v| v["event"] == "summary")
+        .and_then(|summary| summary["lost"].as_object())
+        .map_or(0, |lost| lost.values().filter_map(Value::as_u64).sum())
 }
 
 fn belongs(v: &Value, ports: Ports) -> bool {
