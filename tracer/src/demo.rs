@@ -126,9 +126,12 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Each scenario run, with its connection's ports.
+type Runs = Vec<(&'static Scenario, Ports)>;
+
 /// Runs every scenario under one tracer: each scenario with its connection's ports, and every
 /// line the tracer printed.
-fn run_scenarios() -> anyhow::Result<(Vec<(&'static Scenario, Ports)>, Vec<Value>)> {
+fn run_scenarios() -> anyhow::Result<(Runs, Vec<Value>)> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
     let port = listener.local_addr()?.port();
     let mut tracer = Tracer::start(port)?;
