@@ -445,10 +445,11 @@ fn pretty_socket(l: &SocketLine<'_>, color: bool) -> String {
     }
     match &l.wire {
         Some(Some(w)) => text.push_str(&format!(
-            "  wire: {} {} {:+}",
+            "  wire: {} {} {:+} on {}",
             w.flags,
             w.dir,
-            HumanDelay(w.delay_ns)
+            HumanDelay(w.delay_ns),
+            w.iface
         )),
         Some(None) => text.push_str("  wire: none seen"),
         None => {}
@@ -639,7 +640,7 @@ mod tests {
         assert_eq!(
             text,
             "13:51:42.123456789  close         server[1234]        10.0.0.1:8080 > 10.0.0.2:40000  \
-             ESTABLISHED→CLOSE  close(fd 7) → RST (TCP_ABORT_ON_CLOSE)  wire: RST,ACK out +14.0µs  \
+             ESTABLISHED→CLOSE  close(fd 7) → RST (TCP_ABORT_ON_CLOSE)  wire: RST,ACK out +14.0µs on lo  \
              conn 00112233"
         );
         let colored = Format::Pretty { color: true }.socket(&close_line());

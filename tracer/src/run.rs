@@ -39,6 +39,11 @@ use crate::{
 const TICK: Duration = Duration::from_millis(20);
 const CLOCK_REFRESH: Duration = Duration::from_secs(1);
 const PID_CHECK: Duration = Duration::from_millis(200);
+/// How long the run goes on after the traced processes exited even with no connection of
+/// theirs known to be closing: the kernel finishes some closes after a process is gone, in a
+/// kernel worker (an io_uring ring's exit work releasing the socket it held, ~30 ms later; a
+/// deferred fput), and those connections had no event yet.
+const AFTER_EXIT: Duration = Duration::from_millis(500);
 /// How often the followed children that exited are forgotten while the traced processes run
 /// (a forking server may have thousands over a run).
 const FOLLOWED_SWEEP: Duration = Duration::from_secs(2);
@@ -360,9 +365,9 @@ async fn event_loop(
     let mut last_pid_check = Instant::now();
     let mut last_held_check = Instant::now();
     let mut last_sweep = Instant::now();
-    // Once every traced process has exited: until when their connections' teardown is
-    // followed.
-    let mut after_exit: Option<Instant> = None;
+    // Once every traced process has exited: when that was seen, and until when their
+    // connections' teardown is followed.
+    let mut after_exit: Option<(Instant, Instant)> = None;
     let mut reporter = LossReporter {
         reported: Lost::default(),
         kernel_reported: KernelCounts::default(),
@@ -418,9 +423,11 @@ async fn event_loop(
                         });
                     if traced_gone && children_run == Some(false) {
                         let closing = pipeline.closing_connections();
-                        let until = *after_exit
-                            .get_or_insert_with(|| announce_teardown_wait(closing, settings));
-                        if closing == 0 || Instant::now() >= until {
+                        let (exited, until) = *after_exit.get_or_insert_with(|| {
+                            (Instant::now(), announce_teardown_wait(closing, settings))
+                        });
+                        let now = Instant::now();
+                        if (closing == 0 && now >= exited + AFTER_EXIT) || now >= until {
                             break Stop::TracedProcessesExited;
                         }
                     }
