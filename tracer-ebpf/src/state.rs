@@ -383,9 +383,12 @@ fn classify(
         if let Some(call) = call {
             // An exit's call takes only what the exiting task itself closes: a softirq running
             // in its context may move anyone's socket. Its own close shows as the owner being
-            // this process, or as a move only a close makes (a child that inherited the socket
-            // and never used it).
-            let exit_closes_it = exit_may_close(&call, info, cur) || local;
+            // this process, as a move only a close makes, or as tcp_close()'s move to CLOSE in
+            // the task's own context (a child that inherited the socket and never used it: a
+            // listener a forking server's children keep after the parent is gone).
+            let exit_closes_it = exit_may_close(&call, info, cur)
+                || local
+                || (new == CLOSE && tcp_close_in_task(sk, context));
             let first_in_call = info.closed_by_call != call.started_ns;
             if first_in_call && exit_closes_it {
                 closed_by(&call, info, cur, ev);
@@ -431,6 +434,14 @@ pub fn never_accepted(sk: u64, info: &SockInfo) -> bool {
     info.released == 0 && kernel_read::<u64>(sk, setting!(sock.socket)) == Some(0)
 }
 
+/// Whether this move to CLOSE is tcp_close()'s, in the current task's own context: tcp_close()
+/// sets `sk_shutdown` to SHUTDOWN_MASK first thing (as `closed_outside_calls` reads it).
+#[inline(always)]
+fn tcp_close_in_task(sk: u64, context: Context) -> bool {
+    const SHUTDOWN_MASK: u8 = 3;
+    runs_in_task(context) && kernel_read::<u8>(sk, setting!(sock.shutdown)) == Some(SHUTDOWN_MASK)
+}
+
 /// Whether `call`, if it is an exit, is the socket's own process exiting (or the socket has no
 /// known owner): a softirq running in an exiting task's context may move anyone's socket.
 #[inline(always)]
@@ -465,12 +476,10 @@ fn closed_by(call: &PendingCall, info: &mut SockInfo, cur: &Current, ev: &mut So
 /// registers.
 #[inline(always)]
 fn closed_outside_calls(sk: u64, info: &SockInfo, cur: &Current, context: Context) -> bool {
-    const SHUTDOWN_MASK: u8 = 3;
     info.released == 0
         && info.owner_source != owner_source::UNKNOWN
         && (info.pid != cur.pid || info.closed_by_call == 0)
-        && kernel_read::<u8>(sk, setting!(sock.shutdown)) == Some(SHUTDOWN_MASK)
-        && runs_in_task(context)
+        && tcp_close_in_task(sk, context)
 }
 
 /// tcp_close() of a socket already in CLOSE (reset by the peer, refused, or past a completed

@@ -564,6 +564,67 @@ impl Script {
 /// names the child and the call: `syscall` was null, since the socket's recorded owner is the
 /// parent and an exit claimed only its own process's sockets; but ESTABLISHED -> FIN_WAIT1 in
 /// the exiting task is a move only a close makes, so it is the exit's own.
+/// A listening socket a child inherited, closed by the child's exit after the parent closed its
+/// copy and exited (a forking server's children keep the port open: `ncat -k --sh-exec`): the
+/// LISTEN -> CLOSE line named the parent (the listener's recorded owner, `syscall` null), gone by
+/// then. The same for a connection with unread data the child inherited (its RST close). The
+/// exit's own tcp_close() is the exiting child's.
+#[test]
+fn a_listener_and_a_connection_a_child_inherited_are_closed_by_its_exit() {
+    if !common::require_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let listen = common::free_port();
+    // Started first: the parent's listen() and connect() make it the sockets' recorded owner.
+    let mut tracer = common::Tracer::start(&[
+        "--no-capture",
+        "--port",
+        &port.to_string(),
+        "--port",
+        &listen.to_string(),
+    ]);
+    tracer.wait_ready(WAIT);
+    let script = r#"
+import json, os, socket, subprocess, sys, time
+srv = socket.socket()
+srv.bind(("127.0.0.1", int(sys.argv[2])))
+srv.listen(4)
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+lport = c.getsockname()[1]
+child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                         pass_fds=[srv.fileno(), c.fileno()], stdin=subprocess.PIPE)
+print(json.dumps({"child": child.pid, "lport": lport}), flush=True)
+sys.stdin.readline()
+srv.close()  # the parent's copies: nothing happens to either socket
+c.close()
+print("{}", flush=True)
+sys.stdin.readline()
+child.stdin.close()  # the child exits, closing the last copies
+child.wait()
+"#;
+    let mut parent = Script::start(script, &[&port.to_string(), &listen.to_string()]);
+    let (mut server, _) = l.accept().unwrap();
+    let info = parent.line();
+    let (child, lport) = (info["child"].as_u64().unwrap(), port_of(&info["lport"]));
+    server.write_all(b"unread").unwrap();
+    parent.go();
+    parent.line();
+    std::thread::sleep(Duration::from_millis(200));
+    parent.go();
+    let closed_listener = tracer.wait_for(|v| is(v, "close", listen, 0), WAIT);
+    assert_eq!(closed_listener["old_state"], "LISTEN", "{closed_listener}");
+    assert_eq!(closed_listener["pid"], child, "{closed_listener}");
+    assert_eq!(closed_listener["syscall"], "exit", "{closed_listener}");
+    let close = tracer.wait_for(|v| is(v, "close", lport, port), WAIT);
+    assert_eq!(close["pid"], child, "{close}");
+    assert_eq!(close["syscall"], "exit", "{close}");
+    assert_eq!(close["outcome"], "rst", "{close}");
+    parent.succeeds();
+    drop(server);
+    stops_cleanly(tracer);
+}
+
 #[test]
 fn an_inherited_socket_closed_by_its_exit_names_the_exiting_child() {
     if !common::require_root() {
