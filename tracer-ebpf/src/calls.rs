@@ -345,20 +345,25 @@ pub fn runs_in_task(context: Context) -> bool {
 #[inline(always)]
 fn exiting() -> bool {
     const PF_EXITING: u32 = 0x0000_0004;
-    // SAFETY: plain helper call.
-    let task = unsafe { bpf_get_current_task() };
-    let offset = setting!(regs.task_flags);
-    offset == NONE || kernel_read::<u32>(task, offset).is_some_and(|f| f & PF_EXITING != 0)
+    setting!(regs.task_flags) == NONE || task_flags().is_some_and(|f| f & PF_EXITING != 0)
 }
 
 /// Whether the current task is a kernel thread (PF_KTHREAD); false where the BTF did not say.
 #[inline(always)]
 pub fn in_kernel_thread() -> bool {
     const PF_KTHREAD: u32 = 0x0020_0000;
+    task_flags().is_some_and(|f| f & PF_KTHREAD != 0)
+}
+
+/// The current task's `flags` (PF_*), where the BTF gave their offset.
+#[inline(always)]
+fn task_flags() -> Option<u32> {
     let offset = setting!(regs.task_flags);
+    if offset == NONE {
+        return None;
+    }
     // SAFETY: plain helper call.
-    let task = unsafe { bpf_get_current_task() };
-    offset != NONE && kernel_read::<u32>(task, offset).is_some_and(|f| f & PF_KTHREAD != 0)
+    kernel_read::<u32>(unsafe { bpf_get_current_task() }, offset)
 }
 
 /// The kind of call and its descriptor for a teardown syscall's number (close_range's
@@ -523,10 +528,14 @@ pub fn in_a_teardown_call(context: Context) -> bool {
 /// Whether the current task is exiting with an exit recorded in CALLS.
 #[inline(always)]
 fn exiting_with_its_call() -> bool {
-    let entry = CALLS.get_ptr_mut(current().tid);
-    // SAFETY: this task's own entry, read at once.
+    records_an_exit(CALLS.get_ptr_mut(current().tid)) && exiting()
+}
+
+/// Whether a task's entry in CALLS (`entry`) is an exit.
+#[inline(always)]
+fn records_an_exit(entry: Option<*mut PendingCall>) -> bool {
+    // SAFETY: the task's own entry, read at once.
     entry.is_some_and(|call| unsafe { (*call).kind == syscall::EXIT && (*call).started_ns != 0 })
-        && exiting()
 }
 
 /// Without syscall tracepoints: a tcp_close() outside close, shutdown and close_range (io_uring,
@@ -542,10 +551,7 @@ fn close_outside_calls(sk: u64) {
     }
     let tid = current().tid;
     let entry = CALLS.get_ptr_mut(tid);
-    // SAFETY: this task's own entry, read at once.
-    let exiting = entry
-        .is_some_and(|call| unsafe { (*call).kind == syscall::EXIT && (*call).started_ns != 0 });
-    if !exiting {
+    if !records_an_exit(entry) {
         let call = PendingCall::starting_now(syscall::NONE, -1, sk);
         record(tid, entry, &call);
     }

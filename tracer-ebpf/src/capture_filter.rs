@@ -82,29 +82,30 @@ pub fn is_watched(ev: &SockEvent, slot: u32) -> bool {
 /// on loopback, and the peer's time-wait socket has the same addresses the other way round).
 #[inline(always)]
 pub fn is_watched_end(ev: &SockEvent, slot: u32) -> bool {
-    wire_key(ev, slot).is_some_and(|key| {
-        // SAFETY: a presence check only.
-        is_marked(&WATCHED_PORTS, u32::from(key.lport)) && unsafe { WATCHED.get(&*key) }.is_some()
-    })
+    wire_key(ev, slot).is_some_and(|key| watched_as_written(key))
+}
+
+/// Whether `key`, as written, is in WATCHED (its local port marked first: see WATCHED_PORTS).
+#[inline(always)]
+fn watched_as_written(key: &TupleKey) -> bool {
+    // SAFETY: a presence check only.
+    is_marked(&WATCHED_PORTS, u32::from(key.lport)) && unsafe { WATCHED.get(key) }.is_some()
 }
 
 /// Whether `key`, as written or with its ends swapped, is in WATCHED (a packet sent by the
-/// watched socket has its local end as source, one it receives as destination). Leaves `key`
-/// swapped when the first lookup misses.
+/// watched socket has its local end as source, one it receives as destination). May leave
+/// `key` swapped.
 #[inline(always)]
 fn watched_either_way(key: &mut TupleKey) -> bool {
-    if !is_marked(&WATCHED_PORTS, u32::from(key.lport))
-        && !is_marked(&WATCHED_PORTS, u32::from(key.rport))
-    {
-        return false;
-    }
-    // SAFETY: presence checks only.
-    if unsafe { WATCHED.get(&*key) }.is_some() {
+    if watched_as_written(key) {
         return true;
+    }
+    if !is_marked(&WATCHED_PORTS, u32::from(key.rport)) {
+        return false;
     }
     core::mem::swap(&mut key.laddr, &mut key.raddr);
     core::mem::swap(&mut key.lport, &mut key.rport);
-    // SAFETY: as above.
+    // SAFETY: a presence check only.
     unsafe { WATCHED.get(&*key) }.is_some()
 }
 
