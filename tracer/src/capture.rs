@@ -240,24 +240,28 @@ pub fn open(cfg: &CaptureConfig, clock: SharedClock) -> anyhow::Result<CaptureHa
         stats.skip_before_wall_ns.store(u64::MAX, Ordering::Relaxed);
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let reader = |cap: Capture<Active>, iface: &str, loopback: bool| Reader {
-        linktype: cap.get_datalink().0,
-        default_iface: Arc::from(iface),
-        names: HashMap::new(),
-        single_interface: iface != "any",
-        // An Ethernet frame does not say which way it went: the interface's own address does.
-        own_mac: (linktype == DLT_EN10MB)
-            .then(|| interface_mac(iface))
-            .flatten(),
-        loopback,
-        loopback_ifindex: loopback_ifindex(),
-        keep_headers: cfg.keep_headers,
-        no_headers: Arc::from(&[][..]),
-        clock: clock.clone(),
-        tx: tx.clone(),
-        stats: stats.clone(),
-        stop: stop.clone(),
-        cap,
+    let reader = |cap: Capture<Active>, iface: &str, loopback: bool| {
+        let linktype = cap.get_datalink().0;
+        Reader {
+            linktype,
+            default_iface: Arc::from(iface),
+            names: HashMap::new(),
+            single_interface: iface != "any",
+            // An Ethernet frame does not say which way it went: the interface's own address
+            // does (a loopback's frames carry no address).
+            own_mac: (linktype == DLT_EN10MB && !loopback)
+                .then(|| interface_mac(iface))
+                .flatten(),
+            loopback,
+            loopback_ifindex: loopback_ifindex(),
+            keep_headers: cfg.keep_headers,
+            no_headers: Arc::from(&[][..]),
+            clock: clock.clone(),
+            tx: tx.clone(),
+            stats: stats.clone(),
+            stop: stop.clone(),
+            cap,
+        }
     };
     let mut readers = vec![reader(cap, &cfg.iface, is_loopback(&cfg.iface))];
     let (mut namespaces, mut unreachable) = (Vec::new(), Vec::new());

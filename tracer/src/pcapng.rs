@@ -58,9 +58,10 @@ pub struct PcapngOut {
 }
 
 impl PcapngOut {
-    /// Creates FILE (mode 0600) for packets of the capture's link type. Interface blocks are
-    /// written as their first packet is.
-    pub fn create(path: &Path, linktype: i32) -> anyhow::Result<Self> {
+    /// Creates FILE (mode 0600) for packets of the capture's link type, but those of the
+    /// interfaces in `others`, which have their own. Interface blocks are written as their first
+    /// packet is.
+    pub fn create(path: &Path, linktype: i32, others: &[(Arc<str>, i32)]) -> anyhow::Result<Self> {
         let file = crate::output::create_private(path)
             .with_context(|| format!("creating {}", path.display()))?;
         let writer = PcapNgWriter::new(BufWriter::new(file))?;
@@ -70,16 +71,12 @@ impl PcapngOut {
             order: VecDeque::new(),
             held: Timeline::default(),
             linktype: DataLink::from(linktype as u32),
-            linktypes: HashMap::new(),
+            linktypes: others
+                .iter()
+                .map(|(iface, linktype)| (iface.clone(), DataLink::from(*linktype as u32)))
+                .collect(),
             interfaces: HashMap::new(),
         })
-    }
-
-    /// Gives `iface`'s packets a link type other than the capture's.
-    pub fn with_linktype(mut self, iface: Arc<str>, linktype: i32) -> Self {
-        self.linktypes
-            .insert(iface, DataLink::from(linktype as u32));
-        self
     }
 
     /// The interface_id of `iface`, writing its interface block on first use.
@@ -180,7 +177,7 @@ mod tests {
     #[test]
     fn packets_are_written_in_capture_order() {
         let path = std::env::temp_dir().join(format!("tracer-order-{}.pcapng", std::process::id()));
-        let mut out = PcapngOut::create(&path, 276).unwrap();
+        let mut out = PcapngOut::create(&path, 276, &[]).unwrap();
         for (mono, seq) in [(30, 3), (10, 1), (30, 3), (20, 2)] {
             out.write(&packet(mono, seq), format!("seq {seq}")).unwrap();
         }
@@ -205,7 +202,7 @@ mod tests {
     fn each_packet_names_the_interface_it_was_seen_on() {
         let path =
             std::env::temp_dir().join(format!("tracer-ifaces-{}.pcapng", std::process::id()));
-        let mut out = PcapngOut::create(&path, 276).unwrap();
+        let mut out = PcapngOut::create(&path, 276, &[]).unwrap();
         for (mono, iface) in [(10, "veth1"), (20, "lo"), (30, "veth1")] {
             out.write(&packet_on(mono, mono as u32, iface), String::new())
                 .unwrap();

@@ -159,15 +159,14 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
             "cannot write the output ({e}): choose a writable path for -o"
         ))
     })?;
-    let capture = open_capture(&settings)?;
+    // The traced processes' other network namespaces (containers), read once from /proc.
+    let namespaces = other_namespaces(&settings.pids);
+    let capture = open_capture(&settings, &namespaces)?;
     // Opened before the capabilities go, like every other file.
     let pcapng = match (&settings.pcapng, &capture) {
         (Some(path), Some(capture)) => Some(
-            capture.other_linktypes.iter().fold(
-                PcapngOut::create(path, capture.linktype)
-                    .map_err(|e| BadInput(format!("{e:#}: choose a writable path for -w")))?,
-                |out, (iface, linktype)| out.with_linktype(iface.clone(), *linktype),
-            ),
+            PcapngOut::create(path, capture.linktype, &capture.other_linktypes)
+                .map_err(|e| BadInput(format!("{e:#}: choose a writable path for -w")))?,
         ),
         _ => None,
     };
@@ -204,7 +203,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     warn_about_seeding(&seeded, options.tables.seed, !settings.pids.is_empty());
     warn_about_pids(&settings.pids);
     if let Some(capture) = &capture {
-        warn_about_other_namespaces(&settings.pids, capture);
+        warn_about_other_namespaces(&namespaces, capture);
     }
     if let Some(capture) = &capture
         && !settings.pids.is_empty()
@@ -304,7 +303,10 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn open_capture(settings: &Settings) -> anyhow::Result<Option<CaptureHandle>> {
+fn open_capture(
+    settings: &Settings,
+    namespaces: &[capture::Namespace],
+) -> anyhow::Result<Option<CaptureHandle>> {
     let Some(iface) = &settings.capture_iface else {
         return Ok(None);
     };
@@ -323,7 +325,7 @@ fn open_capture(settings: &Settings) -> anyhow::Result<Option<CaptureHandle>> {
         held: !settings.pids.is_empty(),
         // On `any` only: a capture of one interface is what the user asked for.
         namespaces: if iface == "any" {
-            other_namespaces(&settings.pids)
+            namespaces.to_vec()
         } else {
             Vec::new()
         },
@@ -573,20 +575,20 @@ fn other_namespaces(pids: &[u32]) -> Vec<capture::Namespace> {
 /// Says once per namespace what the capture sees of a traced process in another network
 /// namespace: without it, its loopback connections' lines would have `wire: null` with nothing
 /// saying why.
-fn warn_about_other_namespaces(pids: &[u32], capture: &CaptureHandle) {
-    for ns in other_namespaces(pids) {
+fn warn_about_other_namespaces(namespaces: &[capture::Namespace], capture: &CaptureHandle) {
+    for ns in namespaces {
         let (pid, id) = (ns.pid, &ns.id);
         let nsenter = format!(
             "run the tracer there: nsenter --net=/proc/{pid}/ns/net tracer --pid {pid} ..."
         );
-        if capture.namespaces.contains(&ns) {
+        if capture.namespaces.contains(ns) {
             eprintln!(
                 "tracer: --pid {pid} is in another network namespace ({id}): its loopback is \
                  captured too, as {}; its other traffic where it crosses an interface of this \
                  namespace (its veth)",
                 ns.loopback_name()
             );
-        } else if let Some((_, why)) = capture.unreachable.iter().find(|(n, _)| *n == ns) {
+        } else if let Some((_, why)) = capture.unreachable.iter().find(|(n, _)| n == ns) {
             eprintln!(
                 "tracer: --pid {pid} is in another network namespace ({id}): its loopback could \
                  not be captured ({why}), and its loopback connections have wire null; to \
