@@ -126,7 +126,7 @@ impl Stats {
 }
 
 /// What the tracer itself cost, for the summary: its CPU time (user and system, every thread),
-/// its peak resident memory, as the kernel accounts them (getrusage), and its resident memory
+/// its peak resident memory, as the kernel accounts them (getrusage, /proc's VmHWM), and its resident memory
 /// now: the peak is usually set at start-up (loading the programs parses the kernel's BTF), so
 /// only the current value shows whether memory grew over a long run.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
@@ -169,8 +169,10 @@ impl OwnUsage {
         let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         Self {
             cpu_s: secs(usage.ru_utime) + secs(usage.ru_stime),
-            // ru_maxrss is in KiB on Linux.
-            peak_rss_bytes: usage.ru_maxrss as u64 * 1024,
+            // ru_maxrss is in KiB on Linux. It comes from the kernel's per-CPU approximate
+            // counters, which may lag /proc's VmHWM (summed exactly since 6.x) by a few pages:
+            // the larger of the two, so the summary never reports less than `ps` showed.
+            peak_rss_bytes: (usage.ru_maxrss as u64 * 1024).max(peak_resident_bytes().unwrap_or(0)),
             rss_bytes: resident_bytes().unwrap_or(0),
         }
     }
@@ -183,6 +185,14 @@ fn resident_bytes() -> Option<u64> {
     // SAFETY: sysconf with a valid name.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Some(pages * u64::try_from(page).ok()?)
+}
+
+/// The process's peak resident memory as /proc/self/status's VmHWM (in KiB) says.
+fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    let kib: u64 = kib.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Three decimals: milliseconds of CPU, KiB of memory; more would be noise in a log line.

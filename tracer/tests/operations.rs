@@ -217,7 +217,7 @@ fn sigint_under_load_prints_a_summary_that_matches_the_lines() {
     let summary = out.lines.last().unwrap();
     assert_eq!(summary["event"], "summary");
     // Its own cost, against what /proc said of it just before the signal (clock ticks of
-    // 10 ms and KiB: the summary, taken later, can only be as much or more).
+    // 10 ms: the summary's CPU, taken later, can only be as much or more).
     let own = &summary["tracer"];
     let cpu_s = own["cpu_s"].as_f64().unwrap();
     let peak_mib = own["peak_rss_mib"].as_f64().unwrap();
@@ -225,7 +225,9 @@ fn sigint_under_load_prints_a_summary_that_matches_the_lines() {
         cpu_s > 0.0 && cpu_s + 0.011 >= cpu_before,
         "{own} vs {cpu_before} s"
     );
-    assert!(peak_mib + 0.001 >= hwm_before, "{own} vs {hwm_before} MiB");
+    // The kernel's high-water mark is kept from per-CPU approximate counters (a few hundred
+    // KiB of slack on this many CPUs), so a later reading may sit a little below an earlier one.
+    assert!(peak_mib + 1.0 >= hwm_before, "{own} vs {hwm_before} MiB");
     assert!(peak_mib < 1024.0, "{own}");
     let counts = summary["counts"].as_object().unwrap();
     let mut total = 0;
