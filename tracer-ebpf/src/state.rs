@@ -414,7 +414,18 @@ fn classify(
             return Some(EventKind::Close);
         }
         if old == new {
-            return None; // a redundant store of the same state outside any close
+            if !closed_again_outside_calls(sk, info, context) {
+                return None; // a redundant store of the same state outside any close
+            }
+            // tcp_close() after a shutdown, in no call (a dup2() over the descriptor: the
+            // JDK's Socket.close() while another thread reads; that thread's syscall ending
+            // with the last reference).
+            if info.pid == cur.pid {
+                claim(info, cur);
+            }
+            info.closed_by_call = 0;
+            info.released = RELEASED;
+            return Some(EventKind::Close);
         }
     }
     if is_fin_received(old, new) {
@@ -479,6 +490,18 @@ fn closed_outside_calls(sk: u64, info: &SockInfo, cur: &Current, context: Contex
     info.released == 0
         && info.owner_source != owner_source::UNKNOWN
         && (info.pid != cur.pid || info.closed_by_call == 0)
+        && tcp_close_in_task(sk, context)
+}
+
+/// Whether a store of the same state is tcp_close()'s, outside any call: only tcp_close()
+/// stores a state again (FIN_WAIT1, FIN_WAIT2, CLOSING, LAST_ACK: a shut-down socket's close
+/// has no move to make), after setting `sk_shutdown` to SHUTDOWN_MASK, always in process
+/// context. Unlike a move to CLOSE (`closed_outside_calls`), no timeout makes such a store,
+/// so a shutdown call before it does not matter; a close already seen does.
+#[inline(always)]
+fn closed_again_outside_calls(sk: u64, info: &SockInfo, context: Context) -> bool {
+    info.released != RELEASED
+        && info.owner_source != owner_source::UNKNOWN
         && tcp_close_in_task(sk, context)
 }
 

@@ -20,6 +20,8 @@ lets a server pick a port; it then prints {"listening": port} first), then follo
     hold-upload-close    once stdin closes, send 100 kB and close at once (the FIN queues
                      behind the data)
     hold-dup2        as hold, but the descriptor is replaced with dup2() instead of closed
+    shutdown-dup2    shut down for writing at once; once stdin closes, replace the descriptor
+                     with dup2() (the JDK's Socket.close() while another thread reads)
     close-hold       close at once, then stay alive until stdin closes
     close-linger2-hold   as close-hold, with TCP_LINGER2 of 1 s: the socket's FIN_WAIT2 (its
                      time-wait form) ends after 1 s instead of tcp_fin_timeout's 60
@@ -77,6 +79,12 @@ def behave(sock, behaviour):
         wait_stdin_closed()
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, sock.fileno())  # the socket's last reference goes in dup2
+        sock.detach()
+    elif behaviour == "shutdown-dup2":
+        sock.shutdown(socket.SHUT_WR)
+        wait_stdin_closed()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, sock.fileno())  # tcp_close() in FIN_WAIT2: no move, no call
         sock.detach()
     elif behaviour == "close-hold":
         sock.close()

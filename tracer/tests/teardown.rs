@@ -219,6 +219,45 @@ fn a_dup2_over_the_last_descriptor_is_a_close() {
     abortive_close_by_no_call("hold-dup2", |_, _| (), |()| ());
 }
 
+/// A socket shut down for writing, its last reference then dropped by a dup2() over the
+/// descriptor (as the JDK's Socket.close() does while another thread reads): tcp_close() in
+/// FIN_WAIT2 stores the same state again, in no call. That is the close: a line of its own,
+/// by the owner, `syscall` null, nothing sent (the FIN went at the shutdown).
+#[test]
+fn a_close_by_no_call_after_a_shutdown_is_a_close() {
+    if !common::require_root() {
+        return;
+    }
+    let Served {
+        mut tracer,
+        mut peer,
+        server,
+        port,
+        peer_port,
+        _listener,
+    } = served_client("shutdown-dup2");
+    let shutdown = tracer.wait_for(|v| is(v, "close", peer_port, port), WAIT);
+    assert_eq!(shutdown["syscall"], "shutdown", "{shutdown}");
+    tracer.wait_for(
+        |v| v["event"] == "state" && v["lport"] == peer_port && v["new_state"] == "FIN_WAIT2",
+        WAIT,
+    );
+    peer.release(); // the dup2
+    let close = tracer.wait_for(
+        |v| is(v, "close", peer_port, port) && v["syscall"] != "shutdown",
+        WAIT,
+    );
+    assert_eq!(close["pid"], peer.pid, "{close}");
+    assert_eq!(close["syscall"], Value::Null, "{close}");
+    assert_eq!(close["fd"], Value::Null, "{close}");
+    assert_eq!(close["old_state"], "FIN_WAIT2", "{close}");
+    assert_eq!(close["new_state"], "FIN_WAIT2", "{close}");
+    assert_eq!(close["outcome"], Value::Null, "{close}");
+    drop(server);
+    peer.wait();
+    tracer.stop();
+}
+
 /// A peer (`behaviour`: `hold` or a variant) lets its socket go once released, with the byte
 /// this test sent unread; `borrow` runs before that (given the peer's pid and descriptor),
 /// `finish` once the peer has exited. The peer's line must be one abortive `close` of its own
