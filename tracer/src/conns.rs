@@ -33,7 +33,10 @@ pub const MAX_CONNS: usize = 8_192;
 /// that a busy host's churn does not push them out before a slow peer closes: "how long did
 /// our socket sit in FIN_WAIT2" is the question for exactly those.
 pub const AWAIT_MEMORY_NS: u64 = 65_000_000_000;
-pub const MAX_AWAITING: usize = 8_192;
+/// A host with many connections half-closed at once (a pool's peers shut down together) can
+/// have tens of thousands waiting; each costs a record (~200 bytes). Beyond this the oldest
+/// is forgotten, and said (`awaiting_forgotten`).
+pub const MAX_AWAITING: usize = 32_768;
 
 /// What the daemon remembers about a connection it has seen events for. In C layout, with
 /// what `expire` and `forget` read first: those run when the record has long left the cache,
@@ -195,6 +198,9 @@ pub struct ConnTable {
     stray_fins: VecDeque<StrayFin>,
     /// The same, to look up.
     stray_set: HashSet<StrayFin>,
+    /// Connections forgotten while they still awaited their peer's FIN because more than
+    /// MAX_AWAITING did: such a FIN is then a `packet` line, not a `fin_received`.
+    pub awaiting_forgotten: u64,
 }
 
 /// A FIN by (source, destination, sequence number).
@@ -275,6 +281,14 @@ impl ConnTable {
         // and the wait the peer's FIN ends began when the socket got there.
         if ev.new_state == tcp_state::FIN_WAIT2 && ev.old_state != tcp_state::FIN_WAIT2 {
             info.fw2_since = Some(ev.mono_ns);
+        }
+        // A record made afresh at the move out of FIN_WAIT2 (the connection was forgotten
+        // meanwhile, among many): the kernel's entry still says since when it was there.
+        if ev.old_state == tcp_state::FIN_WAIT2
+            && info.fw2_since.is_none()
+            && ev.state_since_ns != 0
+        {
+            info.fw2_since = Some(ev.state_since_ns);
         }
         let was_in_timewait = info.timewait_since.is_some();
         match ev.kind {
@@ -426,7 +440,12 @@ impl ConnTable {
             self.awaiting.pop_front();
             match self.get(id) {
                 // The peer did not close in time (or too many wait).
-                Some(info) if info.awaits_peer() => self.forget(id),
+                Some(info) if info.awaits_peer() => {
+                    if !stale {
+                        self.awaiting_forgotten += 1;
+                    }
+                    self.forget(id)
+                }
                 // Answered without the wire (a kernel event): remembered as any other now.
                 Some(info) => self.order.push_back((id, info.last_event_ns)),
                 None => {}
@@ -620,5 +639,32 @@ mod tests {
         assert!(table.get(1).is_none() && table.get(500).is_none());
         assert!(table.get(501).is_some() && table.get(total).is_some());
         assert!(table.slots.len() <= MAX_CONNS + 1, "slots are reused");
+    }
+
+    /// More connections awaiting their peer's FIN than MAX_AWAITING: the oldest are forgotten,
+    /// and counted (the run says so); ones forgotten for their age are not counted.
+    #[test]
+    fn awaiting_connections_beyond_the_bound_are_counted_when_forgotten() {
+        let mut table = ConnTable::default();
+        let total = MAX_AWAITING as u64 + 10;
+        for i in 0..total {
+            let local = format!("10.{}.{}.{}:80", i / 62500, i / 250 % 250, i % 250);
+            let id = i + 1;
+            table.observe(&event(id, &local, "10.9.9.9:4000", i));
+            table.observe(&KernelEvent {
+                kind: EventKind::State,
+                old_state: tcp_state::FIN_WAIT2,
+                new_state: tcp_state::CLOSE,
+                ..event(id, &local, "10.9.9.9:4000", i)
+            });
+            table.expire(i);
+        }
+        assert_eq!(table.awaiting_forgotten, 10);
+        assert!(table.get(1).is_none() && table.get(total).is_some());
+        table.expire(total + AWAIT_MEMORY_NS + 1);
+        assert_eq!(
+            table.awaiting_forgotten, 10,
+            "forgotten for their age: not counted"
+        );
     }
 }

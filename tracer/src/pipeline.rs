@@ -371,6 +371,11 @@ impl Pipeline {
         self.joiner.pending() + self.staged.len()
     }
 
+    /// Connections forgotten while awaiting their peer's FIN (see `ConnTable`).
+    pub fn awaiting_forgotten(&self) -> u64 {
+        self.conns.awaiting_forgotten
+    }
+
     pub fn joiner_dropped(&self) -> u64 {
         self.joiner.overflow_dropped()
     }
@@ -606,7 +611,8 @@ impl Pipeline {
             if std::mem::replace(&mut info.fin_received, true) {
                 return None;
             }
-            let fw2_since = info.fw2_since.unwrap_or(since);
+            // Unknown (0: `duration_ns` null) for a socket already in FIN_WAIT2 at start-up.
+            let fw2_since = info.fw2_since.unwrap_or(0);
             let (old, new) = (tcp_state::FIN_WAIT2, tcp_state::TIME_WAIT);
             ("fin_received", EventKind::FinReceived, old, new, fw2_since)
         };
@@ -1055,6 +1061,32 @@ mod tests {
         assert_eq!(out[1]["syscall"], "close");
         assert_eq!(out[1]["outcome"], serde_json::Value::Null);
         assert_eq!(out[1]["wire"], serde_json::Value::Null);
+    }
+
+    /// A connection the daemon first hears of at its move out of FIN_WAIT2 (forgotten among
+    /// thousands since its shutdown, or in FIN_WAIT2 at start-up): the derived line's time in
+    /// FIN_WAIT2 is the kernel's (since its entry there), or unknown (null) when the kernel
+    /// did not see it enter: never the 0 of the move itself.
+    #[test]
+    fn a_derived_fin_takes_the_kernels_fin_wait2_entry_or_says_it_is_unknown() {
+        for (entered, expected) in [
+            (10 * MS, serde_json::json!(90 * MS + 20_000)),
+            (0, serde_json::Value::Null),
+        ] {
+            let out = lines(|p, out| {
+                let mut into_time_wait =
+                    ours(tcp_state::FIN_WAIT2, tcp_state::CLOSE, 100 * MS + 14_000);
+                into_time_wait.state_since_ns = entered;
+                p.kernel_event(into_time_wait);
+                p.packet(peer_fin_out(100 * MS + 20_000));
+                p.poll(200 * MS, out);
+            });
+            let fin = out
+                .iter()
+                .find(|v| v["event"] == "fin_received")
+                .unwrap_or_else(|| panic!("{out:?}"));
+            assert_eq!(fin["duration_ns"], expected, "{fin}");
+        }
     }
 
     fn fin_packet(src: &str, dst: &str, seq: u32, mono: u64) -> WirePacket {

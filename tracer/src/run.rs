@@ -375,6 +375,7 @@ async fn event_loop(
         kernel_reported: KernelCounts::default(),
         format: settings.format,
         metrics: pipeline_metrics(pipeline),
+        awaiting_forgotten_said: false,
     };
 
     let stop = loop {
@@ -687,6 +688,8 @@ struct LossReporter {
     kernel_reported: KernelCounts,
     format: Format,
     metrics: Option<std::sync::Arc<Metrics>>,
+    /// Whether stderr was told that connections awaiting their peer's FIN were forgotten.
+    awaiting_forgotten_said: bool,
 }
 
 impl LossReporter {
@@ -712,6 +715,10 @@ impl LossReporter {
             kernel_side.tables.socks,
         ) {
             eprintln!("{warning}");
+        }
+        if !self.awaiting_forgotten_said && pipeline.awaiting_forgotten() > 0 {
+            self.awaiting_forgotten_said = true;
+            eprintln!("{}", awaiting_forgotten_warning());
         }
         if let Some(m) = &self.metrics {
             m.kernel_counts(&self.kernel_reported, &kernel);
@@ -769,6 +776,17 @@ fn owner_table_full_warning(before: u64, now: u64, entries: u32) -> Option<Strin
              size the table to the host as it is now"
         )
     })
+}
+
+/// Said once, when more sockets wait in FIN_WAIT2 for their peer's FIN than the daemon
+/// remembers: a FIN reaching one of the oldest later has no connection to name.
+fn awaiting_forgotten_warning() -> String {
+    format!(
+        "tracer: more than {} connections wait in FIN_WAIT2 for their peer's FIN; the oldest \
+         are forgotten, and a FIN reaching one of them later is a `packet` line (conn null) \
+         instead of a `fin_received`",
+        crate::conns::MAX_AWAITING
+    )
 }
 
 fn sum_counter(counters: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
