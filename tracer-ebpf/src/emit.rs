@@ -7,7 +7,7 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::generated::bpf_probe_read_kernel,
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use tracer_common::{
@@ -27,6 +27,12 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 /// Traced processes (tgid), for `--pid`.
 #[map]
 static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+/// The inline traced pids (CONFIG.inline_pids, read-only once loaded) whose process has
+/// exited, by slot: set by the daemon, so that a new process given the pid is not taken for
+/// the traced one. (With more pids the daemon removes the exited one from PIDS.)
+#[map]
+static GONE_PIDS: Array<u8> = Array::with_max_entries(INLINE_PIDS as u32, 0);
 
 /// Traced ports, for `--port`.
 #[map]
@@ -87,15 +93,18 @@ pub fn pid_passes(pid: u32) -> bool {
 
 #[inline(always)]
 fn in_inline_pids(pid: u32) -> bool {
-    let mut found = false;
+    let mut found = INLINE_PIDS as u32;
     for slot in 0..INLINE_PIDS {
         // SAFETY: as in `setting!`; the index is below the array's length.
         let traced = unsafe {
             core::ptr::read_volatile((&raw const CONFIG.inline_pids as *const u32).add(slot))
         };
-        found |= traced == pid;
+        if traced == pid {
+            found = slot as u32;
+        }
     }
-    found
+    // One lookup, and only for a traced pid (most events are not).
+    found < INLINE_PIDS as u32 && !crate::owners::is_marked(&GONE_PIDS, found)
 }
 
 /// Filters, then writes a socket's event into the ring buffer (a full ring buffer is counted,

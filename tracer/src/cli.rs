@@ -251,6 +251,17 @@ fn stat_after_comm(pid: u32) -> Option<String> {
     stat.rsplit_once(") ").map(|(_, rest)| rest.to_string())
 }
 
+/// When process `pid` started (/proc/PID/stat's 22nd field, clock ticks since boot): with
+/// the pid, what names one process (the kernel gives an exited process's pid to another).
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    // The fields after the command name begin with the 3rd; the start time is the 22nd.
+    stat_after_comm(pid)?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 pub fn process_exists(pid: u32) -> bool {
     stat_after_comm(pid)
         .and_then(|rest| rest.chars().next())

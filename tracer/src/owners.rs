@@ -242,6 +242,75 @@ pub fn follow_children(ebpf: &mut Ebpf, children: &[u32]) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The `--pid` processes, each known by its start time too: once one has exited, the
+/// programs stop taking its pid for it (a process the kernel gives the pid to later is
+/// another), and the run knows when all have exited even if their pids live on.
+pub struct TracedPids {
+    processes: Vec<TracedPid>,
+    /// Where the programs look the pids up: CONFIG's inline slots (their exit marked in
+    /// GONE_PIDS, by slot) or the PIDS map (an exited pid removed).
+    exits: ExitedPids,
+}
+
+struct TracedPid {
+    pid: u32,
+    started: Option<u64>,
+    gone: bool,
+}
+
+enum ExitedPids {
+    Inline(Array<MapData, u8>),
+    Map(BpfHashMap<MapData, u32, u8>),
+}
+
+impl TracedPids {
+    /// `inline`: whether the pids were given to the programs in CONFIG's inline slots, in
+    /// this order.
+    pub fn new(ebpf: &mut Ebpf, pids: &[u32], inline: bool) -> anyhow::Result<Self> {
+        let exits = if inline {
+            let map = ebpf
+                .take_map("GONE_PIDS")
+                .context("GONE_PIDS map missing")?;
+            ExitedPids::Inline(Array::try_from(map)?)
+        } else {
+            let map = ebpf.take_map("PIDS").context("PIDS map missing")?;
+            ExitedPids::Map(BpfHashMap::try_from(map)?)
+        };
+        let processes = pids
+            .iter()
+            .map(|&pid| TracedPid {
+                pid,
+                started: crate::cli::process_start_time(pid),
+                gone: false,
+            })
+            .collect();
+        Ok(Self { processes, exits })
+    }
+
+    /// Tells the programs about the traced processes that exited since the last call; says
+    /// whether all have (false without `--pid`).
+    pub fn forget_exited(&mut self) -> bool {
+        for (slot, process) in self.processes.iter_mut().enumerate() {
+            if process.gone || is_running(process.pid, process.started) {
+                continue;
+            }
+            process.gone = true;
+            let _ = match &mut self.exits {
+                ExitedPids::Inline(gone) => gone.set(slot as u32, 1, 0),
+                ExitedPids::Map(pids) => pids.remove(&process.pid),
+            };
+        }
+        !self.processes.is_empty() && self.processes.iter().all(|p| p.gone)
+    }
+}
+
+/// Whether process `pid`, started at `started` (when that was read), still runs: not a zombie,
+/// and not another process given the pid since.
+fn is_running(pid: u32, started: Option<u64>) -> bool {
+    crate::cli::process_exists(pid)
+        && started.is_none_or(|at| crate::cli::process_start_time(pid) == Some(at))
+}
+
 /// The children the kernel programs follow for the traced processes (FORKED), read while the
 /// run goes on: the traced processes' exit does not end it while a child they forked still
 /// runs (a daemon's workers, once their parent has gone).

@@ -230,6 +230,8 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     )?;
     let skipped = SkippedRuns::new(&loaded.ebpf);
     let followed = owners::Followed::new(&mut loaded.ebpf)?;
+    let inline_pids = settings.pids.len() <= tracer_common::INLINE_PIDS;
+    let traced = owners::TracedPids::new(&mut loaded.ebpf, &settings.pids, inline_pids)?;
     let held = HeldCloses::new(HashMap::try_from(
         loaded
             .ebpf
@@ -286,6 +288,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
             skipped: &skipped,
             held,
             followed,
+            traced,
             tables: options.tables,
         },
         capture,
@@ -416,7 +419,7 @@ async fn event_loop(
                 }
                 if last_pid_check.elapsed() >= PID_CHECK {
                     last_pid_check = Instant::now();
-                    let traced_gone = traced_processes_exited(settings);
+                    let traced_gone = kernel.traced.forget_exited();
                     // One pass over the followed children serves both: forgetting the ones
                     // that exited, and (once the traced processes are gone) whether any runs.
                     let children_run = (traced_gone || last_sweep.elapsed() >= FOLLOWED_SWEEP)
@@ -455,17 +458,6 @@ async fn event_loop(
     pipeline.flush(output);
     reporter.report(pipeline, output, &kernel, capture_stats.as_deref(), true);
     Ok(stop)
-}
-
-/// With `--pid`, the traced processes have all exited. The run goes on while a child they
-/// forked runs (the programs follow those: what a traced process handed to them, and what
-/// they open themselves, is traced).
-fn traced_processes_exited(settings: &Settings) -> bool {
-    !settings.pids.is_empty()
-        && settings
-            .pids
-            .iter()
-            .all(|&p| !crate::cli::process_exists(p))
 }
 
 /// A process's exit closes its sockets, and their teardown goes on without it: a FIN queued
@@ -676,6 +668,8 @@ struct Kernel<'a> {
     held: HeldCloses,
     /// With `--pid`: the traced processes' children the programs follow.
     followed: owners::Followed,
+    /// With `--pid`: the traced processes themselves.
+    traced: owners::TracedPids,
     /// What the per-socket tables were sized to at start-up.
     tables: TableSizes,
 }

@@ -1643,3 +1643,95 @@ fn a_close_a_kernel_worker_finishes_names_the_sockets_process() {
     peer.wait();
     stops_cleanly(tracer);
 }
+
+/// A traced process exits and the kernel gives its pid to an unrelated process: that one is
+/// not the traced process, and its connections are not reported (they were, for the rest of
+/// the run). Another traced process keeps the run going, and its connection is reported. With
+/// a few pids (the programs' inline list) and with many (the PIDS map).
+#[test]
+fn a_pid_the_kernel_gives_to_a_new_process_is_not_the_traced_one() {
+    if !common::require_root() {
+        return;
+    }
+    for extra_pids in [0, tracer_common::INLINE_PIDS] {
+        pid_reused_after_exit(extra_pids);
+    }
+}
+
+fn pid_reused_after_exit(extra_pids: usize) {
+    const WAIT_THEN_CONNECT: &str = r#"
+import os, socket, sys
+print(os.getpid(), flush=True)
+sys.stdin.read(1)
+if len(sys.argv) > 1:
+    socket.create_connection(("127.0.0.1", int(sys.argv[1]))).close()
+    print("closed", flush=True)
+    sys.stdin.read(1)
+"#;
+    let (listener, port) = listener();
+    let port_arg = port.to_string();
+    let mut exiting = common::Script::spawn(WAIT_THEN_CONNECT, &[]);
+    let mut staying = common::Script::spawn(WAIT_THEN_CONNECT, &[&port_arg]);
+    let others: Vec<common::Script> = (0..extra_pids)
+        .map(|_| common::Script::spawn(WAIT_THEN_CONNECT, &[]))
+        .collect();
+    let mut args = vec![
+        "--no-capture".to_string(),
+        "--port".into(),
+        port_arg.clone(),
+    ];
+    for pid in [exiting.pid, staying.pid]
+        .into_iter()
+        .chain(others.iter().map(|s| s.pid))
+    {
+        args.extend(["--pid".to_string(), pid.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut tracer = common::Tracer::start(&args);
+    tracer.wait_ready(WAIT);
+    exiting.go();
+    exiting.wait();
+    std::thread::sleep(Duration::from_secs(1)); // the daemon looks every 200 ms
+    let mut reuse = common::Script::spawn(
+        r#"
+import os, socket, sys
+print(os.getpid(), flush=True)
+want, port = int(sys.argv[1]), int(sys.argv[2])
+for attempt in range(1000):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(want - 1))
+    child = os.fork()
+    if child == 0:
+        if os.getpid() == want:
+            socket.create_connection(("127.0.0.1", port)).close()
+        os._exit(0)
+    os.waitpid(child, 0)
+    if child == want:
+        print("reused", flush=True)
+        sys.exit(0)
+print("not reused", flush=True)
+"#,
+        &[&exiting.pid.to_string(), &port_arg],
+    );
+    assert_eq!(reuse.line(), "reused", "pid {} given again", exiting.pid);
+    reuse.wait();
+    let (mut reused_conn, _) = listener.accept().unwrap();
+    common::read_to_eof(&mut reused_conn);
+    staying.go();
+    assert_eq!(staying.line(), "closed");
+    let (mut traced_conn, _) = listener.accept().unwrap();
+    common::read_to_eof(&mut traced_conn);
+    let close = tracer.wait_for(|v| v["event"] == "close" && v["rport"] == port, WAIT);
+    assert_eq!(close["pid"], staying.pid, "{close}");
+    drop((reused_conn, traced_conn));
+    let out = tracer.stop();
+    let of_the_reused_pid: Vec<&Value> = out
+        .lines
+        .iter()
+        .filter(|v| v["pid"] == exiting.pid)
+        .collect();
+    assert!(
+        of_the_reused_pid.is_empty(),
+        "with {extra_pids} more pids: {of_the_reused_pid:?}"
+    );
+}
