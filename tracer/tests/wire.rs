@@ -1518,7 +1518,7 @@ time.sleep(60)
         &format!("trcrej{port}"),
         &format!(
             "chain input {{ type filter hook input priority 0;\n\
-             tcp dport {port} tcp flags & syn == 0 reject with tcp reset\n}}"
+             ip daddr 127.0.0.1 tcp dport {port} tcp flags & syn == 0 reject with tcp reset\n}}"
         ),
     );
     let mut client_ports = Vec::new();
