@@ -356,8 +356,11 @@ impl ConnTable {
             && let Some(info) = self.by_addr(&addr_key(ev.local, ev.remote))
         {
             ev.conn_id = info.id;
-            if timed_out && let Some(since) = info.fw2_since {
-                // The whole FIN_WAIT2, full socket and time-wait form: what timed out.
+            let ends_fin_wait2 = timed_out || ev.old_state == tcp_state::FIN_WAIT2;
+            if ends_fin_wait2 && let Some(since) = info.fw2_since {
+                // The whole FIN_WAIT2, full socket and time-wait form: what timed out, or what
+                // the time-wait form's RST (the peer wrote to it: a pool reusing the
+                // connection) ended.
                 ev.state_since_ns = since;
             }
             if let Owner::Known { pid, tid, comm, .. } = &info.owner {

@@ -606,7 +606,12 @@ impl Pipeline {
                 tcp_state::FIN_WAIT2
             };
             let kind = EventKind::RstReceived;
-            ("rst_received", kind, old, tcp_state::CLOSE, 0)
+            let since = if info.fin_received {
+                0
+            } else {
+                info.fw2_since.unwrap_or(0)
+            };
+            ("rst_received", kind, old, tcp_state::CLOSE, since)
         } else {
             if std::mem::replace(&mut info.fin_received, true) {
                 return None;
@@ -683,8 +688,9 @@ impl Pipeline {
             fd: is(&["close"]).then_some(ev.fd),
             outcome: is(&["close"]).then_some(p.outcome),
             reason: is(&["close", "rst_sent"]).then_some(p.reason.as_deref()),
-            duration_ns: is(&["close", "fin_received", "state"])
-                .then(|| ev.duration_in_old_state()),
+            // On every socket line: how long the socket sat in `old_state` (a pool's CLOSE_WAIT
+            // ended by the peer's RST, a FIN_WAIT2 ended by a time-wait form's RST).
+            duration_ns: Some(ev.duration_in_old_state()),
             error: error.as_deref(),
             wire: (p.event != "state").then(|| wire.map(|w| self.wire(w))),
             derived: p.derived_from_wire.then_some("wire"),
@@ -1087,6 +1093,55 @@ mod tests {
                 .unwrap_or_else(|| panic!("{out:?}"));
             assert_eq!(fin["duration_ns"], expected, "{fin}");
         }
+    }
+
+    /// A keep-alive pool writes on a connection the server closed (idle timeout): the
+    /// server's time-wait form answers with a RST, which ends its FIN_WAIT2, and the pool's
+    /// CLOSE_WAIT ends with that RST. Both reset lines say how long the socket sat there.
+    #[test]
+    fn reset_lines_say_how_long_the_socket_sat_in_its_old_state() {
+        let out = lines(|p, out| {
+            p.kernel_event(ours(tcp_state::FIN_WAIT1, tcp_state::FIN_WAIT2, 10 * MS));
+            p.kernel_event(ours(
+                tcp_state::FIN_WAIT2,
+                tcp_state::CLOSE,
+                10 * MS + 10_000,
+            ));
+            let mut answered = event(
+                EventKind::RstSent,
+                tcp_state::FIN_WAIT2,
+                tcp_state::CLOSE,
+                210 * MS,
+                0,
+                Some(9), // TCP_TIMEWAIT_SOCKET
+            );
+            answered.conn_id = 0; // a time-wait form has no entry of its own
+            p.kernel_event(answered);
+            let mut pool = peer_close(5 * MS);
+            (pool.kind, pool.old_state, pool.new_state) = (
+                EventKind::RstReceived,
+                tcp_state::CLOSE_WAIT,
+                tcp_state::CLOSE,
+            );
+            (pool.mono_ns, pool.state_since_ns) = (210 * MS + 5_000, 10 * MS + 2_000);
+            p.kernel_event(pool);
+            p.poll(1_000 * MS, out);
+        });
+        let line = |event: &str| {
+            out.iter()
+                .find(|v| v["event"] == event)
+                .unwrap_or_else(|| panic!("{event}: {out:?}"))
+        };
+        assert_eq!(
+            line("rst_sent")["duration_ns"],
+            200 * MS,
+            "the whole FIN_WAIT2"
+        );
+        assert_eq!(
+            line("rst_received")["duration_ns"],
+            200 * MS + 3_000,
+            "CLOSE_WAIT"
+        );
     }
 
     fn fin_packet(src: &str, dst: &str, seq: u32, mono: u64) -> WirePacket {
