@@ -372,6 +372,7 @@ async fn event_loop(
     let mut after_exit: Option<(Instant, Instant)> = None;
     let mut reporter = LossReporter {
         reported: Lost::default(),
+        published: Lost::default(),
         kernel_reported: KernelCounts::default(),
         format: settings.format,
         metrics: pipeline_metrics(pipeline),
@@ -679,9 +680,13 @@ struct Kernel<'a> {
     tables: TableSizes,
 }
 
-/// Turns counter increases into `lost` lines (output losses are reported by the writer).
+/// Turns counter increases into `lost` lines, and into the metrics at once.
 struct LossReporter {
+    /// What the `lost` lines have said so far.
     reported: Lost,
+    /// What the metrics have said so far: ahead of the lines while these wait for the output
+    /// (a stalled consumer, a full disk), which is when an alert on the metric matters.
+    published: Lost,
     /// The kernel counts as the metrics last had them (the held closes' count grows in the
     /// pipeline's stats between reports).
     kernel_reported: KernelCounts,
@@ -728,13 +733,14 @@ impl LossReporter {
             hooks: kernel_side.skipped.total(last)
                 + sum_counter(counters, counter::NESTED_TOO_DEEP),
         };
-        let reported = &mut self.reported;
-        for (source, total, seen) in [
-            ("ringbuf", now.ringbuf, &mut reported.ringbuf),
-            ("capture", now.capture, &mut reported.capture),
-            ("output", now.output, &mut reported.output),
-            ("hooks", now.hooks, &mut reported.hooks),
-        ] {
+        self.publish(&now);
+        self.write_lines(pipeline, output, &now, last);
+        pipeline.stats.lost = self.reported;
+    }
+
+    /// A `lost` line for each source whose count grew since the last one.
+    fn write_lines(&mut self, pipeline: &mut Pipeline, output: &Output, now: &Lost, last: bool) {
+        for (source, total, seen) in per_source(now, &mut self.reported) {
             if total <= *seen {
                 continue;
             }
@@ -746,15 +752,34 @@ impl LossReporter {
                 output.offer(line)
             };
             if written {
-                if let Some(m) = &self.metrics {
-                    m.lost(source, total - *seen);
-                }
                 pipeline.stats.count_line("lost");
                 *seen = total;
             }
         }
-        pipeline.stats.lost = self.reported;
     }
+
+    /// Moves the metrics' loss counters to `now`, whether or not the lines could say it yet.
+    fn publish(&mut self, now: &Lost) {
+        let Some(m) = &self.metrics else {
+            return;
+        };
+        for (source, total, seen) in per_source(now, &mut self.published) {
+            if total > *seen {
+                m.lost(source, total - *seen);
+                *seen = total;
+            }
+        }
+    }
+}
+
+/// Each source's count in `now`, beside the same source's count in `seen`.
+fn per_source<'a>(now: &Lost, seen: &'a mut Lost) -> [(&'static str, u64, &'a mut u64); 4] {
+    [
+        ("ringbuf", now.ringbuf, &mut seen.ringbuf),
+        ("capture", now.capture, &mut seen.capture),
+        ("output", now.output, &mut seen.output),
+        ("hooks", now.hooks, &mut seen.hooks),
+    ]
 }
 
 /// Said once, when the owner table first turns a socket away: the events of such a socket

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Tracer, wait_readable};
+use common::{Tracer, metric, scrape, wait_readable};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -377,20 +377,7 @@ fn a_stalled_consumer_loses_lines_counted_exactly() {
     stdout.read_line(&mut first).unwrap();
     assert!(first.contains("\"ready\""));
     // Nobody reads stdout now: the pipe (64 KiB) and the output queue fill up.
-    let mut made = 0u64;
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(6) {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let (s, _) = l.accept().unwrap();
-        c.write_all(b"x").unwrap();
-        wait_readable(&s);
-        drop(s);
-        // Wait for the RST before closing our end, so that every connection makes exactly
-        // two lines (the server's close, our rst_received) whatever the softirq timing.
-        let mut buf = [0u8; 1];
-        let _ = std::io::Read::read(&mut c, &mut buf);
-        made += 1;
-    }
+    let made = reset_churn(&l, port, Duration::from_secs(6));
     let rss = rss_kib(child.id());
     assert!(
         rss < 200 * 1024,
@@ -424,6 +411,78 @@ fn a_stalled_consumer_loses_lines_counted_exactly() {
         "nothing lost silently: {socket_lines} written + {lost} lost < {}",
         2 * made
     );
+}
+
+/// Resets on loopback connections to `l`, one after another, for `how_long`; returns how many.
+/// Each makes exactly two lines: the server's close and the client's rst_received.
+fn reset_churn(l: &TcpListener, port: u16, how_long: Duration) -> u64 {
+    let mut made = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < how_long {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        c.write_all(b"x").unwrap();
+        wait_readable(&s);
+        drop(s);
+        // Wait for the RST before closing our end, so that every connection makes exactly
+        // two lines (the server's close, our rst_received) whatever the softirq timing.
+        let mut buf = [0u8; 1];
+        let _ = std::io::Read::read(&mut c, &mut buf);
+        made += 1;
+    }
+    made
+}
+
+#[test]
+fn metrics_count_output_loss_while_the_consumer_is_stalled() {
+    if !common::require_root() {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let addr = free_local_addr();
+    let mut child = Command::new(TRACER)
+        .args(["--no-capture", "--port", &port.to_string()])
+        .args(["--metrics", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("\"ready\""));
+    // Nobody reads stdout: lines are dropped, and no `lost` line can be written yet.
+    reset_churn(&l, port, Duration::from_secs(6));
+    let output_lost = |text: &str| metric(text, "tracer_lost_events_total", "source=\"output\"");
+    let deadline = Instant::now() + WAIT;
+    let mut text = scrape(&addr);
+    while output_lost(&text) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        text = scrape(&addr);
+    }
+    let during_stall = output_lost(&text);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    assert!(child.wait().unwrap().success());
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    let lost = summary["lost"]["output"].as_u64().unwrap();
+    assert!(
+        during_stall > 0,
+        "the metric counts output loss while the consumer is stalled (the summary says {lost})"
+    );
+    assert!(during_stall <= lost, "{during_stall} > {lost}");
+}
+
+/// A loopback address nothing listens on, for --metrics.
+fn free_local_addr() -> String {
+    let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().to_string()
 }
 
 fn rss_kib(pid: u32) -> u64 {
