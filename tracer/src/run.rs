@@ -25,7 +25,7 @@ use crate::{
     kernel::KernelEvent,
     lines::{Format, LostLine},
     metrics::{self, Metrics},
-    output::Output,
+    output::{LOSS_SOURCES, Output},
     owners,
     pcapng::PcapngOut,
     pipeline::Pipeline,
@@ -453,6 +453,8 @@ async fn event_loop(
         );
     }
     pipeline.flush(output);
+    // Lines the writer fails to write are counted only once it has tried them.
+    output.wait_written();
     reporter.report(pipeline, output, &kernel, capture_stats.as_deref(), true);
     Ok(stop)
 }
@@ -697,7 +699,8 @@ struct LossReporter {
 impl LossReporter {
     /// Writes a `lost` line for each source whose count grew. While running, a line that does
     /// not fit in the output queue is offered again next time (a stalled consumer must not stop
-    /// the loop); at the end (`last`), it waits for room.
+    /// the loop), and none is offered while writing fails (it would be lost itself); at the end
+    /// (`last`), it waits for room.
     fn report(
         &mut self,
         pipeline: &mut Pipeline,
@@ -734,22 +737,30 @@ impl LossReporter {
                 + sum_counter(counters, counter::NESTED_TOO_DEEP),
         };
         self.publish(&now);
-        self.write_lines(pipeline, output, &now, last);
+        // A line offered while writing fails would be lost itself: it waits.
+        if last || !output.is_failing() {
+            self.write_lines(pipeline, output, &now, last);
+        }
         pipeline.stats.lost = self.reported;
     }
 
-    /// A `lost` line for each source whose count grew since the last one.
+    /// A `lost` line for each source whose count grew since the last written one.
     fn write_lines(&mut self, pipeline: &mut Pipeline, output: &Output, now: &Lost, last: bool) {
-        for (source, total, seen) in per_source(now, &mut self.reported) {
+        for (index, (source, total, seen)) in
+            per_source(now, &mut self.reported).into_iter().enumerate()
+        {
+            // Counts whose line the writer could not write are said again.
+            *seen -= output.take_returned(index);
             if total <= *seen {
                 continue;
             }
-            let line = lost_line(pipeline, self.format, source, total - *seen);
+            let count = total - *seen;
+            let line = lost_line(pipeline, self.format, source, count);
             let written = if last {
-                output.line(line);
+                output.line_lost(line, index, count);
                 true
             } else {
-                output.offer(line)
+                output.offer_lost(line, index, count)
             };
             if written {
                 pipeline.stats.count_line("lost");
@@ -772,8 +783,12 @@ impl LossReporter {
     }
 }
 
-/// Each source's count in `now`, beside the same source's count in `seen`.
-fn per_source<'a>(now: &Lost, seen: &'a mut Lost) -> [(&'static str, u64, &'a mut u64); 4] {
+/// Each source's count in `now`, beside the same source's count in `seen`; a source's place
+/// here is its number for the output's `lost` lines.
+fn per_source<'a>(
+    now: &Lost,
+    seen: &'a mut Lost,
+) -> [(&'static str, u64, &'a mut u64); LOSS_SOURCES] {
     [
         ("ringbuf", now.ringbuf, &mut seen.ringbuf),
         ("capture", now.capture, &mut seen.capture),
