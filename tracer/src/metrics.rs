@@ -1,5 +1,8 @@
 //! `--metrics ADDR`: a Prometheus endpoint beside the JSON lines. Counters move exactly when a
 //! line is written (same place, same condition), so a scrape and the lines of one run agree.
+//! The exception is the loss counter: it moves when the loss is seen, while the `lost` line
+//! may still wait for a stalled or failing output (when an alert on it matters most); the
+//! summary and the metric agree again at the end.
 
 use std::{
     net::SocketAddr,

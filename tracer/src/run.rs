@@ -25,7 +25,7 @@ use crate::{
     kernel::KernelEvent,
     lines::{Format, LostLine},
     metrics::{self, Metrics},
-    output::Output,
+    output::{LOSS_SOURCES, Output},
     owners,
     pcapng::PcapngOut,
     pipeline::Pipeline,
@@ -375,6 +375,7 @@ async fn event_loop(
     let mut after_exit: Option<(Instant, Instant)> = None;
     let mut reporter = LossReporter {
         reported: Lost::default(),
+        published: Lost::default(),
         kernel_reported: KernelCounts::default(),
         format: settings.format,
         metrics: pipeline_metrics(pipeline),
@@ -456,6 +457,8 @@ async fn event_loop(
         );
     }
     pipeline.flush(output);
+    // Lines the writer fails to write are counted only once it has tried them.
+    output.wait_written();
     reporter.report(pipeline, output, &kernel, capture_stats.as_deref(), true);
     Ok(stop)
 }
@@ -674,9 +677,13 @@ struct Kernel<'a> {
     tables: TableSizes,
 }
 
-/// Turns counter increases into `lost` lines (output losses are reported by the writer).
+/// Turns counter increases into `lost` lines, and into the metrics at once.
 struct LossReporter {
+    /// What the `lost` lines have said so far.
     reported: Lost,
+    /// What the metrics have said so far: ahead of the lines while these wait for the output
+    /// (a stalled consumer, a full disk), which is when an alert on the metric matters.
+    published: Lost,
     /// The kernel counts as the metrics last had them (the held closes' count grows in the
     /// pipeline's stats between reports).
     kernel_reported: KernelCounts,
@@ -689,7 +696,8 @@ struct LossReporter {
 impl LossReporter {
     /// Writes a `lost` line for each source whose count grew. While running, a line that does
     /// not fit in the output queue is offered again next time (a stalled consumer must not stop
-    /// the loop); at the end (`last`), it waits for room.
+    /// the loop), and none is offered while writing fails (it would be lost itself); at the end
+    /// (`last`), it waits for room.
     fn report(
         &mut self,
         pipeline: &mut Pipeline,
@@ -729,33 +737,65 @@ impl LossReporter {
             hooks: kernel_side.skipped.total(last)
                 + sum_counter(counters, counter::NESTED_TOO_DEEP),
         };
-        let reported = &mut self.reported;
-        for (source, total, seen) in [
-            ("ringbuf", now.ringbuf, &mut reported.ringbuf),
-            ("capture", now.capture, &mut reported.capture),
-            ("output", now.output, &mut reported.output),
-            ("hooks", now.hooks, &mut reported.hooks),
-        ] {
+        self.publish(&now);
+        // A line offered while writing fails would be lost itself: it waits.
+        if last || !output.is_failing() {
+            self.write_lines(pipeline, output, &now, last);
+        }
+        pipeline.stats.lost = self.reported;
+    }
+
+    /// A `lost` line for each source whose count grew since the last written one.
+    fn write_lines(&mut self, pipeline: &mut Pipeline, output: &Output, now: &Lost, last: bool) {
+        for (index, (source, total, seen)) in
+            per_source(now, &mut self.reported).into_iter().enumerate()
+        {
+            // Counts whose line the writer could not write are said again.
+            *seen -= output.take_returned(index);
             if total <= *seen {
                 continue;
             }
-            let line = lost_line(pipeline, self.format, source, total - *seen);
+            let count = total - *seen;
+            let line = lost_line(pipeline, self.format, source, count);
             let written = if last {
-                output.line(line);
+                output.line_lost(line, index, count);
                 true
             } else {
-                output.offer(line)
+                output.offer_lost(line, index, count)
             };
             if written {
-                if let Some(m) = &self.metrics {
-                    m.lost(source, total - *seen);
-                }
                 pipeline.stats.count_line("lost");
                 *seen = total;
             }
         }
-        pipeline.stats.lost = self.reported;
     }
+
+    /// Moves the metrics' loss counters to `now`, whether or not the lines could say it yet.
+    fn publish(&mut self, now: &Lost) {
+        let Some(m) = &self.metrics else {
+            return;
+        };
+        for (source, total, seen) in per_source(now, &mut self.published) {
+            if total > *seen {
+                m.lost(source, total - *seen);
+                *seen = total;
+            }
+        }
+    }
+}
+
+/// Each source's count in `now`, beside the same source's count in `seen`; a source's place
+/// here is its number for the output's `lost` lines.
+fn per_source<'a>(
+    now: &Lost,
+    seen: &'a mut Lost,
+) -> [(&'static str, u64, &'a mut u64); LOSS_SOURCES] {
+    [
+        ("ringbuf", now.ringbuf, &mut seen.ringbuf),
+        ("capture", now.capture, &mut seen.capture),
+        ("output", now.output, &mut seen.output),
+        ("hooks", now.hooks, &mut seen.hooks),
+    ]
 }
 
 /// Said once, when the owner table first turns a socket away: the events of such a socket

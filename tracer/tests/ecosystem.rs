@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Tracer, wait_readable};
+use common::{Tracer, metric, scrape, wait_readable};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -158,29 +158,6 @@ fn pcapng_has_one_comment_per_packet_naming_the_pid() {
 }
 
 /// Reads the exposition text from the tracer's endpoint.
-fn scrape(addr: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: tracer\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-    response.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
-fn metric(text: &str, name: &str, labels: &str) -> u64 {
-    let prefix = if labels.is_empty() {
-        format!("{name} ")
-    } else {
-        format!("{name}{{{labels}}} ")
-    };
-    text.lines()
-        .find(|l| l.starts_with(&prefix))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn metrics_agree_with_the_json_lines() {
     if !common::require_root() {

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Tracer, wait_readable};
+use common::{Tracer, metric, scrape, wait_readable};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -377,20 +377,7 @@ fn a_stalled_consumer_loses_lines_counted_exactly() {
     stdout.read_line(&mut first).unwrap();
     assert!(first.contains("\"ready\""));
     // Nobody reads stdout now: the pipe (64 KiB) and the output queue fill up.
-    let mut made = 0u64;
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(6) {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let (s, _) = l.accept().unwrap();
-        c.write_all(b"x").unwrap();
-        wait_readable(&s);
-        drop(s);
-        // Wait for the RST before closing our end, so that every connection makes exactly
-        // two lines (the server's close, our rst_received) whatever the softirq timing.
-        let mut buf = [0u8; 1];
-        let _ = std::io::Read::read(&mut c, &mut buf);
-        made += 1;
-    }
+    let made = reset_churn(&l, port, Duration::from_secs(6));
     let rss = rss_kib(child.id());
     assert!(
         rss < 200 * 1024,
@@ -424,6 +411,78 @@ fn a_stalled_consumer_loses_lines_counted_exactly() {
         "nothing lost silently: {socket_lines} written + {lost} lost < {}",
         2 * made
     );
+}
+
+/// Resets on loopback connections to `l`, one after another, for `how_long`; returns how many.
+/// Each makes exactly two lines: the server's close and the client's rst_received.
+fn reset_churn(l: &TcpListener, port: u16, how_long: Duration) -> u64 {
+    let mut made = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < how_long {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        c.write_all(b"x").unwrap();
+        wait_readable(&s);
+        drop(s);
+        // Wait for the RST before closing our end, so that every connection makes exactly
+        // two lines (the server's close, our rst_received) whatever the softirq timing.
+        let mut buf = [0u8; 1];
+        let _ = std::io::Read::read(&mut c, &mut buf);
+        made += 1;
+    }
+    made
+}
+
+#[test]
+fn metrics_count_output_loss_while_the_consumer_is_stalled() {
+    if !common::require_root() {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let addr = free_local_addr();
+    let mut child = Command::new(TRACER)
+        .args(["--no-capture", "--port", &port.to_string()])
+        .args(["--metrics", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("\"ready\""));
+    // Nobody reads stdout: lines are dropped, and no `lost` line can be written yet.
+    reset_churn(&l, port, Duration::from_secs(6));
+    let output_lost = |text: &str| metric(text, "tracer_lost_events_total", "source=\"output\"");
+    let deadline = Instant::now() + WAIT;
+    let mut text = scrape(&addr);
+    while output_lost(&text) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        text = scrape(&addr);
+    }
+    let during_stall = output_lost(&text);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    assert!(child.wait().unwrap().success());
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    let lost = summary["lost"]["output"].as_u64().unwrap();
+    assert!(
+        during_stall > 0,
+        "the metric counts output loss while the consumer is stalled (the summary says {lost})"
+    );
+    assert!(during_stall <= lost, "{during_stall} > {lost}");
+}
+
+/// A loopback address nothing listens on, for --metrics.
+fn free_local_addr() -> String {
+    let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().to_string()
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -738,4 +797,195 @@ fn the_pretty_timeline_is_in_time_order() {
         text.lines().last().is_some_and(|l| l.contains("summary")),
         "the summary ends the timeline, on one line: {text}"
     );
+}
+
+/// A small tmpfs mounted on a fresh directory: a disk that fills up. Unmounted (and the
+/// directory removed) when dropped, a failed test included.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(name: &str, kib: u32) -> Self {
+        let dir = std::env::temp_dir().join(format!("tracer-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = Self { dir };
+        let size = format!("size={kib}k");
+        common::sh(
+            "mount",
+            &["-t", "tmpfs", "-o", &size, "tracer-test", disk.path()],
+        );
+        disk
+    }
+
+    fn path(&self) -> &str {
+        self.dir.to_str().unwrap()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The tracer with `args`, its stderr going to the file `stderr` (read while it runs).
+fn start_with_stderr_file(args: &[&str], stderr: &std::path::Path) -> std::process::Child {
+    Command::new(TRACER)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(stderr).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn stderr_lines_with(stderr: &std::path::Path, needle: &str) -> usize {
+    std::fs::read_to_string(stderr)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// Stops the tracer with SIGINT and returns its exit status (killed past 30 s).
+fn interrupt(mut child: std::process::Child) -> std::process::ExitStatus {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("the tracer did not stop within 30 s of SIGINT");
+}
+
+#[test]
+fn a_full_disk_drops_lines_counted_says_so_and_writing_resumes_when_space_is_freed() {
+    if !common::require_root() {
+        return;
+    }
+    let disk = SmallDisk::mount("diskfull", 256);
+    let out = disk.dir.join("out.jsonl");
+    let stderr = std::env::temp_dir().join(format!("tracer-diskfull-{}.err", std::process::id()));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let port_s = port.to_string();
+    let args = [
+        "--no-capture",
+        "--port",
+        &port_s,
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let child = start_with_stderr_file(&args, &stderr);
+    wait_file_contains(&out, "\"ready\"");
+    // Fill the disk: about 650 lines fit in 256 KiB.
+    let full = "No space left on device";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stderr_lines_with(&stderr, full) == 0 {
+        assert!(Instant::now() < deadline, "the disk never filled up");
+        reset_churn(&l, port, Duration::from_millis(200));
+    }
+    // More lines while it is full: dropped, not one message each.
+    reset_churn(&l, port, Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(500));
+    let said = std::fs::read_to_string(&stderr).unwrap();
+    let first = said.lines().find(|l| l.contains(full)).unwrap();
+    assert!(
+        first.contains(out.to_str().unwrap()) && first.contains("counted as lost"),
+        "what happened and what follows, on one line: {said}"
+    );
+    // Free the space (as logrotate's copytruncate does); new lines go on at the file's end.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&out)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    common::reset_burst(&l, port, 20);
+    wait_file_contains(&stderr, "works again");
+    wait_file_contains(&out, "\"lost\"");
+    let status = interrupt(child);
+    let said = std::fs::read_to_string(&stderr).unwrap();
+    assert!(status.success(), "{status}: {said}");
+    let failures = stderr_lines_with(&stderr, full);
+    let recoveries = stderr_lines_with(&stderr, "works again");
+    // Once per failure episode (a nearly full disk may take a small batch between two).
+    assert!(
+        failures >= 1 && failures <= recoveries && failures < 20,
+        "{said}"
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.ends_with('\n'), "the last line is whole");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("a whole line: {l:?}")))
+        .collect();
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["event"], "summary", "{text}");
+    let lost: u64 = lines
+        .iter()
+        .filter(|v| v["event"] == "lost" && v["source"] == "output")
+        .map(|v| v["count"].as_u64().unwrap())
+        .sum();
+    assert!(lost > 0, "{said}");
+    assert_eq!(summary["lost"]["output"], lost, "{said}");
+    assert!(
+        lines.iter().any(|v| v["event"] == "rst_received"),
+        "lines flow again once there is space"
+    );
+    let _ = std::fs::remove_file(&stderr);
+}
+
+#[test]
+fn a_failed_reopen_on_sighup_keeps_writing_to_the_open_file() {
+    if !common::require_root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("tracer-rotperm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Root without capabilities (the tracer once ready) cannot create files here.
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.join("events.jsonl");
+    let stderr = std::env::temp_dir().join(format!("tracer-rotperm-{}.err", std::process::id()));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let port_s = port.to_string();
+    let args = [
+        "--no-capture",
+        "--port",
+        &port_s,
+        "-o",
+        path.to_str().unwrap(),
+    ];
+    let child = start_with_stderr_file(&args, &stderr);
+    wait_file_contains(&path, "\"ready\"");
+    let rotated = dir.join("events.jsonl.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    // The reopen happens before the next write: make lines.
+    common::reset_burst(&l, port, 3);
+    wait_file_contains(&stderr, "reopening");
+    wait_file_contains(&rotated, "\"rst_received\"");
+    let status = interrupt(child);
+    let said = std::fs::read_to_string(&stderr).unwrap();
+    assert!(status.success(), "{status}: {said}");
+    let line = said.lines().find(|l| l.contains("reopening")).unwrap();
+    assert!(
+        line.contains("Permission denied") && line.contains("SIGHUP again"),
+        "{said}"
+    );
+    assert!(!path.exists(), "nothing could be created there");
+    let text = std::fs::read_to_string(&rotated).unwrap();
+    assert!(text.contains("\"summary\""), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(&stderr);
 }

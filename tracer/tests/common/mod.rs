@@ -4,6 +4,7 @@
 // Each test binary includes this module and uses its own subset of it.
 #![allow(dead_code, unused_imports)]
 
+mod metrics;
 mod netns;
 mod peer;
 mod script;
@@ -16,6 +17,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
+pub use metrics::{metric, scrape};
 pub use netns::{NetnsPair, NetnsPeer, in_netns};
 pub use peer::Peer;
 pub use script::Script;
