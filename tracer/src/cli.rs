@@ -191,6 +191,13 @@ impl TraceArgs {
                 "{why}: give the PID of a running process (ps -p {pid} -o pid,stat,comm)"
             )));
         }
+        if let Some(pid) = pids.iter().find(|&&pid| is_kernel_thread(pid)) {
+            // A run that could never print a line, and would never end by itself.
+            return Err(BadInput(format!(
+                "--pid {pid} is a kernel thread: it owns no sockets, nor do the kernel threads it \
+                 starts; give the PID of the process whose connections you want"
+            )));
+        }
         if self.pcapng.is_some() && self.no_capture {
             return Err(BadInput(
                 "-w writes captured packets: it cannot be used with --no-capture".into(),
@@ -352,6 +359,19 @@ mod tests {
             .into_settings()
             .unwrap_err();
         assert!(err.0.contains("no process with PID 999999999"), "{err}");
+    }
+
+    #[test]
+    fn a_kernel_thread_is_bad_input() {
+        if !std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd") {
+            return; // not the host's pids (a container)
+        }
+        let err = parse(&["--pid", "2"])
+            .unwrap()
+            .trace
+            .into_settings()
+            .unwrap_err();
+        assert!(err.0.contains("--pid 2 is a kernel thread"), "{err}");
     }
 
     #[test]

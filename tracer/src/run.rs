@@ -504,24 +504,13 @@ fn drain_packets(rx: &mut Option<mpsc::Receiver<WirePacket>>, pipeline: &mut Pip
     }
 }
 
-/// `--pid` PIDs that do not select what the user likely meant, said once: a kernel thread
-/// (kthreadd, a worker) owns no sockets, nor do the kernel threads it forks, so such a run
-/// traces nothing; init's children are every process (they are followed), so `--pid 1` traces
-/// the whole host.
+/// `--pid 1`, said once: init's children are every process (they are followed), so it traces
+/// the whole host, which is rarely what was meant. (A kernel thread is refused as bad input.)
 fn warn_about_pids(pids: &[u32]) {
     if pids.contains(&1) {
         eprintln!(
             "tracer: --pid 1 is init: every process descends from it and children are followed, \
              so this traces every connection of the host; give the service's own PID to narrow it"
-        );
-    }
-    for pid in pids
-        .iter()
-        .filter(|&&pid| crate::cli::is_kernel_thread(pid))
-    {
-        eprintln!(
-            "tracer: --pid {pid} is a kernel thread: it owns no sockets, nor do the kernel \
-             threads it starts; give the PID of the process whose connections you want"
         );
     }
 }
