@@ -262,6 +262,20 @@ impl Sink {
         Ok(Self { file, regular })
     }
 
+    /// Whether the destination is a pipe whose reader has closed it (poll says POLLERR on
+    /// the writing end), without writing to it.
+    fn reader_gone(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.file.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a zero timeout only asks.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+        !self.regular && ready > 0 && pfd.revents & libc::POLLERR != 0
+    }
+
     /// Writes the batch whole or, on an error, leaves nothing of it in a regular file.
     fn write_batch(&mut self, text: &[u8]) -> io::Result<()> {
         write_counting(&mut self.file, text).map_err(|(written, e)| {
@@ -448,8 +462,10 @@ fn write_loop(
         let written = writer.write(&batches);
         let lines: usize = batches.iter().map(|b| b.lines).sum();
         writer.state.queued.fetch_sub(lines, Ordering::Relaxed);
-        if written.is_err() {
-            // A closed stdout (`tracer | head -3`) is a normal way to end: no error, no message.
+        // A closed stdout (`tracer | head -3`) is a normal way to end: no error, no message.
+        // It is also seen with nothing to write (a quiet host would otherwise keep a finished
+        // `| head -1` pipeline waiting for the next event).
+        if written.is_err() || (batches.is_empty() && writer.sink.reader_gone()) {
             writer.state.consumer_gone.store(true, Ordering::Relaxed);
             return Ok(());
         }

@@ -310,6 +310,40 @@ fn a_closed_stdout_ends_quietly() {
     assert!(stdout.contains("status=0"), "the tracer exits 0: {stdout}");
 }
 
+/// `tracer | head -1` on a quiet host: head exits after the ready line, and the tracer ends
+/// then too, with no further event to write (it waited for the next one, forever on a quiet
+/// port).
+#[test]
+fn a_closed_stdout_ends_the_run_with_nothing_to_write() {
+    if !common::require_root() {
+        return;
+    }
+    let port = common::free_port();
+    let mut child = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "{TRACER} --no-capture --port {port} | head -1; echo \"status=${{PIPESTATUS[0]}}\""
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the tracer did not end after head exited"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("\"event\":\"ready\""), "{stdout}");
+    assert!(stdout.contains("status=0"), "the tracer exits 0: {stdout}");
+}
+
 #[test]
 fn output_file_is_0600_appended_and_reopened_on_sighup() {
     if !common::require_root() {
@@ -821,6 +855,12 @@ impl SmallDisk {
     fn path(&self) -> &str {
         self.dir.to_str().unwrap()
     }
+
+    /// Frees space without touching the files on it: a larger size.
+    fn grow(&self, kib: u32) {
+        let size = format!("remount,size={kib}k");
+        common::sh("mount", &["-o", &size, self.path()]);
+    }
 }
 
 impl Drop for SmallDisk {
@@ -900,13 +940,9 @@ fn a_full_disk_drops_lines_counted_says_so_and_writing_resumes_when_space_is_fre
         first.contains(out.to_str().unwrap()) && first.contains("counted as lost"),
         "what happened and what follows, on one line: {said}"
     );
-    // Free the space (as logrotate's copytruncate does); new lines go on at the file's end.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&out)
-        .unwrap()
-        .set_len(0)
-        .unwrap();
+    // Free space (a larger file system: truncating the file would also take the lines written
+    // in a moment of room before, a `lost` line among them, from the count below).
+    disk.grow(16 * 1024);
     common::reset_burst(&l, port, 20);
     wait_file_contains(&stderr, "works again");
     wait_file_contains(&out, "\"lost\"");
