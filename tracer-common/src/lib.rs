@@ -534,7 +534,11 @@ pub mod counter {
     /// Runs of a raw tracepoint program given up because programs were nested too deep on
     /// one CPU (never expected; reported as lost with the kernel's own skipped runs).
     pub const NESTED_TOO_DEEP: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// Socket events dropped because the owner table had no room for their socket's entry
+    /// (reported as lost, source `owner_table`; OWNER_TABLE_FULL counts every refused entry,
+    /// also where no line was lost).
+    pub const LOST_NO_ENTRY: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Ring buffer size used unless the daemon overrides it (bytes, power of two).

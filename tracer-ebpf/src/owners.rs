@@ -261,7 +261,14 @@ pub fn listener_pid(family: u16, port: u16) -> Option<u32> {
 /// when one is known) on first sight. With `--pid`, a socket that no traced process owns gets
 /// no entry unless `keep` says so.
 #[inline(always)]
-pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut SockInfo> {
+/// `drops_event`: the caller drops its event when no entry can be made (counted as lost when
+/// the table is full).
+pub fn lookup_or_create(
+    skaddr: u64,
+    ev: &SockEvent,
+    keep: bool,
+    drops_event: bool,
+) -> Option<*mut SockInfo> {
     if let Some(info) = sock_entry(skaddr) {
         return Some(info);
     }
@@ -309,6 +316,9 @@ pub fn lookup_or_create(skaddr: u64, ev: &SockEvent, keep: bool) -> Option<*mut 
     }
     if insert_sock(skaddr, &info, 0).is_err() {
         count(counter::OWNER_TABLE_FULL);
+        if drops_event {
+            count(counter::LOST_NO_ENTRY);
+        }
         return None;
     }
     SOCKS.get_ptr_mut(skaddr)

@@ -293,7 +293,7 @@ fn attribute_reset(
     let info = if destroyed.is_some() {
         destroyed
     } else if full_socket && !destroyed_already {
-        lookup_or_create(sk, ev, keep_unowned(&current()))
+        lookup_or_create(sk, ev, keep_unowned(&current()), false)
     } else {
         sock_entry(sk)
     };
@@ -358,7 +358,7 @@ fn reset_received(src: &impl TupleSource, sk: u64) {
     if src.read_tuple(&mut ev).is_none() {
         return;
     }
-    if let Some(info) = lookup_or_create(sk, &ev, keep_unowned(&current())) {
+    if let Some(info) = lookup_or_create(sk, &ev, keep_unowned(&current()), false) {
         // SAFETY: entry pointer from the map.
         unsafe { (*info).rst_received = 1 };
     }

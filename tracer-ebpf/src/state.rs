@@ -304,7 +304,7 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
     // Looked up first: a delete takes the bucket lock even when there is nothing to delete.
     let closing_listener =
         old == LISTEN && new == CLOSE && listener_pid(ev.family, ev.lport).is_some();
-    let Some(info_ptr) = lookup_or_create(sk, ev, keep_unowned(&cur)) else {
+    let Some(info_ptr) = lookup_or_create(sk, ev, keep_unowned(&cur), true) else {
         if closing_listener {
             let _ = LISTENERS.remove(listener_key(ev.family, ev.lport));
         }
@@ -640,7 +640,7 @@ fn remember_handshake_owner(
     // A connect() claims the socket. With `--pid`, an accepted socket gets an entry only when
     // its listener's (or the seed table's) owner is traced.
     let keep = connects || (established && setting!(filter_pids) == 0);
-    let Some(info) = lookup_or_create(sk, ev, keep) else {
+    let Some(info) = lookup_or_create(sk, ev, keep, false) else {
         return;
     };
     // SAFETY: entry pointer from the map; only events of this socket write it.

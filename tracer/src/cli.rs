@@ -112,6 +112,10 @@ pub struct TraceArgs {
     /// the kernel while kernel.bpf_stats_enabled is 1) to this file as JSON.
     #[arg(long, hide = true, value_name = "FILE")]
     pub bench_program_stats: Option<PathBuf>,
+    /// Tests: the owner table's entries (a power of two) instead of the host's fit, so that a
+    /// test fills it with a few hundred connections.
+    #[arg(long, hide = true, value_name = "N")]
+    pub test_owner_table_entries: Option<u32>,
     /// Ring buffer size in KiB (a power of two, at least 4). Bigger absorbs longer bursts.
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ringbuf_kib)]
     pub ringbuf_kib: u32,
@@ -168,6 +172,7 @@ pub struct Settings {
     pub probes: ProbeMode,
     pub all_states: bool,
     pub ringbuf_bytes: u32,
+    pub owner_table_entries: Option<u32>,
     pub format: Format,
     pub metrics: Option<std::net::SocketAddr>,
     pub noop: bool,
@@ -227,6 +232,9 @@ impl TraceArgs {
             probes: self.probes,
             all_states: self.all_states,
             ringbuf_bytes: self.ringbuf_kib * 1024,
+            owner_table_entries: self
+                .test_owner_table_entries
+                .map(|n| n.max(1).next_power_of_two()),
             format,
             metrics: self.metrics,
             noop: self.bench_noop,

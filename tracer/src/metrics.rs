@@ -51,7 +51,7 @@ struct JoinLabels {
 
 /// Where events can be lost (the summary's `lost` object): each shows from the start, at 0,
 /// so that a dashboard's rate and alert have a series before the first loss.
-const LOST_SOURCES: [&str; 4] = ["ringbuf", "capture", "output", "hooks"];
+const LOST_SOURCES: [&str; 5] = ["ringbuf", "capture", "output", "hooks", "owner_table"];
 
 /// The tracer's metrics.
 pub struct Metrics {

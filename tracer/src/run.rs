@@ -170,12 +170,16 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         ),
         _ => None,
     };
+    let host_tables = TableSizes::for_host(crate::sockets::tcp_sockets_allocated().unwrap_or(0));
     let mut options = LoadOptions {
         config,
         ringbuf_bytes: settings.ringbuf_bytes,
         pids: &settings.pids,
         ports: &settings.ports,
-        tables: TableSizes::for_host(crate::sockets::tcp_sockets_allocated().unwrap_or(0)),
+        tables: TableSizes {
+            socks: settings.owner_table_entries.unwrap_or(host_tables.socks),
+            ..host_tables
+        },
     };
     let mut loaded = match probes::load(&options, &hooks) {
         // A kernel whose verifier refuses the programs that read the task's registers (a
@@ -725,6 +729,7 @@ impl LossReporter {
             output: output.state.dropped.load(Ordering::Relaxed),
             hooks: kernel_side.skipped.total(last)
                 + sum_counter(counters, counter::NESTED_TOO_DEEP),
+            owner_table: sum_counter(counters, counter::LOST_NO_ENTRY),
         };
         self.publish(&now);
         // A line offered while writing fails would be lost itself: it waits.
@@ -784,6 +789,7 @@ fn per_source<'a>(
         ("capture", now.capture, &mut seen.capture),
         ("output", now.output, &mut seen.output),
         ("hooks", now.hooks, &mut seen.hooks),
+        ("owner_table", now.owner_table, &mut seen.owner_table),
     ]
 }
 
@@ -795,8 +801,8 @@ fn owner_table_full_warning(before: u64, now: u64, entries: u32) -> Option<Strin
         format!(
             "tracer: the owner table is full ({entries} entries, sized at start-up for this \
              host's TCP sockets then): the events of sockets beyond it are dropped in the \
-             kernel, counted as kernel.owner_table_full in the summary; restart the tracer to \
-             size the table to the host as it is now"
+             kernel, counted as lost (source owner_table); restart the tracer to size the table \
+             to the host as it is now"
         )
     })
 }

@@ -73,6 +73,9 @@ pub struct Lost {
     pub output: u64,
     /// Program runs the kernel skipped: another BPF program was running on that CPU.
     pub hooks: u64,
+    /// Socket events the programs dropped because the owner table (sized at start-up) had no
+    /// room for their socket.
+    pub owner_table: u64,
 }
 
 #[derive(Serialize)]

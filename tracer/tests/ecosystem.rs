@@ -245,7 +245,7 @@ fn metrics_agree_with_the_json_lines() {
             "{result}: {text}\n{summary}"
         );
     }
-    for source in ["ringbuf", "capture", "output", "hooks"] {
+    for source in ["ringbuf", "capture", "output", "hooks", "owner_table"] {
         let labels = format!("source=\"{source}\"");
         assert!(
             text.contains(&format!("tracer_lost_events_total{{{labels}}} ")),

@@ -1735,3 +1735,57 @@ print("not reused", flush=True)
         "with {extra_pids} more pids: {of_the_reused_pid:?}"
     );
 }
+
+/// More sockets than the owner table has entries (made small here; sized to the host at
+/// start-up otherwise): the events of sockets that find no room are dropped in the kernel, and
+/// each is counted as lost, source `owner_table`, in `lost` lines and the summary. A socket's
+/// close is either a line or counted there.
+#[test]
+fn events_dropped_for_a_full_owner_table_are_counted_as_lost() {
+    if !common::require_root() {
+        return;
+    }
+    const ENTRIES: usize = 1024;
+    const CONNECTIONS: usize = 700; // two sockets each, both ends here
+    common::raise_fd_limit(2 * CONNECTIONS + 256);
+    let (l, port) = listener();
+    let entries = ENTRIES.to_string();
+    let port_arg = port.to_string();
+    let mut tracer = common::Tracer::start(&[
+        "--no-capture",
+        "--port",
+        &port_arg,
+        "--test-owner-table-entries",
+        &entries,
+    ]);
+    tracer.wait_ready(WAIT);
+    let pairs: Vec<(TcpStream, TcpStream)> = (0..CONNECTIONS)
+        .map(|_| {
+            let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            (c, l.accept().unwrap().0)
+        })
+        .collect();
+    // The newest first: the oldest hold the table's entries meanwhile.
+    for (client, server) in pairs.into_iter().rev() {
+        drop(client);
+        drop(server);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let out = tracer.stop();
+    let summary = out.lines.last().unwrap();
+    let lost = summary["lost"]["owner_table"].as_u64().unwrap();
+    assert!(lost > 0, "{summary}");
+    let said: u64 = out
+        .lines
+        .iter()
+        .filter(|v| v["event"] == "lost" && v["source"] == "owner_table")
+        .map(|v| v["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(said, lost, "the lost lines say what the summary counts");
+    let closes = out.lines.iter().filter(|v| v["event"] == "close").count() as u64;
+    assert!(
+        closes + lost >= 2 * CONNECTIONS as u64,
+        "each socket's close is a line or counted: {closes} lines, {lost} lost"
+    );
+    assert!(out.stderr.contains("owner table is full"), "{}", out.stderr);
+}

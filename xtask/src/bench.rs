@@ -372,7 +372,7 @@ fn finish_tracer(mut child: Child, out: &Path, sample: &mut Sample) -> anyhow::R
     sample.close_lines = summary["counts"]["close"].as_u64().unwrap_or(0);
     sample.joined = summary["joined"].as_u64().unwrap_or(0);
     sample.unjoined = summary["unjoined"].as_u64().unwrap_or(0);
-    sample.lost = ["ringbuf", "capture", "output", "hooks"]
+    sample.lost = ["ringbuf", "capture", "output", "hooks", "owner_table"]
         .iter()
         .map(|s| summary["lost"][s].as_u64().unwrap_or(0))
         .sum();

@@ -84,7 +84,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     unsafe { libc::kill(pid as i32, libc::SIGINT) };
     tracer.wait()?;
     let (close_lines, summary) = reader.join().expect("reader");
-    let lost = ["ringbuf", "capture", "output", "hooks"]
+    let lost = ["ringbuf", "capture", "output", "hooks", "owner_table"]
         .iter()
         .map(|s| summary["lost"][s].as_u64().unwrap_or(u64::MAX))
         .sum();
