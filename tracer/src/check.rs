@@ -18,6 +18,10 @@ struct Report {
     btf: bool,
     /// "mounted at PATH", "mounted now at PATH", or why not.
     tracefs: String,
+    /// Whether tracefs could be read: without it no tracepoint can be seen, and the list of
+    /// missing ones would blame the kernel.
+    #[serde(skip)]
+    tracefs_known: bool,
     kprobes: bool,
     ringbuf: Option<bool>,
     privileges: Privileges,
@@ -106,9 +110,12 @@ fn build(mode: ProbeMode) -> Report {
         .config()
         .map(|_| ())
         .map_err(|e| e.to_string());
+    // Without tracefs no tracepoint can be seen: the plan's "this kernel has no tracepoint"
+    // would blame the kernel for what the mount explains.
+    let tracefs_known = tracefs_root.is_some();
     let problem = [
-        plan.as_ref().err().cloned(),
-        config.err(),
+        plan.as_ref().err().cloned().filter(|_| tracefs_known),
+        config.err().filter(|_| tracefs_known),
         tracefs_root
             .is_none()
             .then(|| "tracefs is not available".to_string()),
@@ -123,6 +130,7 @@ fn build(mode: ProbeMode) -> Report {
         kernel: support.release.clone(),
         btf: support.btf,
         tracefs: tracefs_text,
+        tracefs_known,
         kprobes: support.kprobes,
         ringbuf,
         privileges: Privileges {
@@ -184,6 +192,16 @@ fn abortive_closes(support: &KernelSupport, mode: ProbeMode, hooks: &[Hook]) -> 
     }
 }
 
+fn print_tracepoints(r: &Report) {
+    println!("tracepoints");
+    for tp in &r.tracepoints {
+        match tp.without {
+            None => println!("  ok       {}", tp.name),
+            Some(why) => println!("  MISSING  {} ({why})", tp.name),
+        }
+    }
+}
+
 fn print_human(r: &Report) {
     let yes = |b: bool| if b { "yes" } else { "no" };
     println!("kernel        {}", r.kernel);
@@ -214,12 +232,10 @@ fn print_human(r: &Report) {
             format!(", missing {}", r.privileges.missing.join(", "))
         }
     );
-    println!("tracepoints");
-    for tp in &r.tracepoints {
-        match tp.without {
-            None => println!("  ok       {}", tp.name),
-            Some(why) => println!("  MISSING  {} ({why})", tp.name),
-        }
+    if !r.tracefs_known {
+        println!("tracepoints   not known: tracefs is not available (above)");
+    } else {
+        print_tracepoints(r);
     }
     if let Some(names) = &r.would_attach {
         println!(
