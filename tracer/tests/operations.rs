@@ -271,6 +271,40 @@ fn cpu_and_peak_memory(pid: u32) -> (f64, f64) {
     (ticks / hz, hwm_kib / 1024.0)
 }
 
+/// `tracer --no-capture --port PORT | head -N`, and the tracer's exit status after it.
+fn tracer_into_head(port: u16, lines: usize) -> std::process::Child {
+    Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "{TRACER} --no-capture --port {port} | head -{lines}; \
+                 echo \"status=${{PIPESTATUS[0]}}\""
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs `meanwhile` until the pipeline has ended (30 s at most); its stdout and stderr.
+fn pipeline_output(
+    mut child: std::process::Child,
+    mut meanwhile: impl FnMut(),
+) -> (String, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the tracer did not end after head exited"
+        );
+        meanwhile();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (text(&out.stdout), text(&out.stderr))
+}
+
 #[test]
 fn a_closed_stdout_ends_quietly() {
     if !common::require_root() {
@@ -278,34 +312,15 @@ fn a_closed_stdout_ends_quietly() {
     }
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    let mut child = Command::new("bash")
-        .args([
-            "-c",
-            &format!(
-                "{TRACER} --no-capture --port {port} | head -3; echo \"status=${{PIPESTATUS[0]}}\""
-            ),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Make lines until head has its three and the tracer notices.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the tracer did not end after head exited"
-        );
+    let (stdout, stderr) = pipeline_output(tracer_into_head(port, 3), || {
         if let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) {
             let _ = l.accept();
             let _ = c.write_all(b"x");
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    });
     assert!(stderr.is_empty(), "nothing on stderr: {stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.lines().filter(|l| l.starts_with('{')).count(), 3);
     assert!(stdout.contains("status=0"), "the tracer exits 0: {stdout}");
 }
@@ -318,28 +333,8 @@ fn a_closed_stdout_ends_the_run_with_nothing_to_write() {
     if !common::require_root() {
         return;
     }
-    let port = common::free_port();
-    let mut child = Command::new("bash")
-        .args([
-            "-c",
-            &format!(
-                "{TRACER} --no-capture --port {port} | head -1; echo \"status=${{PIPESTATUS[0]}}\""
-            ),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the tracer did not end after head exited"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let child = tracer_into_head(common::free_port(), 1);
+    let (stdout, _) = pipeline_output(child, || std::thread::sleep(Duration::from_millis(50)));
     assert!(stdout.contains("\"event\":\"ready\""), "{stdout}");
     assert!(stdout.contains("status=0"), "the tracer exits 0: {stdout}");
 }
