@@ -98,6 +98,29 @@ fn without_privileges_the_missing_capabilities_are_named() {
     assert!(stderr.contains("CAP_NET_RAW"), "{stderr}");
 }
 
+/// `tracer check` where tracefs is not mounted and cannot be (no CAP_SYS_ADMIN, in a mount
+/// namespace of its own): it says so, and that the tracepoints are not known, rather than
+/// listing each as missing from the kernel.
+#[test]
+fn check_without_tracefs_blames_the_mount_not_the_kernel() {
+    if !common::require_root() {
+        return;
+    }
+    let script = format!(
+        "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; \
+         setpriv --inh-caps=-sys_admin --bounding-set=-sys_admin {TRACER} check"
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("tracefs is not mounted"), "{text}");
+    assert!(text.contains("tracepoints   not known"), "{text}");
+    assert!(!text.contains("MISSING"), "{text}");
+}
+
 #[test]
 fn check_reports_what_auto_would_attach() {
     if !common::require_root() {
