@@ -1,7 +1,10 @@
 //! The command line (see CONTRACT.md), parsed into low-level arguments and then checked and
 //! turned into one `Settings` that the rest of the program reads.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::{Parser, Subcommand};
 
@@ -249,7 +252,6 @@ fn stdout_is_terminal() -> bool {
     std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal()
 }
 
-/// Whether /proc/PID exists and is not a zombie.
 /// Whether `pid` is a kernel thread (PF_KTHREAD in /proc/PID/stat's flags).
 pub fn is_kernel_thread(pid: u32) -> bool {
     const PF_KTHREAD: u64 = 0x0020_0000;
@@ -262,7 +264,11 @@ pub fn is_kernel_thread(pid: u32) -> bool {
 /// /proc/PID/stat from its state on (field 3): what follows the parenthesised comm, which may
 /// itself contain ") ".
 fn stat_after_comm(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_after_comm_at(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+fn stat_after_comm_at(path: &Path) -> Option<String> {
+    let stat = std::fs::read_to_string(path).ok()?;
     stat.rsplit_once(") ").map(|(_, rest)| rest.to_string())
 }
 
@@ -277,8 +283,23 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// Whether process `pid` still runs: one of its threads is neither a zombie nor dead. Its
+/// main thread may be a zombie while others run: it called pthread_exit, or it finished an
+/// exit_group first while the last thread still closes the process's files.
 pub fn process_exists(pid: u32) -> bool {
-    stat_after_comm(pid)
+    if task_runs(Path::new(&format!("/proc/{pid}/stat"))) {
+        return true; // the main thread: the usual answer, from one file
+    }
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+        tasks
+            .flatten()
+            .any(|task| task_runs(&task.path().join("stat")))
+    })
+}
+
+/// Whether the task whose stat file is at `path` is neither a zombie nor dead.
+fn task_runs(path: &Path) -> bool {
+    stat_after_comm_at(path)
         .and_then(|rest| rest.chars().next())
         .is_some_and(|state| state != 'Z' && state != 'X')
 }

@@ -1789,3 +1789,55 @@ fn events_dropped_for_a_full_owner_table_are_counted_as_lost() {
     );
     assert!(out.stderr.contains("owner table is full"), "{}", out.stderr);
 }
+
+/// A traced process whose main thread has exited (pthread_exit) while a worker thread goes on
+/// and closes the connections a second later: the process still runs (its main thread is a
+/// zombie, the worker is not), so the run goes on and every close is reported, by the worker.
+#[test]
+fn a_process_whose_main_thread_exited_is_still_traced() {
+    if !common::require_root() {
+        return;
+    }
+    const N: usize = 10;
+    let (listener, port) = listener();
+    let mut server = common::Script::spawn(
+        r#"
+import ctypes, os, socket, sys, threading, time
+print(os.getpid(), flush=True)
+conns = [socket.create_connection(("127.0.0.1", int(sys.argv[1]))) for _ in range(int(sys.argv[2]))]
+print("connected", flush=True)
+sys.stdin.read(1)
+def worker():
+    time.sleep(1)
+    for c in conns:
+        c.close()
+    time.sleep(0.2)
+    os._exit(0)
+threading.Thread(target=worker).start()
+time.sleep(0.1)
+ctypes.CDLL(None).pthread_exit(None)
+"#,
+        &[&port.to_string(), &N.to_string()],
+    );
+    let accepted: Vec<TcpStream> = (0..N).map(|_| listener.accept().unwrap().0).collect();
+    assert_eq!(server.line(), "connected");
+    // With the capture: the orphans' end (the peer's FIN) is seen, and the run can end.
+    let mut tracer = common::Tracer::start(&["-i", "lo", "--pid", &server.pid.to_string()]);
+    tracer.wait_ready(WAIT);
+    server.go();
+    server.wait(); // its worker closed every connection
+    drop(accepted); // the peers close too: nothing is left closing
+    let out = tracer.finish(Duration::from_secs(20));
+    let closes: Vec<&Value> = out
+        .lines
+        .iter()
+        .filter(|v| v["event"] == "close" && v["rport"] == port)
+        .collect();
+    assert_eq!(closes.len(), N, "{}", out.stderr);
+    assert!(
+        closes
+            .iter()
+            .all(|v| v["pid"] == server.pid && v["tid"] != server.pid),
+        "the worker's closes: {closes:?}"
+    );
+}
