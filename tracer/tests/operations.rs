@@ -888,15 +888,36 @@ impl Drop for SmallDisk {
     }
 }
 
-/// The tracer with `args`, its stderr going to the file `stderr` (read while it runs).
-fn start_with_stderr_file(args: &[&str], stderr: &std::path::Path) -> std::process::Child {
-    Command::new(TRACER)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(stderr).unwrap())
-        .spawn()
-        .unwrap()
+/// The tracer on a new listener's port, writing its lines to `out` (`-o`) and its stderr to
+/// a file of its own (read while it runs), once ready.
+struct WritingToFile {
+    listener: TcpListener,
+    port: u16,
+    child: std::process::Child,
+    stderr: std::path::PathBuf,
+}
+
+impl WritingToFile {
+    fn start(out: &std::path::Path, name: &str) -> Self {
+        let stderr = std::env::temp_dir().join(format!("tracer-{name}-{}.err", std::process::id()));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let child = Command::new(TRACER)
+            .args(["--no-capture", "--port", &port.to_string(), "-o"])
+            .arg(out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        wait_file_contains(out, "\"ready\"");
+        Self {
+            listener,
+            port,
+            child,
+            stderr,
+        }
+    }
 }
 
 fn stderr_lines_with(stderr: &std::path::Path, needle: &str) -> usize {
@@ -929,19 +950,12 @@ fn a_full_disk_drops_lines_counted_says_so_and_writing_resumes_when_space_is_fre
     }
     let disk = SmallDisk::mount("diskfull", 256);
     let out = disk.dir.join("out.jsonl");
-    let stderr = std::env::temp_dir().join(format!("tracer-diskfull-{}.err", std::process::id()));
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let port_s = port.to_string();
-    let args = [
-        "--no-capture",
-        "--port",
-        &port_s,
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    let child = start_with_stderr_file(&args, &stderr);
-    wait_file_contains(&out, "\"ready\"");
+    let WritingToFile {
+        listener: l,
+        port,
+        child,
+        stderr,
+    } = WritingToFile::start(&out, "diskfull");
     // Fill the disk: about 650 lines fit in 256 KiB.
     let full = "No space left on device";
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -1008,19 +1022,12 @@ fn a_failed_reopen_on_sighup_keeps_writing_to_the_open_file() {
     std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = dir.join("events.jsonl");
-    let stderr = std::env::temp_dir().join(format!("tracer-rotperm-{}.err", std::process::id()));
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let port_s = port.to_string();
-    let args = [
-        "--no-capture",
-        "--port",
-        &port_s,
-        "-o",
-        path.to_str().unwrap(),
-    ];
-    let child = start_with_stderr_file(&args, &stderr);
-    wait_file_contains(&path, "\"ready\"");
+    let WritingToFile {
+        listener: l,
+        port,
+        child,
+        stderr,
+    } = WritingToFile::start(&path, "rotperm");
     let rotated = dir.join("events.jsonl.1");
     std::fs::rename(&path, &rotated).unwrap();
     // SAFETY: signalling our own child.
