@@ -412,6 +412,23 @@ fn wait_file_contains(path: &std::path::Path, needle: &str) {
     }
 }
 
+/// Stops a tracer whose stdout the test reads (SIGINT), reads the rest of its lines and
+/// checks that it ended well, with its summary last.
+fn interrupt_and_read_the_rest(
+    mut child: std::process::Child,
+    stdout: BufReader<std::process::ChildStdout>,
+) -> Vec<Value> {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(lines.last().unwrap()["event"], "summary");
+    lines
+}
+
 #[test]
 fn a_stalled_consumer_loses_lines_counted_exactly() {
     if !common::require_root() {
@@ -435,15 +452,8 @@ fn a_stalled_consumer_loses_lines_counted_exactly() {
         rss < 200 * 1024,
         "memory stays bounded while stalled: {rss} KiB"
     );
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let lines: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
-        .collect();
-    assert!(child.wait().unwrap().success());
+    let lines = interrupt_and_read_the_rest(child, stdout);
     let summary = lines.last().unwrap();
-    assert_eq!(summary["event"], "summary");
     let lost: u64 = lines
         .iter()
         .filter(|v| v["event"] == "lost" && v["source"] == "output")
@@ -514,15 +524,8 @@ fn metrics_count_output_loss_while_the_consumer_is_stalled() {
         text = scrape(&addr);
     }
     let during_stall = output_lost(&text);
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let lines: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
-        .collect();
-    assert!(child.wait().unwrap().success());
+    let lines = interrupt_and_read_the_rest(child, stdout);
     let summary = lines.last().unwrap();
-    assert_eq!(summary["event"], "summary");
     let lost = summary["lost"]["output"].as_u64().unwrap();
     assert!(
         during_stall > 0,
