@@ -259,10 +259,9 @@ pub fn listener_pid(family: u16, port: u16) -> Option<u32> {
 
 /// Looks the socket up, creating its entry (with an owner from the listener or the seed table
 /// when one is known) on first sight. With `--pid`, a socket that no traced process owns gets
-/// no entry unless `keep` says so.
+/// no entry unless `keep` says so. `drops_event`: the caller drops its event when no entry can
+/// be made (counted as lost when the table is full).
 #[inline(always)]
-/// `drops_event`: the caller drops its event when no entry can be made (counted as lost when
-/// the table is full).
 pub fn lookup_or_create(
     skaddr: u64,
     ev: &SockEvent,

@@ -403,7 +403,12 @@ fn classify(
             claim(info, cur);
             return Some(EventKind::Close);
         }
-        if new == CLOSE && closed_outside_calls(sk, info, cur, context) {
+        // tcp_close() in no call: its move to CLOSE, or its store of the state again after a
+        // shutdown (a dup2() over the descriptor: the JDK's Socket.close() while another
+        // thread reads; that thread's syscall ending with the last reference).
+        if (new == CLOSE && closed_outside_calls(sk, info, cur, context))
+            || (old == new && closed_again_outside_calls(sk, info, context))
+        {
             // No call is known. A task of another process only finished the owner's close:
             // the owner stays.
             if info.pid == cur.pid {
@@ -414,18 +419,7 @@ fn classify(
             return Some(EventKind::Close);
         }
         if old == new {
-            if !closed_again_outside_calls(sk, info, context) {
-                return None; // a redundant store of the same state outside any close
-            }
-            // tcp_close() after a shutdown, in no call (a dup2() over the descriptor: the
-            // JDK's Socket.close() while another thread reads; that thread's syscall ending
-            // with the last reference).
-            if info.pid == cur.pid {
-                claim(info, cur);
-            }
-            info.closed_by_call = 0;
-            info.released = RELEASED;
-            return Some(EventKind::Close);
+            return None; // a redundant store of the same state outside any close
         }
     }
     if is_fin_received(old, new) {
