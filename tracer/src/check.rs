@@ -232,10 +232,10 @@ fn print_human(r: &Report) {
             format!(", missing {}", r.privileges.missing.join(", "))
         }
     );
-    if !r.tracefs_known {
-        println!("tracepoints   not known: tracefs is not available (above)");
-    } else {
+    if r.tracefs_known {
         print_tracepoints(r);
+    } else {
+        println!("tracepoints   not known: tracefs is not available (above)");
     }
     if let Some(names) = &r.would_attach {
         println!(

@@ -49,10 +49,6 @@ struct JoinLabels {
     result: &'static str,
 }
 
-/// Where events can be lost (the summary's `lost` object): each shows from the start, at 0,
-/// so that a dashboard's rate and alert have a series before the first loss.
-const LOST_SOURCES: [&str; 5] = ["ringbuf", "capture", "output", "hooks", "owner_table"];
-
 /// The tracer's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -84,7 +80,9 @@ impl Metrics {
         let lost = Family::<LostLabels, Counter>::default();
         let kernel = Family::<KernelLabels, Counter>::default();
         let joins = Family::<JoinLabels, Counter>::default();
-        for source in LOST_SOURCES {
+        // Where events can be lost (the summary's `lost` object): each shows from the start,
+        // at 0, so that a dashboard's rate and alert have a series before the first loss.
+        for source in crate::stats::Lost::SOURCES {
             // Created at 0 (the guard it returns is of no use here).
             let _ = lost.get_or_create(&LostLabels {
                 source: source.to_string(),

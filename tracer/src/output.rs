@@ -34,7 +34,7 @@ const BATCH_BYTES: usize = 256 * 1024;
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// How many loss sources `lost` lines can count (the caller numbers them).
-pub const LOSS_SOURCES: usize = 5;
+pub const LOSS_SOURCES: usize = crate::stats::Lost::SOURCES.len();
 
 /// Where lines go.
 #[derive(Clone, Debug)]

@@ -25,7 +25,7 @@ use crate::{
     kernel::KernelEvent,
     lines::{Format, LostLine},
     metrics::{self, Metrics},
-    output::{LOSS_SOURCES, Output},
+    output::Output,
     owners,
     pcapng::PcapngOut,
     pipeline::Pipeline,
@@ -741,9 +741,7 @@ impl LossReporter {
 
     /// A `lost` line for each source whose count grew since the last written one.
     fn write_lines(&mut self, pipeline: &mut Pipeline, output: &Output, now: &Lost, last: bool) {
-        for (index, (source, total, seen)) in
-            per_source(now, &mut self.reported).into_iter().enumerate()
-        {
+        for (index, (source, total, seen)) in per_source(now, &mut self.reported).enumerate() {
             // Counts whose line the writer could not write are said again.
             *seen -= output.take_returned(index);
             if total <= *seen {
@@ -783,14 +781,12 @@ impl LossReporter {
 fn per_source<'a>(
     now: &Lost,
     seen: &'a mut Lost,
-) -> [(&'static str, u64, &'a mut u64); LOSS_SOURCES] {
-    [
-        ("ringbuf", now.ringbuf, &mut seen.ringbuf),
-        ("capture", now.capture, &mut seen.capture),
-        ("output", now.output, &mut seen.output),
-        ("hooks", now.hooks, &mut seen.hooks),
-        ("owner_table", now.owner_table, &mut seen.owner_table),
-    ]
+) -> impl Iterator<Item = (&'static str, u64, &'a mut u64)> {
+    Lost::SOURCES
+        .into_iter()
+        .zip(now.by_source())
+        .zip(seen.by_source_mut())
+        .map(|((source, total), seen)| (source, total, seen))
 }
 
 /// Said once, when the owner table first turns a socket away: the events of such a socket

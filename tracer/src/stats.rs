@@ -78,6 +78,34 @@ pub struct Lost {
     pub owner_table: u64,
 }
 
+impl Lost {
+    /// The sources by name, in the order `by_source` gives them (a source's place is its
+    /// number for the output's `lost` lines).
+    pub const SOURCES: [&str; 5] = ["ringbuf", "capture", "output", "hooks", "owner_table"];
+
+    /// Each source's count, in the order of SOURCES.
+    pub fn by_source(&self) -> [u64; Self::SOURCES.len()] {
+        [
+            self.ringbuf,
+            self.capture,
+            self.output,
+            self.hooks,
+            self.owner_table,
+        ]
+    }
+
+    /// The same, to update.
+    pub fn by_source_mut(&mut self) -> [&mut u64; Self::SOURCES.len()] {
+        [
+            &mut self.ringbuf,
+            &mut self.capture,
+            &mut self.output,
+            &mut self.hooks,
+            &mut self.owner_table,
+        ]
+    }
+}
+
 #[derive(Serialize)]
 pub struct Percentiles {
     pub p50: Option<u64>,
