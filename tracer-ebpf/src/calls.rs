@@ -30,7 +30,7 @@ use tracer_common::{
 };
 
 use crate::{
-    emit::{Span, field, kernel_read, noop, pid_passes},
+    emit::{Span, field, forget_reused_pid, kernel_read, noop, pid_passes},
     owners::{RELEASED, SockInfo, current, is_marked, mark},
     setting,
 };
@@ -123,21 +123,29 @@ const CLONE_THREAD: u64 = 0x0001_0000;
 
 /// task:task_newtask, in the forking task: with `--pid`, a process that a traced (or followed)
 /// process forks is followed for its calls (see FORKED). New threads are already covered by
-/// their process.
+/// their process. A new process with the pid of a traced process or of a followed child is
+/// not that process, which has exited: the pid stops naming it at once (the daemon forgets
+/// exited children only every 2 s, and kept one whose pid a new process had taken meanwhile).
 #[tracepoint]
 pub fn process_fork(ctx: TracePointContext) -> u32 {
     if noop() || setting!(filter_pids) == 0 {
         return 0;
     }
-    let parent = current().pid;
     let flags = field::<u64>(&ctx, setting!(newtask_flags)).unwrap_or(CLONE_THREAD);
-    if flags & CLONE_THREAD != 0 || !is_traced_process(parent) {
+    if flags & CLONE_THREAD != 0 {
         return 0;
     }
     let Some(child) = field::<i32>(&ctx, setting!(newtask_pid)).filter(|&pid| pid > 0) else {
         return 0;
     };
     let child = child as u32;
+    forget_reused_pid(child);
+    if !is_traced_process(current().pid) {
+        if is_followed(child) {
+            let _ = FORKED.remove(&child);
+        }
+        return 0;
+    }
     // Marked first: a lookup that sees the marks finds the entry once it is in.
     mark(&FOLLOWING, 0);
     mark(&FORKED_MARKS, forked_mark_slot(child));

@@ -91,8 +91,33 @@ pub fn pid_passes(pid: u32) -> bool {
     unsafe { PIDS.get(pid).is_some() }
 }
 
+/// A new process was given `pid`: a traced process that had it has exited (the kernel gives
+/// no living process's pid to another), and the pid no longer names it. The daemon does the
+/// same within 200 ms of the exit; this leaves no window in between.
+#[inline(always)]
+pub fn forget_reused_pid(pid: u32) {
+    if setting!(filter_pids) == 0 {
+        return;
+    }
+    if setting!(inline_pids[0]) != 0 {
+        if let Some(slot) = inline_slot(pid) {
+            crate::owners::mark(&GONE_PIDS, slot);
+        }
+    // SAFETY: as in `pid_passes`.
+    } else if unsafe { PIDS.get(pid).is_some() } {
+        let _ = PIDS.remove(&pid);
+    }
+}
+
 #[inline(always)]
 fn in_inline_pids(pid: u32) -> bool {
+    // One lookup, and only for a traced pid (most events are not).
+    inline_slot(pid).is_some_and(|slot| !crate::owners::is_marked(&GONE_PIDS, slot))
+}
+
+/// The inline slot that holds `pid`.
+#[inline(always)]
+fn inline_slot(pid: u32) -> Option<u32> {
     let mut found = INLINE_PIDS as u32;
     for slot in 0..INLINE_PIDS {
         // SAFETY: as in `setting!`; the index is below the array's length.
@@ -103,8 +128,7 @@ fn in_inline_pids(pid: u32) -> bool {
             found = slot as u32;
         }
     }
-    // One lookup, and only for a traced pid (most events are not).
-    found < INLINE_PIDS as u32 && !crate::owners::is_marked(&GONE_PIDS, found)
+    (found < INLINE_PIDS as u32).then_some(found)
 }
 
 /// Filters, then writes a socket's event into the ring buffer (a full ring buffer is counted,

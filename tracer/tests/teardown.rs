@@ -1649,9 +1649,9 @@ fn a_close_a_kernel_worker_finishes_names_the_sockets_process() {
     stops_cleanly(tracer);
 }
 
-/// A traced process exits and the kernel gives its pid to an unrelated process: that one is
-/// not the traced process, and its connections are not reported (they were, for the rest of
-/// the run). Another traced process keeps the run going, and its connection is reported. With
+/// A traced process exits and the kernel gives its pid to an unrelated process at once
+/// (before the daemon's look every 200 ms): that one is not the traced process, and its
+/// connections are not reported (they were, for the rest of the run). Another traced process keeps the run going, and its connection is reported. With
 /// a few pids (the programs' inline list) and with many (the PIDS map).
 #[test]
 fn a_pid_the_kernel_gives_to_a_new_process_is_not_the_traced_one() {
@@ -1696,30 +1696,7 @@ if len(sys.argv) > 1:
     tracer.wait_ready(WAIT);
     exiting.go();
     exiting.wait();
-    std::thread::sleep(Duration::from_secs(1)); // the daemon looks every 200 ms
-    let mut reuse = common::Script::spawn(
-        r#"
-import os, socket, sys
-print(os.getpid(), flush=True)
-want, port = int(sys.argv[1]), int(sys.argv[2])
-for attempt in range(1000):
-    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-        f.write(str(want - 1))
-    child = os.fork()
-    if child == 0:
-        if os.getpid() == want:
-            socket.create_connection(("127.0.0.1", port)).close()
-        os._exit(0)
-    os.waitpid(child, 0)
-    if child == want:
-        print("reused", flush=True)
-        sys.exit(0)
-print("not reused", flush=True)
-"#,
-        &[&exiting.pid.to_string(), &port_arg],
-    );
-    assert_eq!(reuse.line(), "reused", "pid {} given again", exiting.pid);
-    reuse.wait();
+    take_pid_and_connect(exiting.pid, port);
     let (mut reused_conn, _) = listener.accept().unwrap();
     common::read_to_eof(&mut reused_conn);
     staying.go();
@@ -1739,6 +1716,83 @@ print("not reused", flush=True)
         of_the_reused_pid.is_empty(),
         "with {extra_pids} more pids: {of_the_reused_pid:?}"
     );
+}
+
+/// Makes the kernel give `pid` (of a process that exited) to a new process, an untraced one,
+/// which connects to `port` and closes.
+fn take_pid_and_connect(pid: u32, port: u16) {
+    let mut reuse = common::Script::spawn(
+        r#"
+import os, socket, sys
+print(os.getpid(), flush=True)
+want, port = int(sys.argv[1]), int(sys.argv[2])
+for attempt in range(1000):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(want - 1))
+    child = os.fork()
+    if child == 0:
+        if os.getpid() == want:
+            socket.create_connection(("127.0.0.1", port)).close()
+        os._exit(0)
+    os.waitpid(child, 0)
+    if child == want:
+        print("reused", flush=True)
+        sys.exit(0)
+print("not reused", flush=True)
+"#,
+        &[&pid.to_string(), &port.to_string()],
+    );
+    assert_eq!(reuse.line(), "reused", "pid {pid} given again");
+    reuse.wait();
+}
+
+/// A traced process forks a child (followed for its calls and sockets), the child exits, and
+/// the kernel gives its pid to an unrelated process at once: that one is not the child, and
+/// its connection is not reported. The daemon forgot exited children only every 2 s, and kept
+/// one whose pid a new process had taken by then, for the rest of the run.
+#[test]
+fn a_followed_childs_pid_given_to_a_new_process_is_not_followed() {
+    if !common::require_root() {
+        return;
+    }
+    let (listener, port) = listener();
+    let port_arg = port.to_string();
+    let mut parent = common::Script::spawn(
+        r#"
+import os, socket, sys
+print(os.getpid(), flush=True)
+sys.stdin.read(1)
+child = os.fork()
+if child == 0:
+    os._exit(0)
+os.waitpid(child, 0)
+print(child, flush=True)
+sys.stdin.read(1)
+socket.create_connection(("127.0.0.1", int(sys.argv[1]))).close()
+print("closed", flush=True)
+sys.stdin.read(1)
+"#,
+        &[&port_arg],
+    );
+    let parent_pid = parent.pid.to_string();
+    let mut tracer =
+        common::Tracer::start(&["--no-capture", "--port", &port_arg, "--pid", &parent_pid]);
+    tracer.wait_ready(WAIT);
+    parent.go();
+    let child: u32 = parent.line().parse().expect("the child's pid");
+    take_pid_and_connect(child, port);
+    let (mut reused_conn, _) = listener.accept().unwrap();
+    common::read_to_eof(&mut reused_conn);
+    parent.go();
+    assert_eq!(parent.line(), "closed");
+    let (mut traced_conn, _) = listener.accept().unwrap();
+    common::read_to_eof(&mut traced_conn);
+    let close = tracer.wait_for(|v| v["event"] == "close" && v["rport"] == port, WAIT);
+    assert_eq!(close["pid"], parent.pid, "{close}");
+    drop((reused_conn, traced_conn));
+    let out = tracer.stop();
+    let of_the_reused_pid: Vec<&Value> = out.lines.iter().filter(|v| v["pid"] == child).collect();
+    assert!(of_the_reused_pid.is_empty(), "{of_the_reused_pid:?}");
 }
 
 /// More sockets than the owner table has entries (made small here; sized to the host at
