@@ -299,6 +299,10 @@ impl ConnTable {
             EventKind::RstSent if answered_without_its_socket(ev.old_state) => {
                 info.timewait_since = None
             }
+            // The socket itself reset in CLOSE: its FIN_WAIT2 -> CLOSE was tcp_reset()'s, for
+            // the peer's data after ours (TCP_ABORT_ON_DATA), not the hand-over to a time-wait
+            // form. The peer's FIN that came with that data reached no socket of ours.
+            EventKind::RstSent if ev.old_state == tcp_state::CLOSE => info.timewait_since = None,
             // Its time-wait form timed out in FIN_WAIT2, or sent a RST and was killed with it:
             // nothing of it is left to await.
             EventKind::Fin2Timeout => info.timewait_since = None,

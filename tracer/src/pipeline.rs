@@ -554,6 +554,9 @@ impl Pipeline {
     /// reused within milliseconds).
     fn timewait_at(&self, latest: u64, at_ns: u64) -> Option<u64> {
         const SLACK_NS: u64 = 1_000_000;
+        // A segment captured this long before the move cannot have reached the time-wait form:
+        // the full socket, still there, took it (or a firewall dropped it on its way in).
+        const EARLIEST_SLACK_NS: u64 = 50_000_000;
         const MAX_EARLIER: usize = 16;
         let mut id = latest;
         for _ in 0..MAX_EARLIER {
@@ -568,7 +571,12 @@ impl Pipeline {
                 Some(earlier) => id = earlier,
                 // The earliest one there is: its own (a slow machine may take milliseconds
                 // from the capture to the socket's move).
-                None => return info.timewait_since().map(|_| id),
+                None => {
+                    return info
+                        .timewait_since()
+                        .filter(|since| at_ns + EARLIEST_SLACK_NS >= *since)
+                        .map(|_| id);
+                }
             }
         }
         None
@@ -1093,6 +1101,52 @@ mod tests {
                 .unwrap_or_else(|| panic!("{out:?}"));
             assert_eq!(fin["duration_ns"], expected, "{fin}");
         }
+    }
+
+    /// Our orphan in FIN_WAIT2 gets the peer's data with its FIN (a blackholed link that came
+    /// back): the kernel resets it (FIN_WAIT2 -> CLOSE by tcp_reset(), then a RST in CLOSE,
+    /// TCP_ABORT_ON_DATA), with no time-wait form. The peer's FIN derives no `fin_received`
+    /// (it said FIN_WAIT2 -> TIME_WAIT beside the abort), and a copy of it captured long
+    /// before any move of the socket (dropped on its way in) derives nothing either.
+    #[test]
+    fn an_orphan_reset_for_the_peers_data_derives_no_fin() {
+        let data_and_fin = |mono| WirePacket {
+            dir: Dir::In,
+            ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, mono)
+        };
+        let abort = |p: &mut Pipeline, at: u64| {
+            p.kernel_event(gone_to_time_wait(at));
+            let mut rst = event(
+                EventKind::RstSent,
+                tcp_state::CLOSE,
+                tcp_state::CLOSE,
+                at + 5_000,
+                0,
+                Some(12), // TCP_ABORT_ON_DATA
+            );
+            rst.conn_id = 0xabc;
+            p.kernel_event(rst);
+        };
+        let out = lines(|p, out| {
+            p.kernel_event(event(
+                EventKind::State,
+                tcp_state::FIN_WAIT1,
+                tcp_state::FIN_WAIT2,
+                50 * MS,
+                0,
+                None,
+            ));
+            p.packet(data_and_fin(100 * MS));
+            abort(p, 100 * MS + 20_000);
+            p.poll(2_000 * MS, out);
+        });
+        assert!(!names(&out).contains(&"fin_received"), "{out:?}");
+        let out = lines(|p, out| {
+            p.packet(data_and_fin(100 * MS));
+            p.kernel_event(gone_to_time_wait(520 * MS));
+            p.poll(2_000 * MS, out);
+        });
+        assert!(!names(&out).contains(&"fin_received"), "{out:?}");
     }
 
     /// A keep-alive pool writes on a connection the server closed (idle timeout): the
