@@ -57,6 +57,10 @@ pub struct Want {
     pub dir: Dir,
     /// Whether the packet carries ACK, where the event knows (None: either).
     pub ack: Option<bool>,
+    /// For a received RST: the socket had taken the peer's FIN (its old state says so).
+    /// A RST at or before that FIN's sequence number was out of its window then, and the
+    /// kernel ignored it (RFC 5961): not the RST that reset it.
+    pub peer_fin_taken: bool,
 }
 
 /// The packet that joined an event.
@@ -228,6 +232,28 @@ fn joinable(e: &PacketEntry, want: &Want, mono_ns: u64, window_ns: u64) -> bool 
 /// `Joiner::claim_waiting_packet`). A packet the socket sent always qualifies.
 fn received_recently(want: &Want, e: &PacketEntry, mono_ns: u64) -> bool {
     want.dir == Dir::Out || e.first_mono + RECEIVED_BEFORE_EVENT_NS >= mono_ns
+}
+
+/// The sequence number of the peer's FIN among `entries` (the packets on the path a received
+/// RST came by), when `want`'s socket had taken that FIN (see `Want::peer_fin_taken`).
+fn taken_fin_seq(entries: &[PacketEntry], want: &Want) -> Option<u32> {
+    if !(want.peer_fin_taken && want.flag == WantFlag::Rst && want.dir == Dir::In) {
+        return None;
+    }
+    entries
+        .iter()
+        .rev()
+        .find(|e| e.flags & tcp_flags::FIN != 0)
+        .map(|e| e.seq)
+}
+
+/// Whether a RST with `seq` is at or before the FIN its receiver had taken (`fin_seq`): once
+/// the receiver has acknowledged that FIN, out of its window and ignored (the ABORT_ON_DATA
+/// reset of a server's orphan answering a segment that acknowledged its data but not its FIN;
+/// the listener's reset for the client's own FIN, one later, is the one that resets the
+/// client).
+fn before_taken_fin(seq: u32, fin_seq: Option<u32>) -> bool {
+    fin_seq.is_some_and(|fin| fin.wrapping_sub(seq) as i32 >= 0)
 }
 
 /// The order in which an event prefers the stored packets it matches (lowest first): nearest
@@ -553,8 +579,9 @@ impl<T> Joiner<T> {
             if !self.claim_waiting_packet(id, &want, path, mono_ns, true) {
                 self.waiting.entry(path).or_default().push(id);
                 if self.has_older_copy(&want, &path, mono_ns) {
-                    // The copy it waits for is a retransmission the capture brings a little
-                    // later; failing that, the old copy (`claim_at_window_end`).
+                    // The copy it waits for is a retransmission (or the RST after the FIN) the
+                    // capture brings a little later; failing that, the one stored
+                    // (`claim_at_window_end`).
                     let at = mono_ns + OLDER_COPY_GRACE_NS.min(self.window_ns);
                     if let Some(ev) = self.events.get_mut(&id) {
                         ev.release_at = at;
@@ -565,12 +592,15 @@ impl<T> Joiner<T> {
         }
     }
 
-    /// Whether a packet the socket received long before its event (see `claim_waiting_packet`)
-    /// is stored for `want`.
+    /// Whether a packet the socket received long before its event (see `claim_waiting_packet`),
+    /// or a RST before the FIN it had taken (see `before_taken_fin`), is stored for `want`:
+    /// the one it would take if nothing better comes.
     fn has_older_copy(&self, want: &Want, path: &PathKey, mono_ns: u64) -> bool {
         self.packets.get(path).is_some_and(|entries| {
+            let fin_seq = taken_fin_seq(entries, want);
             entries.iter().any(|e| {
-                joinable(e, want, mono_ns, self.window_ns) && !received_recently(want, e, mono_ns)
+                joinable(e, want, mono_ns, self.window_ns)
+                    && (!received_recently(want, e, mono_ns) || before_taken_fin(e.seq, fin_seq))
             })
         })
     }
@@ -624,7 +654,10 @@ impl<T> Joiner<T> {
     /// `recent_only`, a packet the socket received must have come shortly before the event
     /// (`RECEIVED_BEFORE_EVENT_NS`): one long before is a copy lost on the way, whose
     /// retransmission may still be on its way to the joiner; the event waits for it, and takes
-    /// the old copy only when OLDER_COPY_GRACE_NS have passed with nothing nearer.
+    /// the old copy only when OLDER_COPY_GRACE_NS have passed with nothing nearer. So does a
+    /// received RST before the FIN its socket took (`before_taken_fin`): the kernel takes one
+    /// there only while that FIN is unacknowledged (RCV.NXT - 1), and otherwise the RST that
+    /// reset the socket comes after it.
     fn claim_waiting_packet(
         &mut self,
         id: u64,
@@ -637,11 +670,18 @@ impl<T> Joiner<T> {
         let Some(entries) = self.packets.get_mut(&path) else {
             return false;
         };
+        let fin_seq = taken_fin_seq(entries, want);
         let best = entries
             .iter_mut()
             .filter(|e| joinable(e, want, mono_ns, window))
-            .filter(|e| !recent_only || received_recently(want, e, mono_ns))
-            .min_by_key(|e| preference(want, e.first_mono, mono_ns));
+            .filter(|e| {
+                !recent_only
+                    || (received_recently(want, e, mono_ns) && !before_taken_fin(e.seq, fin_seq))
+            })
+            .min_by_key(|e| {
+                let ignored = before_taken_fin(e.seq, fin_seq);
+                (ignored, preference(want, e.first_mono, mono_ns))
+            });
         let Some(entry) = best else {
             return false;
         };
@@ -839,6 +879,10 @@ impl<T> Joiner<T> {
     }
 
     fn nearest_waiting(&self, path: &PathKey, pkt: &WirePacket, role: Dir) -> Option<u64> {
+        let stored = self
+            .packets
+            .get(path)
+            .map_or(&[][..], |entries| &entries[..]);
         self.waiting
             .get(path)?
             .iter()
@@ -849,6 +893,7 @@ impl<T> Joiner<T> {
                         w.dir == role
                             && w.matches(pkt.flags)
                             && in_causal_order(w, pkt.mono_ns, e.mono_ns)
+                            && !before_taken_fin(pkt.seq, taken_fin_seq(stored, w))
                     })
                     && e.mono_ns.abs_diff(pkt.mono_ns) <= self.window_ns
             })
@@ -1086,6 +1131,7 @@ mod tests {
             flag,
             dir,
             ack: None,
+            peer_fin_taken: false,
         })
     }
 
@@ -1110,6 +1156,44 @@ mod tests {
                 Joined::Event(_) | Joined::Unreceived { .. } => None,
             })
             .collect()
+    }
+
+    /// A keep-alive race: the server closes (FIN, seq 100), the pool has read the FIN and
+    /// writes; the server's orphan resets (TCP_ABORT_ON_DATA, seq 100: out of the pool's
+    /// window, ignored), the pool closes, and the listener answers its FIN with a RST at 101,
+    /// which resets the pool (LAST_ACK -> CLOSE). The pool's `rst_received` joins the RST at
+    /// 101, whether its event comes before the packets or after them.
+    #[test]
+    fn a_received_rst_is_not_one_before_the_fin_its_socket_took() {
+        let rst_received = || {
+            want(C, S, WantFlag::Rst, Dir::In).map(|w| Want {
+                peer_fin_taken: true,
+                ..w
+            })
+        };
+        for event_first in [false, true] {
+            let mut j = Joiner::new(W, 1000);
+            j.push_packet(pkt(S, C, FIN, 100, 100 * MS, Dir::In));
+            if event_first {
+                j.push_event(1, 100 * MS + 130_000, rst_received(), "rst_received");
+            }
+            j.push_packet(pkt(S, C, RST, 100, 100 * MS + 80_000, Dir::In));
+            j.push_packet(pkt(S, C, RST, 101, 100 * MS + 110_000, Dir::In));
+            if !event_first {
+                j.push_event(1, 100 * MS + 130_000, rst_received(), "rst_received");
+            }
+            let out = events(j.poll(2_000 * MS));
+            let wire = out[0].1.as_ref().expect("joined");
+            assert_eq!(wire.packet.seq, 101, "event first: {event_first}");
+        }
+        // The FIN not yet acknowledged, the kernel takes a RST at its sequence number: when
+        // no other comes, that one.
+        let mut j = Joiner::new(W, 1000);
+        j.push_packet(pkt(S, C, FIN, 100, 100 * MS, Dir::In));
+        j.push_packet(pkt(S, C, RST, 100, 100 * MS + 10_000, Dir::In));
+        j.push_event(1, 100 * MS + 30_000, rst_received(), "rst_received");
+        let out = events(j.poll(2_000 * MS));
+        assert_eq!(out[0].1.as_ref().expect("joined").packet.seq, 100);
     }
 
     #[test]

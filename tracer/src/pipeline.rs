@@ -741,7 +741,17 @@ impl PendingLine {
             ("rst_received", _) => (WantFlag::Rst, Dir::In, None),
             _ => return None,
         };
-        want_for(&self.ev, flag, dir).map(|want| Want { ack, ..want })
+        // A socket reset in CLOSE_WAIT, LAST_ACK or CLOSING had taken the peer's FIN.
+        let peer_fin_taken = self.event == "rst_received"
+            && matches!(
+                self.ev.old_state,
+                tcp_state::CLOSE_WAIT | tcp_state::LAST_ACK | tcp_state::CLOSING
+            );
+        want_for(&self.ev, flag, dir).map(|want| Want {
+            ack,
+            peer_fin_taken,
+            ..want
+        })
     }
 }
 
@@ -822,6 +832,7 @@ fn want_for(ev: &KernelEvent, flag: WantFlag, dir: Dir) -> Option<Want> {
         flag,
         dir,
         ack: None,
+        peer_fin_taken: false,
     })
 }
 
