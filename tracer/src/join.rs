@@ -12,6 +12,7 @@ use std::{
     collections::{VecDeque, hash_map::Entry},
     hash::{BuildHasher, Hash, Hasher},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -283,6 +284,21 @@ fn copy_of<'a>(
         .find(|e| e.same_segment(pkt) && e.first_mono.abs_diff(pkt.mono_ns) <= DUPLICATE_NS)
 }
 
+/// The stored packet `pkt` is a further copy of: the same segment within DUPLICATE_NS, seen
+/// at another point of the capture (another interface, or the other direction). The same
+/// segment again where it was seen already is the sender's retransmission, however soon (a
+/// tail-loss probe follows its FIN by a few milliseconds): merged as a copy, it was counted
+/// nowhere and became no line.
+fn copy_at_another_point<'a>(
+    packets: &'a mut HashMap<PathKey, SmallVec<[PacketEntry; 1]>>,
+    path: &PathKey,
+    pkt: &WirePacket,
+) -> Option<&'a mut PacketEntry> {
+    packets.get_mut(path)?.iter_mut().find(|e| {
+        e.same_segment(pkt) && e.first_mono.abs_diff(pkt.mono_ns) <= DUPLICATE_NS && !e.seen_at(pkt)
+    })
+}
+
 fn slot(dir: Dir) -> usize {
     match dir {
         Dir::Out => 0,
@@ -330,6 +346,8 @@ struct PacketEntry {
     retransmit: bool,
     /// The capture shows the packet once (`WirePacket::only_copy`).
     only_copy: bool,
+    /// Where its copies were seen: (interface, direction).
+    points: SmallVec<[(Arc<str>, Dir); 2]>,
 }
 
 impl PacketEntry {
@@ -345,7 +363,15 @@ impl PacketEntry {
             claimed: [None, None],
             retransmit,
             only_copy: pkt.only_copy,
+            points: smallvec::smallvec![(pkt.iface.clone(), pkt.dir)],
         }
+    }
+
+    /// Whether a copy of the entry was seen where `pkt` was.
+    fn seen_at(&self, pkt: &WirePacket) -> bool {
+        self.points
+            .iter()
+            .any(|(iface, dir)| *dir == pkt.dir && **iface == *pkt.iface)
     }
 
     /// A copy; only called while the entry is not fully claimed (its copies are kept).
@@ -689,10 +715,28 @@ impl<T> Joiner<T> {
         entry.claim(want.dir, id);
         let packet_id = entry.id;
         let retransmission = entry.retransmit;
+        let (segment, taken_at) = ((entry.seq, entry.ack, entry.flags), entry.first_mono);
         schedule_early_expiry(&mut self.early_order, entry, path);
+        // Retransmissions of that segment the capture handed over before this event came
+        // (a tail-loss probe milliseconds after the FIN): this event's to count, as when they
+        // come after it, and no `packet` lines of their own.
+        let mut later_copies = 0;
+        for e in entries.iter_mut().filter(|e| {
+            e.retransmit
+                && (e.seq, e.ack, e.flags) == segment
+                && e.first_mono > taken_at
+                && e.claimed[slot(want.dir)].is_none()
+        }) {
+            e.claim(want.dir, id);
+            schedule_early_expiry(&mut self.early_order, e, path);
+            later_copies += 1;
+        }
         self.attach(id, packet, packet_id, want.dir);
         if retransmission {
             self.count_earlier_copy(id); // the receiver took a retransmission: one went before
+        }
+        if let Some(w) = self.events.get_mut(&id).and_then(|e| e.wire.as_mut()) {
+            w.retransmits += later_copies;
         }
         true
     }
@@ -791,9 +835,10 @@ impl<T> Joiner<T> {
     /// sender's end's, the last the receiver's (see `PacketEntry::copies`). Returns whether
     /// `pkt` was such a copy.
     fn merge_copy(&mut self, path: &PathKey, pkt: &WirePacket) -> bool {
-        let Some(entry) = copy_of(&mut self.packets, path, pkt) else {
+        let Some(entry) = copy_at_another_point(&mut self.packets, path, pkt) else {
             return false;
         };
+        entry.points.push((pkt.iface.clone(), pkt.dir));
         let role = if pkt.mono_ns > entry.last_mono {
             entry.last_mono = pkt.mono_ns;
             Dir::In
@@ -1282,6 +1327,42 @@ mod tests {
         };
         assert_eq!(iface("close"), ("veth-a".into(), 10_000));
         assert_eq!(iface("fin_received"), ("veth-b".into(), -16_000));
+    }
+
+    /// On `any`, a FIN sent again within milliseconds (a tail-loss probe) is seen where the
+    /// first copy was: a retransmission, counted on the close that joined the first, not a
+    /// copy merged into it (which counted it nowhere and gave it no line). A copy at another
+    /// interface within the same time is still the same packet.
+    #[test]
+    fn a_fin_sent_again_within_milliseconds_at_the_same_point_is_a_retransmission() {
+        let at = |iface: &str, mono| WirePacket {
+            iface: Arc::from(iface),
+            on_loopback: false,
+            ..pkt(C, S, FIN, 5, mono, Dir::In)
+        };
+        // The close's event comes before the packets, or after both (the ring buffer and the
+        // capture deliver on their own schedules).
+        for event_first in [true, false] {
+            let mut j = Joiner::new(W, 1000);
+            let close = || want(C, S, WantFlag::Fin, Dir::Out);
+            if event_first {
+                j.push_event(1, 100 * MS, close(), "close");
+            }
+            j.push_packet(at("veth-a", 100 * MS + 10_000));
+            j.push_packet(at("br0", 100 * MS + 12_000));
+            j.push_packet(at("veth-a", 104 * MS + 600_000));
+            j.push_packet(at("br0", 104 * MS + 602_000));
+            if !event_first {
+                j.push_event(1, 100 * MS, close(), "close");
+            }
+            let out = j.poll(900 * MS);
+            assert!(packets(&out).is_empty(), "claimed by the close");
+            let ev = events(out);
+            assert_eq!(ev.len(), 1);
+            let w = ev[0].1.as_ref().expect("joined");
+            let joined = (&*w.packet.iface, w.retransmits);
+            assert_eq!(joined, ("veth-a", 1), "event first: {event_first}");
+        }
     }
 
     /// A client's close sends its RST (an active reset: RST+ACK), and the kernel answers the
