@@ -385,6 +385,18 @@ impl ConnTable {
             .find_map(|(key, dir)| self.by_addr(&key).map(|info| (info.id, dir)))
     }
 
+    /// The connection a packet belongs to, the end on `dir`'s side first: when both ends are
+    /// this host's (namespaces joined by a veth), the one that sent it for a packet captured
+    /// leaving, the one that received it for one captured arriving.
+    pub fn for_packet_from(&self, pkt: &WirePacket, dir: Dir) -> Option<(u64, Dir)> {
+        let mut ends = ends(pkt);
+        if ends[0].1 != dir {
+            ends.swap(0, 1);
+        }
+        ends.into_iter()
+            .find_map(|(key, end)| self.by_addr(&key).map(|info| (info.id, end)))
+    }
+
     /// Records a FIN on the connection it reached and the one that sent it, where known.
     pub fn note_fin(&mut self, pkt: &WirePacket) {
         if pkt.flags & tcp_flags::FIN == 0 {

@@ -475,7 +475,14 @@ impl Pipeline {
             };
             format!("tracer: {what} no kernel event claimed within the join window")
         });
-        let json = self.format.packet(&packet_line(&packet, retransmit, conn));
+        // On loopback the capture keeps one copy, whatever its direction; elsewhere the line
+        // names the end its direction is from (the other when only that one is ours).
+        let named = if packet.on_loopback {
+            conn
+        } else {
+            self.conns.for_packet_from(&packet, packet.dir)
+        };
+        let json = self.format.packet(&packet_line(&packet, retransmit, named));
         let written = match &mut self.timeline {
             Some(timeline) => {
                 timeline.hold(packet.mono_ns, json);
@@ -836,15 +843,13 @@ fn want_for(ev: &KernelEvent, flag: WantFlag, dir: Dir) -> Option<Want> {
     })
 }
 
-/// A `packet` line. On loopback every packet is both sent and received by this host, and the
-/// capture's direction only says which copy it kept (the arriving one with `--pid`): there the
-/// line's `dir` is the named connection's, as on the lines it would have joined (`out` when
-/// that socket sent it).
+/// A `packet` line. Its `dir` is the named connection's, as on the lines it would have joined
+/// (`out` when that socket sent it). On loopback every packet is both sent and received by
+/// this host, and the capture's direction only says which copy it kept (the arriving one with
+/// `--pid`); elsewhere the two differ only when both ends are this host's and the end on the
+/// capture's side is not known (namespaces joined by a veth).
 fn packet_line(p: &WirePacket, retransmit: bool, conn: Option<(u64, Dir)>) -> PacketLine<'_> {
-    let dir = match conn {
-        Some((_, dir)) if p.on_loopback => dir,
-        _ => p.dir,
-    };
+    let dir = conn.map_or(p.dir, |(_, dir)| dir);
     PacketLine {
         event: "packet",
         time: Time(p.wall_ns),
@@ -1158,6 +1163,36 @@ mod tests {
             p.poll(2_000 * MS, out);
         });
         assert!(!names(&out).contains(&"fin_received"), "{out:?}");
+    }
+
+    /// Both ends of a connection are this host's, in two namespaces joined by a veth: a FIN
+    /// captured leaving (`out`) that no event claimed names the end that sent it, not the
+    /// receiver (whose socket never sent an `out` packet).
+    #[test]
+    fn a_packet_line_names_the_end_its_direction_is_from() {
+        let out = lines(|p, out| {
+            p.kernel_event(ours(tcp_state::FIN_WAIT1, tcp_state::FIN_WAIT2, 10 * MS));
+            let mut sender = ours(tcp_state::CLOSE_WAIT, tcp_state::LAST_ACK, 20 * MS);
+            sender.conn_id = 2;
+            (sender.local, sender.remote) = (sender.remote, sender.local);
+            p.kernel_event(sender);
+            p.packet(peer_fin_out(600 * MS));
+            p.poll(2_000 * MS, out);
+        });
+        let conn_of = |event: &str| {
+            let line = out.iter().find(|v| v["event"] == event);
+            line.unwrap_or_else(|| panic!("{out:?}"))["conn"].clone()
+        };
+        let sender = out
+            .iter()
+            .find(|v| v["lport"] == 4000)
+            .expect("sender's line");
+        let packet = out
+            .iter()
+            .find(|v| v["event"] == "packet")
+            .expect("packet line");
+        assert_eq!(packet["dir"], "out", "{packet}");
+        assert_eq!(conn_of("packet"), sender["conn"], "{out:?}");
     }
 
     /// A keep-alive pool writes on a connection the server closed (idle timeout): the
@@ -1668,7 +1703,9 @@ mod tests {
 
     /// On loopback the capture keeps one copy of each packet (the arriving one with `--pid`),
     /// whose direction says nothing about who sent it: a `packet` line there takes its `dir`
-    /// from the connection it names. Our own late FIN is `out`, though captured arriving.
+    /// from the connection it names. Our own late FIN is `out`, though captured arriving. So
+    /// is one captured arriving on a veth from the namespace our socket is in: the line names
+    /// our connection, which sent it (it said `in`, with our connection).
     #[test]
     fn a_loopback_packet_line_has_its_connections_direction() {
         let out = lines(|p, out| {
@@ -1689,7 +1726,7 @@ mod tests {
         });
         assert_eq!(names(&out), ["state", "packet", "packet"], "{out:?}");
         assert_eq!(out[1]["dir"], "out", "{out:?}");
-        assert_eq!(out[2]["dir"], "in", "elsewhere the capture's: {out:?}");
+        assert_eq!(out[2]["dir"], "out", "{out:?}");
     }
 
     /// Our FIN_WAIT2 socket went to TIME_WAIT; the peer's FIN is derived from the wire once,
