@@ -212,6 +212,9 @@ pub struct SockLayout {
     /// `sk_socket` (a pointer): NULL for a connection never accepted (still in a listener's
     /// queue), which no call on a descriptor can be closing.
     pub socket: u16,
+    /// `sk_lock.owned` (an int): set while a task holds the socket's lock (lock_sock(), as
+    /// tcp_close() does); never while a softirq moves it, wherever that softirq runs.
+    pub owned: u16,
 }
 
 impl SockLayout {
@@ -228,6 +231,7 @@ impl SockLayout {
         shutdown: NONE,
         err: NONE,
         socket: NONE,
+        owned: NONE,
     };
 }
 

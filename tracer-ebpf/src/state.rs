@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    AF_INET, AF_INET6, EventKind, IPPROTO_TCP, SeedOwner, SockEvent, SockLayout, TupleLayout,
+    AF_INET, AF_INET6, EventKind, IPPROTO_TCP, NONE, SeedOwner, SockEvent, SockLayout, TupleLayout,
     counter, owner_source, syscall, tcp_state::*,
 };
 
@@ -440,11 +440,25 @@ pub fn never_accepted(sk: u64, info: &SockInfo) -> bool {
 }
 
 /// Whether this move to CLOSE is tcp_close()'s, in the current task's own context: tcp_close()
-/// sets `sk_shutdown` to SHUTDOWN_MASK first thing (as `closed_outside_calls` reads it).
+/// sets `sk_shutdown` to SHUTDOWN_MASK first thing (as `closed_outside_calls` reads it), and
+/// holds the socket's lock.
 #[inline(always)]
 fn tcp_close_in_task(sk: u64, context: Context) -> bool {
     const SHUTDOWN_MASK: u8 = 3;
-    runs_in_task(context) && kernel_read::<u8>(sk, setting!(sock.shutdown)) == Some(SHUTDOWN_MASK)
+    runs_in_task(context)
+        && kernel_read::<u8>(sk, setting!(sock.shutdown)) == Some(SHUTDOWN_MASK)
+        && locked_by_a_task(sk)
+}
+
+/// Whether a task holds the socket's lock (`sk_lock.owned`), as tcp_close() does: a softirq
+/// moves a socket only while no task holds it, also when it runs on a task's stack (in
+/// ksoftirqd, or where a task re-enabled bottom halves), and there a shutdown(SHUT_WR) and
+/// the peer's FIN leave `sk_shutdown` at SHUTDOWN_MASK too. True where the kernel's BTF did
+/// not say where the field is.
+#[inline(always)]
+fn locked_by_a_task(sk: u64) -> bool {
+    let owned = setting!(sock.owned);
+    owned == NONE || kernel_read::<u32>(sk, owned).is_some_and(|held| held != 0)
 }
 
 /// Whether `call`, if it is an exit, is the socket's own process exiting (or the socket has no

@@ -84,6 +84,8 @@ const MEMBERS: &[&str] = &[
     "sk_shutdown",
     "sk_err",
     "sk_socket",
+    "sk_lock",
+    "owned",
     "files",
     "fdt",
     "max_fds",
@@ -277,7 +279,37 @@ impl Btf {
             err: byte_offset(sock, "sk_err").unwrap_or(tracer_common::NONE),
             // Only to tell a connection never accepted: optional.
             socket: byte_offset(sock, "sk_socket").unwrap_or(tracer_common::NONE),
+            // Only to tell tcp_close() from a softirq in a task's context: optional.
+            owned: self.lock_owned_offset(sock).unwrap_or(tracer_common::NONE),
         })
+    }
+
+    /// Offset of `sk_lock.owned` in struct sock (`sk_lock` is a `socket_lock_t`, a typedef
+    /// of an anonymous struct).
+    fn lock_owned_offset(&self, sock: u32) -> anyhow::Result<u16> {
+        let lock = self
+            .find(sock, self.name("sk_lock"))?
+            .context("no member sk_lock")?;
+        let lock_type = self.without_typedefs(lock.type_id)?;
+        let owned = self.byte_offset(lock_type, "owned")?;
+        if lock.bit_offset % 8 != 0 || lock.bit_size != 0 {
+            bail!("sk_lock is not byte-aligned");
+        }
+        u16::try_from(lock.bit_offset / 8 + u32::from(owned)).context("sk_lock is past 64 KiB")
+    }
+
+    /// The type behind typedefs and qualifiers.
+    fn without_typedefs(&self, mut type_id: u32) -> anyhow::Result<u32> {
+        for _ in 0..16 {
+            let (kind, _, _, size_or_type) = self.head(type_id)?;
+            match kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    type_id = size_or_type
+                }
+                _ => return Ok(type_id),
+            }
+        }
+        bail!("type chain too long at {type_id}")
     }
 
     fn fd_layout(&self) -> anyhow::Result<FdLayout> {
@@ -408,18 +440,12 @@ impl Btf {
     }
 
     /// Size in bytes of an integer type, through typedefs and qualifiers.
-    fn int_size(&self, mut type_id: u32) -> anyhow::Result<u32> {
-        for _ in 0..16 {
-            let (kind, _, _, size_or_type) = self.head(type_id)?;
-            match kind {
-                KIND_INT => return Ok(size_or_type),
-                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    type_id = size_or_type
-                }
-                _ => bail!("type {type_id} is not an integer"),
-            }
+    fn int_size(&self, type_id: u32) -> anyhow::Result<u32> {
+        let resolved = self.without_typedefs(type_id)?;
+        match self.head(resolved)? {
+            (KIND_INT, _, _, size) => Ok(size),
+            _ => bail!("type {type_id} is not an integer"),
         }
-        bail!("type chain too long at {type_id}")
     }
 
     /// Kind, kind flag, vlen and the size-or-type word of a type.
@@ -528,6 +554,12 @@ mod tests {
         assert!(layout.v6_daddr > layout.family && layout.v6_rcv_saddr == layout.v6_daddr + 16);
         assert!(layout.protocol > layout.v6_rcv_saddr);
         assert!(matches!(layout.protocol_size, 1 | 2));
+        // socket_lock_t { spinlock_t slock; int owned; ... }, within struct sock proper.
+        assert!(
+            layout.owned > layout.family && layout.owned < layout.sport,
+            "{}",
+            layout.owned
+        );
     }
 
     #[test]

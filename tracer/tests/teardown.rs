@@ -1718,6 +1718,78 @@ if len(sys.argv) > 1:
     );
 }
 
+/// Receives namespace `ns`'s packets on interface `ifname` in a kernel thread of its own
+/// (threaded NAPI: `napi/IFNAME-N`, on its own task stack, as ksoftirqd is). A veth polls
+/// with NAPI only with GRO on, and only for segments its peer did not build with TSO.
+fn receive_in_a_napi_thread(ns: &str, ifname: &str, peer_ns: &str, peer_if: &str) {
+    common::sh(
+        "ip",
+        &["netns", "exec", ns, "ethtool", "-K", ifname, "gro", "on"],
+    );
+    for (n, i) in [(ns, ifname), (peer_ns, peer_if)] {
+        common::sh(
+            "ip",
+            &["netns", "exec", n, "ethtool", "-K", i, "tso", "off"],
+        );
+    }
+    let threaded = format!("/sys/class/net/{ifname}/threaded");
+    let set = format!("echo 1 > {threaded} && cat {threaded}");
+    let now = common::sh("ip", &["netns", "exec", ns, "sh", "-c", &set]);
+    assert_eq!(now.trim(), "1", "threaded NAPI on {ifname}");
+}
+
+/// A shut-down socket (shutdown(SHUT_WR), FIN_WAIT2) whose end comes with the peer's FIN
+/// processed in a kernel thread (threaded NAPI here; ksoftirqd under load): its move to CLOSE
+/// is a `state` line, and the application's close() later is its `close` (CLOSE -> CLOSE,
+/// the call and the descriptor). That move, on a task's stack with `sk_shutdown` at
+/// SHUTDOWN_MASK (ours, then the peer's FIN), was taken for tcp_close() in no call: a `close`
+/// line with `syscall` null at the peer's FIN, and none for the close.
+#[test]
+fn a_shut_down_sockets_end_in_a_kernel_thread_is_not_its_close() {
+    if !common::require_root() {
+        return;
+    }
+    let net = common::NetnsPair::new();
+    receive_in_a_napi_thread(&net.a, &net.a_if, &net.b, &net.b_if);
+    let (l, port) = net.in_b(|| common::listener("0.0.0.0:0"));
+    let mut tracer = tracer_for(port);
+    let target = format!("{}:{port}", net.b_v4);
+    let client = net.in_a(move || TcpStream::connect(target).unwrap());
+    let (server, _) = l.accept().unwrap();
+    let client_port = client.local_addr().unwrap().port();
+    client.shutdown(Shutdown::Write).unwrap();
+    tracer.wait_for(
+        |v| is(v, "state", client_port, port) && v["new_state"] == "FIN_WAIT2",
+        WAIT,
+    );
+    drop(server); // its FIN ends the client's FIN_WAIT2, received in the NAPI thread
+    tracer.wait_for(
+        |v| is(v, "state", client_port, port) && v["new_state"] == "CLOSE",
+        WAIT,
+    );
+    let fd = client.as_raw_fd();
+    drop(client);
+    tracer.wait_for(
+        |v| is(v, "close", client_port, port) && v["old_state"] == "CLOSE",
+        WAIT,
+    );
+    let out = tracer.stop();
+    let closes: Vec<(&Value, &Value, &Value)> = out
+        .lines_of("close", client_port, port)
+        .iter()
+        .map(|v| (&v["old_state"], &v["syscall"], &v["fd"]))
+        .collect();
+    assert_eq!(
+        closes,
+        [
+            (&"ESTABLISHED".into(), &"shutdown".into(), &fd.into()),
+            (&"CLOSE".into(), &"close".into(), &fd.into()),
+        ],
+        "{:?}",
+        out.lines_of("close", client_port, port)
+    );
+}
+
 /// Makes the kernel give `pid` (of a process that exited) to a new process, an untraced one,
 /// which connects to `port` and closes.
 fn take_pid_and_connect(pid: u32, port: u16) {

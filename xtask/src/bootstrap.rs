@@ -52,6 +52,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "nftables",
         "tests drop a FIN after the capture has seen it, so that the kernel retransmits it",
     ),
+    (
+        "ethtool",
+        "tests receive a veth's packets in a kernel thread (threaded NAPI needs GRO on)",
+    ),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

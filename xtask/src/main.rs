@@ -25,7 +25,8 @@ enum Task {
     /// Install what building and testing need (Debian packages, rust-src, bpf-linker).
     Bootstrap {
         /// Also the tools the tests use (tcpdump, bpftrace, libbpf-tools, iproute2, tshark,
-        /// python3): `test`, `bench` and `soak` install them; `build` and `run` need only the rest.
+        /// python3, nftables, ethtool): `test`, `bench` and `soak` install them; `build` and
+        /// `run` need only the rest.
         #[arg(long)]
         test_tools: bool,
     },
