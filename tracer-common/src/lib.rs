@@ -215,6 +215,10 @@ pub struct SockLayout {
     /// `sk_lock.owned` (an int): set while a task holds the socket's lock (lock_sock(), as
     /// tcp_close() does); never while a softirq moves it, wherever that softirq runs.
     pub owned: u16,
+    /// `skc_net` (a pointer to the socket's struct net).
+    pub net: u16,
+    /// `ns.inum` in struct net: the namespace's inode number, as /proc/PID/ns/net names it.
+    pub net_inum: u16,
 }
 
 impl SockLayout {
@@ -232,6 +236,8 @@ impl SockLayout {
         err: NONE,
         socket: NONE,
         owned: NONE,
+        net: NONE,
+        net_inum: NONE,
     };
 }
 
@@ -523,6 +529,9 @@ pub struct SeedOwner {
     pub pid: u32,
     pub tid: u32,
     pub comm: [u8; 16],
+    /// A listener's network namespace (its inode number; 0: unknown, or not a listener): a
+    /// connection accepted on the same port in another namespace is another listener's.
+    pub netns: u32,
 }
 
 /// Indexes of the per-CPU COUNTERS array.

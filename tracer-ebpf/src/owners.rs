@@ -18,7 +18,9 @@ use tracer_common::{SeedOwner, SockEvent, TupleKey, counter, owner_source};
 use crate::{
     calls::is_traced_process,
     capture_filter::watch,
-    emit::{CLASSIC_SLOT, Record, count, enter_raw, field, leave_raw, noop, scratch_event},
+    emit::{
+        CLASSIC_SLOT, Record, count, enter_raw, field, kernel_read, leave_raw, noop, scratch_event,
+    },
     setting,
     state::{SockFields, TupleSource},
 };
@@ -154,13 +156,38 @@ pub fn remember_listener(family: u16, port: u16, owner: &SeedOwner) {
     let _ = LISTENERS.insert(listener_key(family, port), owner, 0);
 }
 
-/// With `--pid`, a process not traced listens on (family, port): the port's connections no
-/// longer tell their owner by their listener (see FOREIGN_LISTEN_PORTS).
+/// With `--pid`, a process not traced listens on (family, port) with socket `sk`: the port's
+/// connections no longer tell their owner by their listener (see FOREIGN_LISTEN_PORTS). Not
+/// when the traced listener recorded there is in another network namespace: each namespace
+/// has its own port (every pod of a node listening on 8080).
 #[inline(always)]
-pub fn forget_listener_shared_with(family: u16, port: u16) {
+pub fn forget_listener_shared_with(sk: u64, family: u16, port: u16) {
+    let recorded = listener_owner(family, port);
+    if recorded.is_some_and(|owner| !same_netns(&owner, sk)) {
+        return;
+    }
     mark(&FOREIGN_LISTEN_PORTS, u32::from(port));
-    if listener_owner(family, port).is_some() {
+    if recorded.is_some() {
         let _ = LISTENERS.remove(listener_key(family, port));
+    }
+}
+
+/// The network namespace of socket `sk`: its inode number, as /proc/PID/ns/net names it (0
+/// where the kernel's BTF did not say where to read it).
+#[inline(always)]
+pub fn netns_of(sk: u64) -> u32 {
+    kernel_read::<u64>(sk, setting!(sock.net))
+        .and_then(|net| kernel_read::<u32>(net, setting!(sock.net_inum)))
+        .unwrap_or(0)
+}
+
+/// Whether socket `sk` is in the network namespace of the listener `owner` was recorded for
+/// (or either is unknown).
+#[inline(always)]
+pub fn same_netns(owner: &SeedOwner, sk: u64) -> bool {
+    owner.netns == 0 || {
+        let ns = netns_of(sk);
+        ns == 0 || ns == owner.netns
     }
 }
 
@@ -300,7 +327,11 @@ pub fn lookup_or_create(
     // SAFETY: a value copied out immediately.
     let inherited = unsafe { seeded.then(|| SEED.get(&key)).flatten() }
         .map(|o| (*o, owner_source::SEEDED))
-        .or_else(|| listener_owner(ev.family, ev.lport).map(|o| (o, owner_source::LISTENER)));
+        .or_else(|| {
+            listener_owner(ev.family, ev.lport)
+                .filter(|o| same_netns(o, skaddr))
+                .map(|o| (o, owner_source::LISTENER))
+        });
     let traced_owner = inherited.is_some_and(|(owner, _)| is_traced_owner(&owner));
     if !keep && !traced_owner {
         return None; // the caller counts the event as filtered

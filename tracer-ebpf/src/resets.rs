@@ -21,7 +21,7 @@ use crate::{
     held,
     owners::{
         SockInfo, current, destroyed_entry, fill_owner, is_destroyed_connection, keep_unowned,
-        listener_owner, lookup_or_create, may_concern_traced, note_traced, sock_entry,
+        listener_owner, lookup_or_create, may_concern_traced, note_traced, same_netns, sock_entry,
     },
     setting,
     state::{RecordFields, SockFields, TupleSource, family_and_port, never_accepted, read_tuple},
@@ -126,7 +126,7 @@ pub fn send_reset(ctx: TracePointContext) -> u32 {
     ev.reason = reason_of(&rec, &layout);
     ev.rst_ack = rst_ack_of(skb);
     if state == tcp_state::LISTEN && sk != 0 {
-        attribute_listener_reset(&rec, &layout, ev);
+        attribute_listener_reset(sk, &rec, &layout, ev);
         submit_socket(ev, false, CLASSIC_SLOT); // with --pid, the listener's owner decides
         return 0;
     }
@@ -214,13 +214,13 @@ fn may_concern_traced_reset(sk: u64, rec: &Record, layout: &ResetLayout) -> bool
 /// listener's, with no remote end); the listener's owner is the owner, and the daemon finds
 /// the connection by its addresses if it still remembers it.
 #[inline(always)]
-fn attribute_listener_reset(rec: &Record, layout: &ResetLayout, ev: &mut SockEvent) {
+fn attribute_listener_reset(sk: u64, rec: &Record, layout: &ResetLayout, ev: &mut SockEvent) {
     let (family, port) = (ev.family, ev.lport);
     if let Some(skb) = rec.get::<u64>(layout.skbaddr) {
         // Without the segment's headers the listener's own addresses stay.
         let _ = read_answered_tuple(skb, ev);
     }
-    if let Some(owner) = listener_owner(family, port) {
+    if let Some(owner) = listener_owner(family, port).filter(|o| same_netns(o, sk)) {
         ev.pid = owner.pid;
         ev.tid = owner.tid;
         ev.comm = owner.comm;

@@ -24,8 +24,9 @@ use crate::{
     held::{hold, waits_for_its_reset},
     owners::{
         Current, LISTENERS, RELEASED, RELEASED_MAYBE, SockInfo, claim, current, drop_stale_entry,
-        fill_owner, forget_listener_shared_with, keep_unowned, listener_key, listener_pid,
-        lookup_or_create, may_concern_traced, note_ports, note_traced, remember_listener,
+        fill_owner, forget_listener_shared_with, keep_unowned, listener_key, listener_owner,
+        lookup_or_create, may_concern_traced, netns_of, note_ports, note_traced, remember_listener,
+        same_netns,
     },
     setting,
 };
@@ -263,7 +264,7 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
     if old == CLOSE && new == LISTEN && !records_owner && setting!(filter_pids) != 0 {
         // Another process's listener on a traced listener's port (SO_REUSEPORT).
         let (family, port) = src.family_and_port()?;
-        forget_listener_shared_with(family, port);
+        forget_listener_shared_with(sk, family, port);
         return None;
     }
     // With --pid, the capture filter learns a traced connection when it is established.
@@ -302,8 +303,9 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
         }
     }
     // Looked up first: a delete takes the bucket lock even when there is nothing to delete.
-    let closing_listener =
-        old == LISTEN && new == CLOSE && listener_pid(ev.family, ev.lport).is_some();
+    let closing_listener = old == LISTEN
+        && new == CLOSE
+        && listener_owner(ev.family, ev.lport).is_some_and(|o| same_netns(&o, sk));
     let Some(info_ptr) = lookup_or_create(sk, ev, keep_unowned(&cur), true) else {
         if closing_listener {
             let _ = LISTENERS.remove(listener_key(ev.family, ev.lport));
@@ -636,6 +638,7 @@ fn remember_handshake_owner(
             pid: cur.pid,
             tid: cur.tid,
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            netns: netns_of(sk),
         };
         remember_listener(ev.family, ev.lport, &owner);
         return;

@@ -46,6 +46,7 @@ const STRUCTS: &[&str] = &[
     "sk_buff",
     "inet_timewait_sock",
     "timer_list",
+    "net",
 ];
 const SOCK: usize = 0;
 const SOCK_COMMON: usize = 1;
@@ -59,6 +60,7 @@ const PT_REGS: usize = 8;
 const SK_BUFF: usize = 9;
 const INET_TIMEWAIT_SOCK: usize = 10;
 const TIMER_LIST: usize = 11;
+const NET: usize = 12;
 
 /// `struct pt_regs`' syscall number and first argument, by architecture (the first argument's
 /// own register is overwritten by the return value; these keep it).
@@ -86,6 +88,9 @@ const MEMBERS: &[&str] = &[
     "sk_socket",
     "sk_lock",
     "owned",
+    "skc_net",
+    "ns",
+    "inum",
     "files",
     "fdt",
     "max_fds",
@@ -260,6 +265,7 @@ impl Btf {
         if protocol.bit_offset % 8 != 0 || !matches!(protocol_size, 1 | 2) {
             bail!("sk_protocol is neither a byte nor a u16");
         }
+        let net = self.netns_offsets(common).ok();
         // The fields inet_sock_set_state's own record is filled from (skc_num and
         // skc_rcv_saddr would not do: a socket's port is released, num set to 0, just before
         // its move to CLOSE).
@@ -281,7 +287,28 @@ impl Btf {
             socket: byte_offset(sock, "sk_socket").unwrap_or(tracer_common::NONE),
             // Only to tell tcp_close() from a softirq in a task's context: optional.
             owned: self.lock_owned_offset(sock).unwrap_or(tracer_common::NONE),
+            // Only to tell listeners on one port in different namespaces apart: optional.
+            net: net.map_or(tracer_common::NONE, |(net, _)| net),
+            net_inum: net.map_or(tracer_common::NONE, |(_, inum)| inum),
         })
+    }
+
+    /// Offsets of a socket's namespace pointer (`skc_net`, a `possible_net_t` holding a
+    /// `struct net *`) and, in struct net, of its inode number (`ns.inum`, as
+    /// /proc/PID/ns/net names the namespace).
+    fn netns_offsets(&self, common: u32) -> anyhow::Result<(u16, u16)> {
+        let skc_net = self
+            .find(common, self.name("skc_net"))?
+            .context("no member skc_net")?;
+        let pointer = self.byte_offset(self.without_typedefs(skc_net.type_id)?, "net")?;
+        let ns = self
+            .find(self.struct_id(NET)?, self.name("ns"))?
+            .context("struct net has no ns")?;
+        let inum = self.byte_offset(self.without_typedefs(ns.type_id)?, "inum")?;
+        let at = |m: &Member, within: u16| {
+            u16::try_from(m.bit_offset / 8 + u32::from(within)).context("past 64 KiB")
+        };
+        Ok((at(&skc_net, pointer)?, at(&ns, inum)?))
     }
 
     /// Offset of `sk_lock.owned` in struct sock (`sk_lock` is a `socket_lock_t`, a typedef
@@ -560,6 +587,13 @@ mod tests {
             "{}",
             layout.owned
         );
+        // skc_net lies in sock_common, past the addresses and ports; ns.inum in struct net.
+        assert!(
+            layout.net > layout.family && layout.net < layout.v6_daddr,
+            "{}",
+            layout.net
+        );
+        assert!(layout.net_inum != tracer_common::NONE && layout.net_inum < 256);
     }
 
     #[test]

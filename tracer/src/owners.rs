@@ -532,6 +532,8 @@ fn process_owner(pid: u32) -> Option<SeedOwner> {
         pid,
         tid: pid,
         comm: bytes,
+        // The inode number of the namespace file is the namespace's (ns.inum).
+        netns: netns_of(pid).map_or(0, |(_, inode)| inode as u32),
     })
 }
 
@@ -576,6 +578,7 @@ mod tests {
             pid,
             tid: pid,
             comm: [0; 16],
+            netns: 0,
         };
         // Master 100 (parent 1) forked workers 101 and 102; 300 holds it apart (passed over a
         // unix socket), with no parent among the holders and a higher pid.

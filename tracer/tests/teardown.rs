@@ -1790,6 +1790,63 @@ fn a_shut_down_sockets_end_in_a_kernel_thread_is_not_its_close() {
     );
 }
 
+/// `--pid` of a server listening on a port that another process also listens on, in another
+/// network namespace (every pod of a node listening on 8080): that one's connections are not
+/// the traced server's, whether both listened before the tracer started (seeded) or the
+/// traced one after it (recorded by the programs) and the other then. They were reported as
+/// the traced server's (`owner: "listener"`, found by port alone), or the other's listen made
+/// the traced listener's own connections unattributed.
+#[test]
+fn pid_of_a_listener_is_not_another_namespaces_listener_on_its_port() {
+    if !common::require_root() {
+        return;
+    }
+    const LISTEN_ON_GO: &str = r#"
+import os, socket, sys, time
+print(os.getpid(), flush=True)
+sys.stdin.read(1)
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(8)
+print(l.getsockname()[1], flush=True)
+time.sleep(60)
+"#;
+    for seeded in [true, false] {
+        let mut traced = common::Script::spawn(LISTEN_ON_GO, &[]);
+        let other_ns = common::NetnsPeer::new();
+        let listen_in_both = |traced: &mut common::Script| {
+            traced.go();
+            let port: u16 = traced.line().parse().expect("the traced listener's port");
+            let other = other_ns.in_ns(move || TcpListener::bind(("127.0.0.1", port)).unwrap());
+            (port, other)
+        };
+        let mut ready = None;
+        if seeded {
+            ready = Some(listen_in_both(&mut traced));
+        }
+        let pid = traced.pid.to_string();
+        let mut tracer = common::Tracer::start(&["--no-capture", "--pid", &pid]);
+        tracer.wait_ready(WAIT);
+        let (port, _other) = ready.unwrap_or_else(|| listen_in_both(&mut traced));
+        let to_the_other = other_ns.in_ns(move || TcpStream::connect(("127.0.0.1", port)).unwrap());
+        let other_client = to_the_other.local_addr().unwrap().port();
+        drop(to_the_other);
+        let to_the_traced = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let traced_client = to_the_traced.local_addr().unwrap().port();
+        drop(to_the_traced);
+        let fin = tracer.wait_for(|v| is(v, "fin_received", port, traced_client), WAIT);
+        assert_eq!(fin["pid"], traced.pid, "seeded {seeded}: {fin}");
+        let out = tracer.stop();
+        let others: Vec<&Value> = out
+            .lines
+            .iter()
+            .filter(|v| v["lport"] == port && v["rport"] == other_client)
+            .collect();
+        assert!(others.is_empty(), "seeded {seeded}: {others:?}");
+        traced.stop();
+    }
+}
+
 /// Makes the kernel give `pid` (of a process that exited) to a new process, an untraced one,
 /// which connects to `port` and closes.
 fn take_pid_and_connect(pid: u32, port: u16) {
