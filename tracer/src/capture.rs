@@ -65,6 +65,10 @@ pub struct WirePacket {
     pub flags: u8,
     pub seq: u32,
     pub ack: u32,
+    /// The sequence number after its data (`seq` plus the payload's length): a FIN's own.
+    /// A FIN sent again with more or less of the data before it (a tail-loss probe resends
+    /// only the last segment's worth) has another `seq` and the same `data_end`.
+    pub data_end: u32,
     pub iface: Arc<str>,
     pub dir: Dir,
     /// The captured link, IP and TCP headers (never payload), for `-w FILE.pcapng`.
@@ -517,6 +521,7 @@ impl Reader {
             flags: p.flags,
             seq: p.seq,
             ack: p.ack,
+            data_end: p.seq.wrapping_add(p.payload_len),
             iface,
             dir: p.dir,
             headers,
@@ -569,6 +574,8 @@ pub struct Parsed {
     pub ifindex: Option<u32>,
     /// Length of the link, IP and TCP headers within the captured bytes (payload excluded).
     pub headers_len: usize,
+    /// The TCP payload's length, from the IP header's lengths (the payload is not captured).
+    pub payload_len: u32,
 }
 
 /// Parses link, IP and TCP headers; None for anything else or a truncated header.
@@ -595,7 +602,7 @@ pub fn parse_packet(linktype: i32, data: &[u8]) -> Option<Parsed> {
         DLT_EN10MB => (be16(data, 12)?, Dir::In, None, data.get(14..)?),
         _ => return None,
     };
-    let (src_ip, dst_ip, tcp) = match ethertype {
+    let (src_ip, dst_ip, tcp, tcp_len) = match ethertype {
         0x0800 => parse_ipv4(ip)?,
         0x86DD => parse_ipv6(ip)?,
         _ => return None,
@@ -604,6 +611,7 @@ pub fn parse_packet(linktype: i32, data: &[u8]) -> Option<Parsed> {
     let headers_len = (data.len() - tcp.len() + tcp_header_len).min(data.len());
     Some(Parsed {
         headers_len,
+        payload_len: tcp_len.saturating_sub(tcp_header_len) as u32,
         src: SocketAddr::new(src_ip, be16(tcp, 0)?),
         dst: SocketAddr::new(dst_ip, be16(tcp, 2)?),
         seq: be32(tcp, 4)?,
@@ -643,26 +651,34 @@ fn direction(pkttype: u8) -> Dir {
     }
 }
 
-fn parse_ipv4(ip: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])> {
+/// Source, destination, the TCP header onwards (as captured) and the TCP segment's length
+/// (as the IP header gives it).
+type IpParts<'a> = (IpAddr, IpAddr, &'a [u8], usize);
+
+fn parse_ipv4(ip: &[u8]) -> Option<IpParts<'_>> {
     let ihl = (*ip.first()? & 0x0f) as usize * 4;
     if ip.first()? >> 4 != 4 || *ip.get(9)? != 6 || ihl < 20 {
         return None;
     }
+    let total_len = usize::from(be16(ip, 2)?);
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], *ip.get(15)?);
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], *ip.get(19)?);
-    Some((src.into(), dst.into(), ip.get(ihl..)?))
+    let tcp_len = total_len.saturating_sub(ihl);
+    Some((src.into(), dst.into(), ip.get(ihl..)?, tcp_len))
 }
 
-fn parse_ipv6(ip: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])> {
+fn parse_ipv6(ip: &[u8]) -> Option<IpParts<'_>> {
     if ip.first()? >> 4 != 6 || *ip.get(6)? != 6 {
         return None; // not TCP right after the fixed header (extension headers unsupported)
     }
+    let payload_len = usize::from(be16(ip, 4)?);
     let src: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
     let dst: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
     Some((
         Ipv6Addr::from(src).into(),
         Ipv6Addr::from(dst).into(),
         ip.get(40..)?,
+        payload_len,
     ))
 }
 
@@ -723,6 +739,20 @@ mod tests {
         h.extend_from_slice(&ethertype.to_be_bytes());
         h.extend_from_slice(ip);
         h
+    }
+
+    /// Only the headers are captured: the payload's length comes from the IP header's.
+    #[test]
+    fn the_payload_length_comes_from_the_ip_header() {
+        let seg = tcp(8080, 40000, 1000, 2000, tcp_flags::FIN | tcp_flags::ACK);
+        let mut v4 = ipv4([10, 0, 0, 1], [10, 0, 0, 2], &seg);
+        v4[2..4].copy_from_slice(&(40u16 + 632).to_be_bytes());
+        let p = parse_packet(DLT_LINUX_SLL2, &sll2(0x0800, 7, 0, &v4)).unwrap();
+        assert_eq!(p.payload_len, 632);
+        let mut v6 = ipv6(Ipv6Addr::LOCALHOST, Ipv6Addr::LOCALHOST, &seg);
+        v6[4..6].copy_from_slice(&(20u16 + 5).to_be_bytes());
+        let p = parse_packet(DLT_LINUX_SLL2, &sll2(0x86DD, 7, 0, &v6)).unwrap();
+        assert_eq!(p.payload_len, 5);
     }
 
     #[test]

@@ -405,12 +405,12 @@ impl ConnTable {
         let mut known = false;
         for (key, dir) in ends(pkt) {
             if let Some(info) = self.by_addr_mut(&key) {
-                info.fin_seq[dir as usize] = pkt.seq;
+                info.fin_seq[dir as usize] = pkt.data_end;
                 info.fin_seen |= 1 << dir as usize;
                 known = true;
             }
         }
-        let stray = (pkt.src, pkt.dst, pkt.seq);
+        let stray = (pkt.src, pkt.dst, pkt.data_end);
         if !known && self.stray_set.insert(stray) {
             self.stray_fins.push_back(stray);
             if self.stray_fins.len() > STRAY_FINS
@@ -428,8 +428,8 @@ impl ConnTable {
             && (ends(pkt).into_iter().any(|(key, dir)| {
                 let i = dir as usize;
                 self.by_addr(&key)
-                    .is_some_and(|c| c.fin_seen & (1 << i) != 0 && c.fin_seq[i] == pkt.seq)
-            }) || self.stray_set.contains(&(pkt.src, pkt.dst, pkt.seq)))
+                    .is_some_and(|c| c.fin_seen & (1 << i) != 0 && c.fin_seq[i] == pkt.data_end)
+            }) || self.stray_set.contains(&(pkt.src, pkt.dst, pkt.data_end)))
     }
 
     pub fn expire(&mut self, now_ns: u64) {
@@ -530,6 +530,7 @@ mod tests {
             dst: dst.parse().unwrap(),
             flags: tcp_flags::RST,
             seq: 1,
+            data_end: 1,
             ack: 0,
             iface: std::sync::Arc::from("lo"),
             on_loopback: true,

@@ -245,7 +245,7 @@ fn taken_fin_seq(entries: &[PacketEntry], want: &Want) -> Option<u32> {
         .iter()
         .rev()
         .find(|e| e.flags & tcp_flags::FIN != 0)
-        .map(|e| e.seq)
+        .map(|e| e.data_end)
 }
 
 /// Whether a RST with `seq` is at or before the FIN its receiver had taken (`fin_seq`): once
@@ -299,6 +299,22 @@ fn copy_at_another_point<'a>(
     })
 }
 
+/// What tells a segment from another: its flags, acknowledgement and sequence number; for a
+/// FIN, the FIN's own (`data_end`): one sent again with more or less of the data before it (a
+/// tail-loss probe resends only the last segment's worth) is the same FIN.
+fn segment_of(p: &WirePacket) -> (u32, u32, u8) {
+    segment_id(p.seq, p.data_end, p.ack, p.flags)
+}
+
+fn segment_id(seq: u32, data_end: u32, ack: u32, flags: u8) -> (u32, u32, u8) {
+    let seq = if flags & tcp_flags::FIN != 0 {
+        data_end
+    } else {
+        seq
+    };
+    (seq, ack, flags)
+}
+
 fn slot(dir: Dir) -> usize {
     match dir {
         Dir::Out => 0,
@@ -339,6 +355,8 @@ struct PacketEntry {
     last_mono: u64,
     flags: u8,
     seq: u32,
+    /// Where its data ends: a FIN's own sequence number (see `WirePacket::data_end`).
+    data_end: u32,
     ack: u32,
     first_mono: u64,
     /// Event ids that claimed it, as sender (0) and receiver (1).
@@ -358,6 +376,7 @@ impl PacketEntry {
             last_mono: pkt.mono_ns,
             flags: pkt.flags,
             seq: pkt.seq,
+            data_end: pkt.data_end,
             ack: pkt.ack,
             first_mono: pkt.mono_ns,
             claimed: [None, None],
@@ -398,7 +417,12 @@ impl PacketEntry {
     }
 
     fn same_segment(&self, p: &WirePacket) -> bool {
-        self.seq == p.seq && self.ack == p.ack && self.flags == p.flags
+        self.segment() == segment_of(p)
+    }
+
+    /// What tells the segment from another (see `segment_of`).
+    fn segment(&self) -> (u32, u32, u8) {
+        segment_id(self.seq, self.data_end, self.ack, self.flags)
     }
 
     fn fully_claimed(&self) -> bool {
@@ -715,7 +739,7 @@ impl<T> Joiner<T> {
         entry.claim(want.dir, id);
         let packet_id = entry.id;
         let retransmission = entry.retransmit;
-        let (segment, taken_at) = ((entry.seq, entry.ack, entry.flags), entry.first_mono);
+        let (segment, taken_at) = (entry.segment(), entry.first_mono);
         schedule_early_expiry(&mut self.early_order, entry, path);
         // Retransmissions of that segment the capture handed over before this event came
         // (a tail-loss probe milliseconds after the FIN): this event's to count, as when they
@@ -723,7 +747,7 @@ impl<T> Joiner<T> {
         let mut later_copies = 0;
         for e in entries.iter_mut().filter(|e| {
             e.retransmit
-                && (e.seq, e.ack, e.flags) == segment
+                && e.segment() == segment
                 && e.first_mono > taken_at
                 && e.claimed[slot(want.dir)].is_none()
         }) {
@@ -1160,6 +1184,7 @@ mod tests {
             dst: a(dst),
             flags,
             seq,
+            data_end: seq,
             ack: 7,
             iface: Arc::from("lo"),
             on_loopback: true,
@@ -1363,6 +1388,27 @@ mod tests {
             let joined = (&*w.packet.iface, w.retransmits);
             assert_eq!(joined, ("veth-a", 1), "event first: {event_first}");
         }
+    }
+
+    /// A tail-loss probe sends the last segment's worth of data again with the FIN: another
+    /// sequence number, the same FIN (where the data ends). A retransmission, counted on the
+    /// close that joined the first, not a `packet` line of a FIN never seen.
+    #[test]
+    fn a_fin_sent_again_with_less_data_before_it_is_the_same_fin() {
+        let mut j = Joiner::new(W, 1000);
+        let with_data = |seq, len, mono| WirePacket {
+            data_end: seq + len,
+            only_copy: true,
+            ..pkt(C, S, FIN, seq, mono, Dir::Out)
+        };
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        j.push_packet(with_data(1000, 13_664, 100 * MS + 10_000));
+        j.push_packet(with_data(14_032, 632, 120 * MS));
+        let out = j.poll(900 * MS);
+        assert!(packets(&out).is_empty(), "{:?}", packets(&out));
+        let ev = events(out);
+        let w = ev[0].1.as_ref().expect("joined");
+        assert_eq!((w.packet.seq, w.retransmits), (1000, 1));
     }
 
     /// A client's close sends its RST (an active reset: RST+ACK), and the kernel answers the

@@ -163,6 +163,7 @@ mod tests {
             dst: "10.0.0.2:80".parse().unwrap(),
             flags: crate::capture::tcp_flags::FIN,
             seq,
+            data_end: seq,
             ack: 1,
             iface: Arc::from(iface),
             dir: Dir::Out,

@@ -936,6 +936,7 @@ mod tests {
             dst: "10.0.0.2:4000".parse().unwrap(),
             flags: tcp_flags::RST | tcp_flags::ACK,
             seq: 42,
+            data_end: 42,
             ack: 1,
             iface: StdArc::from("veth0"),
             on_loopback: false,
@@ -1250,6 +1251,7 @@ mod tests {
             dst: dst.parse().unwrap(),
             flags: tcp_flags::FIN | tcp_flags::ACK,
             seq,
+            data_end: seq,
             ..rst_packet(mono)
         }
     }
@@ -2039,6 +2041,7 @@ mod throughput {
             dst: client,
             flags: tcp_flags::RST | tcp_flags::ACK,
             seq: i as u32,
+            data_end: i as u32,
             ack: 1,
             iface: shared.iface.clone(),
             dir: Dir::Out,
