@@ -1697,24 +1697,48 @@ if len(sys.argv) > 1:
     exiting.go();
     exiting.wait();
     take_pid_and_connect(exiting.pid, port);
+    let case = format!("with {extra_pids} more pids");
+    let staying_pid = staying.pid;
+    let close_the_traced = || {
+        staying.go();
+        assert_eq!(staying.line(), "closed");
+    };
+    let reused = exiting.pid;
+    only_the_traced_close_is_reported(
+        tracer,
+        &listener,
+        staying_pid,
+        close_the_traced,
+        reused,
+        &case,
+    );
+}
+
+/// After a process given the pid `reused` connected to `listener` and closed: the traced
+/// process `traced` connects to it and closes (`close_the_traced`); its close is reported,
+/// under its pid, and nothing under the reused pid.
+fn only_the_traced_close_is_reported(
+    mut tracer: common::Tracer,
+    listener: &TcpListener,
+    traced: u32,
+    close_the_traced: impl FnOnce(),
+    reused: u32,
+    case: &str,
+) {
+    let port = listener.local_addr().unwrap().port();
     let (mut reused_conn, _) = listener.accept().unwrap();
     common::read_to_eof(&mut reused_conn);
-    staying.go();
-    assert_eq!(staying.line(), "closed");
+    close_the_traced();
     let (mut traced_conn, _) = listener.accept().unwrap();
     common::read_to_eof(&mut traced_conn);
     let close = tracer.wait_for(|v| v["event"] == "close" && v["rport"] == port, WAIT);
-    assert_eq!(close["pid"], staying.pid, "{close}");
+    assert_eq!(close["pid"], traced, "{case}: {close}");
     drop((reused_conn, traced_conn));
     let out = tracer.stop();
-    let of_the_reused_pid: Vec<&Value> = out
-        .lines
-        .iter()
-        .filter(|v| v["pid"] == exiting.pid)
-        .collect();
+    let of_the_reused_pid: Vec<&Value> = out.lines.iter().filter(|v| v["pid"] == reused).collect();
     assert!(
         of_the_reused_pid.is_empty(),
-        "with {extra_pids} more pids: {of_the_reused_pid:?}"
+        "{case}: {of_the_reused_pid:?}"
     );
 }
 
@@ -1886,9 +1910,14 @@ fn a_followed_childs_pid_given_to_a_new_process_is_not_followed() {
     }
     let (listener, port) = listener();
     let port_arg = port.to_string();
+    // The script is told to go on twice: stdin once, then this file.
+    let go_on = std::env::temp_dir()
+        .join(format!("tracer-go-on-{}-{port}", std::process::id()))
+        .to_string_lossy()
+        .into_owned();
     let mut parent = common::Script::spawn(
         r#"
-import os, socket, sys
+import os, socket, sys, time
 print(os.getpid(), flush=True)
 sys.stdin.read(1)
 child = os.fork()
@@ -1896,12 +1925,13 @@ if child == 0:
     os._exit(0)
 os.waitpid(child, 0)
 print(child, flush=True)
-sys.stdin.read(1)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
 socket.create_connection(("127.0.0.1", int(sys.argv[1]))).close()
 print("closed", flush=True)
-sys.stdin.read(1)
+time.sleep(60)
 "#,
-        &[&port_arg],
+        &[&port_arg, &go_on],
     );
     let parent_pid = parent.pid.to_string();
     let mut tracer =
@@ -1910,18 +1940,15 @@ sys.stdin.read(1)
     parent.go();
     let child: u32 = parent.line().parse().expect("the child's pid");
     take_pid_and_connect(child, port);
-    let (mut reused_conn, _) = listener.accept().unwrap();
-    common::read_to_eof(&mut reused_conn);
-    parent.go();
-    assert_eq!(parent.line(), "closed");
-    let (mut traced_conn, _) = listener.accept().unwrap();
-    common::read_to_eof(&mut traced_conn);
-    let close = tracer.wait_for(|v| v["event"] == "close" && v["rport"] == port, WAIT);
-    assert_eq!(close["pid"], parent.pid, "{close}");
-    drop((reused_conn, traced_conn));
-    let out = tracer.stop();
-    let of_the_reused_pid: Vec<&Value> = out.lines.iter().filter(|v| v["pid"] == child).collect();
-    assert!(of_the_reused_pid.is_empty(), "{of_the_reused_pid:?}");
+    let parent_pid = parent.pid;
+    let close_the_traced = || {
+        std::fs::write(&go_on, "").unwrap();
+        assert_eq!(parent.line(), "closed");
+    };
+    let case = "a forked child's pid";
+    only_the_traced_close_is_reported(tracer, &listener, parent_pid, close_the_traced, child, case);
+    let _ = std::fs::remove_file(&go_on);
+    parent.stop();
 }
 
 /// More sockets than the owner table has entries (made small here; sized to the host at
