@@ -26,7 +26,7 @@ use crate::{
         Current, LISTENERS, RELEASED, RELEASED_MAYBE, SockInfo, claim, current, drop_stale_entry,
         fill_owner, forget_listener_shared_with, keep_unowned, listener_key, listener_owner,
         lookup_or_create, may_concern_traced, netns_of, note_ports, note_traced, remember_listener,
-        same_netns,
+        same_netns, sock_entry,
     },
     setting,
 };
@@ -273,6 +273,9 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
     // `remember_handshake_owner`).
     let accepted = old == SYN_RECV && new == ESTABLISHED;
     if is_handshake(new) && !records_owner && !watches && !accepted && setting!(all_states) == 0 {
+        if old == SYN_SENT && new == ESTABLISHED {
+            note_connected(sk);
+        }
         return None;
     }
     if !may_concern_traced(sk, &cur, || src.family_and_port()) {
@@ -659,7 +662,24 @@ fn remember_handshake_owner(
     if connects {
         claim(info, cur);
     }
+    if setting!(all_states) == 0 {
+        // Since when it is in SYN_SENT or ESTABLISHED: a connect abandoned or refused, and a
+        // connection's end, say how long (its line's `duration_ns`). With --all-states the
+        // move's own line takes that time first, and `handle` stores it after.
+        info.state_since_ns = ev.ts_ns;
+    }
     if watches && (info.traced != 0 || is_traced_process(info.pid)) {
         watch(ev, slot);
+    }
+}
+
+/// A connect() done (SYN_SENT -> ESTABLISHED) of a socket that has an entry (made at its
+/// connect): since when it is established, for its end's `duration_ns` (with --pid such a
+/// move takes `remember_handshake_owner`'s way, which stores it).
+#[inline(always)]
+fn note_connected(sk: u64) {
+    if let Some(info) = sock_entry(sk) {
+        // SAFETY: entry pointer from the map; only events of this socket write it.
+        unsafe { (*info).state_since_ns = bpf_ktime_get_ns() };
     }
 }
