@@ -529,9 +529,12 @@ pub struct SeedOwner {
     pub pid: u32,
     pub tid: u32,
     pub comm: [u8; 16],
-    /// A listener's network namespace (its inode number; 0: unknown, or not a listener): a
-    /// connection accepted on the same port in another namespace is another listener's.
-    pub netns: u32,
+}
+
+/// The key of a listener's owner (LISTENERS): its network namespace's inode number (as
+/// /proc/PID/ns/net names it; 0 where the programs cannot read it), family and port.
+pub const fn listener_key(netns: u32, family: u16, port: u16) -> u64 {
+    ((netns as u64) << 32) | ((family as u64) << 16) | port as u64
 }
 
 /// Indexes of the per-CPU COUNTERS array.

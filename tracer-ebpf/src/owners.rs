@@ -125,10 +125,11 @@ pub fn mark(marks: &Array<u8>, index: u32) {
     }
 }
 
-/// Owner of each listening socket by (family << 16 | port): accepted children inherit it until
-/// the accepting process touches them.
+/// Owner of each listening socket by its network namespace, family and port (`listener_key`):
+/// accepted children inherit it until the accepting process touches them. A port is a
+/// namespace's own: every pod of a node may listen on 8080.
 #[map]
-pub static LISTENERS: HashMap<u32, SeedOwner> = HashMap::with_max_entries(4096, 0);
+pub static LISTENERS: HashMap<u64, SeedOwner> = HashMap::with_max_entries(4096, 0);
 
 /// Ports that have (or had) a listener in LISTENERS, by port: 1 once one was recorded, never
 /// cleared (another listener may share the port). With `--pid`, an event of a socket on any
@@ -145,30 +146,25 @@ pub static LISTEN_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 #[map]
 pub static FOREIGN_LISTEN_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 
-/// Records a listener's owner, unless a process not traced listens on its port too.
+/// Records the owner of listener `sk`, unless a process not traced listens on its port too.
 #[inline(always)]
-pub fn remember_listener(family: u16, port: u16, owner: &SeedOwner) {
+pub fn remember_listener(sk: u64, family: u16, port: u16, owner: &SeedOwner) {
     if setting!(filter_pids) != 0 && is_marked(&FOREIGN_LISTEN_PORTS, u32::from(port)) {
         return;
     }
     // Marked first: a lookup that sees the mark finds the entry once it is in.
     mark(&LISTEN_PORTS, u32::from(port));
-    let _ = LISTENERS.insert(listener_key(family, port), owner, 0);
+    let _ = LISTENERS.insert(listener_key(netns_of(sk), family, port), owner, 0);
 }
 
 /// With `--pid`, a process not traced listens on (family, port) with socket `sk`: the port's
-/// connections no longer tell their owner by their listener (see FOREIGN_LISTEN_PORTS). Not
-/// when the traced listener recorded there is in another network namespace: each namespace
-/// has its own port (every pod of a node listening on 8080).
+/// connections no longer tell their owner by their listener (see FOREIGN_LISTEN_PORTS). A
+/// traced listener recorded in another network namespace keeps its entry.
 #[inline(always)]
 pub fn forget_listener_shared_with(sk: u64, family: u16, port: u16) {
-    let recorded = listener_owner(family, port);
-    if recorded.is_some_and(|owner| !same_netns(&owner, sk)) {
-        return;
-    }
     mark(&FOREIGN_LISTEN_PORTS, u32::from(port));
-    if recorded.is_some() {
-        let _ = LISTENERS.remove(listener_key(family, port));
+    if listener_owner(sk, family, port).is_some() {
+        let _ = LISTENERS.remove(listener_key(netns_of(sk), family, port));
     }
 }
 
@@ -179,16 +175,6 @@ pub fn netns_of(sk: u64) -> u32 {
     kernel_read::<u64>(sk, setting!(sock.net))
         .and_then(|net| kernel_read::<u32>(net, setting!(sock.net_inum)))
         .unwrap_or(0)
-}
-
-/// Whether socket `sk` is in the network namespace of the listener `owner` was recorded for
-/// (or either is unknown).
-#[inline(always)]
-pub fn same_netns(owner: &SeedOwner, sk: u64) -> bool {
-    owner.netns == 0 || {
-        let ns = netns_of(sk);
-        ns == 0 || ns == owner.netns
-    }
 }
 
 /// Owners of connections that existed before the tracer started, seeded from /proc.
@@ -220,9 +206,11 @@ pub fn new_conn_id() -> u64 {
     unsafe { ((bpf_get_prandom_u32() as u64) << 32) | bpf_get_prandom_u32() as u64 }
 }
 
+/// LISTENERS' key: the namespace's inode number (0 where unknown: `netns_of`), the family
+/// and the port. The daemon's seeding writes the same (`tracer_common::listener_key`).
 #[inline(always)]
-pub fn listener_key(family: u16, lport: u16) -> u32 {
-    ((family as u32) << 16) | lport as u32
+pub fn listener_key(netns: u32, family: u16, lport: u16) -> u64 {
+    tracer_common::listener_key(netns, family, lport)
 }
 
 /// Whether a socket nobody is known to own is worth a table entry: always without `--pid`;
@@ -257,31 +245,33 @@ pub fn may_concern_traced(
     if is_marked(&SEED_PORTS, u32::from(port)) {
         return true; // it may be a seeded connection: lookup_or_create looks in SEED
     }
-    has_traced_listener(family, port)
+    has_traced_listener(sk, family, port)
 }
 
 /// Whether the listener on (family, port) was recorded for a traced process: what it accepts
 /// inherits a traced owner.
 #[inline(always)]
-fn has_traced_listener(family: u16, port: u16) -> bool {
-    listener_pid(family, port).is_some_and(is_traced_process)
+fn has_traced_listener(sk: u64, family: u16, port: u16) -> bool {
+    listener_pid(sk, family, port).is_some_and(is_traced_process)
 }
 
-/// The owner recorded for the listener on (family, port), if any. Looked up only on a port
-/// that ever had one (LISTEN_PORTS): most sockets' ports never did.
+/// The owner recorded for the listener on (family, port) in the network namespace of socket
+/// `sk`, if any. Looked up only on a port that ever had one (LISTEN_PORTS): most sockets'
+/// ports never did.
 #[inline(always)]
-pub fn listener_owner(family: u16, port: u16) -> Option<SeedOwner> {
+pub fn listener_owner(sk: u64, family: u16, port: u16) -> Option<SeedOwner> {
     if !is_marked(&LISTEN_PORTS, u32::from(port)) {
         return None;
     }
+    let key = listener_key(netns_of(sk), family, port);
     // SAFETY: the value is copied out at once.
-    unsafe { LISTENERS.get(listener_key(family, port)) }.copied()
+    unsafe { LISTENERS.get(&key) }.copied()
 }
 
-/// The pid of the listener's owner on (family, port), if any (see `listener_owner`).
+/// The pid of the listener's owner (see `listener_owner`).
 #[inline(always)]
-pub fn listener_pid(family: u16, port: u16) -> Option<u32> {
-    listener_owner(family, port).map(|o| o.pid)
+pub fn listener_pid(sk: u64, family: u16, port: u16) -> Option<u32> {
+    listener_owner(sk, family, port).map(|o| o.pid)
 }
 
 /// Looks the socket up, creating its entry (with an owner from the listener or the seed table
@@ -328,9 +318,7 @@ pub fn lookup_or_create(
     let inherited = unsafe { seeded.then(|| SEED.get(&key)).flatten() }
         .map(|o| (*o, owner_source::SEEDED))
         .or_else(|| {
-            listener_owner(ev.family, ev.lport)
-                .filter(|o| same_netns(o, skaddr))
-                .map(|o| (o, owner_source::LISTENER))
+            listener_owner(skaddr, ev.family, ev.lport).map(|o| (o, owner_source::LISTENER))
         });
     let traced_owner = inherited.is_some_and(|(owner, _)| is_traced_owner(&owner));
     if !keep && !traced_owner {
@@ -642,8 +630,8 @@ fn forget(sk: u64, info: *mut SockInfo) {
     let (family, port, pid) =
         unsafe { ((*info).closed_listener_family, (*info).lport, (*info).pid) };
     // Unless another process listens on the port by now.
-    if family != 0 && listener_pid(family, port) == Some(pid) {
-        let _ = LISTENERS.remove(listener_key(family, port));
+    if family != 0 && listener_pid(sk, family, port) == Some(pid) {
+        let _ = LISTENERS.remove(listener_key(netns_of(sk), family, port));
     }
     let _ = SOCKS.remove(sk);
 }

@@ -21,7 +21,7 @@ use crate::{
     held,
     owners::{
         SockInfo, current, destroyed_entry, fill_owner, is_destroyed_connection, keep_unowned,
-        listener_owner, lookup_or_create, may_concern_traced, note_traced, same_netns, sock_entry,
+        listener_owner, lookup_or_create, may_concern_traced, note_traced, sock_entry,
     },
     setting,
     state::{RecordFields, SockFields, TupleSource, family_and_port, never_accepted, read_tuple},
@@ -220,7 +220,7 @@ fn attribute_listener_reset(sk: u64, rec: &Record, layout: &ResetLayout, ev: &mu
         // Without the segment's headers the listener's own addresses stay.
         let _ = read_answered_tuple(skb, ev);
     }
-    if let Some(owner) = listener_owner(family, port).filter(|o| same_netns(o, sk)) {
+    if let Some(owner) = listener_owner(sk, family, port) {
         ev.pid = owner.pid;
         ev.tid = owner.tid;
         ev.comm = owner.comm;

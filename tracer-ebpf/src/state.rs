@@ -26,7 +26,7 @@ use crate::{
         Current, LISTENERS, RELEASED, RELEASED_MAYBE, SockInfo, claim, current, drop_stale_entry,
         fill_owner, forget_listener_shared_with, keep_unowned, listener_key, listener_owner,
         lookup_or_create, may_concern_traced, netns_of, note_ports, note_traced, remember_listener,
-        same_netns, sock_entry,
+        sock_entry,
     },
     setting,
 };
@@ -306,12 +306,11 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
         }
     }
     // Looked up first: a delete takes the bucket lock even when there is nothing to delete.
-    let closing_listener = old == LISTEN
-        && new == CLOSE
-        && listener_owner(ev.family, ev.lport).is_some_and(|o| same_netns(&o, sk));
+    let closing_listener =
+        old == LISTEN && new == CLOSE && listener_owner(sk, ev.family, ev.lport).is_some();
     let Some(info_ptr) = lookup_or_create(sk, ev, keep_unowned(&cur), true) else {
         if closing_listener {
-            let _ = LISTENERS.remove(listener_key(ev.family, ev.lport));
+            let _ = LISTENERS.remove(listener_key(netns_of(sk), ev.family, ev.lport));
         }
         if setting!(filter_pids) != 0 {
             count(counter::FILTERED);
@@ -641,9 +640,8 @@ fn remember_handshake_owner(
             pid: cur.pid,
             tid: cur.tid,
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
-            netns: netns_of(sk),
         };
-        remember_listener(ev.family, ev.lport, &owner);
+        remember_listener(sk, ev.family, ev.lport, &owner);
         return;
     }
     let connects = by_a_traced_task && new == SYN_SENT;

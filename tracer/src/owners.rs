@@ -35,7 +35,14 @@ pub struct SeedReport {
 
 /// Seeds the kernel tables for `pids`, or for every process when `pids` is empty, `lineage`
 /// being the traced processes' (see `lineage`).
-pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<SeedReport> {
+/// `netns_known`: whether the programs read a socket's network namespace (LISTENERS' keys
+/// carry it then).
+pub fn seed(
+    ebpf: &mut Ebpf,
+    pids: &[u32],
+    lineage: &Lineage,
+    netns_known: bool,
+) -> anyhow::Result<SeedReport> {
     let only_traced = !pids.is_empty();
     // Holders of a traced listener that change nothing (see `shared_with_others`): the traced
     // processes, their children, and their ancestors, which passed a listener on (systemd
@@ -92,7 +99,7 @@ pub fn seed(ebpf: &mut Ebpf, pids: &[u32], lineage: &Lineage) -> anyhow::Result<
             marks.set(u32::from(port), 1, 0)?;
         }
     }
-    let unseeded = write_seed(ebpf, &conns, &listeners)?;
+    let unseeded = write_seed(ebpf, &conns, &listeners, netns_known)?;
     if only_traced {
         watch_seeded(ebpf, &conns)?;
     }
@@ -111,6 +118,7 @@ fn write_seed(
     ebpf: &mut Ebpf,
     conns: &[(TcpSocket, SeedOwner)],
     listeners: &[(TcpSocket, SeedOwner)],
+    netns_known: bool,
 ) -> anyhow::Result<usize> {
     let mut seed: BpfHashMap<_, TupleKey, SeedOwner> =
         BpfHashMap::try_from(ebpf.map_mut("SEED").context("SEED map missing")?)?;
@@ -121,7 +129,7 @@ fn write_seed(
     // The programs look in SEED only for sockets on these ports (with --pid, other sockets of
     // the host are not looked up by address at all).
     mark_ports(ebpf, "SEED_PORTS", conns)?;
-    let mut table: BpfHashMap<_, u32, SeedOwner> =
+    let mut table: BpfHashMap<_, u64, SeedOwner> =
         BpfHashMap::try_from(ebpf.map_mut("LISTENERS").context("LISTENERS map missing")?)?;
     for (sock, owner) in listeners {
         let family = if sock.local.0.is_ipv4() {
@@ -129,7 +137,14 @@ fn write_seed(
         } else {
             AF_INET6
         };
-        let _ = table.insert(((family as u32) << 16) | sock.local.1 as u32, *owner, 0);
+        // The namespace file's inode number is the namespace's (ns.inum, as the programs read
+        // it from the socket).
+        let netns = netns_known
+            .then(|| netns_of(owner.pid).ok())
+            .flatten()
+            .map_or(0, |(_, inode)| inode as u32);
+        let key = tracer_common::listener_key(netns, family, sock.local.1);
+        let _ = table.insert(key, *owner, 0);
     }
     // The programs look a listener up only on ports marked here.
     mark_ports(ebpf, "LISTEN_PORTS", listeners)?;
@@ -532,8 +547,6 @@ fn process_owner(pid: u32) -> Option<SeedOwner> {
         pid,
         tid: pid,
         comm: bytes,
-        // The inode number of the namespace file is the namespace's (ns.inum).
-        netns: netns_of(pid).map_or(0, |(_, inode)| inode as u32),
     })
 }
 
@@ -578,7 +591,6 @@ mod tests {
             pid,
             tid: pid,
             comm: [0; 16],
-            netns: 0,
         };
         // Master 100 (parent 1) forked workers 101 and 102; 300 holds it apart (passed over a
         // unix socket), with no parent among the holders and a higher pid.

@@ -202,7 +202,9 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
     let lineage = owners::lineage(&settings.pids);
     owners::follow_children(&mut loaded.ebpf, &lineage.children)
         .context("following the traced processes' running children")?;
-    let seeded = owners::seed(&mut loaded.ebpf, &settings.pids, &lineage)
+    let sock = &options.config.sock;
+    let netns_known = sock.net != tracer_common::NONE && sock.net_inum != tracer_common::NONE;
+    let seeded = owners::seed(&mut loaded.ebpf, &settings.pids, &lineage, netns_known)
         .context("seeding owners of existing connections")?;
     warn_about_seeding(&seeded, options.tables.seed, !settings.pids.is_empty());
     warn_about_pids(&settings.pids);
