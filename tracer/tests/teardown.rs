@@ -1909,6 +1909,61 @@ time.sleep(60)
     }
 }
 
+/// A connection the tracer saw begin says at its end how long it was established (the close,
+/// the peer's FIN), and a connect() given up says how long it waited in SYN_SENT: each line's
+/// `duration_ns`, null before for both (the moves into those states give no line), with and
+/// without `--pid`. The test's own sleeps bound them from below.
+#[test]
+fn an_end_says_how_long_the_connection_lived_and_a_connect_given_up_how_long_it_waited() {
+    if !common::require_root() {
+        return;
+    }
+    const LIVED: Duration = Duration::from_millis(300);
+    const WAITED: Duration = Duration::from_millis(200);
+    let within = |line: &Value, at_least: Duration| {
+        let took = line["duration_ns"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{line}"));
+        let at_least = at_least.as_nanos() as u64;
+        assert!(
+            took >= at_least && took < at_least + 5_000_000_000,
+            "{line}"
+        );
+    };
+    // An address on a veth's subnet that nobody has: its SYN waits for an ARP answer.
+    let net = common::NetnsPeer::new();
+    let nobody = format!("{}.77", net.root_v4.rsplit_once('.').unwrap().0);
+    for with_pid in [false, true] {
+        let (listener, port) = listener();
+        let mut tracer = if with_pid {
+            tracer_for_pid(me()).0
+        } else {
+            tracer_for(port)
+        };
+        let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let client_port = client.local_addr().unwrap().port();
+        std::thread::sleep(LIVED);
+        drop(client);
+        within(
+            &tracer.wait_for(|v| is(v, "close", client_port, port), WAIT),
+            LIVED,
+        );
+        within(
+            &tracer.wait_for(|v| is(v, "fin_received", port, client_port), WAIT),
+            LIVED,
+        );
+        drop(server);
+        let target = format!("{nobody}:{port}").parse().unwrap();
+        let given_up = TcpStream::connect_timeout(&target, WAITED).unwrap_err();
+        assert_eq!(given_up.kind(), std::io::ErrorKind::TimedOut);
+        let close = tracer.wait_for(|v| v["event"] == "close" && v["raddr"] == *nobody, WAIT);
+        assert_eq!(close["old_state"], "SYN_SENT", "{close}");
+        within(&close, WAITED);
+        stops_cleanly(tracer);
+    }
+}
+
 /// Makes the kernel give `pid` (of a process that exited) to a new process, an untraced one,
 /// which connects to `port` and closes.
 fn take_pid_and_connect(pid: u32, port: u16) {
