@@ -378,11 +378,10 @@ impl ConnTable {
         }
     }
 
-    /// The connection a packet belongs to, and whether this host's socket received it.
+    /// The connection a packet belongs to, and whether this host's socket received it (the
+    /// receiving end first).
     pub fn for_packet(&self, pkt: &WirePacket) -> Option<(u64, Dir)> {
-        ends(pkt)
-            .into_iter()
-            .find_map(|(key, dir)| self.by_addr(&key).map(|info| (info.id, dir)))
+        self.for_packet_from(pkt, Dir::In)
     }
 
     /// The connection a packet belongs to, the end on `dir`'s side first: when both ends are

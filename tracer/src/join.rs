@@ -278,10 +278,7 @@ fn copy_of<'a>(
     path: &PathKey,
     pkt: &WirePacket,
 ) -> Option<&'a mut PacketEntry> {
-    packets
-        .get_mut(path)?
-        .iter_mut()
-        .find(|e| e.same_segment(pkt) && e.first_mono.abs_diff(pkt.mono_ns) <= DUPLICATE_NS)
+    packets.get_mut(path)?.iter_mut().find(|e| e.is_copy(pkt))
 }
 
 /// The stored packet `pkt` is a further copy of: the same segment within DUPLICATE_NS, seen
@@ -294,9 +291,10 @@ fn copy_at_another_point<'a>(
     path: &PathKey,
     pkt: &WirePacket,
 ) -> Option<&'a mut PacketEntry> {
-    packets.get_mut(path)?.iter_mut().find(|e| {
-        e.same_segment(pkt) && e.first_mono.abs_diff(pkt.mono_ns) <= DUPLICATE_NS && !e.seen_at(pkt)
-    })
+    packets
+        .get_mut(path)?
+        .iter_mut()
+        .find(|e| e.is_copy(pkt) && !e.seen_at(pkt))
 }
 
 /// What tells a segment from another: its flags, acknowledgement and sequence number; for a
@@ -384,6 +382,11 @@ impl PacketEntry {
             only_copy: pkt.only_copy,
             points: smallvec::smallvec![(pkt.iface.clone(), pkt.dir)],
         }
+    }
+
+    /// Whether `pkt` is the same segment, within DUPLICATE_NS of its first copy.
+    fn is_copy(&self, pkt: &WirePacket) -> bool {
+        self.same_segment(pkt) && self.first_mono.abs_diff(pkt.mono_ns) <= DUPLICATE_NS
     }
 
     /// Whether a copy of the entry was seen where `pkt` was.
