@@ -414,6 +414,27 @@ fn wait_file_contains(path: &std::path::Path, needle: &str) {
 
 /// Stops a tracer whose stdout the test reads (SIGINT), reads the rest of its lines and
 /// checks that it ended well, with its summary last.
+/// The tracer for `port` (kernel events only, and `extra`), its stdout piped and its ready
+/// line read: the test decides when, or whether, it reads on. Its stderr is dropped (a
+/// stalled consumer makes it say so, at length).
+fn tracer_with_stdout_piped(
+    port: u16,
+    extra: &[&str],
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(TRACER)
+        .args(["--no-capture", "--port", &port.to_string()])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("\"ready\""), "{first}");
+    (child, stdout)
+}
+
 fn interrupt_and_read_the_rest(
     mut child: std::process::Child,
     stdout: BufReader<std::process::ChildStdout>,
@@ -436,15 +457,7 @@ fn a_stalled_consumer_loses_lines_counted_exactly() {
     }
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    let mut child = Command::new(TRACER)
-        .args(["--no-capture", "--port", &port.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    stdout.read_line(&mut first).unwrap();
-    assert!(first.contains("\"ready\""));
+    let (child, stdout) = tracer_with_stdout_piped(port, &[]);
     // Nobody reads stdout now: the pipe (64 KiB) and the output queue fill up.
     let made = reset_churn(&l, port, Duration::from_secs(6));
     let rss = rss_kib(child.id());
@@ -503,17 +516,7 @@ fn metrics_count_output_loss_while_the_consumer_is_stalled() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let addr = free_local_addr();
-    let mut child = Command::new(TRACER)
-        .args(["--no-capture", "--port", &port.to_string()])
-        .args(["--metrics", &addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    stdout.read_line(&mut first).unwrap();
-    assert!(first.contains("\"ready\""));
+    let (child, stdout) = tracer_with_stdout_piped(port, &["--metrics", &addr]);
     // Nobody reads stdout: lines are dropped, and no `lost` line can be written yet.
     reset_churn(&l, port, Duration::from_secs(6));
     let output_lost = |text: &str| metric(text, "tracer_lost_events_total", "source=\"output\"");
