@@ -164,14 +164,22 @@ pub fn remember_listener(sk: u64, family: u16, port: u16, owner: &SeedOwner) {
 pub fn forget_listener_shared_with(sk: u64, family: u16, port: u16) {
     mark(&FOREIGN_LISTEN_PORTS, u32::from(port));
     if listener_owner(sk, family, port).is_some() {
-        let _ = LISTENERS.remove(listener_key(netns_of(sk), family, port));
+        forget_listener(sk, family, port);
     }
+}
+
+/// Removes the owner recorded for the listener on (family, port) in the network namespace of
+/// socket `sk`. (Callers look it up first: a delete takes the bucket lock even when there is
+/// nothing to delete.)
+#[inline(always)]
+pub fn forget_listener(sk: u64, family: u16, port: u16) {
+    let _ = LISTENERS.remove(listener_key(netns_of(sk), family, port));
 }
 
 /// The network namespace of socket `sk`: its inode number, as /proc/PID/ns/net names it (0
 /// where the kernel's BTF did not say where to read it).
 #[inline(always)]
-pub fn netns_of(sk: u64) -> u32 {
+fn netns_of(sk: u64) -> u32 {
     kernel_read::<u64>(sk, setting!(sock.net))
         .and_then(|net| kernel_read::<u32>(net, setting!(sock.net_inum)))
         .unwrap_or(0)
@@ -209,7 +217,7 @@ pub fn new_conn_id() -> u64 {
 /// LISTENERS' key: the namespace's inode number (0 where unknown: `netns_of`), the family
 /// and the port. The daemon's seeding writes the same (`tracer_common::listener_key`).
 #[inline(always)]
-pub fn listener_key(netns: u32, family: u16, lport: u16) -> u64 {
+fn listener_key(netns: u32, family: u16, lport: u16) -> u64 {
     tracer_common::listener_key(netns, family, lport)
 }
 
@@ -631,7 +639,7 @@ fn forget(sk: u64, info: *mut SockInfo) {
         unsafe { ((*info).closed_listener_family, (*info).lport, (*info).pid) };
     // Unless another process listens on the port by now.
     if family != 0 && listener_pid(sk, family, port) == Some(pid) {
-        let _ = LISTENERS.remove(listener_key(netns_of(sk), family, port));
+        forget_listener(sk, family, port);
     }
     let _ = SOCKS.remove(sk);
 }

@@ -23,9 +23,9 @@ use crate::{
     },
     held::{hold, waits_for_its_reset},
     owners::{
-        Current, LISTENERS, RELEASED, RELEASED_MAYBE, SockInfo, claim, current, drop_stale_entry,
-        fill_owner, forget_listener_shared_with, keep_unowned, listener_key, listener_owner,
-        lookup_or_create, may_concern_traced, netns_of, note_ports, note_traced, remember_listener,
+        Current, RELEASED, RELEASED_MAYBE, SockInfo, claim, current, drop_stale_entry, fill_owner,
+        forget_listener, forget_listener_shared_with, keep_unowned, listener_owner,
+        lookup_or_create, may_concern_traced, note_ports, note_traced, remember_listener,
         sock_entry,
     },
     setting,
@@ -310,7 +310,7 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
         old == LISTEN && new == CLOSE && listener_owner(sk, ev.family, ev.lport).is_some();
     let Some(info_ptr) = lookup_or_create(sk, ev, keep_unowned(&cur), true) else {
         if closing_listener {
-            let _ = LISTENERS.remove(listener_key(netns_of(sk), ev.family, ev.lport));
+            forget_listener(sk, ev.family, ev.lport);
         }
         if setting!(filter_pids) != 0 {
             count(counter::FILTERED);
