@@ -537,6 +537,12 @@ pub const fn listener_key(netns: u32, family: u16, port: u16) -> u64 {
     ((netns as u64) << 32) | ((family as u64) << 16) | port as u64
 }
 
+/// The key of a port where a process not traced listens (FOREIGN_LISTENERS): the port in its
+/// network namespace, whatever the family (a dual-stack listener takes both).
+pub const fn foreign_listener_key(netns: u32, port: u16) -> u64 {
+    listener_key(netns, 0, port)
+}
+
 /// Indexes of the per-CPU COUNTERS array.
 pub mod counter {
     /// A ring-buffer reservation failed: an event was lost.

@@ -17,7 +17,7 @@ use tracer_common::{AF_INET, AF_INET6, SockEvent, TupleKey};
 
 use crate::{
     emit::{SLOTS, ports_pass},
-    owners::{FOREIGN_LISTEN_PORTS, LISTEN_PORTS, is_marked, mark},
+    owners::{LISTEN_PORTS, is_marked, mark},
     setting,
 };
 
@@ -228,8 +228,9 @@ fn passes(ctx: &SkBuffContext) -> Option<bool> {
     )
 }
 
-/// A FIN or RST arriving at the port of a traced process's listener (with `--pid` only traced
-/// listeners are recorded; not where an untraced process listens too). Its connection may not
+/// A FIN or RST arriving at a port where a traced process's listener was recorded (with
+/// `--pid` only traced listeners are; the port may be another namespace's, or shared with an
+/// untraced listener since: a packet has no namespace here). Its connection may not
 /// be watched yet: with TCP_DEFER_ACCEPT (Apache's default) the server's socket is created by
 /// the client's first data, or by its FIN when it sends none (a health check, a port probe),
 /// microseconds after this filter saw that FIN. What passes for another connection on the port
@@ -238,9 +239,7 @@ fn passes(ctx: &SkBuffContext) -> Option<bool> {
 fn arrives_at_a_traced_listener(ctx: &SkBuffContext, dport: u16) -> bool {
     // SAFETY: a read of the program's context, which the verifier rewrites to the skb's field.
     let pkt_type = unsafe { (*ctx.skb.skb).pkt_type };
-    pkt_type != PACKET_OUTGOING
-        && is_marked(&LISTEN_PORTS, u32::from(dport))
-        && !is_marked(&FOREIGN_LISTEN_PORTS, u32::from(dport))
+    pkt_type != PACKET_OUTGOING && is_marked(&LISTEN_PORTS, u32::from(dport))
 }
 
 /// A RST with ACK and sequence number 0: the answer to a SYN (a connect() refused). The

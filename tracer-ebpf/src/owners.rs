@@ -138,31 +138,43 @@ pub static LISTENERS: HashMap<u64, SeedOwner> = HashMap::with_max_entries(4096, 
 #[map]
 pub static LISTEN_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 
-/// With `--pid`, ports where a process not traced listens too (its own listener: SO_REUSEPORT,
-/// or another address): 1 once one was seen, by the daemon's seeding or the programs, never
-/// cleared. A traced listener on such a port is not recorded: the kernel spreads the port's
-/// connections over every listener, so what was accepted does not tell whose it is (each is
-/// traced once a traced process acts on it).
+/// With `--pid`, the ports where a process not traced listens too (its own listener:
+/// SO_REUSEPORT, or another address), each in its network namespace: keyed by `listener_key`
+/// with family 0 (a dual-stack listener takes both families' connections). Set by the
+/// daemon's seeding or the programs, never cleared. A traced listener on such a port of its
+/// namespace is not recorded: the kernel spreads the port's connections over every listener,
+/// so what was accepted does not tell whose it is (each is traced once a traced process acts
+/// on it). Another pod's listener on the same port does not count: its namespace differs.
 #[map]
-pub static FOREIGN_LISTEN_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+pub static FOREIGN_LISTENERS: HashMap<u64, u8> = HashMap::with_max_entries(4096, 0);
 
 /// Records the owner of listener `sk`, unless a process not traced listens on its port too.
 #[inline(always)]
 pub fn remember_listener(sk: u64, family: u16, port: u16, owner: &SeedOwner) {
-    if setting!(filter_pids) != 0 && is_marked(&FOREIGN_LISTEN_PORTS, u32::from(port)) {
+    let netns = netns_of(sk);
+    // SAFETY: only whether an entry exists is read.
+    if setting!(filter_pids) != 0
+        && unsafe { FOREIGN_LISTENERS.get(&tracer_common::foreign_listener_key(netns, port)) }
+            .is_some()
+    {
         return;
     }
     // Marked first: a lookup that sees the mark finds the entry once it is in.
     mark(&LISTEN_PORTS, u32::from(port));
-    let _ = LISTENERS.insert(listener_key(netns_of(sk), family, port), owner, 0);
+    let _ = LISTENERS.insert(listener_key(netns, family, port), owner, 0);
 }
 
 /// With `--pid`, a process not traced listens on (family, port) with socket `sk`: the port's
-/// connections no longer tell their owner by their listener (see FOREIGN_LISTEN_PORTS). A
-/// traced listener recorded in another network namespace keeps its entry.
+/// connections in that namespace no longer tell their owner by their listener (see
+/// FOREIGN_LISTENERS). A traced listener recorded in another network namespace keeps its
+/// entry.
 #[inline(always)]
 pub fn forget_listener_shared_with(sk: u64, family: u16, port: u16) {
-    mark(&FOREIGN_LISTEN_PORTS, u32::from(port));
+    let _ = FOREIGN_LISTENERS.insert(
+        tracer_common::foreign_listener_key(netns_of(sk), port),
+        1,
+        0,
+    );
     if listener_owner(sk, family, port).is_some() {
         forget_listener(sk, family, port);
     }

@@ -89,15 +89,14 @@ pub fn seed(
     let mut shared_listeners = 0;
     if only_traced {
         let shared = shared_with_others(&listeners, &expected);
-        let foreign = foreign_listen_ports(by_netns.values(), &listeners);
+        let foreign = foreign_listen_ports(&by_netns, &listeners, netns_known);
         let traced = listeners.len();
-        listeners
-            .retain(|(sock, _)| !shared.contains(&sock.inode) && !foreign.contains(&sock.local.1));
+        listeners.retain(|(sock, owner)| {
+            !shared.contains(&sock.inode)
+                && !foreign.contains(&(netns_key(owner.pid, netns_known), sock.local.1))
+        });
         shared_listeners = traced - listeners.len();
-        let mut marks = byte_array(ebpf, "FOREIGN_LISTEN_PORTS")?;
-        for &port in &foreign {
-            marks.set(u32::from(port), 1, 0)?;
-        }
+        mark_foreign_listeners(ebpf, &foreign)?;
     }
     let unseeded = write_seed(ebpf, &conns, &listeners, netns_known)?;
     if only_traced {
@@ -137,12 +136,7 @@ fn write_seed(
         } else {
             AF_INET6
         };
-        // The namespace file's inode number is the namespace's (ns.inum, as the programs read
-        // it from the socket).
-        let netns = netns_known
-            .then(|| netns_of(owner.pid).ok())
-            .flatten()
-            .map_or(0, |(_, inode)| inode as u32);
+        let netns = netns_key(owner.pid, netns_known);
         let key = tracer_common::listener_key(netns, family, sock.local.1);
         let _ = table.insert(key, *owner, 0);
     }
@@ -379,20 +373,52 @@ fn shared_with_others(
         .collect()
 }
 
-/// The ports on which a listener that no traced process holds listens, in the traced
-/// processes' network namespaces (`tables`): another service's own listener on a traced
-/// listener's port (SO_REUSEPORT, or another address) takes some of the port's connections,
-/// so what is accepted there does not tell its owner (see the programs' FOREIGN_LISTEN_PORTS).
-fn foreign_listen_ports<'t>(
-    tables: impl Iterator<Item = &'t HashMap<u64, TcpSocket>>,
+/// The ports on which a listener that no traced process holds listens, each in its namespace
+/// (`netns_key`), in the traced processes' network namespaces (`tables`): another service's
+/// own listener on a traced listener's port (SO_REUSEPORT, or another address) takes some of
+/// the port's connections there, so what is accepted does not tell its owner (see the
+/// programs' FOREIGN_LISTENERS). Another namespace's listener on the port takes none.
+fn foreign_listen_ports(
+    tables: &HashMap<Option<(u64, u64)>, HashMap<u64, TcpSocket>>,
     traced: &[(TcpSocket, SeedOwner)],
-) -> HashSet<u16> {
+    netns_known: bool,
+) -> HashSet<(u32, u16)> {
     let traced: HashSet<u64> = traced.iter().map(|(sock, _)| sock.inode).collect();
-    tables
-        .flat_map(|table| table.values())
-        .filter(|sock| sock.state == tcp_state::LISTEN && !traced.contains(&sock.inode))
-        .map(|sock| sock.local.1)
-        .collect()
+    let mut foreign = HashSet::new();
+    for (netns, table) in tables {
+        let netns = netns
+            .filter(|_| netns_known)
+            .map_or(0, |(_, inode)| inode as u32);
+        foreign.extend(
+            table
+                .values()
+                .filter(|sock| sock.state == tcp_state::LISTEN && !traced.contains(&sock.inode))
+                .map(|sock| (netns, sock.local.1)),
+        );
+    }
+    foreign
+}
+
+/// Writes the ports of `foreign_listen_ports` into the programs' FOREIGN_LISTENERS.
+fn mark_foreign_listeners(ebpf: &mut Ebpf, foreign: &HashSet<(u32, u16)>) -> anyhow::Result<()> {
+    let mut table: BpfHashMap<_, u64, u8> = BpfHashMap::try_from(
+        ebpf.map_mut("FOREIGN_LISTENERS")
+            .context("FOREIGN_LISTENERS map missing")?,
+    )?;
+    for &(netns, port) in foreign {
+        table.insert(tracer_common::foreign_listener_key(netns, port), 1, 0)?;
+    }
+    Ok(())
+}
+
+/// The network namespace of process `pid` as the programs key their listener tables: the
+/// namespace file's inode number, which is the namespace's `ns.inum` as the programs read it
+/// from a socket; 0 where they cannot read it (`netns_known` false) or the process is gone.
+fn netns_key(pid: u32, netns_known: bool) -> u32 {
+    netns_known
+        .then(|| netns_of(pid).ok())
+        .flatten()
+        .map_or(0, |(_, inode)| inode as u32)
 }
 
 /// A listener several processes hold (a pre-forked server's master and workers) is recorded
@@ -601,6 +627,37 @@ mod tests {
         // Workers only (the master not scanned, or gone): the lowest of them.
         let top = topmost_holder(holders[..2].to_vec(), &parent_of).unwrap();
         assert_eq!(top.1.pid, 101);
+    }
+
+    #[test]
+    fn an_untraced_listener_shares_its_port_only_in_its_own_namespace() {
+        let listener = |port, inode| TcpSocket {
+            local: ("0.0.0.0".parse().unwrap(), port),
+            remote: ("0.0.0.0".parse().unwrap(), 0),
+            state: tcp_state::LISTEN,
+            inode,
+        };
+        let owner = SeedOwner {
+            pid: 7,
+            tid: 7,
+            comm: [0; 16],
+        };
+        // Namespace 11 holds the traced listener on 8080 (inode 1); namespace 12 (another
+        // traced process's) an untraced one on 8080 and one on 9090.
+        let table = |socks: &[TcpSocket]| socks.iter().map(|s| (s.inode, s.clone())).collect();
+        let tables = HashMap::from([
+            (Some((3, 11)), table(&[listener(8080, 1)])),
+            (
+                Some((3, 12)),
+                table(&[listener(8080, 2), listener(9090, 3)]),
+            ),
+        ]);
+        let traced = [(listener(8080, 1), owner)];
+        let foreign = foreign_listen_ports(&tables, &traced, true);
+        assert_eq!(foreign, HashSet::from([(12, 8080), (12, 9090)]));
+        // Where the programs cannot read a socket's namespace, all are one.
+        let foreign = foreign_listen_ports(&tables, &traced, false);
+        assert_eq!(foreign, HashSet::from([(0, 8080), (0, 9090)]));
     }
 
     #[test]

@@ -1817,10 +1817,13 @@ fn a_shut_down_sockets_end_in_a_kernel_thread_is_not_its_close() {
 /// `--pid` of servers listening on one port in different network namespaces (every pod of a
 /// node listening on 8080): each namespace's connections are its own listener's, whether that
 /// one is traced too (a second `--pid`) or not, and whether both listened before the tracer
-/// started (seeded) or after (recorded by the programs). Before, another namespace's
-/// connections were reported as the traced server's (`owner: "listener"`, found by port
-/// alone), the other's listen left the traced listener's connections unattributed, and of two
-/// traced listeners one was recorded: the other's connections not yet accepted went unreported.
+/// started (seeded) or after (recorded by the programs), and whichever listened first. Before,
+/// another namespace's connections were reported as the traced server's (`owner: "listener"`,
+/// found by port alone), the other's listen left the traced listener's connections
+/// unattributed, of two traced listeners one was recorded (the other's connections not yet
+/// accepted went unreported), and an untraced listener's port was marked shared in every
+/// namespace: a traced listener on it later was not recorded, its connections not yet
+/// accepted unreported.
 #[test]
 fn listeners_on_one_port_in_different_namespaces_keep_their_own_connections() {
     if !common::require_root() {
@@ -1843,21 +1846,46 @@ l.listen(8)
 print(l.getsockname()[1], flush=True)
 time.sleep(60)
 "#;
-    for (seeded, other_traced) in [(true, false), (false, false), (true, true), (false, true)] {
-        let case = format!("seeded {seeded}, the other traced {other_traced}");
+    for (seeded, other_traced, other_first) in [
+        (true, false, false),
+        (false, false, false),
+        (false, false, true),
+        (true, true, false),
+        (false, true, false),
+    ] {
+        let case = format!(
+            "seeded {seeded}, the other traced {other_traced}, the other first {other_first}"
+        );
         let other_ns = common::NetnsPeer::new();
         let ns_path = format!("/var/run/netns/{}", other_ns.ns);
         // The traced listener takes a free port here; the other's namespace is new, where
         // any port is free: it reads the port from this file.
         let port_file = std::env::temp_dir().join(format!("tracer-port-{}", other_ns.ns));
         let from_file = format!("@{}", port_file.display());
-        let mut traced = common::Script::spawn(LISTEN_ON_GO, &["0"]);
+        let traced_port = if other_first { from_file.as_str() } else { "0" };
+        let mut traced = common::Script::spawn(LISTEN_ON_GO, &[traced_port]);
         let mut other =
             other_traced.then(|| common::Script::spawn(LISTEN_ON_GO, &[&from_file, &ns_path]));
         let mut pids = vec![traced.pid];
         pids.extend(other.as_ref().map(|s| s.pid));
         let mut other_listener = None;
         let mut listen_in_both = || -> u16 {
+            if other_first {
+                // A port free here, held until the other listens on it in its namespace (not
+                // by a listener: this process's would mark the port shared here).
+                let (probe, port) = common::reserved_port();
+                let listener = other_ns.in_ns(move || TcpListener::bind(("127.0.0.1", port)));
+                other_listener = Some(listener.unwrap());
+                std::fs::write(&port_file, port.to_string()).unwrap();
+                drop(probe);
+                traced.go();
+                assert_eq!(
+                    traced.line(),
+                    port.to_string(),
+                    "the traced listener's port"
+                );
+                return port;
+            }
             traced.go();
             let port: u16 = traced.line().parse().expect("the traced listener's port");
             std::fs::write(&port_file, port.to_string()).unwrap();

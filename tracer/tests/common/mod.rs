@@ -22,8 +22,8 @@ pub use netns::{NetnsPair, NetnsPeer, in_netns};
 pub use peer::Peer;
 pub use script::Script;
 pub use tcp::{
-    free_port, leave_unread, listener, read_to_eof, reset_burst, set_linger_zero, shutdown_write,
-    tcp_pair, tcp_pair_on, wait_readable,
+    free_port, leave_unread, listener, read_to_eof, reserved_port, reset_burst, set_linger_zero,
+    shutdown_write, tcp_pair, tcp_pair_on, wait_readable,
 };
 pub use tcpdump::{Segment, Tcpdump, parse_segment};
 pub use traced_server::TracedServer;

@@ -93,6 +93,35 @@ pub fn free_port() -> u16 {
     probe.local_addr().unwrap().port()
 }
 
+/// A loopback port held by a socket bound to it but not listening: taken here until the
+/// socket is dropped, and no listener for a tracer to see (a listen() by this untraced
+/// process would mark the port as shared under `--pid`).
+pub fn reserved_port() -> (std::os::fd::OwnedFd, u16) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor this function owns; the address structures
+    // are initialised and sized as the calls expect.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let sa = (&raw mut addr).cast::<libc::sockaddr>();
+        assert_eq!(
+            libc::bind(raw, sa, len),
+            0,
+            "bind: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut got = len;
+        assert_eq!(libc::getsockname(raw, sa, &mut got), 0);
+        (fd, u16::from_be(addr.sin_port))
+    }
+}
+
 /// Opens `n` loopback connections to `l` with a byte unread on each server end, then closes
 /// every server end at once: a burst of n resets (2n kernel events) in a few milliseconds.
 pub fn reset_burst(l: &TcpListener, port: u16, n: usize) -> usize {
