@@ -344,6 +344,8 @@ impl FdLayout {
 pub struct RegsLayout {
     pub syscall_nr: u16,
     pub arg0: u16,
+    /// The second argument's register (close_range's last descriptor); NONE: not known.
+    pub arg1: u16,
     pub nr_close: u16,
     pub nr_shutdown: u16,
     pub nr_close_range: u16,
@@ -356,6 +358,7 @@ impl RegsLayout {
     pub const NONE: Self = Self {
         syscall_nr: NONE,
         arg0: NONE,
+        arg1: NONE,
         nr_close: NONE,
         nr_shutdown: NONE,
         nr_close_range: NONE,

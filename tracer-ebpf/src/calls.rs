@@ -305,21 +305,61 @@ pub enum Context {
     Unknown,
 }
 
-/// The syscall the current task is in, (number, first argument), from its saved user
-/// registers, and whether the program runs in the task's own context (None: not known). An
-/// address on the task's own stack lies just below those registers; in a softirq the program
-/// runs on the CPU's interrupt stack.
+/// The syscall a task is in, from its saved user registers.
+struct SavedCall {
+    nr: u64,
+    arg0: u64,
+    /// Where the registers are (`saved_registers`), for an argument read only when needed.
+    regs: u64,
+    /// Whether the program runs in the task's own context (None: not known).
+    own_context: Option<bool>,
+}
+
+impl SavedCall {
+    /// The kind of teardown call and its descriptor, if the syscall is one: close(2) and
+    /// shutdown(2) name theirs; close_range(2) names one when it closes one (its first and
+    /// last equal: what libraries call for a single descriptor), else -1.
+    #[inline(always)]
+    fn teardown(&self) -> Option<(u8, i32)> {
+        let layout: RegsLayout = setting!(regs);
+        if self.nr == u64::from(layout.nr_close) {
+            Some((syscall::CLOSE, self.arg0 as i32))
+        } else if self.nr == u64::from(layout.nr_shutdown) {
+            Some((syscall::SHUTDOWN, self.arg0 as i32))
+        } else if self.nr == u64::from(layout.nr_close_range) {
+            let last = kernel_read::<u64>(self.regs, layout.arg1);
+            let single = last.is_some_and(|last| last as u32 == self.arg0 as u32);
+            Some((syscall::CLOSE, if single { self.arg0 as i32 } else { -1 }))
+        } else {
+            None
+        }
+    }
+
+    /// Whether the syscall is close(2), shutdown(2) or close_range(2).
+    #[inline(always)]
+    fn is_teardown(&self) -> bool {
+        let layout: RegsLayout = setting!(regs);
+        [layout.nr_close, layout.nr_shutdown, layout.nr_close_range]
+            .iter()
+            .any(|&nr| self.nr == u64::from(nr))
+    }
+}
+
+/// The syscall the current task is in, from its saved user registers, and whether the
+/// program runs in the task's own context. An address on the task's own stack lies just below
+/// those registers; in a softirq the program runs on the CPU's interrupt stack.
 #[inline(always)]
-fn syscall_of_current_task(context: Context) -> Option<(u64, u64, Option<bool>)> {
+fn syscall_of_current_task(context: Context) -> Option<SavedCall> {
     let layout: RegsLayout = setting!(regs);
     let regs = saved_registers();
     let own_context = own_context(context, regs);
     let saved = Span::<16>::read(regs, &[layout.syscall_nr, layout.arg0]);
-    Some((
-        saved.get(layout.syscall_nr)?,
-        saved.get(layout.arg0)?,
+    Some(SavedCall {
+        nr: saved.get(layout.syscall_nr)?,
+        arg0: saved.get(layout.arg0)?,
+        regs,
         own_context,
-    ))
+    })
 }
 
 /// Where the current task's user registers are saved, at the top of its kernel stack.
@@ -374,22 +414,6 @@ fn task_flags() -> Option<u32> {
     kernel_read::<u32>(unsafe { bpf_get_current_task() }, offset)
 }
 
-/// The kind of call and its descriptor for a teardown syscall's number (close_range's
-/// descriptors are a range: none is named).
-#[inline(always)]
-fn teardown_call(nr: u64, arg0: u64) -> Option<(u8, i32)> {
-    let layout: RegsLayout = setting!(regs);
-    if nr == u64::from(layout.nr_close) {
-        Some((syscall::CLOSE, arg0 as i32))
-    } else if nr == u64::from(layout.nr_shutdown) {
-        Some((syscall::SHUTDOWN, arg0 as i32))
-    } else if nr == u64::from(layout.nr_close_range) {
-        Some((syscall::CLOSE, -1))
-    } else {
-        None
-    }
-}
-
 /// `call_acting_on` without syscall tracepoints. In a close, shutdown or close_range, in the
 /// task's own context, the socket moving is the one the call acts on (the peer's side of a
 /// loopback connection moves in a softirq): its first move there starts the call, kept in the
@@ -398,7 +422,8 @@ fn teardown_call(nr: u64, arg0: u64) -> Option<(u8, i32)> {
 /// that process exit or the tcp_close kprobe made still names its sockets.
 #[inline(always)]
 fn call_from_registers(sk: u64, info: Option<&SockInfo>, context: Context) -> Option<PendingCall> {
-    let (nr, arg0, own_context) = syscall_of_current_task(context)?;
+    let saved = syscall_of_current_task(context)?;
+    let own_context = saved.own_context;
     let tid = current().tid;
     let entry = CALLS.get_ptr_mut(tid);
     // SAFETY: this task's own entry, copied out.
@@ -415,7 +440,7 @@ fn call_from_registers(sk: u64, info: Option<&SockInfo>, context: Context) -> Op
     {
         return (own_context != Some(false) && !released_by_other(&call)).then_some(call);
     }
-    let Some((kind, fd)) = teardown_call(nr, arg0) else {
+    let Some((kind, fd)) = saved.teardown() else {
         // A close the tcp_close kprobe saw outside any of these calls.
         let call = recorded.filter(|call| call.kind == syscall::NONE && call.claimed_sk == sk)?;
         return (own_context != Some(false) && !released_by_other(&call)).then_some(call);
@@ -529,8 +554,7 @@ pub fn tcp_close(ctx: ProbeContext) -> u32 {
 pub fn in_a_teardown_call(context: Context) -> bool {
     calls_from_registers()
         && (exiting_with_its_call()
-            || syscall_of_current_task(context)
-                .is_some_and(|(nr, arg0, _)| teardown_call(nr, arg0).is_some()))
+            || syscall_of_current_task(context).is_some_and(|call| call.is_teardown()))
 }
 
 /// Whether the current task is exiting with an exit recorded in CALLS.
@@ -552,9 +576,7 @@ fn records_an_exit(entry: Option<*mut PendingCall>) -> bool {
 #[inline(always)]
 fn close_outside_calls(sk: u64) {
     // tcp_close() runs in the closing task (or a kernel worker, whose registers name no call).
-    if syscall_of_current_task(Context::Task)
-        .is_some_and(|(nr, arg0, _)| teardown_call(nr, arg0).is_some())
-    {
+    if syscall_of_current_task(Context::Task).is_some_and(|call| call.is_teardown()) {
         return;
     }
     let tid = current().tid;

@@ -71,6 +71,15 @@ const SYSCALL_REGS: Option<(&str, &str)> = Some(("syscallno", "orig_x0"));
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 const SYSCALL_REGS: Option<(&str, &str)> = None;
 
+/// `struct pt_regs`' register of a syscall's second argument: a member, and a byte offset
+/// within it (arm64 keeps the registers in an array).
+#[cfg(target_arch = "x86_64")]
+const SECOND_ARG: (&str, u16) = ("si", 0);
+#[cfg(target_arch = "aarch64")]
+const SECOND_ARG: (&str, u16) = ("regs", 8);
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const SECOND_ARG: (&str, u16) = ("", 0);
+
 /// Their members looked up (`file` is also a member: `socket.file`, found under STRUCTS).
 const MEMBERS: &[&str] = &[
     "__sk_common",
@@ -98,8 +107,10 @@ const MEMBERS: &[&str] = &[
     "private_data",
     "orig_ax",
     "di",
+    "si",
     "syscallno",
     "orig_x0",
+    "regs",
     "flags",
     "head",
     "data",
@@ -397,6 +408,10 @@ impl Btf {
         Ok(RegsLayout {
             syscall_nr: self.byte_offset(regs, nr)?,
             arg0: self.byte_offset(regs, arg0)?,
+            // Only close_range's descriptor needs it: without it, that one is not named.
+            arg1: self
+                .byte_offset(regs, SECOND_ARG.0)
+                .map_or(tracer_common::NONE, |at| at + SECOND_ARG.1),
             task_flags,
             ..RegsLayout::NONE
         })
@@ -643,8 +658,8 @@ mod tests {
         );
     }
 
-    /// x86-64's `struct pt_regs` is user-visible ABI (asm/ptrace.h): di is the 15th word,
-    /// orig_ax the 16th.
+    /// x86-64's `struct pt_regs` is user-visible ABI (asm/ptrace.h): si is the 14th word, di
+    /// the 15th, orig_ax the 16th.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn reads_the_syscall_registers_from_this_kernels_btf() {
@@ -653,6 +668,7 @@ mod tests {
         };
         let regs = found.regs.unwrap();
         assert_eq!((regs.arg0, regs.syscall_nr), (14 * 8, 15 * 8));
+        assert_eq!(regs.arg1, 13 * 8);
         // task_struct.flags follows __state, stack and usage (and thread_info where it is
         // embedded): well inside the first cache lines.
         assert!(
