@@ -383,46 +383,61 @@ fn shutdown_write_is_reported_as_shutdown() {
 
 /// close_range(2) closes descriptors without close(2): named `close`, with its descriptor when
 /// it closes one (first == last: how libraries close a single descriptor with it) and none for
-/// a range. (Before calls were read from the task's registers it had no call: `null`; before
-/// the second argument was read, no descriptor either.)
+/// a range (Python's os.closerange, in a process of its own: a range closed here could take
+/// descriptors other tests' threads hold). (Before calls were read from the task's registers
+/// it had no call: `null`; before the second argument was read, no descriptor either.)
 #[test]
 fn close_range_is_reported_as_a_close() {
     if !common::require_root() {
         return;
     }
-    for single in [true, false] {
-        let Served {
-            mut tracer,
-            peer,
-            server,
-            port,
-            peer_port,
-            _listener,
-        } = served_client("wait-eof-close");
-        let fd = if single {
-            std::os::fd::IntoRawFd::into_raw_fd(server)
-        } else {
-            // Moved to a descriptor above any this test holds, so the range closes nothing else.
-            // SAFETY: duplicates `server`'s descriptor; the original closes with `server`.
-            let high = unsafe { libc::fcntl(server.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 900) };
-            assert!(high >= 900, "F_DUPFD: {}", std::io::Error::last_os_error());
-            drop(server);
-            high
-        };
-        let last = if single { fd } else { fd + 2 } as libc::c_uint;
-        // SAFETY: closes only the descriptor just taken out of `server` (and free ones above).
-        let ret = unsafe { libc::syscall(libc::SYS_close_range, fd as libc::c_uint, last, 0) };
-        assert_eq!(ret, 0, "close_range: {}", std::io::Error::last_os_error());
-        let close = tracer.wait_for(|v| is(v, "close", port, peer_port), WAIT);
-        assert_eq!(close["syscall"], "close", "{close}");
-        let named = if single { fd.into() } else { Value::Null };
-        assert_eq!(close["fd"], named, "single {single}: {close}");
-        assert_eq!(close["outcome"], "fin");
-        assert_eq!(close["new_state"], "FIN_WAIT1");
-        assert_eq!(close["pid"], me());
-        peer.wait();
-        tracer.stop();
-    }
+    let Served {
+        mut tracer,
+        peer,
+        server,
+        port,
+        peer_port,
+        _listener,
+    } = served_client("wait-eof-close");
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(server);
+    // SAFETY: closes only the descriptor just taken out of `server`.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, fd, fd, 0) };
+    assert_eq!(ret, 0, "close_range: {}", std::io::Error::last_os_error());
+    let close = tracer.wait_for(|v| is(v, "close", port, peer_port), WAIT);
+    assert_eq!(close["syscall"], "close", "{close}");
+    assert_eq!(close["fd"], fd, "{close}");
+    assert_eq!(close["outcome"], "fin");
+    assert_eq!(close["new_state"], "FIN_WAIT1");
+    assert_eq!(close["pid"], me());
+    peer.wait();
+    tracer.stop();
+
+    let (l, port) = listener();
+    let mut tracer = tracer_for(port);
+    let mut ranged = common::Script::spawn(
+        r#"
+import os, socket, sys
+print(os.getpid(), flush=True)
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print(s.getsockname()[1], flush=True)
+os.dup2(s.fileno(), 100)
+s.close()
+sys.stdin.read(1)
+os.closerange(100, 103)  # close_range(100, 102, 0)
+print("closed", flush=True)
+"#,
+        &[&port.to_string()],
+    );
+    let client_port: u16 = ranged.line().parse().expect("the client's port");
+    let (_server, _) = l.accept().unwrap();
+    ranged.go();
+    assert_eq!(ranged.line(), "closed");
+    let close = tracer.wait_for(|v| is(v, "close", client_port, port), WAIT);
+    assert_eq!(close["syscall"], "close", "{close}");
+    assert_eq!(close["fd"], Value::Null, "{close}");
+    assert_eq!(close["pid"], ranged.pid, "{close}");
+    ranged.stop();
+    tracer.stop();
 }
 
 /// Both ends in this process: after a half-close, closing the server end sends its FIN, and
