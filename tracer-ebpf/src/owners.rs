@@ -145,8 +145,9 @@ pub static LISTEN_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 /// namespace is not recorded: the kernel spreads the port's connections over every listener,
 /// so what was accepted does not tell whose it is (each is traced once a traced process acts
 /// on it). Another pod's listener on the same port does not count: its namespace differs.
+/// Full (16384 ports marked in a run), a further untraced listener leaves its port unmarked.
 #[map]
-pub static FOREIGN_LISTENERS: HashMap<u64, u8> = HashMap::with_max_entries(4096, 0);
+pub static FOREIGN_LISTENERS: HashMap<u64, u8> = HashMap::with_max_entries(16384, 0);
 
 /// Records the owner of listener `sk`, unless a process not traced listens on its port too.
 #[inline(always)]
@@ -170,11 +171,12 @@ pub fn remember_listener(sk: u64, family: u16, port: u16, owner: &SeedOwner) {
 /// entry.
 #[inline(always)]
 pub fn forget_listener_shared_with(sk: u64, family: u16, port: u16) {
-    let _ = FOREIGN_LISTENERS.insert(
-        tracer_common::foreign_listener_key(netns_of(sk), port),
-        1,
-        0,
-    );
+    let key = tracer_common::foreign_listener_key(netns_of(sk), port);
+    // SAFETY: only whether an entry exists is read. (An insert takes the bucket's lock even
+    // when the port is marked already.)
+    if unsafe { FOREIGN_LISTENERS.get(&key) }.is_none() {
+        let _ = FOREIGN_LISTENERS.insert(key, 1, 0);
+    }
     if listener_owner(sk, family, port).is_some() {
         forget_listener(sk, family, port);
     }

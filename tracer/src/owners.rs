@@ -406,7 +406,8 @@ fn mark_foreign_listeners(ebpf: &mut Ebpf, foreign: &HashSet<(u32, u16)>) -> any
             .context("FOREIGN_LISTENERS map missing")?,
     )?;
     for &(netns, port) in foreign {
-        table.insert(tracer_common::foreign_listener_key(netns, port), 1, 0)?;
+        // A full table leaves the port unmarked, as in the programs: not worth failing for.
+        let _ = table.insert(tracer_common::foreign_listener_key(netns, port), 1, 0);
     }
     Ok(())
 }
