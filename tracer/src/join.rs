@@ -534,6 +534,9 @@ pub struct Joiner<T> {
     /// Outputs produced outside poll (overflow, retransmissions of released joins).
     out: Vec<Joined<T>>,
     dropped: u64,
+    /// When the daemon last read events or packets (`delivered_at`): what it pushes now waits
+    /// at least DELIVERY_LAG_NS from then, whatever its own time (see `deadline`).
+    delivered_ns: u64,
 }
 
 impl<T> Joiner<T> {
@@ -556,7 +559,22 @@ impl<T> Joiner<T> {
             spare: Vec::new(),
             out: Vec::new(),
             dropped: 0,
+            delivered_ns: 0,
         }
+    }
+
+    /// The daemon reads what the kernel and the capture delivered at `now_ns`.
+    pub fn delivered_at(&mut self, now_ns: u64) {
+        self.delivered_ns = self.delivered_ns.max(now_ns);
+    }
+
+    /// When something of time `mono_ns` that waits `wait_ns` for its counterpart stops
+    /// waiting: `wait_ns` after its time, but never sooner than DELIVERY_LAG_NS after it was
+    /// delivered. A daemon stalled for longer than the window (stopped, starved of CPU) reads
+    /// a close and, a moment later, its RST from the capture: both are past their window by
+    /// then, and timed from their own instants they left unjoined, microseconds apart.
+    fn deadline(&self, mono_ns: u64, wait_ns: u64) -> u64 {
+        (mono_ns + wait_ns).max(self.delivered_ns + DELIVERY_LAG_NS)
     }
 
     /// The longest an event stays after its time: its wait for the packet, then the settle.
@@ -609,7 +627,7 @@ impl<T> Joiner<T> {
         self.make_room();
         let id = self.id();
         let (deadline, release_at) = if want.is_some() {
-            (Deadline::WindowEnd, mono_ns + self.hold_ns)
+            (Deadline::WindowEnd, self.deadline(mono_ns, self.hold_ns))
         } else {
             (Deadline::Now, mono_ns)
         };
@@ -635,7 +653,7 @@ impl<T> Joiner<T> {
                     // The copy it waits for is a retransmission (or the RST after the FIN) the
                     // capture brings a little later; failing that, the one stored
                     // (`claim_at_window_end`).
-                    let at = mono_ns + OLDER_COPY_GRACE_NS.min(self.window_ns);
+                    let at = self.deadline(mono_ns, OLDER_COPY_GRACE_NS.min(self.window_ns));
                     if let Some(ev) = self.events.get_mut(&id) {
                         ev.release_at = at;
                     }
@@ -830,8 +848,8 @@ impl<T> Joiner<T> {
                 }
             }
         }
-        self.packet_order
-            .push_back((pkt.mono_ns + self.hold_ns, path, id));
+        let expiry = self.deadline(pkt.mono_ns, self.hold_ns);
+        self.packet_order.push_back((expiry, path, id));
         schedule_early_expiry(&mut self.early_order, &entry, path);
         self.packets.entry(path).or_default().push(entry);
         self.stored_packets += 1;
@@ -1282,6 +1300,40 @@ mod tests {
         assert_eq!(w.dir, Dir::Out);
         assert_eq!(w.packet.seq, 5);
         assert_eq!(j.pending(), 0);
+    }
+
+    /// A daemon stalled for longer than the window (SIGSTOP, starved of CPU) reads a close and
+    /// then, in a later turn, its RST from the capture: both are past their window by then,
+    /// and each still waits DELIVERY_LAG_NS from its delivery for the other. Before, the close
+    /// left at the first poll unjoined and the RST became a `packet` line, 30 µs apart.
+    #[test]
+    fn after_a_stall_an_event_and_its_packet_still_join() {
+        let mut j = Joiner::new(W, 1000);
+        let resumed = 2_000 * MS;
+        j.delivered_at(resumed);
+        j.push_event(1, 100 * MS, want(C, S, WantFlag::Rst, Dir::Out), "close");
+        assert!(
+            j.poll(resumed + MS).is_empty(),
+            "waits for the capture's turn"
+        );
+        j.delivered_at(resumed + 2 * MS);
+        let mut rst = pkt(C, S, RST, 9, 100 * MS + 30_000, Dir::Out);
+        rst.only_copy = true;
+        j.push_packet(rst);
+        let out = j.poll(resumed + 3 * MS);
+        assert!(
+            out.iter().all(|o| !matches!(o, Joined::Packet { .. })),
+            "no packet line"
+        );
+        let out = events(out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].1.as_ref().unwrap().delay_ns, 30_000);
+        // What waits in vain still leaves: DELIVERY_LAG_NS after its delivery.
+        j.push_event(2, 200 * MS, want(C, S, WantFlag::Fin, Dir::Out), "close");
+        assert!(j.poll(resumed + 50 * MS).is_empty());
+        let out = events(j.poll(resumed + 2 * MS + DELIVERY_LAG_NS));
+        assert_eq!(out.len(), 1);
+        assert!(out[0].1.is_none());
     }
 
     /// A RST the capture shows once has nothing to settle for: the event leaves at the

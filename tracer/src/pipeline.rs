@@ -161,9 +161,11 @@ impl Pipeline {
                 .is_some_and(|w| w.contains(packet.src, packet.dst))
     }
 
-    /// Says when the daemon begins reading a batch of kernel events (its monotonic clock).
+    /// Says when the daemon begins reading a batch of kernel events or packets (its monotonic
+    /// clock).
     pub fn reading_at(&mut self, now_ns: u64) {
         self.read_at_ns = now_ns;
+        self.joiner.delivered_at(now_ns);
     }
 
     /// Takes one decoded kernel event.

@@ -398,6 +398,7 @@ async fn event_loop(
                 guard.clear_ready();
             }
             Some(pkt) = recv_packet(&mut packets) => {
+                pipeline.reading_at(now_mono_ns());
                 pipeline.packet(pkt);
                 drain_packets(&mut packets, pipeline);
             }
