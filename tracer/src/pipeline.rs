@@ -423,8 +423,11 @@ impl Pipeline {
             if let Some(timeline) = &mut self.timeline {
                 timeline.hold(pending.ev.mono_ns, text);
             }
-        } else if !out.try_write(|text| self.write_socket_line(pending, wire, text)) {
-            return; // counted as lost output
+        } else {
+            // A line the queue has no room for is counted as lost output, and still as a line
+            // produced: the summary's counts are what was produced, whatever the output did
+            // with it (a full disk's lines are counted the same way).
+            let _ = out.try_write(|text| self.write_socket_line(pending, wire, text));
         }
         self.stats.count_line(pending.event);
         if let Some(w) = wire.filter(|w| w.dir == Dir::Out) {
@@ -485,18 +488,14 @@ impl Pipeline {
             self.conns.for_packet_from(&packet, packet.dir)
         };
         let json = self.format.packet(&packet_line(&packet, retransmit, named));
-        let written = match &mut self.timeline {
-            Some(timeline) => {
-                timeline.hold(packet.mono_ns, json);
-                true
-            }
-            None => out.try_line(json),
-        };
-        if written {
-            self.stats.count_line("packet");
-            if let Some(m) = &self.metrics {
-                m.line("packet", None);
-            }
+        match &mut self.timeline {
+            Some(timeline) => timeline.hold(packet.mono_ns, json),
+            // Produced either way (see `emit_event`).
+            None => _ = out.try_line(json),
+        }
+        self.stats.count_line("packet");
+        if let Some(m) = &self.metrics {
+            m.line("packet", None);
         }
     }
 

@@ -477,6 +477,18 @@ fn a_stalled_consumer_loses_lines_counted_exactly() {
         "{made} connections behind a stalled consumer must overflow the queue"
     );
     assert_eq!(summary["lost"]["output"], lost);
+    // The summary counts the lines produced, the lost ones too: the printed ones and the lost
+    // ones add up to them (before, the queue's drops were left out of the counts, while a full
+    // disk's were in).
+    let counted: u64 = summary["counts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    // The ready line, read before, is counted; the summary counts not itself.
+    let printed = lines.len() as u64;
+    assert_eq!(counted, printed + lost, "{summary}");
     // Every connection made at least two lines (the server's close, our rst_received):
     // each was written or counted as lost. (Under load a connection can make a third, so
     // this is a lower bound.)
