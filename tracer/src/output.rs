@@ -69,6 +69,9 @@ pub struct OutputState {
     /// By loss source: the counts of `lost` lines the writer could not write, for the caller
     /// to say again (else the summary would count losses that no line in the output shows).
     returned: [AtomicU64; LOSS_SOURCES],
+    /// Batches up to this number (from 1, in hand-over order) are dropped and counted, not
+    /// written: the run is ending and the consumer did not take them in time.
+    discard_through: AtomicU64,
 }
 
 /// Lines as one text, each ending in a newline: encoded in place by the main loop, written
@@ -77,6 +80,8 @@ pub struct OutputState {
 struct Batch {
     text: String,
     lines: usize,
+    /// Its number in hand-over order, from 1 (see `OutputState::discard_through`).
+    seq: u64,
     /// What the `lost` lines among them count, by source.
     lost: [u64; LOSS_SOURCES],
 }
@@ -95,6 +100,8 @@ pub struct Output {
     pending: RefCell<Batch>,
     pub state: Arc<OutputState>,
     thread: Option<JoinHandle<io::Result<()>>>,
+    /// Batches handed over so far.
+    handed: std::cell::Cell<u64>,
 }
 
 /// Opens an output file the way log-writing daemons do: append, create 0600.
@@ -131,6 +138,7 @@ impl Output {
             pending: RefCell::new(Batch::default()),
             state,
             thread: Some(thread),
+            handed: std::cell::Cell::new(0),
         })
     }
 
@@ -209,7 +217,9 @@ impl Output {
             text: String::with_capacity(pending.text.len().min(BATCH_BYTES + 1024)),
             ..Batch::default()
         };
-        let batch = std::mem::replace(&mut *pending, next);
+        let mut batch = std::mem::replace(&mut *pending, next);
+        self.handed.set(self.handed.get() + 1);
+        batch.seq = self.handed.get();
         self.state.queued.fetch_add(batch.lines, Ordering::Relaxed);
         let _ = self.tx.send(Message::Lines(batch)); // fails only when the writer ended (EPIPE)
     }
@@ -219,15 +229,44 @@ impl Output {
         self.state.failing.load(Ordering::Relaxed)
     }
 
-    /// Hands everything over and waits until the writer has written it or counted it as
-    /// dropped: the end of the run counts the losses after this, so none escapes the summary.
-    pub fn wait_written(&self) {
+    /// Hands everything over and asks the writer to say when it has written it or counted it
+    /// as dropped: the end of the run counts the losses after that, so none escapes the
+    /// summary. None: the writer ended (a closed stdout) and has nothing left to write; the
+    /// receiver also says so (disconnected) if it ends before answering.
+    pub fn request_written(&self) -> Option<Receiver<()>> {
         self.hand_over();
         let (done, written) = channel();
-        if self.tx.send(Message::Written(done)).is_ok() {
-            // An error here: the writer ended (a closed stdout) and has nothing left to write.
+        self.tx.send(Message::Written(done)).ok()?;
+        Some(written)
+    }
+
+    /// Hands everything over and waits until it is written or counted as dropped (see
+    /// `request_written`), however long the consumer takes.
+    #[cfg(test)]
+    pub fn wait_written(&self) {
+        if let Some(written) = self.request_written() {
             let _ = written.recv();
         }
+    }
+
+    /// What is handed over and not written yet is dropped and counted as lost output instead
+    /// (the run is ending and the consumer did not take it in time); lines handed over later
+    /// (the summary) are written.
+    pub fn discard_unwritten(&self) {
+        self.hand_over();
+        self.state
+            .discard_through
+            .store(self.handed.get(), Ordering::Relaxed);
+    }
+
+    /// Gives up on what the writer still has (it is stuck writing to a consumer that takes
+    /// nothing): counts those lines as lost output, and returns how many they are. The process
+    /// is about to exit.
+    pub fn abandon(&self) -> u64 {
+        self.hand_over();
+        let unwritten = self.state.queued.swap(0, Ordering::Relaxed) as u64;
+        self.state.dropped.fetch_add(unwritten, Ordering::Relaxed);
+        unwritten
     }
 
     /// Writes everything queued, then stops the writer; an error if writing still fails.
@@ -328,6 +367,10 @@ impl Writer {
     /// Writes each batch, or drops and counts it; a closed stdout (EPIPE) ends the writing.
     fn write(&mut self, batches: &[Batch]) -> Result<(), ConsumerGone> {
         for batch in batches {
+            if batch.seq <= self.state.discard_through.load(Ordering::Relaxed) {
+                self.count_unwritten(batch);
+                continue;
+            }
             match self.sink.write_batch(batch.text.as_bytes()) {
                 Ok(()) => self.worked(),
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err(ConsumerGone),
@@ -344,16 +387,20 @@ impl Writer {
         }
     }
 
-    /// Counts the batch's lines as lost output and returns the counts of its `lost` lines;
-    /// says so once per failure episode.
-    fn failed(&mut self, error: io::Error, batch: &Batch) {
-        let lines = batch.lines;
+    /// Counts the batch's lines as lost output and returns the counts of its `lost` lines.
+    fn count_unwritten(&self, batch: &Batch) {
         self.state
             .dropped
-            .fetch_add(lines as u64, Ordering::Relaxed);
+            .fetch_add(batch.lines as u64, Ordering::Relaxed);
         for (returned, count) in self.state.returned.iter().zip(batch.lost) {
             returned.fetch_add(count, Ordering::Relaxed);
         }
+    }
+
+    /// Counts the batch as unwritten (`count_unwritten`); says so once per failure episode.
+    fn failed(&mut self, error: io::Error, batch: &Batch) {
+        let lines = batch.lines;
+        self.count_unwritten(batch);
         match &mut self.failing {
             Some(failing) => {
                 failing.lines_lost += lines as u64;

@@ -50,11 +50,24 @@ const FOLLOWED_SWEEP: Duration = Duration::from_secs(2);
 /// How often the closes held in the kernel are looked at (see `held`).
 const HELD_CHECK: Duration = Duration::from_millis(250);
 
+/// How long the end of the run waits for the output's consumer to take what is queued (up to
+/// QUEUE_LINES lines): a consumer that is stopped, or slower than that, would otherwise keep
+/// the tracer from stopping (`systemctl stop` ending in SIGKILL, the summary lost). What it
+/// has not taken by then is dropped, counted as lost output.
+const STOP_DRAIN: Duration = Duration::from_secs(5);
+/// How long the summary (after that drop) may take to be written before the tracer gives up on
+/// its consumer, puts the summary on stderr and exits.
+const LAST_WRITE: Duration = Duration::from_secs(2);
+/// What is left of each wait once a second stop signal came.
+const HURRIED: Duration = Duration::from_millis(200);
+
 /// SIGINT and SIGTERM stop the run; SIGHUP reopens the output file.
 struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
     hangup: tokio::signal::unix::Signal,
+    /// A stop signal came while the run was ending: the remaining waits are cut short.
+    hurried: bool,
 }
 
 impl Signals {
@@ -63,7 +76,43 @@ impl Signals {
             interrupt: signal(SignalKind::interrupt())?,
             terminate: signal(SignalKind::terminate())?,
             hangup: signal(SignalKind::hangup())?,
+            hurried: false,
         })
+    }
+
+    /// Sleeps for `pause` while the run ends; a stop signal cuts it short and the remaining
+    /// waits too (the user pressed Ctrl-C again).
+    async fn pause_while_ending(&mut self, pause: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = self.interrupt.recv() => self.hurried = true,
+            _ = self.terminate.recv() => self.hurried = true,
+        }
+    }
+
+    /// Waits until the writer has written (or counted as dropped) everything handed over, for
+    /// at most `within` (HURRIED once a second stop signal came); returns whether it has.
+    async fn wait_written(&mut self, output: &Output, within: Duration) -> bool {
+        let Some(written) = output.request_written() else {
+            return true; // the writer ended: nothing is left to write
+        };
+        let until = Instant::now() + if self.hurried { HURRIED } else { within };
+        loop {
+            match written.try_recv() {
+                Ok(()) | Err(std::sync::mpsc::TryRecvError::Disconnected) => return true,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let hurried = self.hurried;
+            self.pause_while_ending(left.min(Duration::from_millis(10)))
+                .await;
+            if self.hurried && !hurried {
+                return false;
+            }
+        }
     }
 }
 
@@ -284,6 +333,7 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         seeded,
     ));
     pipeline.stats.count_line("ready");
+    let mut signals = signals;
     let stop = event_loop(
         &settings,
         &mut pipeline,
@@ -298,11 +348,14 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
             tables: options.tables,
         },
         capture,
-        signals,
+        &mut signals,
     )
     .await?;
     let _ = stop;
     output.line(summary_line(&pipeline, settings.format));
+    if !signals.wait_written(&output, LAST_WRITE).await {
+        give_up_on_the_consumer(&mut pipeline, &output, settings.format);
+    }
     output.finish().context("writing output")?;
     if let Some(path) = &settings.program_stats {
         std::fs::write(path, progstats::program_costs(&loaded.ebpf).to_string())
@@ -352,7 +405,7 @@ async fn event_loop(
     ring: RingBuf<MapData>,
     mut kernel: Kernel<'_>,
     capture: Option<CaptureHandle>,
-    mut signals: Signals,
+    signals: &mut Signals,
 ) -> anyhow::Result<Stop> {
     // SAFETY: the RingBuf owns its fd and keeps it open and unchanged until it is dropped,
     // which happens only with the AsyncFd that owns it.
@@ -453,7 +506,15 @@ async fn event_loop(
         }
     };
     if stop != Stop::ConsumerGone {
-        finish_joins(settings, pipeline, output, ring.get_mut(), &mut packets).await;
+        finish_joins(
+            settings,
+            pipeline,
+            output,
+            ring.get_mut(),
+            &mut packets,
+            signals,
+        )
+        .await;
     }
     take_held_closes(&mut kernel.held, u64::MAX, pipeline);
     if pipeline.stats.kernel.held_closes_rescued > 0 {
@@ -464,10 +525,32 @@ async fn event_loop(
         );
     }
     pipeline.flush(output);
-    // Lines the writer fails to write are counted only once it has tried them.
-    output.wait_written();
+    // Lines the writer fails to write are counted only once it has tried them. A consumer
+    // that takes nothing (stopped) or too little gets STOP_DRAIN, or until another stop
+    // signal: what it has not taken then is dropped, counted, and the summary says so.
+    if !signals.wait_written(output, STOP_DRAIN).await {
+        output.discard_unwritten();
+        let _ = signals.wait_written(output, LAST_WRITE).await;
+    }
     reporter.report(pipeline, output, &kernel, capture_stats.as_deref(), true);
     Ok(stop)
+}
+
+/// The output's consumer took nothing, not even the summary, for LAST_WRITE after the stop
+/// (and the lines before it for STOP_DRAIN): the writer is stuck in a write it cannot finish.
+/// Says so on stderr with the summary (counting what was not written as lost) and exits 1:
+/// waiting on would end in SIGKILL with nothing said.
+fn give_up_on_the_consumer(pipeline: &mut Pipeline, output: &Output, format: Format) -> ! {
+    let unwritten = output.abandon();
+    pipeline.stats.lost.output = output.state.dropped.load(Ordering::Relaxed);
+    eprintln!(
+        "tracer: stopped, but the output's reader is not reading: {unwritten} line(s) were \
+         not written (counted as lost; the last of them may sit in the pipe), the summary among \
+         them (it follows here); the reader must keep reading until the tracer exits (or use \
+         -o FILE)"
+    );
+    eprintln!("{}", summary_line(pipeline, format));
+    std::process::exit(1);
 }
 
 /// A process's exit closes its sockets, and their teardown goes on without it: a FIN queued
@@ -648,11 +731,12 @@ async fn finish_joins(
     output: &Output,
     ring: &mut RingBuf<MapData>,
     packets: &mut Option<mpsc::Receiver<WirePacket>>,
+    signals: &mut Signals,
 ) {
     drain_ring(ring, pipeline);
     let until = Instant::now() + settings.join_window;
-    while pipeline.pending() > 0 && Instant::now() < until {
-        tokio::time::sleep(TICK).await;
+    while pipeline.pending() > 0 && Instant::now() < until && !signals.hurried {
+        signals.pause_while_ending(TICK).await;
         drain_ring(ring, pipeline);
         drain_packets(packets, pipeline);
         pipeline.poll(now_mono_ns(), output);

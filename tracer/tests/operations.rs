@@ -421,11 +421,20 @@ fn tracer_with_stdout_piped(
     port: u16,
     extra: &[&str],
 ) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    tracer_with_stdout_piped_and(port, extra, Stdio::null())
+}
+
+/// `tracer_with_stdout_piped`, its stderr going to `stderr`.
+fn tracer_with_stdout_piped_and(
+    port: u16,
+    extra: &[&str],
+    stderr: Stdio,
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
     let mut child = Command::new(TRACER)
         .args(["--no-capture", "--port", &port.to_string()])
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -498,6 +507,59 @@ fn a_stalled_consumer_loses_lines_counted_exactly() {
         "nothing lost silently: {socket_lines} written + {lost} lost < {}",
         2 * made
     );
+}
+
+/// A consumer that takes nothing (stopped: `tracer | cat` with cat suspended) does not keep
+/// the tracer from stopping: after a stop signal it waits a few seconds for the consumer, then
+/// says so on stderr with the summary (the unwritten lines counted as lost) and exits 1.
+/// Before, SIGTERM and SIGINT were ignored until the consumer read again (`systemctl stop`
+/// ending in SIGKILL, the summary lost). A second signal cuts the wait short.
+#[test]
+fn a_stop_signal_ends_the_run_even_when_nobody_reads_the_output() {
+    if !common::require_root() {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    for second_signal in [false, true] {
+        let (mut child, stdout) = tracer_with_stdout_piped_and(port, &[], Stdio::piped());
+        // Nobody reads stdout now: the pipe (64 KiB) and the output queue fill up.
+        reset_churn(&l, port, Duration::from_secs(2));
+        let stopped_at = Instant::now();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        if second_signal {
+            std::thread::sleep(Duration::from_millis(300));
+            // SAFETY: as above.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        }
+        // Generous bounds (it takes ~9 s, ~2 s hurried): before, it never stopped.
+        let most = Duration::from_secs(if second_signal { 10 } else { 30 });
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if stopped_at.elapsed() > most {
+                let _ = child.kill();
+                panic!("still running {most:?} after the stop signal (second: {second_signal})");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("output's reader is not reading"),
+            "{stderr}"
+        );
+        let summary: Value = stderr
+            .lines()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .unwrap_or_else(|| panic!("the summary on stderr: {stderr}"));
+        assert_eq!(summary["event"], "summary");
+        assert!(summary["lost"]["output"].as_u64() > Some(0), "{summary}");
+        drop(stdout);
+    }
 }
 
 /// Resets on loopback connections to `l`, one after another, for `how_long`; returns how many.
