@@ -199,6 +199,16 @@ impl TraceArgs {
                 "{why}: give the PID of a running process (ps -p {pid} -o pid,stat,comm)"
             )));
         }
+        if let Some((tid, process)) = pids
+            .iter()
+            .find_map(|&pid| process_of_thread(pid).map(|process| (pid, process)))
+        {
+            // Its sockets are its process's: traced by that PID, never by the thread's.
+            return Err(BadInput(format!(
+                "--pid {tid} is a thread of process {process}, not a process: give --pid \
+                 {process} (it traces every thread of the process)"
+            )));
+        }
         if let Some(pid) = pids.iter().find(|&&pid| is_kernel_thread(pid)) {
             // A run that could never print a line, and would never end by itself.
             return Err(BadInput(format!(
@@ -250,6 +260,20 @@ impl TraceArgs {
 fn stdout_is_terminal() -> bool {
     use std::io::IsTerminal;
     std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal()
+}
+
+/// The process (thread group) that `tid` belongs to, when `tid` is one of its threads and not
+/// the process itself: /proc/TID exists for every thread (unlisted), as `top -H` and `ps -L`
+/// show their ids.
+fn process_of_thread(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    let tgid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse::<u32>()
+        .ok()?;
+    (tgid != tid).then_some(tgid)
 }
 
 /// Whether `pid` is a kernel thread (PF_KTHREAD in /proc/PID/stat's flags).
@@ -388,6 +412,32 @@ mod tests {
             .into_settings()
             .unwrap_err();
         assert!(err.0.contains("no process with PID 999999999"), "{err}");
+    }
+
+    #[test]
+    fn a_thread_is_bad_input_naming_its_process() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: plain syscall.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let err = parse(&["--pid", &tid.to_string()])
+            .unwrap()
+            .trace
+            .into_settings()
+            .unwrap_err();
+        drop(done_tx);
+        thread.join().unwrap();
+        let me = std::process::id();
+        assert!(
+            err.0
+                .contains(&format!("--pid {tid} is a thread of process {me}")),
+            "{err}"
+        );
+        assert!(err.0.contains(&format!("give --pid {me}")), "{err}");
     }
 
     #[test]
