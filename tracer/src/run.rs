@@ -533,6 +533,7 @@ async fn event_loop(
         let _ = signals.wait_written(output, LAST_WRITE).await;
     }
     reporter.report(pipeline, output, &kernel, capture_stats.as_deref(), true);
+    pipeline.stats.own_cost_at_stop = Some(OwnCost::now());
     Ok(stop)
 }
 
@@ -1049,7 +1050,7 @@ fn summary_line(pipeline: &Pipeline, format: Format) -> String {
         lost,
         close_to_wire_ns: stats.percentiles(),
         kernel: stats.kernel,
-        tracer: OwnCost::now(),
+        tracer: stats.own_cost_at_stop.unwrap_or_else(OwnCost::now),
     })
 }
 

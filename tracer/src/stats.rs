@@ -140,6 +140,10 @@ pub struct Stats {
     pub lost: Lost,
     pub close_to_wire: Histogram,
     pub kernel: KernelCounts,
+    /// The tracer's own cost when the run stopped, while its ring buffer and capture ring were
+    /// still mapped (they are most of its resident memory: measured after they are gone, the
+    /// summary said half of what `ps` showed during the run).
+    pub own_cost_at_stop: Option<OwnCost>,
 }
 
 impl Stats {
