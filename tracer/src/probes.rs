@@ -849,8 +849,9 @@ fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
     }
 }
 
-pub const PRIVILEGE_HINT: &str = "run as root (sudo), or grant CAP_BPF, CAP_PERFMON, CAP_NET_RAW, \
-                                  CAP_NET_ADMIN and CAP_SYS_ADMIN";
+pub const PRIVILEGE_HINT: &str = "run as root (sudo): besides CAP_BPF, CAP_PERFMON and \
+                                  CAP_NET_RAW it reads root's tracefs and other processes' \
+                                  /proc/PID/fd, and enters network namespaces";
 
 #[cfg(test)]
 mod tests {

@@ -20,6 +20,17 @@ pub fn ensure_mounted() -> anyhow::Result<PathBuf> {
     if let Some(root) = find() {
         return Ok(root);
     }
+    if let Some(mounted) = mounted_but_unreadable() {
+        // Mode 0700, root's: a user with the BPF capabilities alone cannot read it.
+        // SAFETY: plain syscall.
+        let uid = unsafe { libc::geteuid() };
+        bail!(
+            "tracefs at {} is not readable by uid {uid} (it is root's): the tracepoints' \
+             formats are read there; {}",
+            mounted.display(),
+            crate::probes::PRIVILEGE_HINT
+        );
+    }
     mount_tracefs().with_context(|| {
         format!(
             "tracefs is not mounted and mounting it failed; run as root: \
@@ -35,6 +46,16 @@ pub fn find() -> Option<PathBuf> {
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.join("events").is_dir())
+}
+
+/// Where tracefs is mounted (by /proc/self/mounts) when `find` could not look into it.
+fn mounted_but_unreadable() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, at, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == "tracefs" && [TRACEFS, DEBUGFS_TRACING].contains(&at)).then(|| PathBuf::from(at))
+    })
 }
 
 fn mount_tracefs() -> anyhow::Result<()> {
