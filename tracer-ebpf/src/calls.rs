@@ -294,6 +294,18 @@ fn calls_from_registers() -> bool {
     setting!(regs.syscall_nr) != NONE
 }
 
+/// The syscall the current task is in, as (number, first argument) from its saved registers:
+/// tells one syscall from another of the same task. None where calls are not named from the
+/// registers.
+#[inline(always)]
+pub fn current_syscall() -> Option<(u64, u64)> {
+    if !calls_from_registers() {
+        return None;
+    }
+    let saved = syscall_of_current_task(Context::Task)?;
+    Some((saved.nr, saved.arg0))
+}
+
 /// What a program knows of the context it runs in.
 #[derive(Clone, Copy)]
 pub enum Context {

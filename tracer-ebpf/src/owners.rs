@@ -10,7 +10,7 @@ use aya_ebpf::{
         generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{RawTracePointContext, TracePointContext},
 };
 use tracer_common::{SeedOwner, SockEvent, TupleKey, counter, owner_source};
@@ -197,6 +197,55 @@ fn netns_of(sk: u64) -> u32 {
     kernel_read::<u64>(sk, setting!(sock.net))
         .and_then(|net| kernel_read::<u32>(net, setting!(sock.net_inum)))
         .unwrap_or(0)
+}
+
+/// A listener's close in progress, by the closing task: inside it (inet_csk_listen_stop) the
+/// kernel destroys the connections still in its accept queue, and one the peer already reset
+/// is destroyed there with no move, inside a close(2) or an exit that is the listener's, not
+/// its own (no process ever had a descriptor for it). The syscall (number, first argument)
+/// tells the listener's close from a later one of the same task; the entry goes with the
+/// listener's destruction at the end of its close.
+#[map]
+static LISTENER_CLOSES: LruHashMap<u32, ListenerClose> = LruHashMap::with_max_entries(1024, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ListenerClose {
+    listener: u64,
+    syscall: (u64, u64),
+}
+
+/// The current task is closing listener `sk` (its move LISTEN -> CLOSE).
+#[inline(always)]
+pub fn note_listener_close(sk: u64) {
+    if let Some(syscall) = crate::calls::current_syscall() {
+        let close = ListenerClose {
+            listener: sk,
+            syscall,
+        };
+        let _ = LISTENER_CLOSES.insert(current().tid, close, 0);
+    }
+}
+
+/// Whether socket `sk` is being destroyed by its listener's close in the current task (see
+/// LISTENER_CLOSES): a connection never accepted, whose destruction is no close of its own.
+#[inline(always)]
+pub fn purged_with_its_listener(sk: u64) -> bool {
+    // SAFETY: the value is copied out at once.
+    let Some(close) = (unsafe { LISTENER_CLOSES.get(&current().tid) }).copied() else {
+        return false;
+    };
+    close.listener != sk && crate::calls::current_syscall() == Some(close.syscall)
+}
+
+/// The listener `sk` is destroyed: its close in the current task is over.
+#[inline(always)]
+fn listener_closed(sk: u64) {
+    let tid = current().tid;
+    // SAFETY: the value is copied out at once.
+    if unsafe { LISTENER_CLOSES.get(&tid) }.is_some_and(|close| close.listener == sk) {
+        let _ = LISTENER_CLOSES.remove(&tid);
+    }
 }
 
 /// Owners of connections that existed before the tracer started, seeded from /proc.
@@ -652,8 +701,11 @@ fn forget(sk: u64, info: *mut SockInfo) {
     let (family, port, pid) =
         unsafe { ((*info).closed_listener_family, (*info).lport, (*info).pid) };
     // Unless another process listens on the port by now.
-    if family != 0 && listener_pid(sk, family, port) == Some(pid) {
-        forget_listener(sk, family, port);
+    if family != 0 {
+        listener_closed(sk);
+        if listener_pid(sk, family, port) == Some(pid) {
+            forget_listener(sk, family, port);
+        }
     }
     let _ = SOCKS.remove(sk);
 }

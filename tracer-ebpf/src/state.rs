@@ -25,8 +25,8 @@ use crate::{
     owners::{
         Current, RELEASED, RELEASED_MAYBE, SockInfo, claim, current, drop_stale_entry, fill_owner,
         forget_listener, forget_listener_shared_with, keep_unowned, listener_owner,
-        lookup_or_create, may_concern_traced, note_ports, note_traced, remember_listener,
-        sock_entry,
+        lookup_or_create, may_concern_traced, note_listener_close, note_ports, note_traced,
+        purged_with_its_listener, remember_listener, sock_entry,
     },
     setting,
 };
@@ -323,6 +323,7 @@ fn handle(src: &impl TupleSource, sk: u64, old: u8, new: u8, slot: u32) -> Optio
         // Its owner stays in LISTENERS for the connections its close resets (see
         // `never_accepted`) until the socket is destroyed, at the end of that close.
         info.closed_listener_family = ev.family;
+        note_listener_close(sk);
     }
     ev.state_since_ns = info.state_since_ns;
     if old != new {
@@ -533,8 +534,10 @@ pub fn close_of_a_closed_socket(
     let context = Context::Stack(stack);
     // SAFETY: entry pointer from the map; only events of this socket write it.
     let info = unsafe { &mut *info_ptr };
-    if info.released == RELEASED || !runs_in_task(context) {
-        return None; // its close was seen (and gave its line), or this is no task's doing
+    if info.released == RELEASED || !runs_in_task(context) || purged_with_its_listener(sk) {
+        // Its close was seen (and gave its line), this is no task's doing, or it is a
+        // connection never accepted going with its listener.
+        return None;
     }
     let call = call_acting_on(sk, Some(info), context)?;
     let cur = current();
@@ -565,6 +568,7 @@ pub fn close_of_a_closed_socket_by_no_call(
         || info.pid != cur.pid
         || !runs_in_task(context)
         || in_a_teardown_call(context)
+        || purged_with_its_listener(sk)
     {
         return None;
     }

@@ -1967,6 +1967,56 @@ time.sleep(60)
     }
 }
 
+/// A connection its client reset while it waited in the accept queue is destroyed, with no
+/// move, by its listener's close (inet_csk_listen_stop), inside that close(2) or the server's
+/// exit: no process ever had a descriptor for it, so it gets no `close` line (its
+/// `rst_received` told its end). Before, each got one naming the server's close of the
+/// listener's descriptor (or its exit), `CLOSE -> CLOSE`: a dead socket kept open for nothing,
+/// by the listener's fd.
+#[test]
+fn a_connection_reset_before_accept_is_not_closed_by_its_listeners_close() {
+    if !common::require_root() {
+        return;
+    }
+    for how in ["close", "exit"] {
+        let mut server = common::Script::spawn(
+            r#"
+import os, socket, sys
+print(os.getpid(), flush=True)
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(8)
+print(l.getsockname()[1], flush=True)
+sys.stdin.read(1)
+if sys.argv[1] == "close":
+    l.close()
+    print("closed", flush=True)
+os._exit(0)
+"#,
+            &[how],
+        );
+        let port: u16 = server.line().parse().expect("the listener's port");
+        let mut tracer = tracer_for(port);
+        let reset = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let client_port = reset.local_addr().unwrap().port();
+        common::set_linger_zero(&reset);
+        drop(reset); // a RST: the queued connection moves to CLOSE, still in the queue
+        tracer.wait_for(|v| is(v, "rst_received", port, client_port), WAIT);
+        server.go();
+        if how == "close" {
+            assert_eq!(server.line(), "closed");
+        }
+        tracer.wait_for(
+            |v| v["event"] == "close" && v["lport"] == port && v["old_state"] == "LISTEN",
+            WAIT,
+        );
+        let out = tracer.stop();
+        let closes = out.lines_of("close", port, client_port);
+        assert!(closes.is_empty(), "{how}: {closes:?}");
+        drop(server);
+    }
+}
+
 /// A connection the tracer saw begin says at its end how long it was established (the close,
 /// the peer's FIN), and a connect() given up says how long it waited in SYN_SENT: each line's
 /// `duration_ns`, null before for both (the moves into those states give no line), with and
