@@ -699,6 +699,34 @@ impl<T> Joiner<T> {
         }
     }
 
+    /// Takes out the first event of connection `conn` that waits for a packet it has not got
+    /// and that `pick` chooses: the caller pushes it again changed (see
+    /// `Pipeline::rst_sent`). Its old deadlines are left behind as stale.
+    pub fn take_waiting(&mut self, conn: u64, mut pick: impl FnMut(&T) -> bool) -> Option<T> {
+        let ids = self.by_conn.get(&conn)?;
+        let id = *ids.iter().find(|id| {
+            self.events
+                .get(id)
+                .is_some_and(|ev| ev.wire.is_none() && ev.want.is_some() && pick(&ev.item))
+        })?;
+        let ev = self.events.remove(&id).expect("found above");
+        if let Some(want) = &ev.want {
+            self.unwait(&want.path(), id);
+        }
+        if let Some(ids) = self.by_conn.get_mut(&conn) {
+            ids.retain(|x| *x != id);
+            if ids.is_empty() {
+                self.by_conn.remove(&conn);
+            }
+        }
+        // The events behind it in the connection's order may be ready by now.
+        let mut out = std::mem::take(&mut self.out);
+        self.release_ready_front(conn, &mut out);
+        self.out = out;
+        let PendingEvent { item, .. } = *ev;
+        Some(item)
+    }
+
     /// Lets `revise` change the unjoined events of connection `conn` that still wait for a
     /// packet; those it says no longer want one leave as soon as their turn comes.
     pub fn stop_waiting(&mut self, conn: u64, mut revise: impl FnMut(&mut T) -> bool) {

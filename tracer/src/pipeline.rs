@@ -222,6 +222,18 @@ impl Pipeline {
             self.push(close_with_its_rst(close, reason));
             return;
         }
+        // A close that moved to FIN_WAIT1 and then, in the same call, gave up and reset
+        // (tcp_check_oom: too many orphans, TCP_ABORT_ON_MEMORY): no FIN went out, its RST did.
+        let call = ev.call_id;
+        let fin_close_of_this_call = |l: &PendingLine| {
+            l.event == "close" && l.outcome == Some("fin") && l.ev.call_id == call
+        };
+        if call != 0
+            && let Some(close) = self.joiner.take_waiting(ev.conn_id, fin_close_of_this_call)
+        {
+            self.push(close_with_its_rst(close, reason));
+            return;
+        }
         if reason.as_deref() == Some("TCP_ABORT_ON_DATA") {
             self.kernel_not_peer_reset(ev.conn_id);
         }
@@ -968,6 +980,7 @@ mod tests {
             [
                 (11, "TCP_ABORT_ON_CLOSE".to_string()),
                 (12, "TCP_ABORT_ON_DATA".to_string()),
+                (13, "TCP_ABORT_ON_MEMORY".to_string()),
             ]
             .into(),
         );
@@ -999,6 +1012,37 @@ mod tests {
         assert_one_close_with_its_rst(&out);
         assert_eq!(out[0]["wire"]["delay_ns"], 9_000);
         assert_eq!(out[0]["wire"]["seq"], 42);
+    }
+
+    /// A close that moved to FIN_WAIT1 and then, in the same call, reset for want of memory
+    /// (too many orphans: tcp_check_oom): no FIN went out, its RST did. One close line with
+    /// the RST, not a close claiming a FIN (`wire: null`) and a separate `rst_sent`.
+    #[test]
+    fn a_close_that_gave_up_on_its_fin_and_reset_is_one_rst_close() {
+        let out = lines(|p, _| {
+            p.kernel_event(event(
+                EventKind::Close,
+                tcp_state::ESTABLISHED,
+                tcp_state::FIN_WAIT1,
+                100 * MS,
+                99,
+                None,
+            ));
+            p.kernel_event(event(
+                EventKind::RstSent,
+                tcp_state::CLOSE,
+                tcp_state::CLOSE,
+                100 * MS + 5_000,
+                99,
+                Some(13),
+            ));
+            p.packet(rst_packet(100 * MS + 9_000));
+        });
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0]["event"], "close");
+        assert_eq!(out[0]["outcome"], "rst");
+        assert_eq!(out[0]["reason"], "TCP_ABORT_ON_MEMORY");
+        assert_eq!(out[0]["wire"]["delay_ns"], 9_000);
     }
 
     /// Held in the kernel until its RST (`ItsReset::Sent`): the close comes with the reason
