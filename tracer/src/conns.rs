@@ -73,6 +73,9 @@ pub struct ConnInfo {
     /// reaching that form (lines derived from the wire) names, not whichever thread closed
     /// the descriptor later (after a shutdown(), the socket goes first).
     pub timewait_owner: Owner,
+    /// When it entered TIME_WAIT proper (the peer's FIN reached its time-wait form, or the
+    /// full socket itself), if it did: what a RST that kills it then says it lasted.
+    pub time_wait_since: Option<u64>,
 }
 
 impl ConnInfo {
@@ -94,7 +97,15 @@ impl ConnInfo {
             state: ev.new_state,
             fin_seq: [0; 2],
             fin_seen: 0,
+            time_wait_since: None,
         }
+    }
+
+    /// The sequence number just past the peer's FIN (its socket's RCV.NXT after it), where
+    /// that FIN was seen on the wire.
+    pub fn after_peer_fin(&self) -> Option<u32> {
+        let received = Dir::In as usize;
+        (self.fin_seen & (1 << received) != 0).then(|| self.fin_seq[received].wrapping_add(1))
     }
 
     /// When the full socket went to its time-wait form (FIN_WAIT2 -> CLOSE), if it did and
@@ -292,7 +303,12 @@ impl ConnTable {
         }
         let was_in_timewait = info.timewait_since.is_some();
         match ev.kind {
-            EventKind::FinReceived => info.fin_received = true,
+            EventKind::FinReceived => {
+                info.fin_received = true;
+                if ev.new_state == tcp_state::TIME_WAIT {
+                    info.time_wait_since = Some(ev.mono_ns);
+                }
+            }
             EventKind::RstReceived => info.rst_received = true,
             // The listener (or no socket) answered for it: our time-wait form is gone (its
             // FIN_WAIT2 timeout passed), and a FIN the peer sends now reaches no socket of ours.

@@ -69,6 +69,8 @@ pub struct Pipeline {
     pcapng: Option<PcapngOut>,
     /// Without packet capture nothing waits for a packet: lines go out at once with `wire: null`.
     capturing: bool,
+    /// net.ipv4.tcp_rfc1337 (the daemon's namespace's): a TIME_WAIT socket ignores RSTs.
+    rfc1337: bool,
     /// The daemon's clock when it last began reading the ring buffer.
     read_at_ns: u64,
     /// What the joiner released, reused every turn.
@@ -104,6 +106,7 @@ impl Pipeline {
             metrics,
             pcapng: None,
             capturing: true,
+            rfc1337: false,
             read_at_ns: 0,
             ready: Vec::new(),
             timeline: matches!(format, Format::Pretty { .. }).then(Timeline::default),
@@ -353,6 +356,13 @@ impl Pipeline {
         {
             eprintln!("tracer: writing the pcapng file failed: {e:#}");
         }
+    }
+
+    /// With net.ipv4.tcp_rfc1337 set, a TIME_WAIT socket ignores RSTs (RFC 1337's defence
+    /// against their assassination): a RST reaching one is no end of it.
+    pub fn rfc1337(mut self, on: bool) -> Self {
+        self.rfc1337 = on;
+        self
     }
 
     /// With `--no-capture`: no line waits for a packet.
@@ -624,8 +634,12 @@ impl Pipeline {
         // (line, kind, the states it moved between, since when it was in the old one)
         let (event, kind, old_state, new_state, state_since_ns) = if rst {
             // The peer aborted while we waited for its FIN (or reset our TIME_WAIT): the mini
-            // socket dies with it.
-            if std::mem::replace(&mut info.rst_received, true) {
+            // socket dies with it. In TIME_WAIT only a RST at exactly the sequence number after
+            // the peer's FIN kills it, and none where RFC 1337 protection is on
+            // (tcp_timewait_state_process): another is dropped, a `packet` line.
+            let ignored = info.fin_received
+                && (self.rfc1337 || info.after_peer_fin().is_some_and(|next| pkt.seq != next));
+            if ignored || std::mem::replace(&mut info.rst_received, true) {
                 return None;
             }
             let old = if info.fin_received {
@@ -635,15 +649,17 @@ impl Pipeline {
             };
             let kind = EventKind::RstReceived;
             let since = if info.fin_received {
-                0
+                info.time_wait_since
             } else {
-                info.fw2_since.unwrap_or(0)
+                info.fw2_since
             };
+            let since = since.unwrap_or(0);
             ("rst_received", kind, old, tcp_state::CLOSE, since)
         } else {
             if std::mem::replace(&mut info.fin_received, true) {
                 return None;
             }
+            info.time_wait_since = Some(pkt.mono_ns.max(since));
             // Unknown (0: `duration_ns` null) for a socket already in FIN_WAIT2 at start-up.
             let fw2_since = info.fw2_since.unwrap_or(0);
             let (old, new) = (tcp_state::FIN_WAIT2, tcp_state::TIME_WAIT);
@@ -1211,6 +1227,46 @@ mod tests {
         assert!(!names(&out).contains(&"fin_received"), "{out:?}");
     }
 
+    /// A RST reaching our socket in TIME_WAIT kills it only at exactly the sequence number
+    /// after the peer's FIN, and not at all with net.ipv4.tcp_rfc1337 set
+    /// (tcp_timewait_state_process): another RST (blind, forged, late) was dropped by the
+    /// kernel, and is a `packet` line here, not a derived `rst_received TIME_WAIT -> CLOSE`.
+    /// The one that kills it says how long it was in TIME_WAIT.
+    #[test]
+    fn only_a_reset_the_kernel_takes_ends_time_wait() {
+        let peer_rst = |seq, mono| WirePacket {
+            src: "10.0.0.2:4000".parse().unwrap(),
+            dst: "10.0.0.1:80".parse().unwrap(),
+            flags: tcp_flags::RST,
+            seq,
+            data_end: seq,
+            dir: Dir::In,
+            ..rst_packet(mono)
+        };
+        for (seq, rfc1337, kills) in [(8, false, true), (1008, false, false), (8, true, false)] {
+            let out = lines(|p, out| {
+                p.rfc1337 = rfc1337;
+                p.kernel_event(gone_to_time_wait(100 * MS));
+                p.packet(WirePacket {
+                    dir: Dir::In,
+                    ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 120 * MS)
+                });
+                p.poll(200 * MS, out);
+                p.packet(peer_rst(seq, 300 * MS));
+                p.poll(2_000 * MS, out);
+            });
+            let case = format!("seq {seq}, rfc1337 {rfc1337}");
+            let reset = out.iter().find(|v| v["event"] == "rst_received");
+            assert_eq!(reset.is_some(), kills, "{case}: {out:?}");
+            if let Some(reset) = reset {
+                assert_eq!(reset["old_state"], "TIME_WAIT", "{case}");
+                assert_eq!(reset["duration_ns"], 180 * MS, "{case}: {reset}");
+            } else {
+                assert!(names(&out).contains(&"packet"), "{case}: {out:?}");
+            }
+        }
+    }
+
     /// Both ends of a connection are this host's, in two namespaces joined by a veth: a FIN
     /// captured leaving (`out`) that no event claimed names the end that sent it, not the
     /// receiver (whose socket never sent an `out` packet).
@@ -1393,15 +1449,15 @@ mod tests {
         assert_eq!(out[3]["duration_ns"], 10 * MS + 20_000, "{out:?}");
     }
 
-    /// A remote peer's FIN, then its RST (TIME_WAIT assassination), reach our socket in
-    /// TIME_WAIT: both derived from the wire, the RST once; a full socket reset in FIN_WAIT2
-    /// has the kernel's own line and derives nothing.
+    /// A remote peer's FIN, then its RST (TIME_WAIT assassination: at the sequence number
+    /// after the FIN), reach our socket in TIME_WAIT: both derived from the wire, the RST
+    /// once; a full socket reset in FIN_WAIT2 has the kernel's own line and derives nothing.
     #[test]
     fn a_reset_into_time_wait_is_derived_once_and_only_for_a_mini_socket() {
         let rst_in = |mono| WirePacket {
             dir: Dir::In,
             flags: tcp_flags::RST,
-            ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 9, mono)
+            ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 8, mono)
         };
         let out = lines(|p, out| {
             p.kernel_event(gone_to_time_wait(100 * MS));

@@ -313,7 +313,8 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         settings.format,
         metrics.clone(),
     )
-    .capturing(settings.capture_iface.is_some());
+    .capturing(settings.capture_iface.is_some())
+    .rfc1337(sysctl_on("net/ipv4/tcp_rfc1337"));
     if let Some(file) = pcapng {
         pipeline.write_pcapng(file);
     }
@@ -552,6 +553,13 @@ fn give_up_on_the_consumer(pipeline: &mut Pipeline, output: &Output, format: For
     );
     eprintln!("{}", summary_line(pipeline, format));
     std::process::exit(1);
+}
+
+/// Whether the sysctl at /proc/sys/`name` is set (not 0), in the daemon's network namespace
+/// (the host's, usually; a namespace of its own may differ: not read there).
+fn sysctl_on(name: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/sys/{name}"))
+        .is_ok_and(|v| v.trim().parse::<u64>().is_ok_and(|v| v != 0))
 }
 
 /// A process's exit closes its sockets, and their teardown goes on without it: a FIN queued
