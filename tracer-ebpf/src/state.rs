@@ -391,9 +391,11 @@ fn classify(
             // this process, as a move only a close makes, or as tcp_close()'s move to CLOSE in
             // the task's own context (a child that inherited the socket and never used it: a
             // listener a forking server's children keep after the parent is gone).
+            // So is tcp_close()'s store of the same state (a shut-down socket's last
+            // reference dropped: a forked child exiting after its parent closed its copy).
             let exit_closes_it = exit_may_close(&call, info, cur)
                 || local
-                || (new == CLOSE && tcp_close_in_task(sk, context));
+                || ((new == CLOSE || old == new) && tcp_close_in_task(sk, context));
             let first_in_call = info.closed_by_call != call.started_ns;
             if first_in_call && exit_closes_it {
                 closed_by(&call, info, cur, ev);
@@ -541,7 +543,10 @@ pub fn close_of_a_closed_socket(
     }
     let call = call_acting_on(sk, Some(info), context)?;
     let cur = current();
-    if call.kind == syscall::SHUTDOWN || !exit_may_close(&call, info, &cur) {
+    // In the task's own context (above) an exit destroys only what the exiting task held the
+    // last reference to: also another process's socket it inherited (a forked child exiting
+    // after its parent closed its copy), which names the child.
+    if call.kind == syscall::SHUTDOWN {
         return None;
     }
     emit_close_of_a_closed_socket(sk, info, slot, |info, ev| closed_by(&call, info, &cur, ev))

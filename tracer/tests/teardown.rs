@@ -2017,6 +2017,69 @@ os._exit(0)
     }
 }
 
+/// A forked child holds the last reference to a socket whose close moves no state (reset by
+/// the peer already, or shut down: FIN_WAIT2 stored again), and exits after its parent
+/// closed its copy: the exit's close names the child (`syscall: "exit"`). Before, a reset
+/// socket got no close line at all, and a shut-down one named the parent, long gone, with no
+/// call.
+#[test]
+fn a_forked_childs_exit_that_drops_the_last_reference_names_the_child() {
+    if !common::require_root() {
+        return;
+    }
+    for kind in ["reset", "shut"] {
+        let (l, port) = listener();
+        let mut parent = common::Script::spawn(
+            r#"
+import os, socket, sys, time
+print(os.getpid(), flush=True)
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print(s.getsockname()[1], flush=True)
+sys.stdin.read(1)
+if sys.argv[2] == "shut":
+    s.shutdown(socket.SHUT_WR)
+    time.sleep(0.2)
+child = os.fork()
+if child == 0:
+    time.sleep(0.3)
+    os._exit(0)
+print(child, flush=True)
+s.close()
+os.waitpid(child, 0)
+print("done", flush=True)
+"#,
+            &[&port.to_string(), kind],
+        );
+        let client_port: u16 = parent.line().parse().expect("the client's port");
+        let (server, _) = l.accept().unwrap();
+        let mut tracer = tracer_for_pid(parent.pid).0;
+        // "shut": kept open, so that the client stays in FIN_WAIT2 until the child's exit.
+        let mut kept = Some(server);
+        if kind == "reset" {
+            let server = kept.take().unwrap();
+            common::set_linger_zero(&server);
+            drop(server);
+            tracer.wait_for(|v| is(v, "rst_received", client_port, port), WAIT);
+        }
+        parent.go();
+        let child: u32 = parent.line().parse().expect("the child's pid");
+        assert_eq!(parent.line(), "done");
+        let close = tracer.wait_for(
+            |v| is(v, "close", client_port, port) && v["syscall"] == "exit",
+            WAIT,
+        );
+        assert_eq!(close["pid"], child, "{kind}: {close}");
+        let expected_state = if kind == "reset" {
+            "CLOSE"
+        } else {
+            "FIN_WAIT2"
+        };
+        assert_eq!(close["old_state"], expected_state, "{kind}: {close}");
+        tracer.stop();
+        drop(kept);
+    }
+}
+
 /// A connection the tracer saw begin says at its end how long it was established (the close,
 /// the peer's FIN), and a connect() given up says how long it waited in SYN_SENT: each line's
 /// `duration_ns`, null before for both (the moves into those states give no line), with and
