@@ -478,15 +478,13 @@ impl Pipeline {
 
     fn emit_packet(&mut self, packet: WirePacket, retransmit: bool, out: &Output) {
         let conn = self.conns.for_packet(&packet);
-        // A FIN sent again after the join window: a retransmission, never the peer's FIN
-        // reaching TIME_WAIT (on loopback the first copy went to the sender's close line).
+        // A FIN sent again after the join window: a retransmission (on loopback the first copy
+        // went to the sender's close line). It is the peer's FIN reaching our time-wait form
+        // only if none did before (`timewait_arrival` derives once): the first copy was lost
+        // after the capture saw it (a firewall, a full backlog), and this one ended the wait.
         let retransmit = retransmit || self.conns.fin_seen_before(&packet);
         self.conns.note_fin(&packet);
-        let derived = if retransmit {
-            None
-        } else {
-            self.timewait_arrival(&packet, conn)
-        };
+        let derived = self.timewait_arrival(&packet, conn);
         if let Some(line) = derived {
             self.emit_derived(line, packet, out);
             return;
@@ -1225,6 +1223,40 @@ mod tests {
             p.poll(2_000 * MS, out);
         });
         assert!(!names(&out).contains(&"fin_received"), "{out:?}");
+    }
+
+    /// The peer's FIN was captured, then lost before our socket (a firewall on the way in)
+    /// while the socket was still a full one in FIN_WAIT2; the retransmission, after our
+    /// socket left for its time-wait form, is the one that reached it: the derived
+    /// `fin_received` FIN_WAIT2 -> TIME_WAIT comes from it (before, none: the output read as a
+    /// peer that never closed).
+    #[test]
+    fn a_retransmitted_fin_that_ended_the_wait_derives_the_time_wait() {
+        let peer_fin = |mono| WirePacket {
+            dir: Dir::In,
+            ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, mono)
+        };
+        let out = lines(|p, out| {
+            p.kernel_event(event(
+                EventKind::State,
+                tcp_state::FIN_WAIT1,
+                tcp_state::FIN_WAIT2,
+                10 * MS,
+                0,
+                None,
+            ));
+            p.packet(peer_fin(20 * MS));
+            p.poll(30 * MS, out);
+            p.kernel_event(gone_to_time_wait(100 * MS));
+            p.packet(peer_fin(300 * MS));
+            p.poll(2_000 * MS, out);
+        });
+        let fin = out
+            .iter()
+            .find(|v| v["event"] == "fin_received")
+            .unwrap_or_else(|| panic!("{out:?}"));
+        assert_eq!(fin["new_state"], "TIME_WAIT", "{fin}");
+        assert_eq!(fin["mono_ns"], 300 * MS, "{fin}");
     }
 
     /// A RST reaching our socket in TIME_WAIT kills it only at exactly the sequence number
