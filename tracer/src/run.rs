@@ -39,6 +39,9 @@ use crate::{
 const TICK: Duration = Duration::from_millis(20);
 const CLOCK_REFRESH: Duration = Duration::from_secs(1);
 const PID_CHECK: Duration = Duration::from_millis(200);
+/// How often the kernel's and the capture's loss counters are read and reported: each read
+/// is a dozen bpf() calls, which an idle tracer made 300 times a second at every tick.
+const REPORT_EVERY: Duration = Duration::from_millis(100);
 /// How long the run goes on after the traced processes exited even with no connection of
 /// theirs known to be closing: the kernel finishes some closes after a process is gone, in a
 /// kernel worker (an io_uring ring's exit work releasing the socket it held, ~30 ms later; a
@@ -352,7 +355,11 @@ async fn trace_async(settings: Settings) -> anyhow::Result<()> {
         &mut signals,
     )
     .await?;
-    let _ = stop;
+    if stop == Stop::TracedProcessesExited {
+        // Also when they were gone before `ready` (exited during the start-up): say why the
+        // run ended by itself.
+        eprintln!("tracer: every traced process has exited (and its children): the run ends");
+    }
     output.line(summary_line(&pipeline, settings.format));
     if !signals.wait_written(&output, LAST_WRITE).await {
         give_up_on_the_consumer(&mut pipeline, &output, settings.format);
@@ -442,6 +449,7 @@ async fn event_loop(
         awaiting_forgotten_said: false,
     };
 
+    let mut last_report = Instant::now();
     let stop = loop {
         // What the last turn produced goes to the writer in one batch.
         output.hand_over();
@@ -460,7 +468,10 @@ async fn event_loop(
                 drain_ring(ring.get_mut(), pipeline);
                 drain_packets(&mut packets, pipeline);
                 pipeline.poll(now_mono_ns(), output);
-                reporter.report(pipeline, output, &kernel, capture_stats.as_deref(), false);
+                if last_report.elapsed() >= REPORT_EVERY {
+                    last_report = Instant::now();
+                    reporter.report(pipeline, output, &kernel, capture_stats.as_deref(), false);
+                }
                 if last_clock.elapsed() >= CLOCK_REFRESH {
                     last_clock = Instant::now();
                     pipeline.clock = crate::clock::Clock::sample();
