@@ -792,24 +792,33 @@ impl<T> Joiner<T> {
         schedule_early_expiry(&mut self.early_order, entry, path);
         // Retransmissions of that segment the capture handed over before this event came
         // (a tail-loss probe milliseconds after the FIN): this event's to count, as when they
-        // come after it, and no `packet` lines of their own.
-        let mut later_copies = 0;
-        for e in entries.iter_mut().filter(|e| {
-            e.retransmit
-                && e.segment() == segment
-                && e.first_mono > taken_at
-                && e.claimed[slot(want.dir)].is_none()
-        }) {
-            e.claim(want.dir, id);
-            schedule_early_expiry(&mut self.early_order, e, path);
-            later_copies += 1;
+        // come after it, and no `packet` lines of their own. So are the copies before the one
+        // it took (lost after the capture saw them: the receiver took a retransmission).
+        let (mut later_copies, mut earlier_copies) = (0, 0);
+        for e in entries
+            .iter_mut()
+            .filter(|e| e.id != packet_id && e.segment() == segment)
+        {
+            let later = e.first_mono > taken_at;
+            if later && !e.retransmit {
+                continue;
+            }
+            if later {
+                later_copies += 1;
+            } else {
+                earlier_copies += 1;
+            }
+            if e.claimed[slot(want.dir)].is_none() {
+                e.claim(want.dir, id);
+                schedule_early_expiry(&mut self.early_order, e, path);
+            }
         }
         self.attach(id, packet, packet_id, want.dir);
-        if retransmission {
-            self.count_earlier_copy(id); // the receiver took a retransmission: one went before
+        if retransmission && earlier_copies == 0 {
+            earlier_copies = 1; // one went before, its entry gone already
         }
         if let Some(w) = self.events.get_mut(&id).and_then(|e| e.wire.as_mut()) {
-            w.retransmits += later_copies;
+            w.retransmits += later_copies + earlier_copies;
         }
         true
     }
@@ -1328,6 +1337,33 @@ mod tests {
         assert_eq!(w.dir, Dir::Out);
         assert_eq!(w.packet.seq, 5);
         assert_eq!(j.pending(), 0);
+    }
+
+    /// The peer's FIN was captured, lost on its way to our socket (a firewall after the
+    /// capture point), and retransmitted: the socket's event takes the retransmission, the copy
+    /// that moved it, and counts the first; that first copy is no `packet` line of its own (it
+    /// was one, `retransmit: true`, so the capture's two copies read as three).
+    #[test]
+    fn a_receiver_that_took_a_retransmission_claims_the_lost_copy_too() {
+        let mut j = Joiner::new(W, 1000);
+        j.push_packet(pkt(S, C, FIN, 5, 100 * MS, Dir::In));
+        j.push_packet(pkt(S, C, FIN, 5, 300 * MS, Dir::In));
+        j.push_event(
+            1,
+            300 * MS + 10_000,
+            want(C, S, WantFlag::Fin, Dir::In),
+            "fin_received",
+        );
+        let out = j.poll(5_000 * MS);
+        assert!(
+            out.iter().all(|o| !matches!(o, Joined::Packet { .. })),
+            "no packet line for the lost copy"
+        );
+        let out = events(out);
+        assert_eq!(out.len(), 1);
+        let wire = out[0].1.as_ref().unwrap();
+        assert_eq!(wire.delay_ns, -10_000, "took the retransmission");
+        assert_eq!(wire.retransmits, 1);
     }
 
     /// A daemon stalled for longer than the window (SIGSTOP, starved of CPU) reads a close and
