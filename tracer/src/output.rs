@@ -69,9 +69,23 @@ pub struct OutputState {
     /// By loss source: the counts of `lost` lines the writer could not write, for the caller
     /// to say again (else the summary would count losses that no line in the output shows).
     returned: [AtomicU64; LOSS_SOURCES],
-    /// Batches up to this number (from 1, in hand-over order) are dropped and counted, not
-    /// written: the run is ending and the consumer did not take them in time.
-    discard_through: AtomicU64,
+    /// What the end of the run drops and what the writer is writing, decided under one lock
+    /// (see `Output::discard_unwritten`).
+    ending: std::sync::Mutex<Ending>,
+}
+
+/// Between the main loop dropping what the consumer did not take at the end of the run and
+/// the writer taking its next batch: each batch is then either written or counted as dropped,
+/// never both, never neither, even while the writer is stuck in a write.
+#[derive(Default)]
+struct Ending {
+    /// Batches up to this number (from 1, in hand-over order) are dropped, not written: the
+    /// main loop counted them (they were queued, not being written) when it set this.
+    discard_through: u64,
+    /// The lines of the batch being written, if one is.
+    writing: usize,
+    /// Lines of batches counted as dropped that the writer has not skipped yet.
+    discarded_waiting: usize,
 }
 
 /// Lines as one text, each ending in a newline: encoded in place by the main loop, written
@@ -249,24 +263,31 @@ impl Output {
         }
     }
 
-    /// What is handed over and not written yet is dropped and counted as lost output instead
-    /// (the run is ending and the consumer did not take it in time); lines handed over later
-    /// (the summary) are written.
+    /// What is handed over and not written yet is dropped and counted as lost output now
+    /// (the run is ending and the consumer did not take it in time), except the batch being
+    /// written; lines handed over later (the summary) are written.
     pub fn discard_unwritten(&self) {
         self.hand_over();
+        let mut ending = self.state.ending.lock().expect("not poisoned");
+        ending.discard_through = self.handed.get();
+        let queued = self.state.queued.load(Ordering::Relaxed);
+        let dropped = queued.saturating_sub(ending.writing + ending.discarded_waiting);
+        ending.discarded_waiting += dropped;
         self.state
-            .discard_through
-            .store(self.handed.get(), Ordering::Relaxed);
+            .dropped
+            .fetch_add(dropped as u64, Ordering::Relaxed);
     }
 
     /// Gives up on what the writer still has (it is stuck writing to a consumer that takes
-    /// nothing): counts those lines as lost output, and returns how many they are. The process
-    /// is about to exit.
+    /// nothing): counts those lines as lost output (those `discard_unwritten` did not count
+    /// already), and returns how many are not written. The process is about to exit.
     pub fn abandon(&self) -> u64 {
         self.hand_over();
-        let unwritten = self.state.queued.swap(0, Ordering::Relaxed) as u64;
-        self.state.dropped.fetch_add(unwritten, Ordering::Relaxed);
-        unwritten
+        let ending = self.state.ending.lock().expect("not poisoned");
+        let unwritten = self.state.queued.load(Ordering::Relaxed);
+        let uncounted = unwritten.saturating_sub(ending.discarded_waiting) as u64;
+        self.state.dropped.fetch_add(uncounted, Ordering::Relaxed);
+        unwritten as u64
     }
 
     /// Writes everything queued, then stops the writer; an error if writing still fails.
@@ -367,11 +388,23 @@ impl Writer {
     /// Writes each batch, or drops and counts it; a closed stdout (EPIPE) ends the writing.
     fn write(&mut self, batches: &[Batch]) -> Result<(), ConsumerGone> {
         for batch in batches {
-            if batch.seq <= self.state.discard_through.load(Ordering::Relaxed) {
-                self.count_unwritten(batch);
-                continue;
+            {
+                let mut ending = self.state.ending.lock().expect("not poisoned");
+                if batch.seq <= ending.discard_through {
+                    // Counted as dropped by the main loop already (`discard_unwritten`).
+                    ending.discarded_waiting = ending.discarded_waiting.saturating_sub(batch.lines);
+                    self.state.queued.fetch_sub(batch.lines, Ordering::Relaxed);
+                    continue;
+                }
+                ending.writing = batch.lines;
             }
-            match self.sink.write_batch(batch.text.as_bytes()) {
+            let written = self.sink.write_batch(batch.text.as_bytes());
+            {
+                let mut ending = self.state.ending.lock().expect("not poisoned");
+                ending.writing = 0;
+                self.state.queued.fetch_sub(batch.lines, Ordering::Relaxed);
+            }
+            match written {
                 Ok(()) => self.worked(),
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err(ConsumerGone),
                 Err(e) => self.failed(e, batch),
@@ -507,8 +540,6 @@ fn write_loop(
         let (batches, then) = next_batches(&rx);
         writer.reopen_if_asked();
         let written = writer.write(&batches);
-        let lines: usize = batches.iter().map(|b| b.lines).sum();
-        writer.state.queued.fetch_sub(lines, Ordering::Relaxed);
         // A closed stdout (`tracer | head -3`) is a normal way to end: no error, no message.
         // It is also seen with nothing to write (a quiet host would otherwise keep a finished
         // `| head -1` pipeline waiting for the next event).
