@@ -1186,10 +1186,7 @@ mod tests {
     /// before any move of the socket (dropped on its way in) derives nothing either.
     #[test]
     fn an_orphan_reset_for_the_peers_data_derives_no_fin() {
-        let data_and_fin = |mono| WirePacket {
-            dir: Dir::In,
-            ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, mono)
-        };
+        let data_and_fin = peer_fin_in; // its headers: the FIN's, whatever data came before
         let abort = |p: &mut Pipeline, at: u64| {
             p.kernel_event(gone_to_time_wait(at));
             let mut rst = event(
@@ -1232,10 +1229,6 @@ mod tests {
     /// peer that never closed).
     #[test]
     fn a_retransmitted_fin_that_ended_the_wait_derives_the_time_wait() {
-        let peer_fin = |mono| WirePacket {
-            dir: Dir::In,
-            ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, mono)
-        };
         let out = lines(|p, out| {
             p.kernel_event(event(
                 EventKind::State,
@@ -1245,10 +1238,10 @@ mod tests {
                 0,
                 None,
             ));
-            p.packet(peer_fin(20 * MS));
+            p.packet(peer_fin_in(20 * MS));
             p.poll(30 * MS, out);
             p.kernel_event(gone_to_time_wait(100 * MS));
-            p.packet(peer_fin(300 * MS));
+            p.packet(peer_fin_in(300 * MS));
             p.poll(2_000 * MS, out);
         });
         let fin = out
@@ -1279,10 +1272,7 @@ mod tests {
             let out = lines(|p, out| {
                 p.rfc1337 = rfc1337;
                 p.kernel_event(gone_to_time_wait(100 * MS));
-                p.packet(WirePacket {
-                    dir: Dir::In,
-                    ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, 120 * MS)
-                });
+                p.packet(peer_fin_in(120 * MS));
                 p.poll(200 * MS, out);
                 p.packet(peer_rst(seq, 300 * MS));
                 p.poll(2_000 * MS, out);
@@ -1550,6 +1540,14 @@ mod tests {
         WirePacket {
             dir: Dir::Out,
             ..fin_packet("10.0.0.2:4000", "10.0.0.1:80", 7, mono)
+        }
+    }
+
+    /// The peer's FIN, as the capture saw it reach our end.
+    fn peer_fin_in(mono: u64) -> WirePacket {
+        WirePacket {
+            dir: Dir::In,
+            ..peer_fin_out(mono)
         }
     }
 
